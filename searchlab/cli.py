@@ -1,0 +1,130 @@
+"""The `searchlab` command: `search` runs a study, `train` trains one configuration. Wiring only.
+
+Bad input of any kind ends here as one line on stderr and exit code 2, before any store is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from omegaconf import DictConfig
+
+from searchlab.config import ConfigError, Composer, parse_overrides, redact, validate_config
+from searchlab.data import Splits, load_data
+from searchlab.space import load_space
+from searchlab.study import (best_trial, budget_used, make_pruner, make_sampler, open_storage, open_study,
+                             run_trials, state_counts)
+from searchlab.tracking import Tracker
+from searchlab.train import fit, resolve_device
+from searchlab.trial import TrialOutcome, TrialRunner, train_command
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _prepare(overrides: Sequence[str]) -> tuple[Composer, DictConfig, dict[str, str], Splits]:
+    """Compose and validate the config and load the data: every check that needs no store."""
+    fixed = parse_overrides(overrides)
+    composer = Composer(overrides)
+    cfg = composer.base
+    validate_config(cfg)
+    device = resolve_device(cfg.trainer.accelerator)
+    splits = load_data(cfg.data, cfg.seed).to(device)
+    return composer, cfg, fixed, splits
+
+
+def search(overrides: Sequence[str]) -> int:
+    """Runs (or resumes) the study the config names, printing one line per finished trial."""
+    composer, cfg, fixed, splits = _prepare(overrides)
+    space = load_space(composer, fixed)
+    sampler, pruner = make_sampler(cfg, space), make_pruner(cfg)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root)
+    storage = open_storage(cfg.study.storage)
+    study = open_study(cfg, storage, sampler, pruner)
+    settings = {
+        "study.name": cfg.study.name, "study.n_trials": cfg.study.n_trials, "study.timeout": cfg.study.timeout,
+        "study.direction": cfg.study.direction, "study.metric": cfg.study.metric, "study.sampler": cfg.study.sampler,
+        "study.pruner": cfg.study.pruner, "study.seed": cfg.study.seed, "study.storage": redact(cfg.study.storage),
+        "search": space.source, "overrides": redact(" ".join(overrides)),
+    }
+    parent_run_id = tracker.study_run(cfg.study.name, settings)
+    study.set_user_attr("mlflow_parent_run_id", parent_run_id)
+    runner = TrialRunner(study, cfg, list(overrides), composer, space, splits, tracker, parent_run_id)
+    metric = cfg.study.metric
+    done_before = budget_used(study)
+    print(f"study '{cfg.study.name}': {done_before}/{cfg.study.n_trials} trials done; storage "
+          f"{redact(cfg.study.storage)}; tracking {redact(cfg.tracking.uri)}; space {space.source}", flush=True)
+
+    def on_trial(outcome: TrialOutcome) -> None:
+        best = best_trial(study)
+        value = "-" if outcome.value is None else f"{outcome.value:.4f}"
+        best_text = "-" if best is None else f"{best.value:.4f} (#{best.number})"
+        reason = f"  [{outcome.reason}]" if outcome.reason and outcome.state != "COMPLETE" else ""
+        print(f"trial {outcome.number:4d}  {outcome.state:8s}  {metric}={value:7s}  {outcome.seconds:6.2f}s  "
+              f"best {best_text}{reason}", flush=True)
+
+    status = "FINISHED"
+    start = time.monotonic()
+    try:
+        run_trials(study, runner, cfg, on_trial)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        print(f"interrupted: run the same command to resume study '{cfg.study.name}'", file=sys.stderr)
+    finally:
+        best = best_trial(study)
+        tracker.end_study(parent_run_id, None if best is None else vars(best), state_counts(study), status)
+    counts = state_counts(study)
+    print(f"\n{budget_used(study)}/{cfg.study.n_trials} trials in {time.monotonic() - start:.1f}s this run: "
+          + ", ".join(f"{n} {state.lower()}" for state, n in counts.items()))
+    if best is None:
+        print("no trial completed yet")
+    else:
+        print(f"best {metric}={best.value:.4f} at trial {best.number}")
+        for key, value in best.params.items():
+            print(f"  {key} = {value}")
+        print(f"re-run it alone:\n  {train_command(best.overrides)}")
+    return EXIT_INTERRUPTED if status == "KILLED" else 0
+
+
+def train(overrides: Sequence[str]) -> int:
+    """Trains the configuration once, no study, and prints per-epoch and test metrics."""
+    _, cfg, _, splits = _prepare(overrides)
+    print(f"{'epoch':>5}  {'train_loss':>10}  {'val_loss':>8}  {'val_acc':>7}  {'lr':>9}")
+
+    def show(epoch: int, m: dict[str, float]) -> None:
+        print(f"{epoch:5d}  {m['train_loss']:10.4f}  {m['val_loss']:8.4f}  {m['val_acc']:7.4f}  {m['lr']:9.3g}",
+              flush=True)
+
+    result = fit(cfg, splits, on_epoch=show, test=True)
+    summary = {"best_" + cfg.study.metric: result.best(cfg.study.metric, cfg.study.direction),
+               **result.history[-1], **result.test, "epochs": len(result.history), "seconds": round(result.seconds, 3)}
+    if result.stop_reason:
+        summary["stopped"] = result.stop_reason
+    print("metrics: " + json.dumps(summary))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="searchlab", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, helptext in (("search", "run or resume the study named by study.name"),
+                           ("train", "train one configuration, no study, and print its metrics")):
+        sub = commands.add_parser(name, help=helptext, description=helptext + ". Arguments are Hydra overrides.")
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optimizer=adam trainer.max_epochs=5")
+    args = parser.parse_args(argv)
+    try:
+        return {"search": search, "train": train}[args.command](args.overrides)
+    except ConfigError as err:
+        print(f"searchlab: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

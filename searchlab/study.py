@@ -1,0 +1,124 @@
+"""The Optuna study: storage, sampler and pruner from config, and the ask/tell loop over trials.
+
+searchlab runs the loop itself (no Hydra Optuna sweeper: it pins optuna<3 and cannot prune), so each trial can
+report per epoch, be pruned, and have its own MLflow run from its start.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from searchlab.config import ConfigError, redact
+from searchlab.space import SearchSpace
+from searchlab.trial import TrialOutcome, TrialRunner
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# The budget counts these: a failed trial (a crash, an interrupt) does not use up the study's n_trials.
+BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def open_storage(url: str) -> BaseStorage:
+    """study.storage -> an Optuna storage: an RDB URL (sqlite:///, postgresql://, mysql://) or a journal file path.
+
+    The journal file is the default: safe for several local processes, and ~10x cheaper per trial than SQLite.
+    """
+    try:
+        if "://" in url:
+            return RDBStorage(url)
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(url))
+    except Exception as err:  # any failure to open is the user's URL, file or server
+        reason = redact(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        raise ConfigError(f"study.storage: cannot open {redact(url)}: {reason[:200]}") from None
+
+
+def make_sampler(cfg: DictConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    """The sampler named by study.sampler, from the study.samplers table, seeded by study.seed."""
+    return _instantiate(cfg.study.samplers[cfg.study.sampler], seed=cfg.study.seed,
+                        search_space=space.grid() if cfg.study.sampler == "grid" else None)
+
+
+def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
+    """The pruner named by study.pruner, from the study.pruners table."""
+    return _instantiate(cfg.study.pruners[cfg.study.pruner])
+
+
+def _instantiate(entry: DictConfig, **extra: Any) -> Any:
+    """Like hydra's instantiate, but adds only the `extra` arguments the class takes (not every sampler has seed)."""
+    settings = OmegaConf.to_container(entry, resolve=True)
+    cls = get_class(settings.pop("_target_"))
+    accepted = inspect.signature(cls).parameters
+    settings.update({k: v for k, v in extra.items() if v is not None and k in accepted})
+    return cls(**settings)
+
+
+def open_study(cfg: DictConfig, storage: BaseStorage, sampler: optuna.samplers.BaseSampler,
+               pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    """Creates the study, or loads it by name to resume; a resumed study must keep its direction."""
+    study = optuna.create_study(study_name=cfg.study.name, storage=storage, sampler=sampler, pruner=pruner,
+                                direction=cfg.study.direction, load_if_exists=True)
+    existing = study.direction.name.lower()
+    if existing != cfg.study.direction:
+        raise ConfigError(
+            f"study.direction: study '{cfg.study.name}' was created to {existing}; "
+            f"keep study.direction={existing} or choose a new study.name")
+    return study
+
+
+def budget_used(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=BUDGET_STATES))
+
+
+@dataclass(frozen=True)
+class Best:
+    number: int
+    value: float
+    params: dict[str, Any]
+    overrides: list[str]
+
+
+def best_trial(study: optuna.Study) -> Best | None:
+    """The best complete trial, or None before the first one."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    trial = study.best_trial
+    return Best(trial.number, trial.value, dict(trial.params), list(trial.user_attrs.get("overrides", [])))
+
+
+def run_trials(study: optuna.Study, runner: TrialRunner, cfg: DictConfig,
+               on_trial: Callable[[TrialOutcome], None]) -> None:
+    """Runs trials until the study's budget (finished trials over all runs) or this run's timeout is reached."""
+    start = time.monotonic()
+    failures_in_a_row = 0
+    while budget_used(study) < cfg.study.n_trials:
+        if cfg.study.timeout is not None and time.monotonic() - start >= cfg.study.timeout:
+            break
+        outcome = runner.run()
+        on_trial(outcome)
+        failures_in_a_row = failures_in_a_row + 1 if outcome.state == "FAIL" else 0
+        if failures_in_a_row >= cfg.study.max_consecutive_failures:
+            raise RuntimeError(
+                f"{failures_in_a_row} trials failed in a row (last: {outcome.reason}); "
+                f"stopping the study (study.max_consecutive_failures={cfg.study.max_consecutive_failures})")
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    counts = {state.name: 0 for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state.name in counts:
+            counts[trial.state.name] += 1
+    return counts

@@ -1,0 +1,106 @@
+"""One trial: sample the space, compose its config, train with per-epoch reporting and pruning, tell the study.
+
+The trial's MLflow child run exists from its first moment, so a trial that crashes or is interrupted still shows,
+with its state and reason, next to the finished ones.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+
+from searchlab.config import Composer, format_override
+from searchlab.data import Splits
+from searchlab.space import SearchSpace
+from searchlab.tracking import Tracker
+from searchlab.train import fit
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    number: int
+    state: str  # COMPLETE, PRUNED or FAIL
+    value: float | None
+    seconds: float
+    reason: str | None
+    params: dict[str, Any]
+
+
+def train_command(overrides: list[str]) -> str:
+    """The shell command that trains this configuration alone."""
+    return " ".join(["searchlab", "train", *(shlex.quote(o) for o in overrides)])
+
+
+class TrialRunner:
+    """Runs trials of one study, sharing the composed-config cache, the data and the tracker between them."""
+
+    def __init__(self, study: optuna.Study, cfg: DictConfig, base_overrides: list[str], composer: Composer,
+                 space: SearchSpace, splits: Splits, tracker: Tracker, parent_run_id: str) -> None:
+        self.study, self.cfg, self.base_overrides = study, cfg, base_overrides
+        self.composer, self.space, self.splits = composer, space, splits
+        self.tracker, self.parent_run_id = tracker, parent_run_id
+        self.metric, self.direction = cfg.study.metric, cfg.study.direction
+        self.use_grid = cfg.study.sampler == "grid"
+
+    def run(self) -> TrialOutcome:
+        start = time.perf_counter()
+        trial = self.study.ask()
+        values = self.space.sample(trial, self.use_grid)
+        overrides = self.base_overrides + [format_override(k, v) for k, v in values.items()]
+        trial_cfg = self.composer(values)
+        run_id = self.tracker.start_trial(
+            self.parent_run_id, trial.number, values, OmegaConf.to_yaml(trial_cfg), train_command(overrides))
+        trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("overrides", overrides)
+        pruned = False
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> str | None:
+            nonlocal pruned
+            self.tracker.log_epoch(run_id, epoch, metrics)
+            value = metrics[self.metric]
+            if not math.isfinite(value):
+                return None  # the trainer stops a diverged run itself
+            trial.report(value, epoch)
+            if trial.should_prune():
+                pruned = True
+                return f"pruned at epoch {epoch}: {self.metric}={value:.4g}"
+            return None
+
+        try:
+            result = fit(trial_cfg, self.splits, on_epoch)
+        except BaseException as err:  # the trial fails, the study goes on; an interrupt also stops the study
+            reason = "interrupted" if isinstance(err, (KeyboardInterrupt, SystemExit)) else _describe(err)
+            self._finish(trial, run_id, TrialState.FAIL, None, reason)
+            if isinstance(err, (KeyboardInterrupt, SystemExit)):
+                raise KeyboardInterrupt from None
+            return TrialOutcome(trial.number, "FAIL", None, time.perf_counter() - start, reason, values)
+        value = result.best(self.metric, self.direction)
+        if pruned or result.stop_reason:
+            # Diverged runs are pruned, not failed: they count toward the budget, and the sampler learns from them.
+            state, reason = TrialState.PRUNED, result.stop_reason
+        elif value is None:
+            state, reason = TrialState.FAIL, f"no finite {self.metric} in any epoch"
+        else:
+            state, reason = TrialState.COMPLETE, None
+        self._finish(trial, run_id, state, value if state == TrialState.COMPLETE else None, reason)
+        final = value if state == TrialState.COMPLETE else None
+        return TrialOutcome(trial.number, state.name, final, time.perf_counter() - start, reason, values)
+
+    def _finish(self, trial: optuna.Trial, run_id: str, state: TrialState, value: float | None,
+                reason: str | None) -> None:
+        if reason:
+            trial.set_user_attr("reason", reason)
+        self.study.tell(trial, value, state=state)
+        self.tracker.end_trial(run_id, state.name, value, reason)
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
