@@ -110,10 +110,17 @@ class Composer:
         cfg = self._by_choices[choices].copy()
         for key, value in values.items():
             if key not in self.groups:
-                if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+                if not has_key(cfg, key):
                     raise ConfigError(f"unknown key '{key}': no such key in the composed config")
                 OmegaConf.update(cfg, key, value, merge=False)
         return cfg
+
+
+def has_key(cfg: DictConfig, key: str) -> bool:
+    """Whether the dotted key exists, also when its value is still missing (???)."""
+    head, _, tail = key.rpartition(".")
+    parent = OmegaConf.select(cfg, head, throw_on_missing=False) if head else cfg
+    return isinstance(parent, DictConfig) and tail in parent.keys()
 
 
 _ABSENT = object()
@@ -150,6 +157,8 @@ def validate_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT and not _is_positive_int(value):
             raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
+    if not isinstance(cfg.study.name, str) or not cfg.study.name:
+        raise ConfigError(f"study.name: expected a name, got {cfg.study.name!r} (quote it: study.name=\"'...'\")")
     timeout = cfg.study.timeout
     if timeout is not None and not (_is_number(timeout) and timeout > 0):
         raise ConfigError(f"study.timeout: expected a positive number of seconds or null, got {timeout!r}")

@@ -7,6 +7,7 @@ report per epoch, be pruned, and have its own MLflow run from its start.
 from __future__ import annotations
 
 import inspect
+import warnings
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from searchlab.space import SearchSpace
 from searchlab.trial import TrialOutcome, TrialRunner
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's group=True, GPSampler
 
 # The budget counts these: a failed trial (a crash, an interrupt) does not use up the study's n_trials.
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED)

@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
+from searchlab.config import ConfigError
 from searchlab.data import Splits, TensorBatches, batch_size_for
 from searchlab.model import Classifier, build_network
 
@@ -45,8 +46,10 @@ class TrainResult:
 def resolve_device(accelerator: str, cuda_available: bool | None = None) -> torch.device:
     """trainer.accelerator -> the device the data and model live on: the first visible GPU for auto/gpu/cuda."""
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        raise ConfigError(f"trainer.accelerator: expected auto, cpu, gpu or cuda, got {accelerator!r}")
     if accelerator in ("gpu", "cuda") and not cuda:
-        raise ValueError(f"trainer.accelerator={accelerator} but no CUDA GPU is visible")
+        raise ConfigError(f"trainer.accelerator: {accelerator} asked for, but no CUDA GPU is visible")
     return torch.device("cuda", 0) if accelerator in ("auto", "gpu", "cuda") and cuda else torch.device("cpu")
 
 

@@ -33,9 +33,14 @@ class TrialOutcome:
     params: dict[str, Any]
 
 
+# Overrides of these keys shape the study, not the training: the re-run command leaves them out.
+_STUDY_ONLY = ("study", "tracking", "search")
+
+
 def train_command(overrides: list[str]) -> str:
     """The shell command that trains this configuration alone."""
-    return " ".join(["searchlab", "train", *(shlex.quote(o) for o in overrides)])
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] not in _STUDY_ONLY]
+    return " ".join(["searchlab", "train", *(shlex.quote(o) for o in kept)])
 
 
 class TrialRunner:

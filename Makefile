@@ -1,0 +1,42 @@
+# searchlab: `make search` tunes the default study, `make test` runs the tests. Both install what is missing first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+ARGS ?=
+UI_PORT ?= 5000
+
+# Exact versions for this project's machines; pyproject.toml keeps ranges for everyone else.
+# torch==2.13.0 is pinned so pip takes the CPU build on disk instead of pulling GBs of CUDA packages.
+PINS := torch==2.13.0 optuna==5.0.0 mlflow==3.17.2 pytorch-lightning==2.6.6 hydra-core==1.3.8 \
+        scikit-learn==1.9.1 numpy==2.4.6 pytest==9.2.0 ruff==0.17.6
+
+.PHONY: install search train test lint ui clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(PINS)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+search: install
+	$(BIN)/searchlab search $(ARGS)
+
+train: install
+	$(BIN)/searchlab train $(ARGS)
+
+test: install
+	$(BIN)/ruff check searchlab tests
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: install
+	$(BIN)/ruff check searchlab tests
+
+ui: install
+	@echo "MLflow UI on http://127.0.0.1:$(UI_PORT) (Ctrl-C to stop)"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+
+clean:
+	find mlruns -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

@@ -1,0 +1,151 @@
+"""End-to-end `searchlab search`: real tiny studies on digits, checked in Optuna's storage and MLflow's store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+
+from searchlab.cli import main
+
+TINY = ["trainer.max_epochs=2", "model.width=32"]
+
+
+def load_study(tmp_path: Path, name: str) -> optuna.Study:
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def runs_of(tmp_path: Path, name: str) -> tuple:
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("searchlab.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("searchlab.role") == "trial"]
+    return client, parents, children
+
+
+def test_study_is_tracked_as_a_parent_run_with_one_child_per_trial(tmp_path, store_overrides, capsys):
+    assert main(["search", "study.name=tracked", "study.n_trials=3", "study.pruner=none", *TINY,
+                 *store_overrides]) == 0
+    out = capsys.readouterr().out
+    assert out.count("COMPLETE") >= 3 and "re-run it alone:" in out
+    study = load_study(tmp_path, "tracked")
+    finished = [t for t in study.trials if t.state.is_finished()]
+    client, parents, children = runs_of(tmp_path, "tracked")
+    assert len(parents) == 1 and len(children) == len(finished)
+    parent = parents[0]
+    assert parent.data.params["study.n_trials"] == "3" and parent.data.params["study.direction"] == "maximize"
+    assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+    assert parent.data.tags["best.trial_number"] == str(study.best_trial.number)
+    assert parent.data.tags["best.optimizer.lr"] == str(study.best_params["optimizer.lr"])
+    by_number = {int(r.data.tags["optuna.trial.number"]): r for r in children}
+    for trial in finished:
+        run = by_number[trial.number]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["optuna.trial.state"] == trial.state.name
+        assert run.data.params == {k: str(v) for k, v in trial.params.items()}
+        if trial.state.name != "COMPLETE":
+            assert run.data.tags["optuna.trial.reason"]
+            continue
+        for metric in ("train_loss", "val_loss", "val_acc", "lr"):
+            history = client.get_metric_history(run.info.run_id, metric)
+            assert [m.step for m in history] == [1, 2]
+        assert max(m.value for m in client.get_metric_history(run.info.run_id, "val_acc")) == trial.value
+        artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+        assert "config.yaml" in artifacts
+        config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
+        assert f"lr: {trial.params['optimizer.lr']}" in config
+
+
+def test_pruning_stops_unpromising_trials(tmp_path, store_overrides, capsys):
+    # A threshold no accuracy can reach: every trial is pruned at its first report.
+    always = "+study.pruners.always={_target_:optuna.pruners.ThresholdPruner,lower:2.0}"
+    assert main(["search", "study.name=pruned", "study.n_trials=2", "trainer.max_epochs=5", "model.batch_norm=false",
+                 always, "study.pruner=always", *store_overrides]) == 0
+    study = load_study(tmp_path, "pruned")
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    assert len(pruned) == 2 and all(t.last_step == 1 for t in pruned)
+    client, _, children = runs_of(tmp_path, "pruned")
+    for run in children:
+        assert run.data.tags["optuna.trial.state"] == "PRUNED"
+        assert run.data.tags["optuna.trial.reason"].startswith("pruned at epoch 1")
+        assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 1
+
+
+def test_hyperband_prunes_in_a_real_search(tmp_path, store_overrides):
+    assert main(["search", "study.name=hb", "study.n_trials=14", "trainer.max_epochs=6", "model.width=32",
+                 *store_overrides]) == 0
+    states = [t.state.name for t in load_study(tmp_path, "hb").trials]
+    assert "PRUNED" in states and "COMPLETE" in states
+
+
+def test_named_study_resumes_and_the_budget_is_the_total(tmp_path, store_overrides, capsys):
+    args = ["search", "study.name=resumed", "study.pruner=none", *TINY, *store_overrides]
+    assert main([*args, "study.n_trials=2"]) == 0
+    assert main([*args, "study.n_trials=4"]) == 0
+    assert "2/4 trials done" in capsys.readouterr().out
+    study = load_study(tmp_path, "resumed")
+    assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 4
+    _, parents, children = runs_of(tmp_path, "resumed")
+    assert len(parents) == 1 and len(children) == len(study.trials)
+    assert main([*args, "study.n_trials=4"]) == 0  # budget reached: no new trial
+    assert len(load_study(tmp_path, "resumed").trials) == len(study.trials)
+
+
+def test_resuming_with_another_direction_is_refused(tmp_path, store_overrides, capsys):
+    args = ["search", "study.name=dir", "study.n_trials=1", *TINY, *store_overrides]
+    assert main(args) == 0
+    assert main([*args, "study.direction=minimize", "study.metric=val_loss", "study.n_trials=2"]) == 2
+    assert "study.direction" in capsys.readouterr().err
+
+
+def test_diverging_trials_are_pruned_with_a_reason_and_the_study_goes_on(tmp_path, store_overrides):
+    assert main(["search", "study.name=diverge", "study.n_trials=2", "optimizer=sgd", "optimizer.lr=1e8",
+                 "model.batch_norm=false", "trainer.max_epochs=4", *store_overrides]) == 0
+    study = load_study(tmp_path, "diverge")
+    assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]
+    assert all("diverged" in t.user_attrs["reason"] for t in study.trials)
+    _, _, children = runs_of(tmp_path, "diverge")
+    assert all("diverged" in r.data.tags["optuna.trial.reason"] for r in children)
+
+
+def test_study_timeout_stops_starting_trials(tmp_path, store_overrides):
+    assert main(["search", "study.name=timed", "study.n_trials=1000", "study.timeout=1", *TINY,
+                 *store_overrides]) == 0
+    assert 1 <= len(load_study(tmp_path, "timed").trials) < 1000
+
+
+@pytest.mark.parametrize("sampler, extra", [
+    ("random", []), ("qmc", []), ("cmaes", []), ("gp", []),
+    ("grid", ["search=regularization", "study.n_trials=3"]),
+])
+def test_every_sampler_runs_the_space(tmp_path, store_overrides, sampler, extra):
+    assert main(["search", f"study.name={sampler}", "study.n_trials=2", f"study.sampler={sampler}",
+                 "trainer.max_epochs=1", "model.width=16", *extra, *store_overrides]) == 0
+    study = load_study(tmp_path, sampler)
+    assert len([t for t in study.trials if t.state.is_finished()]) >= 2
+
+
+def test_best_trial_re_runs_alone_to_the_same_metric(tmp_path, store_overrides):
+    """The console script end to end: search, then `searchlab train` with the best trial's command."""
+    searchlab = Path(sys.executable).parent / "searchlab"
+    search = subprocess.run(
+        [str(searchlab), "search", "study.name=rerun", "study.n_trials=2", "study.pruner=none", *TINY,
+         *store_overrides], capture_output=True, text=True, timeout=300)
+    assert search.returncode == 0, search.stderr
+    command = search.stdout.split("re-run it alone:")[1].strip().splitlines()[0].split()
+    assert command[:2] == ["searchlab", "train"]
+    train = subprocess.run([str(searchlab), *command[1:]], capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr
+    metrics = json.loads(train.stdout.split("metrics: ")[1])
+    study = load_study(tmp_path, "rerun")
+    assert metrics["best_val_acc"] == study.best_value
+    assert 0 < metrics["test_acc"] <= 1

@@ -1,0 +1,162 @@
+"""Real short trainings: every optimizer and schedule, the regimes, the models, determinism, device choice."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from searchlab.config import Composer, ConfigError, group_options
+from searchlab.data import TensorBatches, load_data
+from searchlab.optim import OPTIMIZERS, SCHEDULERS
+from searchlab.train import fit, resolve_device, resolve_precision
+
+
+@pytest.fixture(scope="module")
+def composer() -> Composer:
+    return Composer(["trainer.max_epochs=3"])
+
+
+@pytest.fixture(scope="module")
+def digits(composer):
+    return load_data(composer.base.data, seed=0)
+
+
+def test_every_optimizer_and_schedule_has_a_config_and_a_table_entry():
+    options = group_options()
+    assert set(options["optimizer"]) == set(OPTIMIZERS)
+    assert set(options["scheduler"]) == set(SCHEDULERS)
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_every_optimizer_learns(composer, digits, optimizer):
+    result = fit(composer({"optimizer": optimizer}), digits)
+    assert len(result.history) == 3
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.best("val_acc", "maximize") > 0.5  # ten classes: chance is 0.1
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_every_schedule_trains_and_moves_the_lr_as_it_should(composer, digits, scheduler):
+    cfg = composer({"scheduler": scheduler, "trainer.max_epochs": 6, "optimizer.lr": 0.01})
+    result = fit(cfg, digits)
+    lrs = [m["lr"] for m in result.history]
+    assert len(lrs) == 6 and all(math.isfinite(m["val_loss"]) for m in result.history)
+    if scheduler == "constant":
+        assert lrs == [0.01] * 6
+    elif scheduler == "plateau":
+        assert all(lr <= 0.01 for lr in lrs)
+    elif scheduler == "warmup_cosine":
+        assert lrs[0] < lrs[1] and lrs[-1] < max(lrs)  # warms up, then decays
+    elif scheduler == "onecycle":
+        assert max(lrs) > lrs[-1] and lrs[-1] < 0.01 / 25
+    else:
+        assert lrs[-1] < lrs[0]
+
+
+def test_same_config_and_seed_give_the_same_metrics(composer, digits):
+    cfg = composer({"optimizer": "nesterov", "model.dropout": 0.3, "model.l1": 1e-5, "model.batch_norm": True})
+    assert fit(cfg, digits).history == fit(cfg, digits).history
+    other = composer({"optimizer": "nesterov", "model.dropout": 0.3, "model.l1": 1e-5, "model.batch_norm": True,
+                      "seed": 1})
+    assert fit(other, digits).history != fit(cfg, digits).history
+
+
+def test_regimes_full_batch_stochastic_and_mini_batch(composer, digits):
+    full = fit(composer({"data.batch_size": "full"}), digits)
+    stochastic = fit(composer({"data.batch_size": 1, "trainer.limit_train_batches": 20}), digits)
+    mini = fit(composer({"data.batch_size": 32}), digits)
+    assert all(len(r.history) == 3 for r in (full, stochastic, mini))
+    # Full batch: one step per epoch, so it learns least in three epochs.
+    assert full.best("val_acc", "maximize") < mini.best("val_acc", "maximize")
+
+
+def test_stochastic_steps_are_bounded_by_the_step_budget(composer, digits):
+    cfg = composer({"data.batch_size": 1, "trainer.limit_train_batches": 30, "trainer.max_epochs": 2})
+    seen = []
+    result = fit(cfg, digits, on_epoch=lambda epoch, m: seen.append(epoch))
+    assert seen == [1, 2] and result.seconds < 30
+
+
+def test_cnn_with_batch_norm_dropout_and_l1(composer, digits):
+    cfg = composer({"model": "cnn", "model.width": 8, "model.batch_norm": True, "model.dropout": 0.2,
+                    "model.l1": 1e-4})
+    assert fit(cfg, digits).best("val_acc", "maximize") > 0.3
+
+
+def test_cnn_refuses_vector_data(composer):
+    cfg = composer({"model": "cnn", "data": "synthetic"})
+    with pytest.raises(ValueError, match="image-shaped"):
+        fit(cfg, load_data(cfg.data, 0))
+
+
+def test_batch_norm_with_batch_one_is_refused(composer, digits):
+    with pytest.raises(ValueError, match="batch_size > 1"):
+        fit(composer({"model.batch_norm": True, "data.batch_size": 1}), digits)
+
+
+def test_divergence_stops_training_with_a_reason(composer, digits):
+    result = fit(composer({"optimizer": "sgd", "optimizer.lr": 1e6, "trainer.max_epochs": 5}), digits)
+    assert result.stop_reason and "diverged" in result.stop_reason
+    assert len(result.history) < 5
+
+
+def test_hook_can_stop_training(composer, digits):
+    result = fit(composer({"trainer.max_epochs": 5}), digits, on_epoch=lambda e, m: "enough" if e == 2 else None)
+    assert result.stop_reason == "enough" and len(result.history) == 2
+
+
+def test_test_split_only_when_asked(composer, digits):
+    assert fit(composer({}), digits).test == {}
+    assert set(fit(composer({}), digits, test=True).test) == {"test_loss", "test_acc"}
+
+
+def test_synthetic_data_is_configurable(composer):
+    cfg = composer({"data": "synthetic", "data.size": 500, "data.features": 8, "data.informative": 4,
+                    "data.classes": 3})
+    splits = load_data(cfg.data, 0)
+    assert splits.sample_shape == (8,) and splits.n_classes == 3
+    assert len(splits.x_train) + len(splits.x_val) + len(splits.x_test) == 500
+    assert fit(cfg, splits).best("val_acc", "maximize") > 0.4
+
+
+def test_npz_data_with_images_and_without_test(composer, tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mine.npz"
+    np.savez(path, x_train=rng.normal(size=(64, 6, 6)), y_train=rng.integers(0, 3, 64),
+             x_val=rng.normal(size=(16, 6, 6)), y_val=rng.integers(0, 3, 16))
+    cfg = composer({"data": "npz", "data.path": str(path), "model": "cnn", "model.width": 4})
+    splits = load_data(cfg.data, 0)
+    assert splits.sample_shape == (1, 6, 6) and splits.x_test is None and splits.n_classes == 3
+    assert len(fit(cfg, splits, test=True).history) == 3
+
+
+def test_npz_missing_arrays_are_named(composer, tmp_path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, x_train=np.zeros((4, 2)), y_train=np.zeros(4, dtype=int))
+    cfg = composer({"data": "npz", "data.path": str(path)})
+    with pytest.raises(ConfigError, match="lacks x_val, y_val"):
+        load_data(cfg.data, 0)
+
+
+def test_tensor_batches_cover_every_sample_once_per_epoch():
+    x = torch.arange(10.0)[:, None]
+    batches = TensorBatches(x, torch.arange(10), batch_size=4, shuffle=True, seed=0)
+    assert len(batches) == 3
+    first = torch.cat([b[1] for b in batches])
+    second = torch.cat([b[1] for b in batches])
+    assert sorted(first.tolist()) == list(range(10)) and first.tolist() != second.tolist()
+    # A trailing batch of one sample is dropped when batches are larger (BatchNorm cannot train on it).
+    assert len(TensorBatches(torch.zeros(9, 1), torch.zeros(9), batch_size=4, shuffle=False)) == 2
+
+
+def test_device_choice_with_and_without_cuda():
+    assert resolve_device("auto", cuda_available=False) == torch.device("cpu")
+    assert resolve_device("auto", cuda_available=True) == torch.device("cuda", 0)
+    assert resolve_device("cpu", cuda_available=True) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="trainer.accelerator"):
+        resolve_device("gpu", cuda_available=False)
+    assert resolve_precision("auto", torch.device("cpu")) == "32-true"
+    assert resolve_precision("16-mixed", torch.device("cpu")) == "16-mixed"
