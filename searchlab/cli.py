@@ -13,11 +13,19 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig
 
-from searchlab.config import ConfigError, Composer, parse_overrides, redact, validate_config
+from searchlab.config import Composer, ConfigError, parse_overrides, redact, validate_config
 from searchlab.data import Splits, load_data
 from searchlab.space import load_space
-from searchlab.study import (best_trial, budget_used, make_pruner, make_sampler, open_storage, open_study,
-                             run_trials, state_counts)
+from searchlab.study import (
+    best_trial,
+    budget_used,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    open_study,
+    run_trials,
+    state_counts,
+)
 from searchlab.tracking import Tracker
 from searchlab.train import fit, resolve_device
 from searchlab.trial import TrialOutcome, TrialRunner, train_command

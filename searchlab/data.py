@@ -132,7 +132,8 @@ def _npz(cfg: DictConfig, seed: int) -> Splits:
         raise ConfigError(f"data.path: '{path}' is not a readable .npz file ({err})") from None
     missing = [name for name in _NPZ_REQUIRED if name not in arrays]
     if missing:
-        raise ConfigError(f"data.path: '{path}' lacks {', '.join(missing)} (has {', '.join(sorted(arrays)) or 'nothing'})")
+        has = ", ".join(sorted(arrays)) or "nothing"
+        raise ConfigError(f"data.path: '{path}' lacks {', '.join(missing)} (has {has})")
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise ConfigError(f"data.path: '{path}' has only one of x_test, y_test; give both or neither")
     for split in ("train", "val", "test"):

@@ -72,19 +72,22 @@ class Classifier(pl.LightningModule):
         self.penalized = [p for p in network.parameters() if p.dim() > 1]  # weights, not biases or norms
         self.history: list[dict[str, float]] = []
         self.test_metrics: dict[str, float] = {}
-        self._sums: dict[str, torch.Tensor] = {}
+        self._sums: dict[str, torch.Tensor] = {}  # device tensors, read once per epoch
+        self._counts: dict[str, int] = {}  # samples seen per split, kept on the host
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
 
-    def _add(self, name: str, value: torch.Tensor) -> None:
-        self._sums[name] = self._sums[name] + value if name in self._sums else value
+    def _add(self, prefix: str, n: int, **sums: torch.Tensor) -> None:
+        self._counts[prefix] = self._counts.get(prefix, 0) + n
+        for name, value in sums.items():
+            key = f"{prefix}_{name}"
+            self._sums[key] = self._sums[key] + value if key in self._sums else value
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         data_loss = F.cross_entropy(self(x), y)
-        self._add("train_loss", data_loss.detach() * len(y))
-        self._add("train_n", torch.tensor(len(y), device=y.device))
+        self._add("train", len(y), loss=data_loss.detach() * len(y))
         if self.l1 > 0:
             return data_loss + self.l1 * sum(p.abs().sum() for p in self.penalized)
         return data_loss
@@ -92,9 +95,8 @@ class Classifier(pl.LightningModule):
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> None:
         x, y = batch
         logits = self(x)
-        self._add(f"{prefix}_loss", F.cross_entropy(logits.float(), y, reduction="sum"))
-        self._add(f"{prefix}_correct", (logits.argmax(1) == y).sum())
-        self._add(f"{prefix}_n", torch.tensor(len(y), device=y.device))
+        self._add(prefix, len(y), loss=F.cross_entropy(logits.float(), y, reduction="sum"),
+                  correct=(logits.argmax(1) == y).sum())
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -104,16 +106,16 @@ class Classifier(pl.LightningModule):
 
     def _take(self, prefix: str) -> dict[str, float]:
         """Epoch means for one split, read from the device in one sync, and the sums reset."""
-        names = [n for n in self._sums if n.startswith(prefix)]
-        values = dict(zip(names, torch.stack([self._sums.pop(n).float() for n in names]).tolist()))
-        n = values.pop(f"{prefix}_n")
+        names = [name for name in self._sums if name.startswith(prefix + "_")]
+        values = dict(zip(names, torch.stack([self._sums.pop(name).float() for name in names]).tolist(), strict=True))
+        n = self._counts.pop(prefix)
         out = {f"{prefix}_loss": values[f"{prefix}_loss"] / n}
         if f"{prefix}_correct" in values:
             out[f"{prefix}_acc"] = values[f"{prefix}_correct"] / n
         return out
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or "train_n" not in self._sums:
+        if self.trainer.sanity_checking or "train" not in self._counts:
             return
         metrics = {**self._take("train"), **self._take("val"), "lr": self.trainer.optimizers[0].param_groups[0]["lr"]}
         self.history.append(metrics)

@@ -12,7 +12,7 @@ from typing import Any
 
 import optuna
 
-from searchlab.config import ConfigError, Composer
+from searchlab.config import Composer, ConfigError
 
 _RANGE_KEYS = {"low", "high", "log", "step", "grid"}
 _CHOICE_KEYS = {"choices"}

@@ -7,8 +7,8 @@ report per epoch, be pruned, and have its own MLflow run from its start.
 from __future__ import annotations
 
 import inspect
-import warnings
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
