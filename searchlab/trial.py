@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import shlex
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from searchlab.config import Composer, format_override
 from searchlab.data import Splits
 from searchlab.space import SearchSpace
 from searchlab.tracking import Tracker
-from searchlab.train import fit
+from searchlab.train import TrainResult, fit
 
 
 @dataclass(frozen=True)
@@ -55,15 +56,41 @@ class TrialRunner:
         self.use_grid = cfg.study.sampler == "grid"
 
     def run(self) -> TrialOutcome:
+        """One trial from ask to tell; whatever happens after ask, the trial is told and its run terminated."""
         start = time.perf_counter()
         trial = self.study.ask()
-        values = self.space.sample(trial, self.use_grid)
-        overrides = self.base_overrides + [format_override(k, v) for k, v in values.items()]
-        trial_cfg = self.composer(values)
-        run_id = self.tracker.start_trial(
-            self.parent_run_id, trial.number, values, OmegaConf.to_yaml(trial_cfg), train_command(overrides))
-        trial.set_user_attr("mlflow_run_id", run_id)
-        trial.set_user_attr("overrides", overrides)
+        values: dict[str, Any] = {}
+        run_id: str | None = None
+        try:
+            values = self.space.sample(trial, self.use_grid)
+            overrides = self.base_overrides + [format_override(k, v) for k, v in values.items()]
+            trial_cfg = self.composer(values)
+            run_id = self.tracker.start_trial(
+                self.parent_run_id, trial.number, values, OmegaConf.to_yaml(trial_cfg), train_command(overrides))
+            trial.set_user_attr("mlflow_run_id", run_id)
+            trial.set_user_attr("overrides", overrides)
+            result, pruned = self._train(trial, run_id, trial_cfg)
+        except BaseException as err:  # the trial fails, the study goes on; an interrupt also stops the study
+            interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+            reason = "interrupted" if interrupted else _describe(err)
+            self._finish(trial, run_id, TrialState.FAIL, None, reason)
+            if interrupted:
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores SIGINT after one
+                raise KeyboardInterrupt from None
+            return TrialOutcome(trial.number, "FAIL", None, time.perf_counter() - start, reason, values)
+        value = result.best(self.metric, self.direction)
+        if pruned or result.stop_reason:
+            # Diverged runs are pruned, not failed: they count toward the budget, and the sampler learns from them.
+            state, reason, value = TrialState.PRUNED, result.stop_reason, None
+        elif value is None:
+            state, reason = TrialState.FAIL, f"no finite {self.metric} in any epoch"
+        else:
+            state, reason = TrialState.COMPLETE, None
+        self._finish(trial, run_id, state, value, reason)
+        return TrialOutcome(trial.number, state.name, value, time.perf_counter() - start, reason, values)
+
+    def _train(self, trial: optuna.Trial, run_id: str, trial_cfg: DictConfig) -> tuple[TrainResult, bool]:
+        """Trains with each epoch tracked and reported; returns the result and whether the pruner stopped it."""
         pruned = False
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> str | None:
@@ -78,32 +105,15 @@ class TrialRunner:
                 return f"pruned at epoch {epoch}: {self.metric}={value:.4g}"
             return None
 
-        try:
-            result = fit(trial_cfg, self.splits, on_epoch)
-        except BaseException as err:  # the trial fails, the study goes on; an interrupt also stops the study
-            reason = "interrupted" if isinstance(err, (KeyboardInterrupt, SystemExit)) else _describe(err)
-            self._finish(trial, run_id, TrialState.FAIL, None, reason)
-            if isinstance(err, (KeyboardInterrupt, SystemExit)):
-                raise KeyboardInterrupt from None
-            return TrialOutcome(trial.number, "FAIL", None, time.perf_counter() - start, reason, values)
-        value = result.best(self.metric, self.direction)
-        if pruned or result.stop_reason:
-            # Diverged runs are pruned, not failed: they count toward the budget, and the sampler learns from them.
-            state, reason = TrialState.PRUNED, result.stop_reason
-        elif value is None:
-            state, reason = TrialState.FAIL, f"no finite {self.metric} in any epoch"
-        else:
-            state, reason = TrialState.COMPLETE, None
-        self._finish(trial, run_id, state, value if state == TrialState.COMPLETE else None, reason)
-        final = value if state == TrialState.COMPLETE else None
-        return TrialOutcome(trial.number, state.name, final, time.perf_counter() - start, reason, values)
+        return fit(trial_cfg, self.splits, on_epoch), pruned
 
-    def _finish(self, trial: optuna.Trial, run_id: str, state: TrialState, value: float | None,
+    def _finish(self, trial: optuna.Trial, run_id: str | None, state: TrialState, value: float | None,
                 reason: str | None) -> None:
         if reason:
             trial.set_user_attr("reason", reason)
         self.study.tell(trial, value, state=state)
-        self.tracker.end_trial(run_id, state.name, value, reason)
+        if run_id is not None:
+            self.tracker.end_trial(run_id, state.name, value, reason)
 
 
 def _describe(err: BaseException) -> str:

@@ -149,3 +149,37 @@ def test_best_trial_re_runs_alone_to_the_same_metric(tmp_path, store_overrides):
     study = load_study(tmp_path, "rerun")
     assert metrics["best_val_acc"] == study.best_value
     assert 0 < metrics["test_acc"] <= 1
+
+
+def test_ctrl_c_fails_the_running_trial_and_the_same_command_resumes(tmp_path, store_overrides):
+    import signal
+    import time
+
+    searchlab = Path(sys.executable).parent / "searchlab"
+    base = [str(searchlab), "search", "study.name=interrupted", "study.n_trials=3", "study.pruner=none",
+            "data.batch_size=16", "model.batch_norm=false", *store_overrides]
+    proc = subprocess.Popen([*base, "trainer.max_epochs=200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        # Wait until the first trial's run exists, then press Ctrl-C in the middle of its 200 epochs.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (tmp_path / "artifacts").exists():
+            time.sleep(0.2)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "run the same command to resume" in err and "Traceback" not in err
+    study = load_study(tmp_path, "interrupted")
+    assert [t.state.name for t in study.trials] == ["FAIL"]
+    assert study.trials[0].user_attrs["reason"] == "interrupted"
+    _, parents, children = runs_of(tmp_path, "interrupted")
+    assert parents[0].info.status == "KILLED"
+    assert children[0].info.status == "FAILED" and children[0].data.tags["optuna.trial.reason"] == "interrupted"
+    # The same study, with a shorter training, resumes to its budget; the failed trial used none of it.
+    resumed = subprocess.run([*base, "trainer.max_epochs=2"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    study = load_study(tmp_path, "interrupted")
+    assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 3
