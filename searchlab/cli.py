@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return {"search": search, "train": train}[args.command](args.overrides)
     except ConfigError as err:
-        print(f"searchlab: error: {err}", file=sys.stderr)
+        print(f"searchlab: error: {redact(str(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -28,7 +29,10 @@ class ConfigError(Exception):
 def config_dir() -> Path:
     """The conf/ tree: $SEARCHLAB_CONFIG_DIR, else the one installed in the package, else the repo's."""
     if "SEARCHLAB_CONFIG_DIR" in os.environ:
-        return Path(os.environ["SEARCHLAB_CONFIG_DIR"]).resolve()
+        chosen = Path(os.environ["SEARCHLAB_CONFIG_DIR"]).resolve()
+        if not (chosen / "config.yaml").is_file():
+            raise ConfigError(f"SEARCHLAB_CONFIG_DIR: no config.yaml in '{chosen}'; point it at a conf/ folder")
+        return chosen
     packaged = Path(__file__).parent / "conf"
     return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
 
@@ -43,9 +47,16 @@ def group_options(conf: Path | None = None) -> dict[str, list[str]]:
     }
 
 
-def redact(url: str) -> str:
-    """The URL with any password replaced by ***, for messages and logged params."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", str(url))
+def redact(text: str) -> str:
+    """Any URL password in the text replaced by ***, for messages and logged params.
+
+    The password runs to the last @ before the host (passwords may hold @), as URL parsers read it.
+    """
+    return re.sub(r"(://[^:/@\s]+:)[^\s/]*@", r"\1***@", str(text))
+
+
+# `+key=value` may add entries to these tables only; anywhere else a `+` would hide a misspelt key.
+_EXTENSIBLE = ("study.samplers.", "study.pruners.")
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
@@ -60,7 +71,17 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
             raise ConfigError(f"malformed override '{text}': {first} (expected key=value)") from None
         key = override.key_or_group
         value = override.value()
-        if key in groups and isinstance(value, str) and value not in groups[key]:
+        if not key:
+            raise ConfigError(f"malformed override '{text}': no key before '=' (expected key=value)")
+        if key in groups and override.is_delete():
+            raise ConfigError(f"{key}: a config group cannot be deleted; choose one of {', '.join(groups[key])}")
+        if key in groups and not isinstance(value, str):
+            raise ConfigError(f"{key}: expected one option name (choose from {', '.join(groups[key])}), got {value!r}")
+        if override.is_add() and not key.startswith(_EXTENSIBLE):
+            raise ConfigError(
+                f"'{text}': adding keys with + is only for new entries of study.samplers or study.pruners; "
+                f"to set an existing key drop the +, and check the spelling of '{key}'")
+        if key in groups and value not in groups[key]:
             raise ConfigError(
                 f"{key}: unknown option '{value}' (choose from {', '.join(groups[key])}; "
                 f"options are the files in conf/{key}/)"
@@ -76,8 +97,12 @@ def compose_config(overrides: Sequence[str]) -> DictConfig:
     if not gh.is_initialized():
         initialize_config_dir(config_dir=str(config_dir()), version_base=None)
     try:
-        return compose("config", overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as err:
+        cfg = compose("config", overrides=list(overrides))
+        OmegaConf.to_container(cfg, resolve=True)  # a dangling ${...} fails here, not mid-study
+        return cfg
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file error: {' '.join(str(err).split())}") from None
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
         raise ConfigError(_composition_message(str(err))) from None
 
 
@@ -85,7 +110,8 @@ def _composition_message(message: str) -> str:
     unknown = re.search(r"Could not override '([^']+)'", message)
     if unknown:
         return f"unknown key '{unknown.group(1)}': no such key in the composed config (see conf/ for the keys)"
-    return message.strip().splitlines()[0]
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else "the config could not be composed"
 
 
 class Composer:
@@ -145,11 +171,25 @@ _POSITIVE_INTS = (
     "model.width", "model.depth", "data.size", "data.features", "data.informative", "data.classes",
 )
 _FRACTIONS = ("data.val_fraction", "data.test_fraction")
-_CHOICES = {"study.direction": ("maximize", "minimize"), "study.metric": ("val_acc", "val_loss", "train_loss")}
+_SEEDS = ("seed", "study.seed")  # non-negative integers (NumPy and Optuna's samplers refuse negatives)
+_CHOICES = {
+    "study.direction": ("maximize", "minimize"),
+    "study.metric": ("val_acc", "val_loss", "train_loss"),
+    "trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),
+    "trainer.precision": ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"),
+}
 
 
 def validate_config(cfg: DictConfig) -> None:
     """Checks values the composition cannot: types and ranges of counts, durations and named choices."""
+    try:
+        _check_values(cfg)
+    except OmegaConfBaseException as err:  # a required key deleted with ~key, or the like
+        key = getattr(err, "full_key", None) or "config"
+        raise ConfigError(f"{key}: required key is missing or unreadable ({str(err).splitlines()[0]})") from None
+
+
+def _check_values(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]}: required but not set; give it on the command line ({missing[0]}=...)")
@@ -185,8 +225,10 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"model.dropout: expected a rate in [0, 1), got {cfg.model.dropout!r}")
     if not (_is_number(cfg.model.l1) and cfg.model.l1 >= 0):
         raise ConfigError(f"model.l1: expected a non-negative number, got {cfg.model.l1!r}")
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
-        raise ConfigError(f"seed: expected an integer, got {cfg.seed!r}")
+    for key in _SEEDS:
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"{key}: expected a non-negative integer, got {value!r}")
 
 
 def _is_positive_int(value: Any) -> bool:

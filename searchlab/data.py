@@ -136,17 +136,35 @@ def _npz(cfg: DictConfig, seed: int) -> Splits:
         raise ConfigError(f"data.path: '{path}' lacks {', '.join(missing)} (has {has})")
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise ConfigError(f"data.path: '{path}' has only one of x_test, y_test; give both or neither")
-    for split in ("train", "val", "test"):
-        if f"x_{split}" in arrays and len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
-            raise ConfigError(
-                f"data.path: '{path}' x_{split} has {len(arrays[f'x_{split}'])} rows but "
-                f"y_{split} has {len(arrays[f'y_{split}'])}")
-    for name, array in arrays.items():
-        if name.startswith("y_") and (array.ndim != 1 or not np.issubdtype(array.dtype, np.integer) or array.min() < 0):
-            raise ConfigError(f"data.path: '{path}' {name} must be a 1-d array of non-negative class indices")
+    _check_npz_arrays(path, arrays)
     if arrays["x_train"].ndim == 3:  # (N, H, W) images: add the channel axis
         arrays = {k: (v[:, None] if k.startswith("x_") else v) for k, v in arrays.items()}
     return _as_splits(*(arrays.get(f"{a}_{s}") for s in ("train", "val", "test") for a in ("x", "y")))
+
+
+def _check_npz_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Shapes and types a training can use: numeric x of one sample shape, integer labels, rows that agree."""
+    def bad(message: str) -> ConfigError:
+        return ConfigError(f"data.path: '{path}' {message}")
+
+    sample_shape = arrays["x_train"].shape[1:]
+    for split in ("train", "val", "test"):
+        if f"x_{split}" not in arrays:
+            continue
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        real = np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)
+        if x.ndim not in (2, 3, 4) or not real:
+            raise bad(f"x_{split} must be a real numeric array of (N, features), (N, H, W) or (N, C, H, W)")
+        if x.shape[1:] != sample_shape:
+            raise bad(f"x_{split} samples have shape {x.shape[1:]} but x_train's have {sample_shape}")
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise bad(f"y_{split} must be a 1-d array of integer class indices")
+        if len(x) != len(y):
+            raise bad(f"x_{split} has {len(x)} rows but y_{split} has {len(y)}")
+        if len(y) == 0:
+            raise bad(f"x_{split} and y_{split} are empty")
+        if y.min() < 0:
+            raise bad(f"y_{split} holds negative class indices")
 
 
 LOADERS: dict[str, Callable[[DictConfig, int], Splits]] = {

@@ -6,13 +6,14 @@ searched only when it is chosen. Keys the user fixed on the command line leave t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 
-from searchlab.config import Composer, ConfigError
+from searchlab.config import Composer, ConfigError, validate_config
 
 _RANGE_KEYS = {"low", "high", "log", "step", "grid"}
 _CHOICE_KEYS = {"choices"}
@@ -125,8 +126,9 @@ def _parse_param(
         raise ConfigError(f"{where}: a range needs `low` and `high` (allowed keys: {', '.join(sorted(_RANGE_KEYS))})")
     low, high, log, step = entry["low"], entry["high"], entry.get("log", False), entry.get("step")
     for bound in ("low", "high"):
-        if isinstance(entry[bound], bool) or not isinstance(entry[bound], (int, float)):
-            raise ConfigError(f"{where}: `{bound}` must be a number, got {entry[bound]!r}")
+        if isinstance(entry[bound], bool) or not isinstance(entry[bound], (int, float)) or not math.isfinite(
+                entry[bound]):
+            raise ConfigError(f"{where}: `{bound}` must be a finite number, got {entry[bound]!r}")
     if low > high:
         raise ConfigError(f"{where}: low ({low}) is greater than high ({high})")
     if not isinstance(log, bool):
@@ -165,21 +167,22 @@ def _parse_group(
 
 
 def check_keys(space: SearchSpace, composer: Composer) -> None:
-    """Every searched key must exist in the config its conditions compose: unknown keys fail before any trial."""
+    """Every searched key must exist in the config its conditions compose, and its extreme values (or each
+    choice) must pass the config's own checks: a width of 0 or a text lr fails here, not in a trial."""
     for param, conditions in space.walk():
         if param.name in composer.groups:
             continue
-        try:
-            composer({**conditions, param.name: _any_value(param)})
-        except ConfigError:
-            raise ConfigError(
-                f"{space.source}: '{param.name}' is not a key of the config"
-                + (f" when {', '.join(f'{k}={v}' for k, v in conditions.items())}" if conditions else "")
-            ) from None
-
-
-def _any_value(param: Param) -> Any:
-    return param.choices[0] if param.is_choice else param.low
+        when = f" when {', '.join(f'{k}={v}' for k, v in conditions.items())}" if conditions else ""
+        for value in param.choices or (param.low, param.high, *param.grid):
+            try:
+                cfg = composer({**conditions, param.name: value})
+            except ConfigError:
+                raise ConfigError(f"{space.source}: '{param.name}' is not a key of the config{when}") from None
+            try:
+                validate_config(cfg)
+            except ConfigError as err:
+                raise ConfigError(
+                    f"{space.source}: '{param.name}' value {value!r} is not allowed{when}: {err}") from None
 
 
 def load_space(composer: Composer, fixed: Mapping[str, str]) -> SearchSpace:

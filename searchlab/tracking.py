@@ -48,15 +48,20 @@ class Tracker:
         self.uri = uri
         self.artifact_root = artifact_root
         self._experiment_of: dict[str, str] = {}  # parent run id -> experiment id, saves a read per trial
-        if uri.startswith("sqlite:///"):
-            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         try:
+            if uri.startswith("sqlite:///"):
+                Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             self.client = MlflowClient(tracking_uri=uri)
             with _no_retries():
                 self.client.search_experiments(max_results=1)
         except Exception as err:  # any failure to open the store is the user's URL or server
             reason = redact(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
             raise ConfigError(f"tracking.uri: cannot open {redact(uri)}: {reason[:200]}") from None
+        if artifact_root:
+            try:
+                Path(artifact_root).mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ConfigError(f"tracking.artifact_root: cannot create '{artifact_root}': {err.strerror}") from None
 
     def experiment_id(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)

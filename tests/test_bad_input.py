@@ -1,8 +1,7 @@
 """Bad input fails before any trial: one `searchlab: error:` line naming the key or file, exit code 2, no traceback,
 and nothing written to the stores (no Optuna study, no MLflow experiment or run).
 
-Every call points both stores into tmp_path. Cases marked xfail(strict=True) are known bugs of the package: each
-reason names where it goes wrong; when one is fixed, its test passes and the strict xfail fails, so drop the mark.
+Every call points both stores into tmp_path.
 """
 
 from __future__ import annotations
@@ -28,10 +27,6 @@ STUDY = "bad-input"
 # Keeps a run short if a bad input were wrongly accepted: one trial of one epoch, stop at the first failure.
 FAST = ["study.n_trials=1", "trainer.max_epochs=1", "study.max_consecutive_failures=1", "model.width=8"]
 PREFIX = "searchlab: error: "
-
-
-def bug(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=reason)
 
 
 def key_of(override: str) -> str:
@@ -118,15 +113,9 @@ OVERRIDE_CASES = [
     pytest.param(["search=foo"], ["search", "foo"], id="unknown-search"),
     pytest.param(["trainer=foo"], ["trainer", "foo"], id="unknown-trainer"),
     pytest.param(["optimizer=[adam,nope]"], ["nope"], id="unknown-optimizer-in-list"),
-    pytest.param(["optimizer=null"], ["optimizer"], id="null-optimizer", marks=bug(
-        "config.parse_overrides checks only str group values, and compose_config catches only Hydra/OmegaConf "
-        "errors: Hydra's ValueError 'Config group override must be a string or a list. Got NoneType' escapes")),
-    pytest.param(["optimizer=1"], ["optimizer"], id="number-optimizer", marks=bug(
-        "as optimizer=null: ValueError 'Config group override must be a string or a list. Got int' escapes "
-        "compose_config (also any option name Hydra reads as a number: search=nan, search=inf)")),
-    pytest.param(["~optimizer"], ["optimizer"], id="deleted-optimizer", marks=bug(
-        "a deleted group composes; validate_config then reads cfg.optimizer.lr and OmegaConf's "
-        "ConfigAttributeError 'Key optimizer is not in struct' escapes as a traceback")),
+    pytest.param(["optimizer=null"], ["optimizer"], id="null-optimizer"),
+    pytest.param(["optimizer=1"], ["optimizer"], id="number-optimizer"),
+    pytest.param(["~optimizer"], ["optimizer"], id="deleted-optimizer"),
     # unknown keys
     pytest.param(["foo=1"], ["foo"], id="unknown-key"),
     pytest.param(["optimizer.nope=1"], ["optimizer.nope"], id="unknown-nested-key"),
@@ -135,13 +124,8 @@ OVERRIDE_CASES = [
     # malformed overrides
     pytest.param(["optimizer.lr=[1,"], ["optimizer.lr"], id="malformed-unclosed-list"),
     pytest.param(["optimizer.lr"], ["optimizer.lr"], id="malformed-no-equals"),
-    pytest.param(["=5"], ["=5"], id="malformed-no-key", marks=bug(
-        "config.parse_overrides accepts '=5' (Hydra parses it as group '' with value 5); compose() then raises "
-        "ValueError 'Config group override must be a string or a list. Got int', which compose_config does not "
-        "catch")),
-    pytest.param(["optimizer.lr=${oops}"], ["optimizer.lr"], id="dangling-interpolation", marks=bug(
-        "validate_config's OmegaConf.missing_keys(cfg) resolves the value and InterpolationKeyError "
-        "'Interpolation key oops not found' escapes as a traceback")),
+    pytest.param(["=5"], ["=5"], id="malformed-no-key"),
+    pytest.param(["optimizer.lr=${oops}"], ["optimizer.lr"], id="dangling-interpolation"),
     # counts and durations: wrong type or non-positive
     pytest.param(["study.n_trials=0"], ["study.n_trials"], id="n_trials-zero"),
     pytest.param(["study.n_trials=abc"], ["study.n_trials"], id="n_trials-text"),
@@ -162,23 +146,21 @@ OVERRIDE_CASES = [
     pytest.param(["data=synthetic", "data.size=0"], ["data.size"], id="synthetic-size-zero"),
     pytest.param(["optimizer.lr=0"], ["optimizer.lr"], id="lr-zero"),
     pytest.param(["seed=abc"], ["seed"], id="seed-text"),
-    pytest.param(["study.seed=abc"], ["study.seed"], id="study-seed-text", marks=bug(
-        "validate_config does not check study.seed; cli.search's make_sampler passes 'abc' to TPESampler, whose "
-        "numpy seeding raises TypeError as a traceback (study.seed=-1: ValueError 'Seed must be between 0 and "
-        "2**32 - 1')")),
+    pytest.param(["study.seed=abc"], ["study.seed"], id="study-seed-text"),
     # named choices
     pytest.param(["study.direction=up"], ["study.direction", "up"], id="unknown-direction"),
     pytest.param(["study.metric=foo"], ["study.metric"], id="unknown-metric"),
     pytest.param(["study.sampler=foo"], ["study.sampler", "foo"], id="unknown-sampler"),
     pytest.param(["study.pruner=foo"], ["study.pruner", "foo"], id="unknown-pruner"),
     pytest.param(["trainer.accelerator=foo"], ["trainer.accelerator"], id="unknown-accelerator"),
-    pytest.param(["trainer.precision=foo"], ["trainer.precision"], id="unknown-precision", marks=bug(
-        "trainer.precision is not validated (validate_config, train.resolve_precision passes it through): the "
-        "study, its MLflow runs and a failed trial are written, then Lightning rejects it and the run ends in a "
-        "RuntimeError traceback")),
+    pytest.param(["trainer.precision=foo"], ["trainer.precision"], id="unknown-precision"),
     pytest.param(["study.sampler=grid"], ["study.sampler=grid"], id="grid-without-grid-values"),
     pytest.param(["study.name="], ["study.name"], id="empty-study-name"),
     pytest.param(["data=npz"], ["data.path"], id="npz-without-path"),
+    pytest.param(["+optimizer.lrr=0.1"], ["optimizer.lrr"], id="misspelt-key-added-with-plus"),
+    pytest.param(["+foo=1"], ["foo"], id="new-key-added-with-plus"),
+    pytest.param(["optimizer=[adam,sgd]"], ["optimizer"], id="two-options-for-one-group"),
+    pytest.param(["seed=-1"], ["seed"], id="negative-seed"),
 ]
 
 
@@ -236,20 +218,10 @@ NPZ_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "feature-counts-differ": lambda d: _npz(d / "features.npz", **_valid(x_val=_xy()[0][:, :3])),
 }
 
-NPZ_BUGS = {
-    "zero-rows": "data._npz checks labels with array.min() on an empty y_train: numpy's ValueError 'zero-size "
-                 "array to reduction operation minimum' escapes as a traceback",
-    "scalar-array": "data._npz calls len() on a 0-d x_train: TypeError 'len() of unsized object' escapes",
-    "text-features": "data._npz does not check x dtypes; data._as_splits' np.asarray(a, dtype=np.float32) raises "
-                     "ValueError 'could not convert string to float' as a traceback",
-    "feature-counts-differ": "data._npz does not check that x_train, x_val (and x_test) have the same sample "
-                             "shape: the study and runs are written, every trial fails on the shape mismatch, "
-                             "and the run ends in a RuntimeError traceback",
-}
 
 
 @pytest.mark.parametrize("case", [
-    pytest.param(name, id=name, marks=[bug(NPZ_BUGS[name])] if name in NPZ_BUGS else []) for name in NPZ_BUILDERS
+    pytest.param(name, id=name) for name in NPZ_BUILDERS
 ])
 def test_bad_npz_file_is_rejected(cli, tmp_path, case):
     data_dir = tmp_path / "data"
@@ -288,18 +260,14 @@ SPACE_CASES = [
     pytest.param("optimizer.lr: {low: 0.001, high: 0.1, log: maybe}\n", "optimizer.lr", id="log-not-bool"),
     pytest.param("optimizer.lr: {low: 0.001, high: 0.1, grid: 5}\n", "optimizer.lr", id="grid-not-a-list"),
     pytest.param("# nothing\n", "bad.yaml", id="empty-space"),
-    pytest.param("optimizer.lr: {low: 0.001, high: 0.1\n", "bad.yaml", id="yaml-syntax-error", marks=bug(
-        "a YAML syntax error in a conf file: compose_config catches only Hydra/OmegaConf errors and yaml's "
-        "ParserError escapes as a traceback (the same for any file under conf/)")),
+    pytest.param("optimizer.lr: {low: 0.001, high: 0.1\n", "bad.yaml", id="yaml-syntax-error"),
     pytest.param("optimizer.lr: {low: 0.001, high: 0.1}\noptimizer.lr: {low: 0.01, high: 0.1}\n", "bad.yaml",
-                 id="duplicate-key", marks=bug(
-                     "a duplicate key in a conf file: yaml's ConstructorError 'found duplicate key' escapes "
-                     "compose_config as a traceback")),
-    pytest.param("optimizer.lr: {low: .nan, high: 0.1}\n", "optimizer.lr", id="nan-bound", marks=bug(
-        "space._parse_param accepts NaN/inf bounds (isinstance float, no isfinite check): the study and its "
-        "parent run are written before sampling fails (OverflowError or failed trials, then a traceback)")),
-    pytest.param("optimizer.lr: {low: 0.001, high: .inf, log: true}\n", "optimizer.lr", id="inf-bound", marks=bug(
-        "as nan-bound: an infinite `high` passes space._parse_param and fails only after the stores are written")),
+                 id="duplicate-key"),
+    pytest.param("optimizer.lr: {low: .nan, high: 0.1}\n", "optimizer.lr", id="nan-bound"),
+    pytest.param("optimizer.lr: {low: 0.001, high: .inf, log: true}\n", "optimizer.lr", id="inf-bound"),
+    pytest.param("model.width: {low: 0, high: 8}\n", "model.width", id="range-reaches-a-width-of-zero"),
+    pytest.param("optimizer.lr: {choices: [0.1, abc]}\n", "optimizer.lr", id="choice-that-is-not-a-number"),
+    pytest.param("model.dropout: {low: 0.0, high: 1.5}\n", "model.dropout", id="dropout-above-one"),
 ]
 
 
@@ -314,8 +282,6 @@ def test_bad_search_space_file_is_rejected(cli, tmp_path, monkeypatch, text, nam
     assert_nothing_written(tmp_path)
 
 
-@bug("config.group_options iterates $SEARCHLAB_CONFIG_DIR without checking it exists: FileNotFoundError escapes "
-     "from parse_overrides as a traceback")
 def test_missing_config_dir_is_rejected(cli, tmp_path, monkeypatch):
     missing = tmp_path / "no-conf-here"
     monkeypatch.setenv("SEARCHLAB_CONFIG_DIR", str(missing))
@@ -339,21 +305,13 @@ STORE_CASES = [
     pytest.param("tracking.uri=foo://bob:hunter2@example.invalid/x", "tracking.uri", "hunter2",
                  id="tracking-unknown-scheme"),
     pytest.param("tracking.uri=sqlite:///{tmp}/afile/mlflow.db", "tracking.uri", None,
-                 id="tracking-sqlite-under-a-file", marks=bug(
-                     "tracking.Tracker.__init__ creates the sqlite file's parent folder before its try block: "
-                     "FileExistsError escapes as a traceback")),
+                 id="tracking-sqlite-under-a-file"),
     pytest.param("tracking.artifact_root={tmp}/afile/artifacts", "tracking.artifact_root", None,
-                 id="artifact-root-under-a-file", marks=bug(
-                     "tracking.artifact_root is never checked before the run: the study, the experiment and runs "
-                     "are written, then writing artifacts fails (NotADirectoryError or failed trials, traceback)")),
+                 id="artifact-root-under-a-file"),
     pytest.param("tracking.uri=http://bob:hun@ter2secret@127.0.0.1:1", "tracking.uri", "ter2secret",
-                 id="tracking-password-with-at-sign", marks=bug(
-                     "config.redact masks only up to the first '@' ([^@]*@): requests/urllib read the password "
-                     "as 'hun@ter2secret', and 'ter2secret' is printed in the error line")),
+                 id="tracking-password-with-at-sign"),
     pytest.param("study.storage=postgresql://alice:s3cret@127.0.0.1:1/db?sslmode=require", "study.storage", "s3cret",
-                 id="malformed-storage-override-with-password", marks=bug(
-                     "config.parse_overrides prints the whole malformed override ('?' needs quoting in Hydra's "
-                     "grammar) without redact(): the password s3cret is printed")),
+                 id="malformed-storage-override-with-password"),
 ]
 
 
