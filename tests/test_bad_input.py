@@ -265,7 +265,7 @@ SPACE_CASES = [
                  id="duplicate-key"),
     pytest.param("optimizer.lr: {low: .nan, high: 0.1}\n", "optimizer.lr", id="nan-bound"),
     pytest.param("optimizer.lr: {low: 0.001, high: .inf, log: true}\n", "optimizer.lr", id="inf-bound"),
-    pytest.param("model.width: {low: 0, high: 8}\n", "model.width", id="range-reaches-a-width-of-zero"),
+    pytest.param("model.depth: {low: 0, high: 3}\n", "model.depth", id="range-reaches-a-depth-of-zero"),
     pytest.param("optimizer.lr: {choices: [0.1, abc]}\n", "optimizer.lr", id="choice-that-is-not-a-number"),
     pytest.param("model.dropout: {low: 0.0, high: 1.5}\n", "model.dropout", id="dropout-above-one"),
 ]
