@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+from omegaconf import OmegaConf
 
 from searchlab.config import Composer, ConfigError, validate_config
 
@@ -187,11 +188,8 @@ def check_keys(space: SearchSpace, composer: Composer) -> None:
 
 def load_space(composer: Composer, fixed: Mapping[str, str]) -> SearchSpace:
     """The space of the composed config's `search` group, validated against the config it will set."""
-    from omegaconf import OmegaConf
-
     base = composer.base
-    options = composer.groups.get("search", [])
-    source = f"conf/search/{_chosen(fixed, 'search', options)}.yaml"
+    source = f"conf/search/{fixed.get('search', 'default')}.yaml"
     spec = OmegaConf.to_container(base.search, resolve=True) if "search" in base else {}
     space = parse_space(spec or {}, composer.groups, fixed, source)
     if not space.params:
@@ -199,6 +197,3 @@ def load_space(composer: Composer, fixed: Mapping[str, str]) -> SearchSpace:
     check_keys(space, composer)
     return space
 
-
-def _chosen(fixed: Mapping[str, str], group: str, options: list[str]) -> str:
-    return fixed.get(group, "default")

@@ -63,7 +63,7 @@ def test_fixing_a_group_keeps_its_own_keys_and_drops_the_rest():
     ({"low": 1}, "needs `low` and `high`"),
     ({"low": 1, "high": 2, "lgo": True}, "allowed keys"),
     ({"choices": []}, "non-empty"),
-    ({"low": "a", "high": 2}, "must be a number"),
+    ({"low": "a", "high": 2}, "must be a finite number"),
     (0.5, "expected"),
 ], ids=["low>high", "log-zero", "log-negative", "no-high", "typo", "empty-choices", "text-bound", "scalar"])
 def test_bad_ranges_name_the_file_and_key(entry, message):
