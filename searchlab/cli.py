@@ -17,6 +17,7 @@ from searchlab.config import Composer, ConfigError, parse_overrides, redact, val
 from searchlab.data import Splits, load_data
 from searchlab.space import load_space
 from searchlab.study import (
+    StudyStopped,
     best_trial,
     budget_used,
     make_pruner,
@@ -31,6 +32,7 @@ from searchlab.train import fit, resolve_device
 from searchlab.trial import TrialOutcome, TrialRunner, train_command
 
 EXIT_BAD_INPUT = 2
+EXIT_STUDY_FAILED = 1
 EXIT_INTERRUPTED = 130
 
 
@@ -82,6 +84,9 @@ def search(overrides: Sequence[str]) -> int:
     except KeyboardInterrupt:
         status = "KILLED"
         print(f"interrupted: run the same command to resume study '{cfg.study.name}'", file=sys.stderr)
+    except StudyStopped as err:
+        status = "FAILED"
+        print(f"searchlab: study stopped: {redact(str(err))}", file=sys.stderr)
     finally:
         best = best_trial(study)
         tracker.end_study(parent_run_id, None if best is None else vars(best), state_counts(study), status)
@@ -95,7 +100,7 @@ def search(overrides: Sequence[str]) -> int:
         for key, value in best.params.items():
             print(f"  {key} = {value}")
         print(f"re-run it alone:\n  {train_command(best.overrides)}")
-    return EXIT_INTERRUPTED if status == "KILLED" else 0
+    return {"KILLED": EXIT_INTERRUPTED, "FAILED": EXIT_STUDY_FAILED}.get(status, 0)
 
 
 def train(overrides: Sequence[str]) -> int:

@@ -32,6 +32,10 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
+class StudyStopped(Exception):
+    """Too many trials failed in a row: the config, not the sampler's luck, is at fault."""
+
+
 def open_storage(url: str) -> BaseStorage:
     """study.storage -> an Optuna storage: an RDB URL (sqlite:///, postgresql://, mysql://) or a journal file path.
 
@@ -113,7 +117,7 @@ def run_trials(study: optuna.Study, runner: TrialRunner, cfg: DictConfig,
         on_trial(outcome)
         failures_in_a_row = failures_in_a_row + 1 if outcome.state == "FAIL" else 0
         if failures_in_a_row >= cfg.study.max_consecutive_failures:
-            raise RuntimeError(
+            raise StudyStopped(
                 f"{failures_in_a_row} trials failed in a row (last: {outcome.reason}); "
                 f"stopping the study (study.max_consecutive_failures={cfg.study.max_consecutive_failures})")
 

@@ -183,3 +183,15 @@ def test_ctrl_c_fails_the_running_trial_and_the_same_command_resumes(tmp_path, s
     assert resumed.returncode == 0, resumed.stderr
     study = load_study(tmp_path, "interrupted")
     assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 3
+
+
+def test_a_config_that_always_fails_stops_the_study_with_one_line(tmp_path, store_overrides, capsys):
+    # BatchNorm cannot train on batch 1: every trial fails at once, and the study stops after 3 in a row.
+    code = main(["search", "study.name=broken", "study.n_trials=10", "model.batch_norm=true", "data.batch_size=1",
+                 "study.max_consecutive_failures=3", *store_overrides])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "3 trials failed in a row" in err and "study.max_consecutive_failures=3" in err
+    assert [t.state.name for t in load_study(tmp_path, "broken").trials] == ["FAIL"] * 3
+    _, parents, children = runs_of(tmp_path, "broken")
+    assert parents[0].info.status == "FAILED" and len(children) == 3
