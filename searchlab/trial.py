@@ -38,10 +38,14 @@ class TrialOutcome:
 _STUDY_ONLY = ("study", "tracking", "search")
 
 
+def training_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that shape the training; study and tracking settings (URLs, passwords) are left out."""
+    return [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] not in _STUDY_ONLY]
+
+
 def train_command(overrides: list[str]) -> str:
     """The shell command that trains this configuration alone."""
-    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] not in _STUDY_ONLY]
-    return " ".join(["searchlab", "train", *(shlex.quote(o) for o in kept)])
+    return " ".join(["searchlab", "train", *(shlex.quote(o) for o in training_overrides(overrides))])
 
 
 class TrialRunner:
@@ -68,7 +72,7 @@ class TrialRunner:
             run_id = self.tracker.start_trial(
                 self.parent_run_id, trial.number, values, OmegaConf.to_yaml(trial_cfg), train_command(overrides))
             trial.set_user_attr("mlflow_run_id", run_id)
-            trial.set_user_attr("overrides", overrides)
+            trial.set_user_attr("overrides", training_overrides(overrides))
             result, pruned = self._train(trial, run_id, trial_cfg)
         except BaseException as err:  # the trial fails, the study goes on; an interrupt also stops the study
             interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))

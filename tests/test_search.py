@@ -195,3 +195,11 @@ def test_a_config_that_always_fails_stops_the_study_with_one_line(tmp_path, stor
     assert [t.state.name for t in load_study(tmp_path, "broken").trials] == ["FAIL"] * 3
     _, parents, children = runs_of(tmp_path, "broken")
     assert parents[0].info.status == "FAILED" and len(children) == 3
+
+
+def test_trials_keep_only_training_overrides(tmp_path, store_overrides):
+    assert main(["search", "study.name=attrs", "study.n_trials=1", *TINY, *store_overrides]) == 0
+    (trial,) = load_study(tmp_path, "attrs").trials
+    kept = trial.user_attrs["overrides"]
+    assert not [o for o in kept if o.startswith(("study.", "tracking."))]
+    assert set(TINY) <= set(kept) and f"optimizer.lr={trial.params['optimizer.lr']!r}" in kept
