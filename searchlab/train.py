@@ -44,10 +44,9 @@ class TrainResult:
 
 
 def resolve_device(accelerator: str, cuda_available: bool | None = None) -> torch.device:
-    """trainer.accelerator -> the device the data and model live on: the first visible GPU for auto/gpu/cuda."""
+    """trainer.accelerator (already checked by validate_config) -> the device the data and model live on: the first
+    visible GPU for auto/gpu/cuda."""
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
-    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
-        raise ConfigError(f"trainer.accelerator: expected auto, cpu, gpu or cuda, got {accelerator!r}")
     if accelerator in ("gpu", "cuda") and not cuda:
         raise ConfigError(f"trainer.accelerator: {accelerator} asked for, but no CUDA GPU is visible")
     return torch.device("cuda", 0) if accelerator in ("auto", "gpu", "cuda") and cuda else torch.device("cpu")

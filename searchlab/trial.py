@@ -67,12 +67,12 @@ class TrialRunner:
         run_id: str | None = None
         try:
             values = self.space.sample(trial, self.use_grid)
-            overrides = self.base_overrides + [format_override(k, v) for k, v in values.items()]
+            overrides = training_overrides(self.base_overrides + [format_override(k, v) for k, v in values.items()])
             trial_cfg = self.composer(values)
             run_id = self.tracker.start_trial(
                 self.parent_run_id, trial.number, values, OmegaConf.to_yaml(trial_cfg), train_command(overrides))
             trial.set_user_attr("mlflow_run_id", run_id)
-            trial.set_user_attr("overrides", training_overrides(overrides))
+            trial.set_user_attr("overrides", overrides)
             result, pruned = self._train(trial, run_id, trial_cfg)
         except BaseException as err:  # the trial fails, the study goes on; an interrupt also stops the study
             interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
