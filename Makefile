@@ -8,9 +8,10 @@ UI_PORT ?= 5000
 # Exact versions for this project's machines; pyproject.toml keeps ranges for everyone else.
 # torch==2.13.0 is pinned so pip takes the CPU build on disk instead of pulling GBs of CUDA packages.
 PINS := torch==2.13.0 optuna==5.0.0 mlflow==3.17.2 pytorch-lightning==2.6.6 hydra-core==1.3.8 \
-        scikit-learn==1.9.1 numpy==2.4.6 pytest==9.2.0 ruff==0.17.6
+        scikit-learn==1.9.1 numpy==2.4.6 pytest==9.2.0 ruff==0.17.6 \
+        plotly==7.1.0 optuna-dashboard==0.21.0 selenium==4.50.0 psycopg2-binary==2.9.13 grpcio==1.85.1
 
-.PHONY: install search train test lint ui clean
+.PHONY: install system search train test lint ui clean
 
 install: $(VENV)/.installed
 
@@ -27,7 +28,11 @@ search: install
 train: install
 	$(BIN)/searchlab train $(ARGS)
 
-test: install
+# Debian packages for the tests' real servers and browser (PostgreSQL, Chromium); a no-op once installed.
+system:
+	bash .ci/debian-packages
+
+test: install system
 	$(BIN)/ruff check searchlab tests
 	$(BIN)/python -m pytest $(ARGS)
 
