@@ -35,7 +35,7 @@ class TrialOutcome:
 
 
 # Overrides of these keys shape the study, not the training: the re-run command leaves them out.
-_STUDY_ONLY = ("study", "tracking", "search")
+_STUDY_ONLY = ("study", "tracking", "search", "workers")
 
 
 def training_overrides(overrides: list[str]) -> list[str]:
@@ -59,10 +59,11 @@ class TrialRunner:
         self.metric, self.direction = cfg.study.metric, cfg.study.direction
         self.use_grid = cfg.study.sampler == "grid"
 
-    def run(self) -> TrialOutcome:
-        """One trial from ask to tell; whatever happens after ask, the trial is told and its run terminated."""
+    def run(self, trial: optuna.Trial | None = None) -> TrialOutcome:
+        """One trial (asked here unless given) to tell; whatever happens after ask, the trial is told and its run
+        terminated."""
         start = time.perf_counter()
-        trial = self.study.ask()
+        trial = self.study.ask() if trial is None else trial
         values: dict[str, Any] = {}
         run_id: str | None = None
         try:
