@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from test_search import TINY, load_study, runs_of
 
 from searchlab.cli import main
@@ -149,3 +150,46 @@ def test_a_resumed_study_fails_and_retries_the_trial_of_a_dead_process(tmp_path,
     assert len([t for t in study.trials if t.state.name in FINISHED]) == 2
     runs = assert_one_run_per_trial(tmp_path, "orphan", study)
     assert runs[orphan.number].info.status == "FAILED"  # created for it: the dead process never made one
+
+
+def race_for_the_budget(url: str, n_trials: int = 20, workers: int = 8) -> collections.Counter:
+    """Workers (threads, each with its own storage handle and lock, as processes have) race for n_trials; a third
+    of the trials fail, so workers that found the budget reserved must wait and take the freed share. Returns the
+    trial states. Reusable for any study.storage URL (e.g. PostgreSQL)."""
+    import random
+    import threading
+
+    from searchlab.locks import budget_lock
+    from searchlab.study import Budget, open_storage
+
+    optuna.create_study(study_name="race", storage=open_storage(url))
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            storage = open_storage(url)
+            study = optuna.load_study(study_name="race", storage=storage)
+            budget = Budget(study, n_trials, budget_lock(storage, url, "race"), poll_seconds=0.01)
+            rng = random.Random(seed)
+            while (trial := budget.reserve()) is not None:
+                time.sleep(rng.uniform(0, 0.02))
+                failed = rng.random() < 0.3
+                study.tell(trial, None if failed else 1.0, state=optuna.trial.TrialState.FAIL if failed else None)
+        except BaseException as err:  # a thread's failure is reported by the assert below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    study = optuna.load_study(study_name="race", storage=open_storage(url))
+    return collections.Counter(t.state.name for t in study.trials)
+
+
+@pytest.mark.parametrize("storage", ["optuna.journal", "sqlite:///{tmp}/optuna.db"])
+def test_concurrent_reservations_never_overshoot_the_budget(tmp_path, storage):
+    url = storage.format(tmp=tmp_path) if "://" in storage else str(tmp_path / storage)
+    states = race_for_the_budget(url)
+    assert states["COMPLETE"] == 20 and states["FAIL"] > 0 and set(states) == {"COMPLETE", "FAIL"}
