@@ -11,23 +11,22 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from searchlab.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_STUDY = ["trainer.max_epochs=2", "model.width=32", "study.n_trials=3"]
 
 
 def run_tiny_study(store: Path, name: str) -> None:
-    """`searchlab search` of a 3-trial study into the stores under `store` (the command a user runs)."""
-    searchlab = Path(sys.executable).with_name("searchlab")
-    subprocess.run([str(searchlab), "search", f"study.name={name}", *TINY_STUDY,
-                    f"study.storage={store}/optuna.journal", f"tracking.uri=sqlite:///{store}/mlflow.db",
-                    f"tracking.artifact_root={store}/artifacts"],
-                   check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """`searchlab search` of a 3-trial study into the stores under `store`; in-process, sharing the suite's imports."""
+    code = main(["search", f"study.name={name}", *TINY_STUDY, f"study.storage={store}/optuna.journal",
+                 f"tracking.uri=sqlite:///{store}/mlflow.db", f"tracking.artifact_root={store}/artifacts"])
+    assert code == 0, f"searchlab search exited with {code}"
 
 
 def free_port() -> int:
