@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 from servers import ROOT, free_port, make_server, run_tiny_study
@@ -60,8 +63,15 @@ def step(driver: WebDriver, name: str) -> Iterator[None]:
     driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
 
 
-def shown(driver: WebDriver, xpath: str):
+def shown(driver: WebDriver | WebElement, xpath: str) -> WebElement:
     return WebDriverWait(driver, WAIT_S).until(ec.visibility_of_element_located((By.XPATH, xpath)))
+
+
+def type_into(field: WebElement, text: str) -> bool:
+    """Types `text` into an empty field; False (try again) when the app re-rendered it and dropped the keys."""
+    if field.get_property("value") == "":
+        field.send_keys(text)
+    return field.get_property("value") == text
 
 
 def run_link(run_id: str) -> str:
@@ -97,14 +107,34 @@ def test_the_study_its_nested_trials_their_params_and_config_show_in_the_mlflow_
             for trial in trials:
                 assert shown(browser, run_link(trial.info.run_id)).text == trial.info.run_name
 
-        with step(browser, "2-chart-view"):
+        # params against a metric: a parallel-coordinates chart over the trials shown (expanded) in the table
+        with step(browser, "2-params-against-val_acc"):
             shown(browser, "//label[.//input[@name='runs-view-mode'][@value='CHART']]").click()
+            shown(browser, "//button[normalize-space()='Add chart']").click()
+            shown(browser, "//*[@role='menuitem'][normalize-space()='Parallel coordinates']").click()
+            params = sorted(set.intersection(*(set(t.data.params) for t in trials)) - {"optimizer"})[:3]
+            for field, names in (("Params", params), ("Metrics", ["val_acc"])):
+                box = shown(browser, f"//*[@data-testid='experiment-view-compare-runs-config-field'][h4='{field}']")
+                box.find_element(By.XPATH, ".//*[contains(@class, 'select-selector')]").click()
+                for name in names:  # a searchable select: typing filters the options, Enter picks the first
+                    WebDriverWait(browser, WAIT_S, ignored_exceptions=[StaleElementReferenceException]).until(
+                        lambda d, box=box, name=name: type_into(box.find_element(By.XPATH, ".//*[@role='combobox']"),
+                                                                name))
+                    shown(browser, f"//*[contains(@class, 'select-item-option-active')][@title='{name}']")
+                    box.find_element(By.XPATH, ".//*[@role='combobox']").send_keys(Keys.ENTER)
+                    shown(box, f".//*[contains(@class, 'select-selection-item')][normalize-space()='{name}']")
+                box.find_element(By.XPATH, ".//*[@role='combobox']").send_keys(Keys.ESCAPE)
+            for axis in [*params, "val_acc"]:  # plotly draws one titled axis per param and metric
+                shown(browser, f"//*[@role='dialog']//*[name()='svg']//*[name()='text'][normalize-space()='{axis}']")
+
+        with step(browser, "3-metric-charts"):
+            shown(browser, "//*[@role='dialog']//button[normalize-space()='Add chart']").click()
             shown(browser, "//input[@placeholder='Search metric charts']").send_keys("val_")
             shown(browser, "//*[text()='val_acc']")  # charts render lazily: the search brings val_* to the top
             shown(browser, "//*[text()='val_loss']")
 
         trial = trials[0]
-        with step(browser, "3-trial-run-params"):
+        with step(browser, "4-trial-run-params"):
             browser.get(f"{experiment_page}/runs/{trial.info.run_id}{view}")
             assert shown(browser, "//h2").text == trial.info.run_name
             assert trial.data.params
@@ -115,7 +145,7 @@ def test_the_study_its_nested_trials_their_params_and_config_show_in_the_mlflow_
             browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", rows[0])
 
         config = Path(client.download_artifacts(trial.info.run_id, "config.yaml", str(tmp_path))).read_text()
-        with step(browser, "4-trial-config-artifact"):
+        with step(browser, "5-trial-config-artifact"):
             shown(browser, "//button[@role='tab'][normalize-space()='Artifacts']").click()
             shown(browser, "//*[@data-testid='artifact-tree-node'][@artifact-name='config.yaml']").click()
             first_lines = [line.strip() for line in config.splitlines()[:20]]
