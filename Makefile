@@ -50,7 +50,7 @@ lint: install
 # One worker and no job runner (the GenAI job queue starts ~8 more processes): a light local viewer. Trial artifacts
 # are read from the experiments' own file:// locations, so no artifact flags are needed.
 ui: install
-	@echo "MLflow UI on http://127.0.0.1:$(UI_PORT) (Ctrl-C to stop)"
+	@echo "MLflow UI on http://127.0.0.1:$(UI_PORT) (Ctrl-C to stop); pick 'Model training' at the top left for the runs"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) \
 		--host 127.0.0.1 --port $(UI_PORT) --workers 1
 

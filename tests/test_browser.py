@@ -58,7 +58,8 @@ def step(driver: WebDriver, name: str) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        driver.save_screenshot(str(SCREENSHOTS / f"FAILED-{name}.png"))
+        with contextlib.suppress(Exception):  # a dead browser must not hide the step's own error
+            driver.save_screenshot(str(SCREENSHOTS / f"FAILED-{name}.png"))
         raise
     driver.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
 
