@@ -3,7 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
+# The stores `make ui`, `make dashboard` open (the defaults of tracking.uri and study.storage in conf/) and their ports.
+TRACKING_URI ?= sqlite:///mlruns/mlflow.db
+STUDY_STORAGE ?= mlruns/optuna.journal
 UI_PORT ?= 5000
+DASHBOARD_PORT ?= 8080
 
 # Exact versions for this project's machines; pyproject.toml keeps ranges for everyone else.
 # torch==2.13.0 is pinned so pip takes the CPU build on disk instead of pulling GBs of CUDA packages.
@@ -11,7 +15,7 @@ PINS := torch==2.13.0 optuna==5.0.0 mlflow==3.17.2 pytorch-lightning==2.6.6 hydr
         scikit-learn==1.9.1 numpy==2.4.6 pytest==9.2.0 ruff==0.17.6 \
         plotly==7.1.0 optuna-dashboard==0.21.0 selenium==4.50.0 psycopg2-binary==2.9.13 grpcio==1.85.1
 
-.PHONY: install system search train test lint ui clean
+.PHONY: install system search train test e2e lint ui dashboard clean
 
 install: $(VENV)/.installed
 
@@ -34,14 +38,28 @@ system:
 
 test: install system
 	$(BIN)/ruff check searchlab tests
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -m "not e2e" $(ARGS)
+
+# The browser test: a tiny study, `make ui` on a free port, headless Chromium; screenshots in tests/artifacts/.
+e2e: install system
+	$(BIN)/python -m pytest -m e2e $(ARGS)
 
 lint: install
 	$(BIN)/ruff check searchlab tests
 
+# One worker and no job runner (the GenAI job queue starts ~8 more processes): a light local viewer. Trial artifacts
+# are read from the experiments' own file:// locations, so no artifact flags are needed.
 ui: install
-	@echo "MLflow UI on http://127.0.0.1:$(UI_PORT) (Ctrl-C to stop)"
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port $(UI_PORT)
+	@echo "MLflow UI on http://127.0.0.1:$(UI_PORT) (Ctrl-C to stop); pick 'Model training' at the top left for the runs"
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri $(TRACKING_URI) \
+		--host 127.0.0.1 --port $(UI_PORT) --workers 1
+
+# optuna-dashboard reads a journal file path or an RDB URL directly (it tells the two apart itself).
+dashboard: install
+	@case "$(STUDY_STORAGE)" in *://*) ;; *) test -f "$(STUDY_STORAGE)" || \
+		{ echo "make dashboard: no study storage at $(STUDY_STORAGE): run make search first" >&2; exit 2; } ;; esac
+	@echo "optuna-dashboard on http://127.0.0.1:$(DASHBOARD_PORT) (Ctrl-C to stop)"
+	$(BIN)/optuna-dashboard "$(STUDY_STORAGE)" --host 127.0.0.1 --port $(DASHBOARD_PORT) --server wsgiref
 
 clean:
 	find mlruns -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
