@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
+BENCH_ARGS ?=
 UI_PORT ?= 5000
 
 # Exact versions for this project's machines; pyproject.toml keeps ranges for everyone else.
@@ -11,7 +12,7 @@ PINS := torch==2.13.0 optuna==5.0.0 mlflow==3.17.2 pytorch-lightning==2.6.6 hydr
         scikit-learn==1.9.1 numpy==2.4.6 pytest==9.2.0 ruff==0.17.6 \
         plotly==7.1.0 optuna-dashboard==0.21.0 selenium==4.50.0 psycopg2-binary==2.9.13 grpcio==1.85.1
 
-.PHONY: install system search train test lint ui clean
+.PHONY: install system search train test lint ui clean bench
 
 install: $(VENV)/.installed
 
@@ -35,6 +36,11 @@ system:
 test: install system
 	$(BIN)/ruff check searchlab tests
 	$(BIN)/python -m pytest $(ARGS)
+
+# Benchmarks (never part of `make test`): overhead and search efficiency; writes bench/results.md and the plot.
+# ~25 min on a 2-core machine with the defaults; smaller: make bench BENCH_ARGS="--seeds 3 --max-seconds 40"
+bench: install
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check searchlab tests
