@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="searchlab-bench-") as scratch:
         if "overhead" in args.parts:
             # auto: the CPU, and the GPU too when torch sees one; cpu or cuda: that device only
-            devices = {"cpu": ["cpu"], "cuda": [pick_device("cuda")]}.get(
-                args.device, ["cpu"] + (["cuda"] if pick_device("auto") == "cuda" else []))
+            if args.device == "auto":
+                devices = ["cpu"] + (["cuda"] if pick_device("auto") == "cuda" else [])
+            else:
+                devices = [pick_device(args.device)]
             for device in devices:
                 result = run_overhead(Path(scratch) / f"overhead-{device}", args.configs, args.repeats, device,
                                       args.startup_runs, args.extra)

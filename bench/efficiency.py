@@ -60,7 +60,7 @@ def run_search(out: Path, method: str, seed: int, target: float, max_trials: int
     validate_config(cfg)
     splits = load_data(cfg.data, cfg.seed).to(resolve_device(cfg.trainer.accelerator))
     space = load_space(composer, parse_overrides(overrides))
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
     study = open_study(cfg, open_storage(cfg.study.storage), make_sampler(cfg, space), make_pruner(cfg))
     runner = TrialRunner(study, cfg, overrides, composer, space, splits, tracker, tracker.study_run(name, {}))
     run = SearchRun(method, seed)

@@ -42,7 +42,7 @@ from searchlab.data import Splits, load_data
 from searchlab.model import build_network
 from searchlab.optim import build_optimizer, build_schedule
 from searchlab.space import SearchSpace, parse_space
-from searchlab.study import make_pruner, make_sampler, open_storage, open_study
+from searchlab.study import make_pruner, make_sampler, open_storage
 from searchlab.tracking import Tracker
 from searchlab.trial import TrialRunner
 
@@ -69,13 +69,16 @@ SPACE = {
     "model.dropout": {"low": 0.0, "high": 0.5},
     "model.l1": {"low": 0.0, "high": 1e-3},
 }
-WAYS = ("plain", "usual", "searchlab")
+BEFORE = "searchlab-epoch-writes"  # (c) as it was: an MLflow write per epoch (tracking.flush_seconds=0)
+WAYS = ("plain", "usual", "searchlab", BEFORE)
 # What a fresh process imports before its first trial, per way.
 IMPORTS = {
     "plain": "import torch, searchlab.model, searchlab.optim",
     "usual": "import torch, pytorch_lightning, optuna, mlflow, pytorch_lightning.loggers",
     "searchlab": "import searchlab.cli",
 }
+NAMES = {"plain": "(a) plain PyTorch loop", "usual": "(b) usual wiring", "searchlab": "(c) searchlab trial",
+         BEFORE: "(c0) searchlab, metrics written every epoch (before)"}
 
 
 def device_overrides(device: str) -> list[str]:
@@ -355,7 +358,7 @@ def startup_seconds(runs: int = 1) -> dict[str, float]:
 
 def run_overhead(out: Path, configs: int = 4, repeats: int = 5, device: str = "cpu", startup_runs: int = 1,
                  extra: list[str] | None = None) -> OverheadResult:
-    """Runs the three ways over the first `configs` configs, `repeats` times each, interleaved; `extra` overrides
+    """Runs the ways over the first `configs` configs, `repeats` times each, interleaved; `extra` overrides
     change the fixed setting (the tests' smoke run uses it to shrink the network)."""
     out.mkdir(parents=True, exist_ok=True)
     chosen = [CONFIGS[i % len(CONFIGS)] for i in range(configs)]
@@ -369,51 +372,64 @@ def run_overhead(out: Path, configs: int = 4, repeats: int = 5, device: str = "c
     space = parse_space(SPACE, composer.groups, {}, "bench")
     first: dict[str, float] = {}
 
-    start = time.perf_counter()
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root)
-    study = open_study(cfg, open_storage(cfg.study.storage), make_sampler(cfg, space), make_pruner(cfg))
-    runner = TrialRunner(study, cfg, overrides, composer, space, splits, tracker, tracker.study_run("bench", {}))
-    study.enqueue_trial(chosen[0])
-    runner.run()
-    first["searchlab"] = time.perf_counter() - start
+    timer, parts = PartTimer(), []
 
-    start = time.perf_counter()
-    usual_study = optuna.create_study(study_name="usual", storage=f"sqlite:///{out}/usual-optuna.db",
-                                      sampler=optuna.samplers.RandomSampler(seed=0),
-                                      pruner=optuna.pruners.NopPruner(), direction="maximize")
-    usual = Usual(usual_study, composer, space, host, f"sqlite:///{out}/usual-mlflow.db", f"{out}/usual-artifacts")
-    usual_study.enqueue_trial(chosen[0])
-    usual.run()
-    first["usual"] = time.perf_counter() - start
-    first["plain"] = plain_loop(composer(chosen[0]), splits)
+    def searchlab_way(name: str, flush_seconds: float, instrumented: bool) -> Callable[[dict[str, Any]], float]:
+        tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, flush_seconds)
+        study = optuna.create_study(study_name=name, storage=open_storage(cfg.study.storage),
+                                    sampler=make_sampler(cfg, space), pruner=make_pruner(cfg), direction="maximize")
+        runner = TrialRunner(study, cfg, overrides, composer, space, splits, tracker, tracker.study_run(name, {}))
+        if instrumented:
+            instrument(timer, runner)
+
+        def run(values: dict[str, Any]) -> float:
+            study.enqueue_trial(values)
+            timer.active = instrumented
+            start = time.perf_counter()
+            runner.run()
+            seconds = time.perf_counter() - start
+            if instrumented:
+                timer.active = False
+                parts.append(timer.take())
+            return seconds
+
+        return run
+
+    def usual_way() -> Callable[[dict[str, Any]], float]:
+        study = optuna.create_study(study_name="usual", storage=f"sqlite:///{out}/usual-optuna.db",
+                                    sampler=optuna.samplers.RandomSampler(seed=0),
+                                    pruner=optuna.pruners.NopPruner(), direction="maximize")
+        usual = Usual(study, composer, space, host, f"sqlite:///{out}/usual-mlflow.db", f"{out}/usual-artifacts")
+
+        def run(values: dict[str, Any]) -> float:
+            study.enqueue_trial(values)
+            return usual.run()
+
+        return run
+
+    makers: dict[str, Callable[[], Callable[[dict[str, Any]], float]]] = {
+        "plain": lambda: lambda values: plain_loop(composer(values), splits),
+        "usual": usual_way,
+        "searchlab": lambda: searchlab_way("bench", cfg.tracking.flush_seconds, True),
+        BEFORE: lambda: searchlab_way("bench-epoch-writes", 0.0, False),
+    }
+    ways: dict[str, Callable[[dict[str, Any]], float]] = {}
+    for way, make in makers.items():  # set-up and the first trial (warm-up), outside the figures
+        start = time.perf_counter()
+        ways[way] = make()
+        ways[way](chosen[0])
+        first[way] = time.perf_counter() - start
+    if parts:
+        parts.pop()  # the warm-up's
 
     sampler = UtilizationSampler(gpu_utilization_reader() if device == "cuda" else None)
-    timer = PartTimer()
-    instrument(timer, runner)
     seconds: dict[str, list[list[float]]] = {way: [[] for _ in chosen] for way in WAYS}
-    parts: list[dict[str, float]] = []
     try:
         for repeat in range(repeats):
             for i, values in enumerate(chosen):
-                order = WAYS[repeat % 3:] + WAYS[:repeat % 3]
-                for way in order:
-                    if way == "searchlab":
-                        study.enqueue_trial(values)
-                    elif way == "usual":
-                        usual_study.enqueue_trial(values)
-                    trial_cfg = composer(values) if way == "plain" else None
+                for way in WAYS[repeat % len(WAYS):] + WAYS[:repeat % len(WAYS)]:
                     sampler.start(way)
-                    if way == "plain":
-                        seconds[way][i].append(plain_loop(trial_cfg, splits))
-                    elif way == "usual":
-                        seconds[way][i].append(usual.run())
-                    else:
-                        timer.active = True
-                        runner.run()
-                        timer.active = False
-                        trial_parts = timer.take()
-                        parts.append(trial_parts)
-                        seconds[way][i].append(sum(trial_parts.values()))
+                    seconds[way][i].append(ways[way](values))
                     sampler.stop()
     finally:
         timer.restore()
@@ -425,7 +441,6 @@ def run_overhead(out: Path, configs: int = 4, repeats: int = 5, device: str = "c
 
 def overhead_markdown(r: OverheadResult) -> str:
     """The part-1 section of bench/results.md."""
-    a, b, c = (r.per_trial(w) for w in WAYS)
     configs = "; ".join(" ".join(f"{k}={v}" for k, v in CONFIGS[i % len(CONFIGS)].items()) for i in range(r.configs))
     lines = [
         f"### Overhead ({r.device}: {r.configs} configs x {r.repeats} repeats, interleaved; medians)",
@@ -437,18 +452,19 @@ def overhead_markdown(r: OverheadResult) -> str:
         + (" GPU util % |" if r.gpu_util else ""),
         "|---|---|---|---|" + ("---|" if r.gpu_util else ""),
     ]
-    names = {"plain": "(a) plain PyTorch loop", "usual": "(b) usual wiring", "searchlab": "(c) searchlab trial"}
-    for way, value in zip(WAYS, (a, b, c), strict=True):
+    for way in WAYS:
+        value = r.per_trial(way)
         util = ""
         if r.gpu_util:
             mean = r.gpu_util.get(way)
             util = f" {'n/a' if mean is None else f'{mean:.0f}'} |"
-        startup = f"{r.startup[way]:.2f}" if way in r.startup else "not measured"
-        lines.append(f"| {names[way]} | {value:.3f} | {startup} | {r.first_trial[way]:.2f} |{util}")
+        startup = f"{r.startup[way]:.2f}" if way in r.startup else ("as (c)" if way == BEFORE else "not measured")
+        lines.append(f"| {NAMES[way]} | {value:.3f} | {startup} | {r.first_trial[way]:.2f} |{util}")
     lines += [
         "",
         f"- c/a = **{r.ratio('searchlab', 'plain'):.2f}** (target <= 1.10 on CPU); "
         f"b/c = **{r.ratio('usual', 'searchlab'):.2f}**; both medians of per-pair ratios.",
+        f"- before/after buffering the per-epoch metrics (c0/c): {r.ratio(BEFORE, 'searchlab'):.2f}",
         f"- searchlab's Lightning loop (train + val steps) / the whole plain loop: {r.loop_over_plain():.2f}",
         f"- searchlab's fixed cost per trial (all but the steps): **{r.fixed_median() * 1000:.1f} ms** median "
         "(target <= 30 ms). By part (median ms per trial, exclusive of nested parts):",

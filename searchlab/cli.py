@@ -52,7 +52,7 @@ def search(overrides: Sequence[str]) -> int:
     composer, cfg, fixed, splits = _prepare(overrides)
     space = load_space(composer, fixed)
     sampler, pruner = make_sampler(cfg, space), make_pruner(cfg)
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
     storage = open_storage(cfg.study.storage)
     study = open_study(cfg, storage, sampler, pruner)
     settings = {
