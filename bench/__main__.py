@@ -1,7 +1,8 @@
 """`make bench`: every comparison in one go; prints the tables and writes bench/results.md and the plot.
 
     .venv/bin/python -m bench [--parts overhead,efficiency] [--device auto|cpu|cuda] [--configs 4] [--repeats 5]
-                              [--seeds 5] [--max-trials 60] [--max-seconds 60] [--target 0.975] [--out bench]
+                              [--seeds 5] [--max-trials 60] [--max-seconds 60] [--targets 0.975,0.985]
+                              [--out bench]
     make bench BENCH_ARGS="--seeds 3 --max-seconds 40"
 
 Every figure is a ratio or a side-by-side pair from the same run: the machines this runs on may be shared.
@@ -51,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=5, help="efficiency: study.seed 0..N-1 per method")
     p.add_argument("--max-trials", type=int, default=60, help="efficiency: trial cap per run")
     p.add_argument("--max-seconds", type=float, default=60.0, help="efficiency: time cap per run")
-    p.add_argument("--target", type=float, default=0.975, help="efficiency: best val_acc to reach")
+    p.add_argument("--targets", default="0.975,0.985",
+                   help="efficiency: comma-separated best val_acc values to reach; a run stops at the highest")
     p.add_argument("--extra", nargs="*", default=[], metavar="key=value",
                    help="overrides for both parts (e.g. trainer.max_epochs=5): change the fixed setting (smoke runs)")
     args = p.parse_args(argv)
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                 sections.append(overhead_markdown(result))
                 print(sections[-1], flush=True)
         if "efficiency" in args.parts:
-            result = run_efficiency(Path(scratch) / "efficiency", list(range(args.seeds)), args.target,
+            targets = [float(t) for t in args.targets.split(",") if t.strip()]
+            result = run_efficiency(Path(scratch) / "efficiency", list(range(args.seeds)), targets,
                                     args.max_trials, args.max_seconds, args.extra)
             plot = args.out / "efficiency.png"
             plot_efficiency(result, plot)

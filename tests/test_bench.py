@@ -42,21 +42,21 @@ def test_overhead_smoke_times_all_three_ways_and_splits_searchlab_into_parts(tmp
 def test_efficiency_and_results_file_from_the_command(tmp_path):
     # A target every run reaches at once, and caps that end a run that does not: all outputs, in seconds.
     assert main(["--parts", "efficiency", "--out", str(tmp_path), "--seeds", "1", "--max-trials", "2",
-                 "--max-seconds", "30", "--target", "0.5", "--extra", *TINY]) == 0
+                 "--max-seconds", "30", "--targets", "0.3,0.5", "--extra", *TINY]) == 0
     text = (tmp_path / "results.md").read_text()
-    assert "Machine:" in text and "searchlab / random: **" in text
+    assert "Machine:" in text and "to 0.3: searchlab / random **" in text and "to 0.5: searchlab / random **" in text
     for method in METHODS:
-        assert f"| {method} | " in text
+        assert f"| 0.3 | {method} | " in text and f"| 0.5 | {method} | " in text
     png = (tmp_path / "efficiency.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
 
 
 def test_a_run_that_misses_the_target_counts_as_the_caps():
     run = SearchRun("random, no pruning", 0, trace=[(1.0, 1, 0.5), (2.0, 2, None), (3.0, 3, 0.7)])
-    assert run.cost(60.0, 40) == (60.0, 40)
+    assert run.cost(0.9, 60.0, 40) == (60.0, 40)
     assert [_best_at(run, t) for t in (0.5, 1.5, 3.5)] == [None, 0.5, 0.7]
-    run.reached_at = (3.0, 3)
-    assert run.cost(60.0, 40) == (3.0, 3)
+    run.reached[0.9] = (3.0, 3)
+    assert run.cost(0.9, 60.0, 40) == (3.0, 3) and run.cost(0.95, 60.0, 40) == (60.0, 40)
 
 
 def test_part_timer_is_exclusive_and_restores_what_it_wrapped():
