@@ -26,8 +26,8 @@ from searchlab.config import ConfigError, redact
 
 STUDY_ROLE_TAG = "searchlab.role"
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..." and the like
-_BATCH = 900  # MLflow takes at most 1000 metrics, params and tags in one log_batch
 _FINAL_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+_BATCH = 900  # MLflow takes at most 1000 metrics, params and tags in one log_batch
 
 
 @contextlib.contextmanager
@@ -43,27 +43,6 @@ def _no_retries() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def _sqlite_pragmas(connection: Any, _record: Any) -> None:
-    cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.close()
-
-
-def _sqlite_without_fsync_per_commit(client: MlflowClient) -> None:
-    """WAL journal, synchronous=NORMAL on MLflow's SQLite engine: a commit no longer waits for fsync (MLflow leaves
-    SQLite's defaults; its own bulk import uses WAL), 2-3x cheaper writes on a busy disk, and readers (the UI) no
-    longer block writers. A crash of the machine, not of the process, may lose the last writes. The engine is
-    reached through mlflow 3.17's store internals; another store (a server) is left alone."""
-    engine = getattr(getattr(client._tracking_client, "store", None), "engine", None)
-    if engine is None or engine.dialect.name != "sqlite" or event.contains(engine, "connect", _sqlite_pragmas):
-        return
-    event.listen(engine, "connect", _sqlite_pragmas)
-    engine.dispose()  # pooled connections reconnect with the pragmas
-    with engine.connect():
-        pass  # WAL is a property of the file: set it now, before any other process opens the store
 
 
 class Tracker:
@@ -132,7 +111,6 @@ class Tracker:
         })
         self.client.log_batch(run.info.run_id, params=[Param(k, _text(v)) for k, v in params.items()])
         self.client.log_text(run.info.run_id, config_yaml, "config.yaml")
-        self._pending[run.info.run_id], self._flushed_at[run.info.run_id] = [], time.monotonic()
         return run.info.run_id
 
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
@@ -140,7 +118,8 @@ class Tracker:
         now = int(time.time() * 1000)
         pending = self._pending.setdefault(run_id, [])
         pending += [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
-        if time.monotonic() - self._flushed_at.get(run_id, 0.0) >= self.flush_seconds or len(pending) >= _BATCH:
+        since = time.monotonic() - self._flushed_at.setdefault(run_id, time.monotonic())  # the clock starts at epoch 1
+        if since >= self.flush_seconds or len(pending) >= _BATCH:
             self.client.log_batch(run_id, metrics=pending)
             self._pending[run_id], self._flushed_at[run_id] = [], time.monotonic()
 
@@ -172,3 +151,24 @@ class Tracker:
 
 def _text(value: Any) -> str:
     return str(value)[:6000]
+
+
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _sqlite_without_fsync_per_commit(client: MlflowClient) -> None:
+    """WAL journal, synchronous=NORMAL on MLflow's SQLite engine: a commit no longer waits for fsync (MLflow leaves
+    SQLite's defaults; its own bulk import uses WAL), 2-3x cheaper writes on a busy disk, and readers (the UI) no
+    longer block writers. A crash of the machine, not of the process, may lose the last writes. The engine is
+    reached through mlflow 3.17's store internals; another store (a server) is left alone."""
+    engine = getattr(getattr(client._tracking_client, "store", None), "engine", None)
+    if engine is None or engine.dialect.name != "sqlite" or event.contains(engine, "connect", _sqlite_pragmas):
+        return
+    event.listen(engine, "connect", _sqlite_pragmas)
+    engine.dispose()  # pooled connections reconnect with the pragmas
+    with engine.connect():
+        pass  # WAL is a property of the file: set it now, before any other process opens the store
