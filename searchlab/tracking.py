@@ -118,10 +118,10 @@ class Tracker:
         now = int(time.time() * 1000)
         pending = self._pending.setdefault(run_id, [])
         pending += [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
-        since = time.monotonic() - self._flushed_at.setdefault(run_id, time.monotonic())  # the clock starts at epoch 1
-        if since >= self.flush_seconds or len(pending) >= _BATCH:
+        clock = time.monotonic()
+        if clock - self._flushed_at.setdefault(run_id, clock) >= self.flush_seconds or len(pending) >= _BATCH:
             self.client.log_batch(run_id, metrics=pending)
-            self._pending[run_id], self._flushed_at[run_id] = [], time.monotonic()
+            self._pending[run_id], self._flushed_at[run_id] = [], clock
 
     def end_trial(self, run_id: str, state: str, value: float | None, reason: str | None) -> None:
         """Final state tag (COMPLETE, PRUNED, FAIL), the objective value and, for pruned or failed, the reason."""
