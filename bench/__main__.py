@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench [--parts overhead,efficiency] [--device auto|cpu|cuda] [--configs 4] [--repeats 5]
                               [--seeds 5] [--max-trials 60] [--max-seconds 60] [--targets 0.975,0.985]
-                              [--out bench]
+                              [--workers 1,2,4] [--scaling-trials 24] [--scaling-repeats 2] [--out bench]
     make bench BENCH_ARGS="--seeds 3 --max-seconds 40"
 
 Every figure is a ratio or a side-by-side pair from the same run: the machines this runs on may be shared.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-PARTS = ("overhead", "efficiency")
+PARTS = ("overhead", "efficiency", "scaling")
 
 
 def machine() -> str:
@@ -42,10 +42,10 @@ def machine() -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated: overhead, efficiency")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
     p.add_argument("--out", type=Path, default=Path(__file__).parent, help="where results.md and the plot go")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="overhead part: auto runs the CPU and, when torch sees a GPU, the GPU (bf16-mixed) too")
+                   help="overhead and scaling: auto runs the CPU and, when torch sees a GPU, the GPU (bf16-mixed) too")
     p.add_argument("--configs", type=int, default=4, help="overhead: configurations from the fixed list")
     p.add_argument("--repeats", type=int, default=5, help="overhead: interleaved repeats of each configuration")
     p.add_argument("--startup-runs", type=int, default=3, help="overhead: fresh interpreters per way (0: skip)")
@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, default=60.0, help="efficiency: time cap per run")
     p.add_argument("--targets", default="0.975,0.985",
                    help="efficiency: comma-separated best val_acc values to reach; a run stops at the highest")
+    p.add_argument("--workers", default="1,2,4", help="scaling: comma-separated numbers of local workers")
+    p.add_argument("--scaling-trials", type=int, default=24, help="scaling: trials per study")
+    p.add_argument("--scaling-repeats", type=int, default=2, help="scaling: interleaved repeats of each K")
     p.add_argument("--extra", nargs="*", default=[], metavar="key=value",
                    help="overrides for both parts (e.g. trainer.max_epochs=5): change the fixed setting (smoke runs)")
     args = p.parse_args(argv)
@@ -66,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from bench import scaling
     from bench.efficiency import efficiency_markdown, plot_efficiency, run_efficiency
     from bench.overhead import overhead_markdown, pick_device, run_overhead
 
@@ -79,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         "- Every figure is a ratio or a side-by-side pair measured in this run.",
         "",
     ]
+    # auto: the CPU, and the GPU too when torch sees one; cpu or cuda: that device only
+    if args.device == "auto":
+        devices = ["cpu"] + (["cuda"] if pick_device("auto") == "cuda" else [])
+    else:
+        devices = [pick_device(args.device)]
     with tempfile.TemporaryDirectory(prefix="searchlab-bench-") as scratch:
         if "overhead" in args.parts:
-            # auto: the CPU, and the GPU too when torch sees one; cpu or cuda: that device only
-            if args.device == "auto":
-                devices = ["cpu"] + (["cuda"] if pick_device("auto") == "cuda" else [])
-            else:
-                devices = [pick_device(args.device)]
             for device in devices:
                 result = run_overhead(Path(scratch) / f"overhead-{device}", args.configs, args.repeats, device,
                                       args.startup_runs, args.extra)
@@ -99,6 +103,15 @@ def main(argv: list[str] | None = None) -> int:
             plot_efficiency(result, plot)
             sections.append(efficiency_markdown(result, plot.name))
             print(sections[-1], flush=True)
+        if "scaling" in args.parts:
+            if not scaling.available():
+                sections.append("### Scaling\n\nNot run: this checkout's config has no `workers` setting.\n")
+                print(sections[-1], flush=True)
+            for device in devices if scaling.available() else ():
+                result = scaling.run_scaling(Path(scratch) / "scaling", [int(k) for k in args.workers.split(",")],
+                                             args.scaling_trials, args.scaling_repeats, device, args.extra)
+                sections.append(scaling.scaling_markdown(result))
+                print(sections[-1], flush=True)
     (args.out / "results.md").write_text("\n".join(sections))
     print(f"wrote {args.out / 'results.md'}")
     return 0

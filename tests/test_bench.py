@@ -19,6 +19,8 @@ from bench.overhead import (
     pick_device,
     run_overhead,
 )
+from bench.scaling import ScalingResult, run_scaling, scaling_markdown
+from bench.scaling import available as scaling_available
 from bench.timing import PartTimer
 
 TINY = ["model.width=32", "trainer.max_epochs=2"]
@@ -105,3 +107,17 @@ def test_gpu_utilization_is_sampled_per_way_and_reported():
                             {}, {way: 1.0 for way in WAYS}, {"plain": 80.0, "usual": None, "searchlab": 75.5})
     text = overhead_markdown(result)
     assert "GPU util % |" in text and "| 80 |" in text and "| n/a |" in text and "| 76 |" in text
+
+
+def test_scaling_section_from_a_result():
+    result = ScalingResult("cuda", 24, 2, {1: [(20.0, 30.0), (22.0, 34.0)], 2: [(30.0, 50.0), (34.0, 58.0)]},
+                           {1: 40.0, 2: None})
+    text = scaling_markdown(result)
+    assert "| 1 | 21.0 | 32.0 | 1.00 | 40 |" in text and "| 2 | 32.0 | 54.0 | 1.69 | n/a |" in text
+
+
+@pytest.mark.skipif(not scaling_available(), reason="needs `workers=` in the config (the workers branch)")
+def test_scaling_smoke_runs_the_command_with_each_number_of_workers(tmp_path):
+    result = run_scaling(tmp_path, [1, 2], trials=2, repeats=1, device="cpu", extra=["model.width=32"])
+    assert set(result.runs) == {1, 2} and all(whole > 0 and steady > 0 for (whole, steady), in result.runs.values())
+    assert "| 2 |" in scaling_markdown(result)
