@@ -70,8 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bench import scaling
+    from bench.devices import pick_device
     from bench.efficiency import efficiency_markdown, plot_efficiency, run_efficiency
-    from bench.overhead import overhead_markdown, pick_device, run_overhead
+    from bench.overhead import overhead_markdown, run_overhead
 
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))

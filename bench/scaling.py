@@ -19,7 +19,7 @@ import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from bench.overhead import UtilizationSampler, device_overrides, gpu_utilization_reader
+from bench.devices import UtilizationSampler, device_overrides, gpu_utilization_reader
 from searchlab.config import Composer
 
 FIXED = ["study.sampler=random", "study.pruner=none", "trainer.max_epochs=3", "data.batch_size=64",

@@ -8,17 +8,9 @@ import time
 import pytest
 
 from bench.__main__ import main
+from bench.devices import UtilizationSampler, device_overrides, pick_device
 from bench.efficiency import METHODS, SearchRun, _best_at
-from bench.overhead import (
-    LOOP,
-    WAYS,
-    OverheadResult,
-    UtilizationSampler,
-    device_overrides,
-    overhead_markdown,
-    pick_device,
-    run_overhead,
-)
+from bench.overhead import LOOP, WAYS, OverheadResult, overhead_markdown, run_overhead
 from bench.scaling import ScalingResult, run_scaling, scaling_markdown
 from bench.scaling import available as scaling_available
 from bench.timing import PartTimer
