@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
+BENCH_ARGS ?=
 # The stores `make ui`, `make dashboard` open (the defaults of tracking.uri and study.storage in conf/) and their ports.
 TRACKING_URI ?= sqlite:///mlruns/mlflow.db
 STUDY_STORAGE ?= mlruns/optuna.journal
@@ -15,7 +16,7 @@ PINS := torch==2.13.0 optuna==5.0.0 mlflow==3.17.2 pytorch-lightning==2.6.6 hydr
         scikit-learn==1.9.1 numpy==2.4.6 pytest==9.2.0 ruff==0.17.6 \
         plotly==7.1.0 optuna-dashboard==0.21.0 selenium==4.50.0 psycopg2-binary==2.9.13 grpcio==1.85.1
 
-.PHONY: install system search train test e2e lint ui dashboard clean
+.PHONY: install system search train test e2e lint ui dashboard bench clean
 
 install: $(VENV)/.installed
 
@@ -43,6 +44,11 @@ test: install system
 # The browser test: a tiny study, `make ui` on a free port, headless Chromium; screenshots in tests/artifacts/.
 e2e: install system
 	$(BIN)/python -m pytest -m e2e $(ARGS)
+
+# Benchmarks (never part of `make test`): overhead and search efficiency; writes bench/results.md and the plot.
+# ~25 min on a 2-core machine with the defaults; smaller: make bench BENCH_ARGS="--seeds 3 --max-seconds 40"
+bench: install
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check searchlab tests
