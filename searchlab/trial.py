@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from searchlab.config import Composer, format_override
 from searchlab.data import Splits
+from searchlab.faults import fail_stale_trials, heartbeat
 from searchlab.space import SearchSpace
 from searchlab.tracking import Tracker
 from searchlab.train import TrainResult, fit
@@ -62,7 +63,12 @@ class TrialRunner:
     def run(self) -> TrialOutcome:
         """One trial from ask to tell; whatever happens after ask, the trial is told and its run terminated."""
         start = time.perf_counter()
+        fail_stale_trials(self.study)  # a lost worker's trial is failed and retried first (RDB heartbeat; see faults)
         trial = self.study.ask()
+        with heartbeat(trial):
+            return self._run(trial, start)
+
+    def _run(self, trial: optuna.Trial, start: float) -> TrialOutcome:
         values: dict[str, Any] = {}
         run_id: str | None = None
         try:

@@ -1,0 +1,85 @@
+"""A worker killed mid-trial (SIGKILL, a lost node) loses no budget on an RDB storage, through Optuna's heartbeat.
+
+While a trial runs, its worker records a heartbeat every study.heartbeat_interval seconds. Before asking for a trial,
+every worker fails the trials whose heartbeat is older than study.grace_period; Optuna's
+RetryHeartbeatStaleTrialCallback then enqueues a retry with the same params, which the next ask picks up. Optuna does
+both steps only inside Study.optimize; searchlab runs its own ask/tell loop, so it calls them here. The dead worker
+cannot end its trial's MLflow run either, so the callback also ends that run FAILED, with the reason.
+
+Only RDB storages (PostgreSQL, MySQL, SQLite) have a heartbeat: not the journal file, and not grpc:// (the proxy's
+API has no heartbeat calls).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import get_heartbeat_thread  # what Study.optimize uses; no public equivalent
+from optuna.trial import FrozenTrial
+
+from searchlab.config import ConfigError
+from searchlab.tracking import Tracker
+
+# Study.ask warns when the storage has a heartbeat, because only Study.optimize used to drive it; we drive it here.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+
+def heartbeat_settings(study: DictConfig, tracker: Tracker) -> dict[str, Any]:
+    """RDBStorage's heartbeat arguments from study.heartbeat_interval, grace_period and max_retry; {} when off."""
+    for key in ("heartbeat_interval", "grace_period", "max_retry"):
+        value, least = study[key], 0 if key == "max_retry" else 1
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+            raise ConfigError(f"study.{key}: expected an integer >= {least} or null, got {value!r}")
+    if study.heartbeat_interval is None:
+        return {}
+    grace = study.grace_period if study.grace_period is not None else 2 * study.heartbeat_interval
+    if grace <= study.heartbeat_interval:
+        raise ConfigError(f"study.grace_period: {grace}s must exceed study.heartbeat_interval "
+                          f"({study.heartbeat_interval}s), or every running trial looks lost")
+    return {"heartbeat_interval": study.heartbeat_interval, "grace_period": grace,
+            "heartbeat_stale_trial_callback": RetryAndEndRun(tracker, study.max_retry, grace)}
+
+
+class RetryAndEndRun:
+    """RetryHeartbeatStaleTrialCallback that also ends the lost trial's MLflow run FAILED, with the reason."""
+
+    def __init__(self, tracker: Tracker, max_retry: int | None, grace_period: int) -> None:
+        self.tracker, self.max_retry, self.grace_period = tracker, max_retry, grace_period
+        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.retry(study, trial)  # first: the budget matters more than the run's status
+        retries = len(RetryHeartbeatStaleTrialCallback.retry_history(trial)) + 1
+        retried = self.max_retry is None or retries <= self.max_retry
+        reason = (f"worker lost: no heartbeat for {self.grace_period}s; "
+                  + ("retried with the same params" if retried else f"not retried (study.max_retry={self.max_retry})"))
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id is None:
+            return
+        try:  # a retry copies its original's user attrs: end the run only while it is still the live one
+            if self.tracker.client.get_run(run_id).info.status == "RUNNING":
+                self.tracker.end_trial(run_id, "FAIL", None, reason)
+        except Exception as err:  # the tracking server being down must not stop this worker's study
+            print(f"searchlab: could not end MLflow run {run_id} of lost trial {trial.number}: {err}",
+                  file=sys.stderr)
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fails the running trials whose worker stopped sending heartbeats (a no-op without a heartbeat)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+@contextlib.contextmanager
+def heartbeat(trial: optuna.Trial) -> Iterator[None]:
+    """Records the trial's heartbeat from a thread while the block runs (a no-op without a heartbeat)."""
+    with get_heartbeat_thread(trial._trial_id, trial.study._storage):
+        yield
