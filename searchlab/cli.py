@@ -1,4 +1,4 @@
-"""The `searchlab` command: `search` runs a study, `train` trains one configuration. Wiring only.
+"""The `searchlab` command: `search` runs a study, `worker` joins one, `train` trains one configuration. Wiring only.
 
 Bad input of any kind ends here as one line on stderr and exit code 2, before any store is written.
 """
@@ -15,9 +15,12 @@ from omegaconf import DictConfig
 
 from searchlab.config import Composer, ConfigError, compose_config, parse_overrides, redact, validate_config
 from searchlab.data import Splits, load_data
+from searchlab.devices import cpu_count, detect_gpus, plan_workers
 from searchlab.faults import heartbeat_settings
+from searchlab.locks import NoLock, budget_lock
 from searchlab.space import load_space
 from searchlab.study import (
+    Budget,
     StudyStopped,
     best_trial,
     budget_used,
@@ -32,6 +35,7 @@ from searchlab.study import (
 from searchlab.tracking import Tracker
 from searchlab.train import fit, resolve_device
 from searchlab.trial import TrialOutcome, TrialRunner, train_command
+from searchlab.workers import DeadWorkers, WorkerPool
 
 EXIT_BAD_INPUT = 2
 EXIT_STUDY_FAILED = 1
@@ -39,19 +43,24 @@ EXIT_INTERRUPTED = 130
 
 
 def _prepare(overrides: Sequence[str]) -> tuple[Composer, DictConfig, dict[str, str], Splits]:
-    """Compose and validate the config and load the data: every check that needs no store."""
+    """Compose and validate the config and load the data (on the CPU): every check that needs no store."""
     fixed = parse_overrides(overrides)
     composer = Composer(overrides)
     cfg = composer.base
     validate_config(cfg)
-    device = resolve_device(cfg.trainer.accelerator)
-    splits = load_data(cfg.data, cfg.seed).to(device)
-    return composer, cfg, fixed, splits
+    resolve_device(cfg.trainer.accelerator)
+    return composer, cfg, fixed, load_data(cfg.data, cfg.seed)
 
 
-def search(overrides: Sequence[str]) -> int:
-    """Runs (or resumes) the study the config names, printing one line per finished trial."""
+def search(overrides: Sequence[str], as_worker: bool = False) -> int:
+    """Runs (or resumes) the study the config names, printing one line per finished trial.
+
+    With workers=N (N > 1, or auto with several GPUs) this process only spawns, watches and reports N `worker`
+    processes. As a worker (`searchlab worker`) it runs the loop here and ends the study's parent run only when the
+    budget is used up, since other workers may still be running.
+    """
     composer, cfg, fixed, splits = _prepare(overrides)
+    slots = [] if as_worker else plan_workers(cfg.workers, detect_gpus(cfg.trainer.accelerator), cpu_count())
     space = load_space(composer, fixed)
     sampler, pruner = make_sampler(cfg, space), make_pruner(cfg)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root)
@@ -63,13 +72,17 @@ def search(overrides: Sequence[str]) -> int:
         "study.pruner": cfg.study.pruner, "study.seed": cfg.study.seed, "study.storage": redact(cfg.study.storage),
         "search": space.source, "overrides": redact(" ".join(overrides)),
     }
-    parent_run_id = tracker.study_run(cfg.study.name, settings)
-    study.set_user_attr("mlflow_parent_run_id", parent_run_id)
-    runner = TrialRunner(study, cfg, list(overrides), composer, space, splits, tracker, parent_run_id)
+    lock = budget_lock(cfg.study.storage, cfg.study.name)
+    with lock():  # one parent run, however many workers start at once
+        parent_run_id = tracker.study_run(cfg.study.name, settings)
+        study.set_user_attr("mlflow_parent_run_id", parent_run_id)
+    dead = DeadWorkers(study, tracker, parent_run_id, trust_missing_pid=not isinstance(lock, NoLock))
+    budget = Budget(study, cfg.study.n_trials, lock, dead)
     metric = cfg.study.metric
     done_before = budget_used(study)
     print(f"study '{cfg.study.name}': {done_before}/{cfg.study.n_trials} trials done; storage "
-          f"{redact(cfg.study.storage)}; tracking {redact(cfg.tracking.uri)}; space {space.source}", flush=True)
+          f"{redact(cfg.study.storage)}; tracking {redact(cfg.tracking.uri)}; space {space.source}"
+          + (f"; {len(slots)} workers" if len(slots) > 1 else ""), flush=True)
 
     def on_trial(outcome: TrialOutcome) -> None:
         best = best_trial(study)
@@ -82,16 +95,24 @@ def search(overrides: Sequence[str]) -> int:
     status = "FINISHED"
     start = time.monotonic()
     try:
-        run_trials(study, runner, cfg, on_trial)
+        if len(slots) > 1:
+            status = WorkerPool(slots, overrides, budget, cfg.study.max_consecutive_failures).run(on_trial)
+        else:
+            device = resolve_device(cfg.trainer.accelerator)
+            runner = TrialRunner(study, cfg, list(overrides), composer, space, splits.to(device), tracker,
+                                 parent_run_id)
+            run_trials(budget, runner, cfg, on_trial)
     except KeyboardInterrupt:
         status = "KILLED"
-        print(f"interrupted: run the same command to resume study '{cfg.study.name}'", file=sys.stderr)
     except StudyStopped as err:
         status = "FAILED"
         print(f"searchlab: study stopped: {redact(str(err))}", file=sys.stderr)
     finally:
         best = best_trial(study)
-        tracker.end_study(parent_run_id, None if best is None else vars(best), state_counts(study), status)
+        if not as_worker or budget.done():
+            tracker.end_study(parent_run_id, None if best is None else vars(best), state_counts(study), status)
+    if status == "KILLED":
+        print(f"interrupted: run the same command to resume study '{cfg.study.name}'", file=sys.stderr)
     counts = state_counts(study)
     print(f"\n{budget_used(study)}/{cfg.study.n_trials} trials in {time.monotonic() - start:.1f}s this run: "
           + ", ".join(f"{n} {state.lower()}" for state, n in counts.items()))
@@ -105,9 +126,15 @@ def search(overrides: Sequence[str]) -> int:
     return {"KILLED": EXIT_INTERRUPTED, "FAILED": EXIT_STUDY_FAILED}.get(status, 0)
 
 
+def worker(overrides: Sequence[str]) -> int:
+    """Joins the study the config names (started by `search` here or on another machine) and runs its trials."""
+    return search(overrides, as_worker=True)
+
+
 def train(overrides: Sequence[str]) -> int:
     """Trains the configuration once, no study, and prints per-epoch and test metrics."""
     _, cfg, _, splits = _prepare(overrides)
+    splits = splits.to(resolve_device(cfg.trainer.accelerator))
     print(f"{'epoch':>5}  {'train_loss':>10}  {'val_loss':>8}  {'val_acc':>7}  {'lr':>9}")
 
     def show(epoch: int, m: dict[str, float]) -> None:
@@ -134,14 +161,16 @@ def storage_proxy(overrides: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="searchlab", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, helptext in (("search", "run or resume the study named by study.name"),
+    for name, helptext in (("search", "run or resume the study named by study.name (workers=N: N processes)"),
+                           ("worker", "join the study named by study.name and run its trials in this process"),
                            ("train", "train one configuration, no study, and print its metrics"),
                            ("storage-proxy", "serve study.storage (postgresql://...) to workers as grpc://HOST:PORT")):
         sub = commands.add_parser(name, help=helptext, description=helptext + ". Arguments are Hydra overrides.")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optimizer=adam trainer.max_epochs=5")
     args = parser.parse_args(argv)
     try:
-        return {"search": search, "train": train, "storage-proxy": storage_proxy}[args.command](args.overrides)
+        command = {"search": search, "worker": worker, "train": train, "storage-proxy": storage_proxy}[args.command]
+        return command(args.overrides)
     except ConfigError as err:
         print(f"searchlab: error: {redact(str(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT

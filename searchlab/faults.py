@@ -60,14 +60,10 @@ class RetryAndEndRun:
         retried = self.max_retry is None or retries <= self.max_retry
         reason = (f"worker lost: no heartbeat for {self.grace_period}s; "
                   + ("retried with the same params" if retried else f"not retried (study.max_retry={self.max_retry})"))
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id is None:
-            return
-        try:  # a retry copies its original's user attrs: end the run only while it is still the live one
-            if self.tracker.client.get_run(run_id).info.status == "RUNNING":
-                self.tracker.end_trial(run_id, "FAIL", None, reason)
+        try:
+            self.tracker.fail_lost_trial(study.user_attrs["mlflow_parent_run_id"], trial.number, trial.params, reason)
         except Exception as err:  # the tracking server being down must not stop this worker's study
-            print(f"searchlab: could not end MLflow run {run_id} of lost trial {trial.number}: {err}",
+            print(f"searchlab: could not mark the MLflow run of lost trial {trial.number} FAILED: {err}",
                   file=sys.stderr)
 
 

@@ -7,6 +7,8 @@ report per epoch, be pruned, and have its own MLflow run from its start.
 from __future__ import annotations
 
 import inspect
+import os
+import socket
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -20,9 +22,11 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from optuna.storages import BaseStorage, GrpcStorageProxy, JournalStorage, RDBStorage, run_grpc_proxy_server
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from searchlab.config import ConfigError, redact
+from searchlab.faults import fail_stale_trials
+from searchlab.locks import BudgetLock
 from searchlab.space import SearchSpace
 from searchlab.trial import TrialOutcome, TrialRunner
 
@@ -31,6 +35,8 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 # The budget counts these: a failed trial (a crash, an interrupt) does not use up the study's n_trials.
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+# User attrs naming the process that runs a trial, so a dead worker's trial can be found and retried.
+WORKER_PID, WORKER_HOST = "worker.pid", "worker.host"
 
 
 class StudyStopped(Exception):
@@ -153,15 +159,62 @@ def best_trial(study: optuna.Study) -> Best | None:
     return Best(trial.number, trial.value, dict(trial.params), list(trial.user_attrs.get("overrides", [])))
 
 
-def run_trials(study: optuna.Study, runner: TrialRunner, cfg: DictConfig,
+class Budget:
+    """study.n_trials shared by every worker of the study: finished trials use it, RUNNING trials reserve it.
+
+    Counting and asking happen under one cross-process lock (see searchlab.locks), so concurrent workers never take
+    more trials than the budget. WAITING trials (re-queued params) reserve nothing: the next ask takes them first.
+    """
+
+    def __init__(self, study: optuna.Study, n_trials: int, lock: BudgetLock,
+                 recover: Callable[[list[FrozenTrial]], list[int]] | None = None, poll_seconds: float = 0.5) -> None:
+        self.study, self.n_trials, self.lock = study, n_trials, lock
+        self.recover = recover or (lambda running: [])  # fails trials whose worker died; returns their numbers
+        self.poll_seconds = poll_seconds
+
+    def _counts(self) -> tuple[int, int]:
+        """(finished, running) after failing the trials of dead workers."""
+        fail_stale_trials(self.study)  # any host's, by heartbeat (RDB storages; retried as WAITING trials)
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        recovered = len(self.recover(running))
+        return budget_used(self.study), len(running) - recovered
+
+    def reserve(self, deadline: float | None = None) -> optuna.Trial | None:
+        """The next trial, marked with this process; None once the budget is used up or the deadline passed.
+
+        While the rest of the budget is reserved by trials running elsewhere, waits: one of them may fail and
+        free its share.
+        """
+        while deadline is None or time.monotonic() < deadline:
+            with self.lock():
+                used, running = self._counts()
+                if used >= self.n_trials:
+                    return None
+                if used + running < self.n_trials:
+                    trial = self.study.ask()
+                    trial.set_user_attr(WORKER_PID, os.getpid())
+                    trial.set_user_attr(WORKER_HOST, socket.gethostname())
+                    return trial
+            time.sleep(self.poll_seconds)
+        return None
+
+    def sweep(self) -> list[int]:
+        """Fails (and re-queues) the trials of dead workers now; returns their numbers."""
+        with self.lock():
+            return self.recover(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+    def done(self) -> bool:
+        return budget_used(self.study) >= self.n_trials
+
+
+def run_trials(budget: Budget, runner: TrialRunner, cfg: DictConfig,
                on_trial: Callable[[TrialOutcome], None]) -> None:
-    """Runs trials until the study's budget (finished trials over all runs) or this run's timeout is reached."""
-    start = time.monotonic()
+    """Runs trials until the study's budget (finished trials over all runs and workers) or this run's timeout is
+    reached; asks for the next trial the moment the last one ends."""
+    deadline = None if cfg.study.timeout is None else time.monotonic() + cfg.study.timeout
     failures_in_a_row = 0
-    while budget_used(study) < cfg.study.n_trials:
-        if cfg.study.timeout is not None and time.monotonic() - start >= cfg.study.timeout:
-            break
-        outcome = runner.run()
+    while (trial := budget.reserve(deadline)) is not None:
+        outcome = runner.run(trial)
         on_trial(outcome)
         failures_in_a_row = failures_in_a_row + 1 if outcome.state == "FAIL" else 0
         if failures_in_a_row >= cfg.study.max_consecutive_failures:

@@ -10,19 +10,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
+import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from searchlab.config import ConfigError, redact
+from searchlab.locks import FileLock
 
 STUDY_ROLE_TAG = "searchlab.role"
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..." and the like
+# MLflow logs a traceback for every SQLite "database is locked" before raising it; _RetryOnLock retries or re-raises.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 _FINAL_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 
@@ -41,6 +47,58 @@ def _no_retries() -> Iterator[None]:
                 os.environ[key] = value
 
 
+class _RetryOnLock:
+    """MlflowClient whose calls retry, with jittered backoff, while SQLite answers "database is locked".
+
+    Several worker processes write one mlruns/mlflow.db. MLflow waits up to 20 s for SQLite's lock, but a
+    transaction that must upgrade its lock is refused at once; a failed transaction is rolled back, so a retry
+    cannot write twice.
+    """
+
+    ATTEMPTS = 12
+
+    def __init__(self, client: MlflowClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return _retry_on_lock(lambda: method(*args, **kwargs), self.ATTEMPTS)
+
+        return call
+
+
+def _retry_on_lock(call: Callable[[], Any], attempts: int) -> Any:
+    for attempt in range(attempts):
+        try:
+            return call()
+        except (MlflowException, sqlite3.OperationalError) as err:
+            if "database is locked" not in str(err) or attempt == attempts - 1:
+                raise
+            time.sleep(min(2.0, 0.02 * 2 ** attempt) * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")
+
+
+def _open_sqlite(uri: str) -> MlflowClient:
+    """The client of an embedded store, created (tables, migrations) by one process at a time, in WAL mode.
+
+    WAL lets the UI and other workers read while one writes, and makes each commit cheaper.
+    """
+    path = uri.removeprefix("sqlite:///")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path + ".lock")():
+        client = MlflowClient(tracking_uri=uri)
+        with _no_retries():
+            client.search_experiments(max_results=1)
+        with contextlib.closing(sqlite3.connect(path, timeout=20)) as db:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+    return client
+
+
 class Tracker:
     """The study's MLflow experiment and runs; opening it checks the store is reachable."""
 
@@ -50,10 +108,11 @@ class Tracker:
         self._experiment_of: dict[str, str] = {}  # parent run id -> experiment id, saves a read per trial
         try:
             if uri.startswith("sqlite:///"):
-                Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self.client = MlflowClient(tracking_uri=uri)
-            with _no_retries():
-                self.client.search_experiments(max_results=1)
+                self.client = _RetryOnLock(_open_sqlite(uri))
+            else:
+                self.client = MlflowClient(tracking_uri=uri)
+                with _no_retries():
+                    self.client.search_experiments(max_results=1)
         except Exception as err:  # any failure to open the store is the user's URL or server
             reason = redact(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
             raise ConfigError(f"tracking.uri: cannot open {redact(uri)}: {reason[:200]}") from None
@@ -98,8 +157,17 @@ class Tracker:
             "optuna.trial.number": str(number), "optuna.trial.state": "RUNNING", "searchlab.command": command,
         })
         self.client.log_batch(run.info.run_id, params=[Param(k, _text(v)) for k, v in params.items()])
-        self.client.log_text(run.info.run_id, config_yaml, "config.yaml")
+        if config_yaml:
+            self.client.log_text(run.info.run_id, config_yaml, "config.yaml")
         return run.info.run_id
+
+    def fail_lost_trial(self, parent_run_id: str, number: int, params: Mapping[str, Any], reason: str) -> None:
+        """The child run of a trial whose worker died, FAILED with the reason; created if the worker died first."""
+        experiment_id = self._experiment_of.get(parent_run_id) or self.client.get_run(parent_run_id).info.experiment_id
+        found = self.client.search_runs([experiment_id], max_results=1, filter_string=(
+            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and tags.`optuna.trial.number` = '{number}'"))
+        run_id = found[0].info.run_id if found else self.start_trial(parent_run_id, number, params, "", "")
+        self.end_trial(run_id, "FAIL", None, reason)
 
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)

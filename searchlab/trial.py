@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from searchlab.config import Composer, format_override
 from searchlab.data import Splits
-from searchlab.faults import fail_stale_trials, heartbeat
+from searchlab.faults import heartbeat
 from searchlab.space import SearchSpace
 from searchlab.tracking import Tracker
 from searchlab.train import TrainResult, fit
@@ -36,7 +36,7 @@ class TrialOutcome:
 
 
 # Overrides of these keys shape the study, not the training: the re-run command leaves them out.
-_STUDY_ONLY = ("study", "tracking", "search")
+_STUDY_ONLY = ("study", "tracking", "search", "workers")
 
 
 def training_overrides(overrides: list[str]) -> list[str]:
@@ -60,12 +60,12 @@ class TrialRunner:
         self.metric, self.direction = cfg.study.metric, cfg.study.direction
         self.use_grid = cfg.study.sampler == "grid"
 
-    def run(self) -> TrialOutcome:
-        """One trial from ask to tell; whatever happens after ask, the trial is told and its run terminated."""
+    def run(self, trial: optuna.Trial | None = None) -> TrialOutcome:
+        """One trial (asked here unless given) to tell; whatever happens after ask, the trial is told and its run
+        terminated."""
         start = time.perf_counter()
-        fail_stale_trials(self.study)  # a lost worker's trial is failed and retried first (RDB heartbeat; see faults)
-        trial = self.study.ask()
-        with heartbeat(trial):
+        trial = self.study.ask() if trial is None else trial
+        with heartbeat(trial):  # lets other workers see this one is alive (RDB storages; see faults)
             return self._run(trial, start)
 
     def _run(self, trial: optuna.Trial, start: float) -> TrialOutcome:
