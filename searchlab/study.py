@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import optuna
+import sqlalchemy.exc
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from optuna.storages import BaseStorage, GrpcStorageProxy, JournalStorage, RDBStorage, run_grpc_proxy_server
@@ -54,7 +55,7 @@ def open_storage(url: str, heartbeat: Mapping[str, Any] | None = None) -> BaseSt
         if url.startswith("grpc://"):
             return _grpc_proxy(url)
         if "://" in url:
-            return RDBStorage(url, **(heartbeat or {}))
+            return _rdb_storage(url, heartbeat or {})
         Path(url).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(url))
     except ConfigError:
@@ -62,6 +63,19 @@ def open_storage(url: str, heartbeat: Mapping[str, Any] | None = None) -> BaseSt
     except Exception as err:  # any failure to open is the user's URL, file or server
         reason = redact(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
         raise ConfigError(f"study.storage: cannot open {redact(url)}: {reason[:200]}") from None
+
+
+def _rdb_storage(url: str, heartbeat: Mapping[str, Any], attempts: int = 3) -> RDBStorage:
+    """RDBStorage, retried when workers started together race to create Optuna's tables in a fresh database
+    (PostgreSQL: a duplicate key in pg_type); the retry finds the tables made and uses them."""
+    for attempt in range(attempts):
+        try:
+            return RDBStorage(url, **heartbeat)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 # Seconds to wait for a gRPC storage proxy to answer: a wrong host or port should fail in seconds, as in tracking.
