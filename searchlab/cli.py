@@ -72,7 +72,7 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> int:
         "study.pruner": cfg.study.pruner, "study.seed": cfg.study.seed, "study.storage": redact(cfg.study.storage),
         "search": space.source, "overrides": redact(" ".join(overrides)),
     }
-    lock = budget_lock(cfg.study.storage, cfg.study.name)
+    lock = budget_lock(storage, cfg.study.storage, cfg.study.name)
     with lock():  # one parent run, however many workers start at once
         parent_run_id = tracker.study_run(cfg.study.name, settings)
         study.set_user_attr("mlflow_parent_run_id", parent_run_id)

@@ -18,6 +18,10 @@ import hashlib
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from typing import Any
+
+import sqlalchemy
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 
 # Called with no argument, gives a context manager that holds the lock.
 BudgetLock = Callable[[], AbstractContextManager[None]]
@@ -40,22 +44,18 @@ class FileLock:
 
 
 class PostgresAdvisoryLock:
-    """A transaction-scoped advisory lock on the study's database; PostgreSQL frees it when the holder's
+    """A transaction-scoped advisory lock in the study's database; PostgreSQL frees it when the holder's
     connection drops, so a killed worker never keeps it."""
 
-    def __init__(self, url: str, name: str) -> None:
-        import sqlalchemy
-        from sqlalchemy.pool import NullPool
-
-        self._text = sqlalchemy.text
-        self.engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+    def __init__(self, engine: Any, name: str) -> None:
+        self.engine = engine  # the RDB storage's own SQLAlchemy engine: same driver, same pool
         digest = hashlib.sha256(f"searchlab.budget:{name}".encode()).digest()
         self.key = int.from_bytes(digest[:8], "big", signed=True)  # advisory lock keys are signed 64-bit
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
         with self.engine.begin() as connection:
-            connection.execute(self._text("SELECT pg_advisory_xact_lock(:key)"), {"key": self.key})
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": self.key})
             yield
 
 
@@ -67,12 +67,14 @@ class NoLock:
         yield
 
 
-def budget_lock(storage_url: str, study_name: str) -> BudgetLock:
-    """The lock for study.storage: call it to get a context manager, e.g. `with lock(): ...`."""
-    if storage_url.startswith(("postgresql://", "postgresql+", "postgres://")):
-        return PostgresAdvisoryLock(storage_url, study_name)
-    if storage_url.startswith("sqlite:///") and storage_url != "sqlite:///:memory:":
-        return FileLock(storage_url.removeprefix("sqlite:///") + ".budget.lock")
-    if "://" not in storage_url:
-        return FileLock(storage_url + ".budget.lock")
+def budget_lock(storage: BaseStorage, url: str, study_name: str) -> BudgetLock:
+    """The lock for the study's storage (opened from study.storage = url): `with lock(): ...`."""
+    if isinstance(storage, RDBStorage):
+        if storage.engine.dialect.name == "postgresql":
+            return PostgresAdvisoryLock(storage.engine, study_name)
+        if storage.engine.dialect.name == "sqlite" and storage.engine.url.database not in (None, "", ":memory:"):
+            return FileLock(storage.engine.url.database + ".budget.lock")
+        return NoLock()
+    if isinstance(storage, JournalStorage) and "://" not in url:
+        return FileLock(url + ".budget.lock")
     return NoLock()

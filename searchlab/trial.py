@@ -122,8 +122,9 @@ class TrialRunner:
         if reason:
             trial.set_user_attr("reason", reason)
         self.study.tell(trial, value, state=state)
-        if run_id is not None:
-            self.tracker.end_trial(run_id, state.name, value, reason)
+        if run_id is None:  # failed or interrupted before its run was made: every finished trial has one
+            run_id = self.tracker.start_trial(self.parent_run_id, trial.number, trial.params, "", "")
+        self.tracker.end_trial(run_id, state.name, value, reason)
 
 
 def _describe(err: BaseException) -> str:

@@ -1,0 +1,195 @@
+"""Several worker processes on one study, on the embedded default stores (journal file + SQLite MLflow).
+
+Real `searchlab search workers=N` processes: the global budget, one MLflow run per trial, a worker killed with
+SIGKILL mid-trial, Ctrl-C forwarding, and a resumed study clearing what a dead process left behind.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from test_search import TINY, load_study, runs_of
+
+from searchlab.cli import main
+
+SEARCHLAB = str(Path(sys.executable).parent / "searchlab")
+FINISHED = ("COMPLETE", "PRUNED")
+
+
+def running_trials_with_runs(tmp_path: Path, name: str) -> list[optuna.trial.FrozenTrial]:
+    """RUNNING trials already training: their worker recorded itself and their MLflow run exists."""
+    if not (tmp_path / "optuna.journal").exists():
+        return []
+    try:
+        study = load_study(tmp_path, name)
+    except KeyError:  # the study is not created yet
+        return []
+    return [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+            if "worker.pid" in t.user_attrs and "mlflow_run_id" in t.user_attrs]
+
+
+def wait_for_running(tmp_path: Path, name: str, count: int, proc: subprocess.Popen,
+                     timeout: float = 180) -> list[optuna.trial.FrozenTrial]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        running = running_trials_with_runs(tmp_path, name)
+        if len(running) >= count:
+            return running
+        time.sleep(0.05)
+    raise AssertionError(f"no {count} running trials within {timeout}s")
+
+
+def assert_one_run_per_trial(tmp_path: Path, name: str, study: optuna.Study) -> dict:
+    """Every finished trial has exactly one child run, in its state; returns the runs by trial number."""
+    _, parents, children = runs_of(tmp_path, name)
+    assert len(parents) == 1
+    numbers = collections.Counter(int(r.data.tags["optuna.trial.number"]) for r in children)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert numbers == collections.Counter(t.number for t in finished)
+    by_number = {int(r.data.tags["optuna.trial.number"]): r for r in children}
+    for trial in finished:
+        assert by_number[trial.number].data.tags["optuna.trial.state"] == trial.state.name
+    return by_number
+
+
+def test_three_workers_share_one_budget_without_lock_errors(tmp_path, store_overrides):
+    result = subprocess.run(
+        [SEARCHLAB, "search", "workers=3", "study.name=three", "study.n_trials=9", *TINY, *store_overrides],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "database is locked" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    study = load_study(tmp_path, "three")
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+    assert len([t for t in study.trials if t.state.name in FINISHED]) == 9  # not 27, not 10
+    assert not [t for t in study.trials if t.state.name in ("RUNNING", "WAITING")]
+    assert_one_run_per_trial(tmp_path, "three", study)
+    # The parent printed every finished trial, whichever worker ran it; workers are its children, not itself.
+    assert sum(result.stdout.count(f"trial {t.number:4d}  {t.state.name}") for t in study.trials) == len(study.trials)
+    pids = {t.user_attrs["worker.pid"] for t in study.trials}
+    assert len(pids) >= 2 and all(t.user_attrs["worker.host"] == socket.gethostname() for t in study.trials)
+
+
+def test_a_worker_killed_mid_trial_loses_no_budget(tmp_path, store_overrides):
+    slow = ["data.batch_size=16", "model.batch_norm=false", "study.pruner=none", "trainer.max_epochs=10",
+            "model.width=32"]
+    proc = subprocess.Popen(
+        [SEARCHLAB, "search", "workers=2", "study.name=killed", "study.n_trials=2", *slow, *store_overrides],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        (victim, *_) = wait_for_running(tmp_path, "killed", 1, proc)
+        os.kill(victim.user_attrs["worker.pid"], signal.SIGKILL)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "killed by SIGKILL" in err and "replaces it" in err
+    study = load_study(tmp_path, "killed")
+    lost = study.trials[victim.number]
+    assert lost.state.name == "FAIL" and "died mid-trial" in lost.user_attrs["reason"]
+    retries = [t for t in study.trials if t.user_attrs.get("retry_of") == victim.number]
+    assert len(retries) == 1 and retries[0].params == lost.params and retries[0].state.name in FINISHED
+    assert len([t for t in study.trials if t.state.name in FINISHED]) == 2
+    runs = assert_one_run_per_trial(tmp_path, "killed", study)
+    assert runs[victim.number].info.status == "FAILED"
+    assert "died mid-trial" in runs[victim.number].data.tags["optuna.trial.reason"]
+    assert f"trial {victim.number:4d}  FAIL" in out
+
+
+def test_ctrl_c_reaches_every_worker_through_the_parent(tmp_path, store_overrides):
+    slow = ["data.batch_size=16", "model.batch_norm=false", "study.pruner=none", "trainer.max_epochs=500",
+            "model.width=32"]
+    proc = subprocess.Popen(
+        [SEARCHLAB, "search", "workers=2", "study.name=ctrlc", "study.n_trials=4", *slow, *store_overrides],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        running = wait_for_running(tmp_path, "ctrlc", 2, proc)
+        proc.send_signal(signal.SIGINT)  # the parent alone: workers run in their own sessions
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "run the same command to resume" in err and "Traceback" not in err
+    for trial in running:
+        pid = trial.user_attrs["worker.pid"]
+        assert not Path(f"/proc/{pid}").exists(), f"worker {pid} still running"
+    study = load_study(tmp_path, "ctrlc")
+    assert {t.state.name for t in study.trials} == {"FAIL"}
+    assert all(t.user_attrs["reason"] == "interrupted" for t in study.trials)
+    _, parents, children = runs_of(tmp_path, "ctrlc")
+    assert parents[0].info.status == "KILLED" and {r.info.status for r in children} == {"FAILED"}
+
+
+def test_a_resumed_study_fails_and_retries_the_trial_of_a_dead_process(tmp_path, store_overrides, capsys):
+    args = ["search", "study.name=orphan", "study.pruner=none", *TINY, *store_overrides]
+    assert main([*args, "study.n_trials=1"]) == 0
+    # A process that asked for a trial and died without telling it (as after SIGKILL with no parent watching).
+    study = load_study(tmp_path, "orphan")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = study.ask()
+    lr = orphan.suggest_float("optimizer.lr", 1e-4, 0.3, log=True)
+    orphan.set_user_attr("worker.pid", dead.pid)
+    orphan.set_user_attr("worker.host", socket.gethostname())
+    assert main([*args, "study.n_trials=2", "workers=1"]) == 0
+    study = load_study(tmp_path, "orphan")
+    lost = study.trials[orphan.number]
+    assert lost.state.name == "FAIL" and f"worker {dead.pid}" in lost.user_attrs["reason"]
+    (retry,) = [t for t in study.trials if t.user_attrs.get("retry_of") == orphan.number]
+    assert retry.params["optimizer.lr"] == lr and retry.state.name in FINISHED
+    assert len([t for t in study.trials if t.state.name in FINISHED]) == 2
+    runs = assert_one_run_per_trial(tmp_path, "orphan", study)
+    assert runs[orphan.number].info.status == "FAILED"  # created for it: the dead process never made one
+
+
+def race_for_the_budget(url: str, n_trials: int = 20, workers: int = 8) -> collections.Counter:
+    """Workers (threads, each with its own storage handle and lock, as processes have) race for n_trials; a third
+    of the trials fail, so workers that found the budget reserved must wait and take the freed share. Returns the
+    trial states. Reusable for any study.storage URL (e.g. PostgreSQL)."""
+    import random
+    import threading
+
+    from searchlab.locks import budget_lock
+    from searchlab.study import Budget, open_storage
+
+    optuna.create_study(study_name="race", storage=open_storage(url))
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            storage = open_storage(url)
+            study = optuna.load_study(study_name="race", storage=storage)
+            budget = Budget(study, n_trials, budget_lock(storage, url, "race"), poll_seconds=0.01)
+            rng = random.Random(seed)
+            while (trial := budget.reserve()) is not None:
+                time.sleep(rng.uniform(0, 0.02))
+                failed = rng.random() < 0.3
+                study.tell(trial, None if failed else 1.0, state=optuna.trial.TrialState.FAIL if failed else None)
+        except BaseException as err:  # a thread's failure is reported by the assert below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    study = optuna.load_study(study_name="race", storage=open_storage(url))
+    return collections.Counter(t.state.name for t in study.trials)
+
+
+@pytest.mark.parametrize("storage", ["optuna.journal", "sqlite:///{tmp}/optuna.db"])
+def test_concurrent_reservations_never_overshoot_the_budget(tmp_path, storage):
+    url = storage.format(tmp=tmp_path) if "://" in storage else str(tmp_path / storage)
+    states = race_for_the_budget(url)
+    assert states["COMPLETE"] == 20 and states["FAIL"] > 0 and set(states) == {"COMPLETE", "FAIL"}
