@@ -55,13 +55,14 @@ def study_overrides(name: str, storage: str, tracking: MlflowServer, n_trials: i
             f"tracking.uri={tracking.uri}", "tracking.artifact_root=null"]
 
 
-def check_budget_and_runs(study: optuna.Study, tracking: MlflowServer, n_trials: int) -> None:
-    """Exactly n_trials finished, unique trial numbers, one MLflow child run per finished trial, one parent."""
+def check_budget_and_runs(study: optuna.Study, tracking: MlflowServer, n_trials: int, overshoot: int = 0) -> None:
+    """n_trials finished (up to `overshoot` more), unique trial numbers, one MLflow child run per finished trial,
+    one parent run."""
     trials = study.get_trials(deepcopy=False)
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))
     finished = [t for t in trials if t.state in FINISHED]
-    assert len(finished) == n_trials, [(t.number, t.state.name) for t in trials]
+    assert n_trials <= len(finished) <= n_trials + overshoot, [(t.number, t.state.name) for t in trials]
     client = MlflowClient(tracking.uri)
     experiment = client.get_experiment_by_name(study.study_name)
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
@@ -113,7 +114,10 @@ def test_three_workers_through_the_grpc_storage_proxy(postgres, mlflow_server, t
         overrides = [*study_overrides("grpc", f"grpc://127.0.0.1:{port}", mlflow_server, n_trials), *TINY]
         logs = [tmp_path / f"worker{i}.log" for i in range(3)]
         wait_all([start_worker(log, overrides) for log in logs], logs)
-        check_budget_and_runs(optuna.load_study(study_name="grpc", storage=client), mlflow_server, n_trials)
+        # No cross-process budget lock through the proxy: workers asking at the same moment near the end may each
+        # start one more trial (README, Several machines).
+        study = optuna.load_study(study_name="grpc", storage=client)
+        check_budget_and_runs(study, mlflow_server, n_trials, overshoot=len(logs) - 1)
         client.close()
     finally:
         stop(proxy)
