@@ -6,23 +6,26 @@ RetryHeartbeatStaleTrialCallback then enqueues a retry with the same params, whi
 both steps only inside Study.optimize; searchlab runs its own ask/tell loop, so it calls them here. The dead worker
 cannot end its trial's MLflow run either, so the callback also ends that run FAILED, with the reason.
 
-Only RDB storages (PostgreSQL, MySQL, SQLite) have a heartbeat: not the journal file, and not grpc:// (the proxy's
-API has no heartbeat calls).
+Optuna gives RDB storages (PostgreSQL, MySQL, SQLite) a heartbeat, the journal file none. The gRPC proxy's API has no
+heartbeat calls, so GrpcProxyWithHeartbeat carries the same beat as a trial system attr: behind the proxy a killed
+worker's trial is failed and retried as on PostgreSQL.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import optuna
 from omegaconf import DictConfig
-from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import get_heartbeat_thread  # what Study.optimize uses; no public equivalent
-from optuna.trial import FrozenTrial
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import GrpcStorageProxy, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread  # what Study.optimize uses
+from optuna.trial import FrozenTrial, TrialState
 
 from searchlab.config import ConfigError
 from searchlab.tracking import Tracker
@@ -79,3 +82,36 @@ def heartbeat(trial: optuna.Trial) -> Iterator[None]:
     """Records the trial's heartbeat from a thread while the block runs (a no-op without a heartbeat)."""
     with get_heartbeat_thread(trial._trial_id, trial.study._storage):
         yield
+
+
+class GrpcProxyWithHeartbeat(GrpcStorageProxy, BaseHeartbeat):
+    """A client of the gRPC storage proxy with Optuna's heartbeat, which the proxy's API lacks.
+
+    The beat is the worker's clock in the trial's system attr `searchlab.heartbeat`; a RUNNING trial is stale when
+    neither its last beat nor its start is within grace_period (clocks of the machines must agree to well within it).
+    """
+
+    ATTR = "searchlab.heartbeat"
+
+    def __init__(self, *, host: str, port: int, heartbeat_interval: int | None = None, grace_period: int | None = None,
+                 heartbeat_stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> None:
+        super().__init__(host=host, port=port)
+        self.heartbeat_interval, self.callback = heartbeat_interval, heartbeat_stale_trial_callback
+        self.grace_period = grace_period or 2 * (heartbeat_interval or 0)
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        with contextlib.suppress(UpdateFinishedTrialError):  # the last beat may come just after tell
+            self.set_trial_system_attr(trial_id, self.ATTR, time.time())
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        oldest = time.time() - self.grace_period
+        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        # A retry inherits its original's last beat: its start (when it was asked) counts as a beat too.
+        return [t._trial_id for t in running
+                if max(t.system_attrs.get(self.ATTR, 0.0), t.datetime_start.timestamp()) < oldest]
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+        return self.callback

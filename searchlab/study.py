@@ -26,7 +26,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from searchlab.config import ConfigError, redact
-from searchlab.faults import fail_stale_trials
+from searchlab.faults import GrpcProxyWithHeartbeat, fail_stale_trials
 from searchlab.locks import BudgetLock
 from searchlab.space import SearchSpace
 from searchlab.trial import TrialOutcome, TrialRunner
@@ -53,7 +53,7 @@ def open_storage(url: str, heartbeat: Mapping[str, Any] | None = None) -> BaseSt
     """
     try:
         if url.startswith("grpc://"):
-            return _grpc_proxy(url)
+            return _grpc_proxy(url, heartbeat or {})
         if "://" in url:
             return _rdb_storage(url, heartbeat or {})
         Path(url).parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +82,7 @@ def _rdb_storage(url: str, heartbeat: Mapping[str, Any], attempts: int = 3) -> R
 _PROXY_TIMEOUT = 10
 
 
-def _grpc_proxy(url: str) -> GrpcStorageProxy:
+def _grpc_proxy(url: str, heartbeat: Mapping[str, Any]) -> GrpcStorageProxy:
     """A client of Optuna's gRPC storage proxy, checked to answer (GrpcStorageProxy itself connects lazily)."""
     parts = urlsplit(url)
     try:
@@ -91,7 +91,7 @@ def _grpc_proxy(url: str) -> GrpcStorageProxy:
         port = None
     if not parts.hostname or port is None or parts.path not in ("", "/") or parts.query:
         raise ConfigError(f"study.storage: expected grpc://HOST:PORT (a `searchlab storage-proxy`), got {url!r}")
-    proxy = GrpcStorageProxy(host=parts.hostname, port=port)
+    proxy = GrpcProxyWithHeartbeat(host=parts.hostname, port=port, **heartbeat)
     try:
         proxy.wait_server_ready(timeout=_PROXY_TIMEOUT)
     except ConnectionError:

@@ -155,3 +155,41 @@ def mlflow_server(postgres: Postgres) -> Iterator[MlflowServer]:
     finally:
         stop(process)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class StorageProxy:
+    port: int
+    backend: str  # the PostgreSQL URL behind it
+    log: Path
+
+
+@pytest.fixture(scope="session")
+def storage_proxy(postgres: Postgres) -> Iterator[StorageProxy]:
+    """`searchlab storage-proxy` in front of a PostgreSQL database, on a free 127.0.0.1 port; stopped after."""
+    from optuna.storages import GrpcStorageProxy
+
+    root = Path(tempfile.mkdtemp(prefix="searchlab-proxy-"))
+    backend = postgres.create_database("proxied")
+    port = free_port()
+    log = root / "proxy.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "searchlab.cli", "storage-proxy", f"study.storage={backend}",
+                                    f"study.proxy.port={port}"], stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    client = GrpcStorageProxy(host="127.0.0.1", port=port)
+
+    def answers() -> bool:
+        try:
+            client.wait_server_ready(timeout=1)
+            return True
+        except ConnectionError:
+            return False
+
+    try:
+        wait_until(answers, "searchlab storage-proxy", 60, process, log)
+        client.close()
+        yield StorageProxy(port, backend, log)
+    finally:
+        stop(process)
+        shutil.rmtree(root, ignore_errors=True)

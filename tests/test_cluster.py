@@ -13,9 +13,11 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
-from optuna.storages import GrpcStorageProxy, RDBStorage
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
-from servers import MlflowServer, free_port, stop, wait_until
+from servers import MlflowServer, stop, wait_until
+
+from searchlab.faults import GrpcProxyWithHeartbeat, fail_stale_trials, heartbeat
 
 pytest_plugins = ("servers",)  # the postgres and mlflow_server fixtures
 
@@ -99,39 +101,35 @@ def test_three_workers_share_a_study_on_postgres_and_an_mlflow_server(postgres, 
     assert parent.data.params["study.storage"] == postgres.url("workers").replace(postgres.password, "***")
 
 
-def test_three_workers_through_the_grpc_storage_proxy(postgres, mlflow_server, tmp_path):
-    url = postgres.create_database("proxied")
-    port = free_port()
-    proxy_log = tmp_path / "proxy.log"
-    with proxy_log.open("wb") as out:
-        proxy = subprocess.Popen([sys.executable, "-m", "searchlab.cli", "storage-proxy", f"study.storage={url}",
-                                  f"study.proxy.port={port}"], stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-    try:
-        client = GrpcStorageProxy(host="127.0.0.1", port=port)
-        wait_until(lambda: _answers(client), "searchlab storage-proxy", 60, proxy, proxy_log)
-        n_trials = 7
-        overrides = [*study_overrides("grpc", f"grpc://127.0.0.1:{port}", mlflow_server, n_trials), *TINY]
-        logs = [tmp_path / f"worker{i}.log" for i in range(3)]
-        wait_all([start_worker(log, overrides) for log in logs], logs)
-        # No cross-process budget lock through the proxy: workers asking at the same moment near the end may each
-        # start one more trial (README, Several machines).
-        study = optuna.load_study(study_name="grpc", storage=client)
-        check_budget_and_runs(study, mlflow_server, n_trials, overshoot=len(logs) - 1)
-        client.close()
-    finally:
-        stop(proxy)
-    assert postgres.password not in proxy_log.read_text()
-    # The trials went through the proxy into PostgreSQL.
-    assert len(optuna.load_study(study_name="grpc", storage=url).trials) >= n_trials
+def test_three_workers_through_the_grpc_storage_proxy(postgres, mlflow_server, storage_proxy, tmp_path):
+    n_trials = 7
+    overrides = [*study_overrides("grpc", f"grpc://127.0.0.1:{storage_proxy.port}", mlflow_server, n_trials), *TINY]
+    logs = [tmp_path / f"worker{i}.log" for i in range(3)]
+    wait_all([start_worker(log, overrides) for log in logs], logs)
+    # The trials went through the proxy into PostgreSQL. No cross-process budget lock through the proxy: workers
+    # asking at the same moment near the end may each start one more trial (README, Several machines).
+    study = optuna.load_study(study_name="grpc", storage=storage_proxy.backend)
+    check_budget_and_runs(study, mlflow_server, n_trials, overshoot=len(logs) - 1)
+    assert postgres.password not in storage_proxy.log.read_text()
 
 
-def _answers(client: GrpcStorageProxy) -> bool:
-    try:
-        client.wait_server_ready(timeout=1)
-        return True
-    except ConnectionError:
-        return False
+def test_heartbeat_through_the_grpc_proxy_fails_and_retries_a_silent_trial(storage_proxy):
+    storage = GrpcProxyWithHeartbeat(host="127.0.0.1", port=storage_proxy.port, heartbeat_interval=1, grace_period=2,
+                                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
+    study = optuna.create_study(study_name="grpc-heartbeat", storage=storage)
+    trial = study.ask()
+    trial.suggest_float("x", 0.0, 1.0)
+    with heartbeat(trial):  # beating past the grace period keeps it alive
+        time.sleep(3)
+        fail_stale_trials(study)
+        assert study.trials[trial.number].state == TrialState.RUNNING
+    time.sleep(2.5)  # its worker is gone: no beat for longer than the grace period
+    fail_stale_trials(study)
+    trials = optuna.load_study(study_name="grpc-heartbeat", storage=storage_proxy.backend).trials
+    assert trials[trial.number].state == TrialState.FAIL
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == trial.number]
+    assert retry.state == TrialState.WAITING and retry.params == trial.params
+    storage.close()
 
 
 def test_worker_killed_mid_trial_is_failed_and_retried_by_the_heartbeat(postgres, mlflow_server, tmp_path):
