@@ -4,6 +4,7 @@ storage proxy), tracked on a real MLflow server; a worker killed mid-trial is fo
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,10 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from servers import MlflowServer, stop, wait_until
 
-from searchlab.faults import GrpcProxyWithHeartbeat, fail_stale_trials, heartbeat
+from searchlab.cli import main
+from searchlab.config import ConfigError, compose_config
+from searchlab.faults import GrpcProxyWithHeartbeat, fail_stale_trials, heartbeat, heartbeat_settings
+from searchlab.study import open_storage
 
 pytest_plugins = ("servers",)  # the postgres and mlflow_server fixtures
 
@@ -169,3 +173,33 @@ def test_worker_killed_mid_trial_is_failed_and_retried_by_the_heartbeat(postgres
     run = MlflowClient(mlflow_server.uri).get_run(lost.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["optuna.trial.state"] == "FAIL"
     assert "no heartbeat for 3s" in run.data.tags["optuna.trial.reason"]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["study.heartbeat_interval=0"], "study.heartbeat_interval: expected an integer >= 1 or null, got 0"),
+    (["study.grace_period=1.5"], "study.grace_period: expected an integer >= 1 or null, got 1.5"),
+    (["study.max_retry=-1"], "study.max_retry: expected an integer >= 0 or null, got -1"),
+    (["study.heartbeat_interval=10", "study.grace_period=10"], "study.grace_period: 10s must exceed"),
+])
+def test_bad_heartbeat_settings_name_their_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        heartbeat_settings(compose_config(overrides).study, tracker=None)
+
+
+def test_heartbeat_settings_from_config():
+    settings = heartbeat_settings(compose_config(["study.heartbeat_interval=5", "study.grace_period=null"]).study,
+                                  tracker=None)
+    assert settings["heartbeat_interval"] == 5 and settings["grace_period"] == 10  # Optuna's default: 2 beats
+    assert heartbeat_settings(compose_config(["study.heartbeat_interval=null"]).study, tracker=None) == {}
+
+
+@pytest.mark.parametrize("url", ["grpc://proxy-host", "grpc://proxy-host:port", "grpc://:13000",
+                                 "grpc://proxy-host:13000/db"])
+def test_malformed_grpc_url_names_study_storage(url):
+    with pytest.raises(ConfigError, match=r"study\.storage: expected grpc://HOST:PORT"):
+        open_storage(url)
+
+
+def test_storage_proxy_refuses_a_journal_file(tmp_path, capsys):
+    assert main(["storage-proxy", f"study.storage={tmp_path}/optuna.journal"]) == 2
+    assert "study.storage: the gRPC storage proxy serves an RDB storage" in capsys.readouterr().err
