@@ -14,6 +14,7 @@ worker's trial is failed and retried as on PostgreSQL.
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import time
 import warnings
@@ -50,6 +51,10 @@ def heartbeat_settings(study: DictConfig, tracker: Tracker) -> dict[str, Any]:
             "heartbeat_stale_trial_callback": RetryAndEndRun(tracker, study.max_retry, grace)}
 
 
+# User attrs of one attempt at a trial (set by the worker that ran it: study.WORKER_PID, WORKER_HOST), not its params.
+_ATTEMPT_ATTRS = ("worker.pid", "worker.host", "mlflow_run_id", "reason")
+
+
 class RetryAndEndRun:
     """RetryHeartbeatStaleTrialCallback that also ends the lost trial's MLflow run FAILED, with the reason."""
 
@@ -58,7 +63,10 @@ class RetryAndEndRun:
         self.retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.retry(study, trial)  # first: the budget matters more than the run's status
+        # The retry copies the user attrs: not those naming the dead worker and its run, or they would look dead too.
+        retry = copy.deepcopy(trial)
+        retry.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in _ATTEMPT_ATTRS}
+        self.retry(study, retry)  # first: the budget matters more than the run's status
         retries = len(RetryHeartbeatStaleTrialCallback.retry_history(trial)) + 1
         retried = self.max_retry is None or retries <= self.max_retry
         reason = (f"worker lost: no heartbeat for {self.grace_period}s; "
