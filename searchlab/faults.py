@@ -1,4 +1,4 @@
-"""A worker killed mid-trial (SIGKILL, a lost node) loses no budget on an RDB storage, through Optuna's heartbeat.
+"""A worker killed mid-trial (SIGKILL, a lost node) loses no budget on PostgreSQL or grpc://: Optuna's heartbeat.
 
 While a trial runs, its worker records a heartbeat every study.heartbeat_interval seconds. Before asking for a trial,
 every worker fails the trials whose heartbeat is older than study.grace_period; Optuna's

@@ -49,7 +49,7 @@ def open_storage(url: str, heartbeat: Mapping[str, Any] | None = None) -> BaseSt
     storage proxy of `searchlab storage-proxy`) or a journal file path.
 
     The journal file is the default: safe for several local processes, and ~10x cheaper per trial than SQLite.
-    `heartbeat` holds RDBStorage's heartbeat arguments (see faults.heartbeat_settings); only RDB storages have one.
+    `heartbeat` holds RDBStorage's heartbeat arguments (faults.heartbeat_settings), used by RDB and grpc:// storages.
     """
     try:
         if url.startswith("grpc://"):
@@ -115,7 +115,7 @@ def serve_storage_proxy(url: str, host: str, port: int) -> None:
           flush=True)
     try:
         run_grpc_proxy_server(storage, host=host, port=port)
-    except RuntimeError as err:  # grpc cannot bind: the port is taken or the host is not this machine's
+    except RuntimeError as err:  # cannot bind: not this machine's host (gRPC shares a taken port: SO_REUSEPORT)
         raise ConfigError(f"study.proxy: cannot listen on {host}:{port}: {err}") from None
 
 
@@ -188,7 +188,7 @@ class Budget:
 
     def _counts(self) -> tuple[int, int]:
         """(finished, running) after failing the trials of dead workers."""
-        fail_stale_trials(self.study)  # any host's, by heartbeat (RDB storages; retried as WAITING trials)
+        fail_stale_trials(self.study)  # any host's, by heartbeat (RDB, grpc://); retried as WAITING trials
         running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         recovered = len(self.recover(running))
         return budget_used(self.study), len(running) - recovered

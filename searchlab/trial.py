@@ -65,7 +65,7 @@ class TrialRunner:
         terminated."""
         start = time.perf_counter()
         trial = self.study.ask() if trial is None else trial
-        with heartbeat(trial):  # lets other workers see this one is alive (RDB storages; see faults)
+        with heartbeat(trial):  # lets other workers see this one is alive (RDB and grpc:// storages; see faults)
             return self._run(trial, start)
 
     def _run(self, trial: optuna.Trial, start: float) -> TrialOutcome:
