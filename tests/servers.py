@@ -114,7 +114,7 @@ class MlflowServer:
     artifacts: Path
 
 
-def stop(process: subprocess.Popen, timeout: float = 5) -> None:
+def stop(process: subprocess.Popen, timeout: float = 3) -> None:
     """SIGTERM to the process group the test started (the server and its own workers), SIGKILL if it lingers."""
     if process.poll() is not None:
         return

@@ -86,7 +86,7 @@ def check_budget_and_runs(study: optuna.Study, tracking: MlflowServer, n_trials:
 
 def test_three_workers_share_a_study_on_postgres_and_an_mlflow_server(postgres, mlflow_server, tmp_path):
     url = postgres.create_database("workers")
-    n_trials = 7
+    n_trials = 6
     # The URL, password included, comes from the environment through OmegaConf's oc.env resolver.
     overrides = [*study_overrides("pg", "${oc.env:SEARCHLAB_TEST_STORAGE}", mlflow_server, n_trials), *TINY]
     logs = [tmp_path / f"worker{i}.log" for i in range(3)]
@@ -106,7 +106,7 @@ def test_three_workers_share_a_study_on_postgres_and_an_mlflow_server(postgres, 
 
 
 def test_three_workers_through_the_grpc_storage_proxy(postgres, mlflow_server, storage_proxy, tmp_path):
-    n_trials = 7
+    n_trials = 6
     overrides = [*study_overrides("grpc", f"grpc://127.0.0.1:{storage_proxy.port}", mlflow_server, n_trials), *TINY]
     logs = [tmp_path / f"worker{i}.log" for i in range(3)]
     wait_all([start_worker(log, overrides) for log in logs], logs)
@@ -139,7 +139,7 @@ def test_heartbeat_through_the_grpc_proxy_fails_and_retries_a_silent_trial(stora
 def test_worker_killed_mid_trial_is_failed_and_retried_by_the_heartbeat(postgres, mlflow_server, tmp_path):
     url = postgres.create_database("heartbeat")
     n_trials = 4
-    overrides = [*study_overrides("lost", url, mlflow_server, n_trials), "trainer.max_epochs=30", "model.width=32",
+    overrides = [*study_overrides("lost", url, mlflow_server, n_trials), "trainer.max_epochs=20", "model.width=32",
                  "study.pruner=none", "study.heartbeat_interval=1", "study.grace_period=3", "study.max_retry=2"]
     storage = RDBStorage(url)
     # The victim runs "on another machine": only the heartbeat can tell that it died, not a local pid check.
