@@ -114,6 +114,8 @@ class WorkerPool:
     def run(self, on_trial: Callable[[TrialOutcome], None]) -> str:
         """Runs the workers until every one has exited; returns the study run's status (FINISHED, KILLED, FAILED)."""
         self._seen = {t.number for t in self.budget.study.get_trials(deepcopy=False, states=FINISHED_STATES)}
+        if self.budget.done():
+            return "FINISHED"
         procs = {i: self._spawn(slot) for i, slot in enumerate(self.slots)}
         codes: list[int] = []
         deaths_in_a_row = 0

@@ -58,3 +58,19 @@ def test_worker_env_sets_the_gpu_and_respects_a_users_thread_count():
     assert env["CUDA_VISIBLE_DEVICES"] == "5" and env["OMP_NUM_THREADS"] == "3" and env["PATH"] == "/bin"
     assert worker_env(WorkerSlot("", 3), {"OMP_NUM_THREADS": "1"})["OMP_NUM_THREADS"] == "1"
     assert worker_env(WorkerSlot("", 1), {})["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_detect_gpus_reads_cuda_and_the_visible_subset(monkeypatch):
+    import torch
+
+    from searchlab.devices import detect_gpus
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert detect_gpus("auto") == ["2", "5"] and detect_gpus("gpu") == ["2", "5"]
+    assert detect_gpus("cpu") == []  # trainer.accelerator=cpu: workers see no GPU
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert detect_gpus("auto") == ["0", "1"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert detect_gpus("auto") == []

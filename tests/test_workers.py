@@ -193,3 +193,24 @@ def test_concurrent_reservations_never_overshoot_the_budget(tmp_path, storage):
     url = storage.format(tmp=tmp_path) if "://" in storage else str(tmp_path / storage)
     states = race_for_the_budget(url)
     assert states["COMPLETE"] == 20 and states["FAIL"] > 0 and set(states) == {"COMPLETE", "FAIL"}
+
+
+def test_mlflow_writes_refused_by_a_locked_sqlite_are_retried():
+    from mlflow.exceptions import MlflowException
+
+    from searchlab.tracking import _retry_on_lock
+
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return "written"
+
+    assert _retry_on_lock(flaky, attempts=5) == "written" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(MlflowException, match="locked"):
+        _retry_on_lock(flaky, attempts=2)  # gives up after its attempts (flaky succeeds only on a third)
+    with pytest.raises(MlflowException, match="no such run"):  # anything else is raised at once
+        _retry_on_lock(lambda: (_ for _ in ()).throw(MlflowException("no such run")), attempts=5)
