@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy
+import sqlalchemy.pool
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -99,6 +101,16 @@ def _open_sqlite(uri: str) -> MlflowClient:
     return client
 
 
+def _probe_database(uri: str) -> None:
+    """One quick connection: MLflow retries a database it cannot reach for ~100 s (10 tries, exponential backoff)."""
+    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
+
+
 class Tracker:
     """The study's MLflow experiment and runs; opening it checks the store is reachable."""
 
@@ -110,6 +122,8 @@ class Tracker:
             if uri.startswith("sqlite:///"):
                 self.client = _RetryOnLock(_open_sqlite(uri))
             else:
+                if uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql"):
+                    _probe_database(uri)
                 self.client = MlflowClient(tracking_uri=uri)
                 with _no_retries():
                     self.client.search_experiments(max_results=1)
