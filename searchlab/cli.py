@@ -13,9 +13,10 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig
 
-from searchlab.config import Composer, ConfigError, parse_overrides, redact, validate_config
+from searchlab.config import Composer, ConfigError, compose_config, parse_overrides, redact, validate_config
 from searchlab.data import Splits, load_data
 from searchlab.devices import cpu_count, detect_gpus, plan_workers
+from searchlab.faults import heartbeat_settings
 from searchlab.locks import NoLock, budget_lock
 from searchlab.space import load_space
 from searchlab.study import (
@@ -28,6 +29,7 @@ from searchlab.study import (
     open_storage,
     open_study,
     run_trials,
+    serve_storage_proxy,
     state_counts,
 )
 from searchlab.tracking import Tracker
@@ -62,7 +64,7 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> int:
     space = load_space(composer, fixed)
     sampler, pruner = make_sampler(cfg, space), make_pruner(cfg)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
-    storage = open_storage(cfg.study.storage)
+    storage = open_storage(cfg.study.storage, heartbeat_settings(cfg.study, tracker))
     study = open_study(cfg, storage, sampler, pruner)
     settings = {
         "study.name": cfg.study.name, "study.n_trials": cfg.study.n_trials, "study.timeout": cfg.study.timeout,
@@ -148,17 +150,27 @@ def train(overrides: Sequence[str]) -> int:
     return 0
 
 
+def storage_proxy(overrides: Sequence[str]) -> int:
+    """Serves study.storage (an RDB URL) as Optuna's gRPC storage proxy on study.proxy.host:port until Ctrl-C."""
+    cfg = compose_config(overrides)
+    validate_config(cfg)
+    serve_storage_proxy(cfg.study.storage, cfg.study.proxy.host, cfg.study.proxy.port)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="searchlab", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name, helptext in (("search", "run or resume the study named by study.name (workers=N: N processes)"),
                            ("worker", "join the study named by study.name and run its trials in this process"),
-                           ("train", "train one configuration, no study, and print its metrics")):
+                           ("train", "train one configuration, no study, and print its metrics"),
+                           ("storage-proxy", "serve study.storage (postgresql://...) to workers as grpc://HOST:PORT")):
         sub = commands.add_parser(name, help=helptext, description=helptext + ". Arguments are Hydra overrides.")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optimizer=adam trainer.max_epochs=5")
     args = parser.parse_args(argv)
     try:
-        return {"search": search, "worker": worker, "train": train}[args.command](args.overrides)
+        command = {"search": search, "worker": worker, "train": train, "storage-proxy": storage_proxy}[args.command]
+        return command(args.overrides)
     except ConfigError as err:
         print(f"searchlab: error: {redact(str(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy
+import sqlalchemy.pool
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -103,6 +105,16 @@ def _open_sqlite(uri: str) -> MlflowClient:
     return client
 
 
+def _probe_database(uri: str) -> None:
+    """One quick connection: MLflow retries a database it cannot reach for ~100 s (10 tries, exponential backoff)."""
+    engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
+
+
 class Tracker:
     """The study's MLflow experiment and runs; opening it checks the store is reachable."""
 
@@ -120,6 +132,8 @@ class Tracker:
             if uri.startswith("sqlite:///"):
                 self.client = _RetryOnLock(_open_sqlite(uri))
             else:
+                if uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql"):
+                    _probe_database(uri)
                 self.client = MlflowClient(tracking_uri=uri)
                 with _no_retries():
                     self.client.search_experiments(max_results=1)
@@ -141,7 +155,12 @@ class Tracker:
         location = None
         if self.artifact_root:
             location = (Path(self.artifact_root).resolve() / name).as_uri()
-        return self.client.create_experiment(name, artifact_location=location)
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException as err:  # another worker created it since (no cross-process lock on grpc://)
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id
 
     def study_run(self, study_name: str, settings: Mapping[str, Any]) -> str:
         """The study's parent run, created on the first run of the study and reopened when it resumes."""
@@ -156,8 +175,19 @@ class Tracker:
             run_id = self.client.create_run(experiment_id, run_name=study_name, tags={
                 STUDY_ROLE_TAG: "study", "optuna.study_name": study_name}).info.run_id
             self.client.log_batch(run_id, params=[Param(k, _text(v)) for k, v in settings.items()])
+            run_id = self._earliest_parent(experiment_id, run_id)
         self._experiment_of[run_id] = experiment_id
         return run_id
+
+    def _earliest_parent(self, experiment_id: str, mine: str) -> str:
+        """Workers that start together without a cross-process lock (grpc://) may each create a parent run: every
+        one keeps the earliest and deletes its own if it is not that one."""
+        parents = self.client.search_runs([experiment_id], filter_string=f"tags.`{STUDY_ROLE_TAG}` = 'study'",
+                                          max_results=1000)
+        first = min(parents, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+        if first != mine:
+            self.client.delete_run(mine)
+        return first
 
     def start_trial(self, parent_run_id: str, number: int, params: Mapping[str, Any], config_yaml: str,
                     command: str) -> str:

@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from searchlab.config import Composer, format_override
 from searchlab.data import Splits
+from searchlab.faults import heartbeat
 from searchlab.space import SearchSpace
 from searchlab.tracking import Tracker
 from searchlab.train import TrainResult, fit
@@ -64,6 +65,10 @@ class TrialRunner:
         terminated."""
         start = time.perf_counter()
         trial = self.study.ask() if trial is None else trial
+        with heartbeat(trial):  # lets other workers see this one is alive (RDB and grpc:// storages; see faults)
+            return self._run(trial, start)
+
+    def _run(self, trial: optuna.Trial, start: float) -> TrialOutcome:
         values: dict[str, Any] = {}
         run_id: str | None = None
         try:

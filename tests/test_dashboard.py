@@ -9,7 +9,7 @@ import urllib.request
 import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
-from servers import ROOT, free_port, make_server, run_tiny_study
+from ui_servers import ROOT, free_port, make_server, run_tiny_study
 
 
 def get_json(url: str) -> dict:
