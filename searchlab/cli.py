@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -35,7 +36,7 @@ from searchlab.study import (
 from searchlab.tracking import Tracker
 from searchlab.train import fit, resolve_device
 from searchlab.trial import TrialOutcome, TrialRunner, train_command
-from searchlab.workers import DeadWorkers, WorkerPool
+from searchlab.workers import WORKER_INDEX_ENV, DeadWorkers, WorkerPool
 
 EXIT_BAD_INPUT = 2
 EXIT_STUDY_FAILED = 1
@@ -62,7 +63,7 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> int:
     composer, cfg, fixed, splits = _prepare(overrides)
     slots = [] if as_worker else plan_workers(cfg.workers, detect_gpus(cfg.trainer.accelerator), cpu_count())
     space = load_space(composer, fixed)
-    sampler, pruner = make_sampler(cfg, space), make_pruner(cfg)
+    sampler, pruner = make_sampler(cfg, space, _worker_index() if as_worker else 0), make_pruner(cfg)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
     storage = open_storage(cfg.study.storage, heartbeat_settings(cfg.study, tracker))
     study = open_study(cfg, storage, sampler, pruner)
@@ -124,6 +125,17 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> int:
             print(f"  {key} = {value}")
         print(f"re-run it alone:\n  {train_command(best.overrides)}")
     return {"KILLED": EXIT_INTERRUPTED, "FAILED": EXIT_STUDY_FAILED}.get(status, 0)
+
+
+def _worker_index() -> int:
+    """$SEARCHLAB_WORKER (set by `search workers=N`, or by hand: $SLURM_PROCID), else the pid: any number that
+    differs between the study's workers, so their samplers differ."""
+    text = os.environ.get(WORKER_INDEX_ENV, "")
+    if not text:
+        return os.getpid()
+    if not text.isdigit():
+        raise ConfigError(f"{WORKER_INDEX_ENV}: expected a non-negative integer (the worker's number), got {text!r}")
+    return int(text)
 
 
 def worker(overrides: Sequence[str]) -> int:

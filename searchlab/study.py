@@ -119,9 +119,10 @@ def serve_storage_proxy(url: str, host: str, port: int) -> None:
         raise ConfigError(f"study.proxy: cannot listen on {host}:{port}: {err}") from None
 
 
-def make_sampler(cfg: DictConfig, space: SearchSpace) -> optuna.samplers.BaseSampler:
-    """The sampler named by study.sampler, from the study.samplers table, seeded by study.seed."""
-    return _instantiate(cfg.study.samplers[cfg.study.sampler], seed=cfg.study.seed,
+def make_sampler(cfg: DictConfig, space: SearchSpace, worker: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler named by study.sampler, from the study.samplers table, seeded by study.seed + worker: workers of
+    one study that shared a seed would all draw the same start-up trials."""
+    return _instantiate(cfg.study.samplers[cfg.study.sampler], seed=cfg.study.seed + worker,
                         search_space=space.grid() if cfg.study.sampler == "grid" else None)
 
 

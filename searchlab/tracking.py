@@ -99,9 +99,7 @@ def _open_sqlite(uri: str) -> MlflowClient:
         client = MlflowClient(tracking_uri=uri)
         with _no_retries():
             client.search_experiments(max_results=1)
-        with contextlib.closing(sqlite3.connect(path, timeout=20)) as db:
-            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                db.execute("PRAGMA journal_mode=WAL")
+        _sqlite_without_fsync_per_commit(client)
     return client
 
 
@@ -140,8 +138,6 @@ class Tracker:
         except Exception as err:  # any failure to open the store is the user's URL or server
             reason = redact(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
             raise ConfigError(f"tracking.uri: cannot open {redact(uri)}: {reason[:200]}") from None
-        if uri.startswith("sqlite:"):
-            _sqlite_without_fsync_per_commit(self.client)
         if artifact_root:
             try:
                 Path(artifact_root).mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,8 @@ from searchlab.study import WORKER_HOST, WORKER_PID, Budget
 from searchlab.tracking import Tracker
 from searchlab.trial import TrialOutcome
 
+# A worker's number (0..N-1 under `search workers=N`; $SLURM_PROCID or the like by hand): its sampler's seed offset.
+WORKER_INDEX_ENV = "SEARCHLAB_WORKER"
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 STOP_GRACE_SECONDS = 30.0  # after Ctrl-C, how long workers get to fail their trial and exit before SIGKILL
 
@@ -98,9 +100,9 @@ class WorkerPool:
         self.poll_seconds = poll_seconds
         self._seen: set[int] = set()
 
-    def _spawn(self, slot: WorkerSlot) -> subprocess.Popen:
-        return subprocess.Popen(self.command, env=worker_env(slot, dict(os.environ)), stdout=subprocess.DEVNULL,
-                                start_new_session=True)
+    def _spawn(self, index: int) -> subprocess.Popen:
+        env = dict(worker_env(self.slots[index], dict(os.environ)), **{WORKER_INDEX_ENV: str(index)})
+        return subprocess.Popen(self.command, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
 
     def _report(self, on_trial: Callable[[TrialOutcome], None]) -> int:
         """Shows the trials finished since the last look, from any worker; returns how many were new."""
@@ -116,7 +118,7 @@ class WorkerPool:
         self._seen = {t.number for t in self.budget.study.get_trials(deepcopy=False, states=FINISHED_STATES)}
         if self.budget.done():
             return "FINISHED"
-        procs = {i: self._spawn(slot) for i, slot in enumerate(self.slots)}
+        procs = {i: self._spawn(i) for i in range(len(self.slots))}
         codes: list[int] = []
         deaths_in_a_row = 0
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill <parent>` stops like Ctrl-C
@@ -141,7 +143,7 @@ class WorkerPool:
                               file=sys.stderr, flush=True)
                         codes.append(code)
                         continue
-                    procs[i] = self._spawn(self.slots[i])
+                    procs[i] = self._spawn(i)
                     print(f"worker {proc.pid} killed by {name}; its trial is failed and re-queued; "
                           f"worker {procs[i].pid} replaces it", file=sys.stderr, flush=True)
         except KeyboardInterrupt:

@@ -22,7 +22,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
-from ui_servers import ROOT, free_port, make_server, run_tiny_study
+from servers import free_port
+from ui_servers import ROOT, make_server, run_tiny_study
 
 pytestmark = pytest.mark.e2e
 

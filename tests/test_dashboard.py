@@ -9,7 +9,8 @@ import urllib.request
 import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
-from ui_servers import ROOT, free_port, make_server, run_tiny_study
+from servers import free_port
+from ui_servers import ROOT, make_server, run_tiny_study
 
 
 def get_json(url: str) -> dict:

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from searchlab.cli import main
-from servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_STUDY = ["trainer.max_epochs=2", "model.width=32", "study.n_trials=3"]
