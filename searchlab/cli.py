@@ -1,4 +1,5 @@
-"""The `searchlab` command: `search` runs a study, `train` trains one configuration. Wiring only.
+"""The `searchlab` command: `search` runs a study, `train` trains one configuration, `report` and `best` review a
+study. Wiring only.
 
 Bad input of any kind ends here as one line on stderr and exit code 2, before any store is written.
 """
@@ -11,10 +12,12 @@ import sys
 import time
 from collections.abc import Sequence
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from searchlab.config import Composer, ConfigError, parse_overrides, redact, validate_config
+from searchlab.config import Composer, ConfigError, compose_config, parse_overrides, redact, validate_config
 from searchlab.data import Splits, load_data
+from searchlab.progress import Progress
+from searchlab.report import Report, load_study, render_text, write_report
 from searchlab.space import load_space
 from searchlab.study import (
     StudyStopped,
@@ -29,7 +32,7 @@ from searchlab.study import (
 )
 from searchlab.tracking import Tracker
 from searchlab.train import fit, resolve_device
-from searchlab.trial import TrialOutcome, TrialRunner, train_command
+from searchlab.trial import TrialRunner, train_command
 
 EXIT_BAD_INPUT = 2
 EXIT_STUDY_FAILED = 1
@@ -63,24 +66,18 @@ def search(overrides: Sequence[str]) -> int:
     }
     parent_run_id = tracker.study_run(cfg.study.name, settings)
     study.set_user_attr("mlflow_parent_run_id", parent_run_id)
+    study.set_user_attr("metric", cfg.study.metric)
     runner = TrialRunner(study, cfg, list(overrides), composer, space, splits, tracker, parent_run_id)
     metric = cfg.study.metric
     done_before = budget_used(study)
     print(f"study '{cfg.study.name}': {done_before}/{cfg.study.n_trials} trials done; storage "
           f"{redact(cfg.study.storage)}; tracking {redact(cfg.tracking.uri)}; space {space.source}", flush=True)
 
-    def on_trial(outcome: TrialOutcome) -> None:
-        best = best_trial(study)
-        value = "-" if outcome.value is None else f"{outcome.value:.4f}"
-        best_text = "-" if best is None else f"{best.value:.4f} (#{best.number})"
-        reason = f"  [{outcome.reason}]" if outcome.reason and outcome.state != "COMPLETE" else ""
-        print(f"trial {outcome.number:4d}  {outcome.state:8s}  {metric}={value:7s}  {outcome.seconds:6.2f}s  "
-              f"best {best_text}{reason}", flush=True)
-
+    progress = Progress(metric, cfg.study.n_trials, cfg.study.timeout, done_before, sys.stdout)
     status = "FINISHED"
     start = time.monotonic()
     try:
-        run_trials(study, runner, cfg, on_trial)
+        run_trials(study, runner, cfg, lambda outcome: progress.trial_finished(outcome, best_trial(study)))
     except KeyboardInterrupt:
         status = "KILLED"
         print(f"interrupted: run the same command to resume study '{cfg.study.name}'", file=sys.stderr)
@@ -88,6 +85,7 @@ def search(overrides: Sequence[str]) -> int:
         status = "FAILED"
         print(f"searchlab: study stopped: {redact(str(err))}", file=sys.stderr)
     finally:
+        progress.close()
         best = best_trial(study)
         tracker.end_study(parent_run_id, None if best is None else vars(best), state_counts(study), status)
     counts = state_counts(study)
@@ -100,6 +98,12 @@ def search(overrides: Sequence[str]) -> int:
         for key, value in best.params.items():
             print(f"  {key} = {value}")
         print(f"re-run it alone:\n  {train_command(best.overrides)}")
+    if status != "KILLED":
+        try:
+            _print_report(write_report(study, cfg, tracker))
+        except Exception as err:  # the study is done and stored: a report can be made again with `report`
+            print(f"searchlab: report not written ({type(err).__name__}: {redact(str(err))[:200]}); "
+                  f"make it with: searchlab report study.name={cfg.study.name}", file=sys.stderr)
     return {"KILLED": EXIT_INTERRUPTED, "FAILED": EXIT_STUDY_FAILED}.get(status, 0)
 
 
@@ -121,16 +125,55 @@ def train(overrides: Sequence[str]) -> int:
     return 0
 
 
+def report(overrides: Sequence[str]) -> int:
+    """Writes the report of an existing study (HTML, PNGs, summary.json) and logs it to its parent MLflow run."""
+    cfg = compose_config(overrides)
+    validate_config(cfg)
+    study = load_study(cfg.study.storage, cfg.study.name)
+    result = write_report(study, cfg, Tracker(cfg.tracking.uri, cfg.tracking.artifact_root))
+    print(render_text(result.summary))
+    _print_report(result)
+    return 0
+
+
+def _print_report(result: Report) -> None:
+    where = f"MLflow run {result.mlflow_run_id} (report/)" if result.mlflow_run_id else f"not in MLflow: {result.note}"
+    print(f"report: {result.folder / 'report.html'} ({result.summary['seconds']:.1f}s); {where}")
+
+
+def best(overrides: Sequence[str]) -> int:
+    """Prints the best trial's full config (base overrides + the trial's) as YAML and as a command line."""
+    cfg = compose_config(overrides)
+    validate_config(cfg)
+    study = load_study(cfg.study.storage, cfg.study.name)
+    top = best_trial(study)
+    if top is None:
+        raise ConfigError(f"study.name: study '{cfg.study.name}' has no complete trial yet; run or resume it first")
+    trial_keys = {_key(o) for o in top.overrides}
+    chosen = [o for o in overrides if _key(o) not in trial_keys] + top.overrides
+    print(f"# best trial {top.number} of study '{cfg.study.name}': "
+          f"{study.user_attrs.get('metric', cfg.study.metric)}={top.value:.4f}")
+    print(OmegaConf.to_yaml(compose_config(chosen), resolve=True), end="")
+    print(f"# re-run it alone:\n{train_command(chosen)}")
+    return 0
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="searchlab", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name, helptext in (("search", "run or resume the study named by study.name"),
-                           ("train", "train one configuration, no study, and print its metrics")):
+                           ("train", "train one configuration, no study, and print its metrics"),
+                           ("report", "write the report of the study named by study.name (HTML, PNGs, MLflow)"),
+                           ("best", "print the best trial's full config as YAML and as a command line")):
         sub = commands.add_parser(name, help=helptext, description=helptext + ". Arguments are Hydra overrides.")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optimizer=adam trainer.max_epochs=5")
     args = parser.parse_args(argv)
     try:
-        return {"search": search, "train": train}[args.command](args.overrides)
+        return {"search": search, "train": train, "report": report, "best": best}[args.command](args.overrides)
     except ConfigError as err:
         print(f"searchlab: error: {redact(str(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -35,7 +35,7 @@ class TrialOutcome:
 
 
 # Overrides of these keys shape the study, not the training: the re-run command leaves them out.
-_STUDY_ONLY = ("study", "tracking", "search")
+_STUDY_ONLY = ("study", "tracking", "search", "report")
 
 
 def training_overrides(overrides: list[str]) -> list[str]:
