@@ -111,7 +111,10 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None) 
 
 
 def _evaluator(settings: DictConfig) -> optuna.importance.BaseImportanceEvaluator:
-    return instantiate(settings.importance)
+    if settings.importance not in settings.importances:
+        raise ConfigError(f"report.importance: unknown '{settings.importance}' "
+                          f"(choose from {', '.join(settings.importances)})")
+    return instantiate(settings.importances[settings.importance])
 
 
 def _importances(study: optuna.Study, complete: list[FrozenTrial],
