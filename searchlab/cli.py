@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from searchlab.config import Composer, ConfigError, compose_config, parse_overrides, redact, validate_config
 from searchlab.data import Splits, load_data
 from searchlab.progress import Progress
-from searchlab.report import Report, load_study, render_text, write_report
+from searchlab.report import Report, check_settings, load_study, render_text, write_report
 from searchlab.space import load_space
 from searchlab.study import (
     StudyStopped,
@@ -53,6 +53,7 @@ def _prepare(overrides: Sequence[str]) -> tuple[Composer, DictConfig, dict[str, 
 def search(overrides: Sequence[str]) -> int:
     """Runs (or resumes) the study the config names, printing one line per finished trial."""
     composer, cfg, fixed, splits = _prepare(overrides)
+    check_settings(cfg.report)
     space = load_space(composer, fixed)
     sampler, pruner = make_sampler(cfg, space), make_pruner(cfg)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root)

@@ -86,7 +86,7 @@ def plotly_figures(study: optuna.Study, importances: Mapping[str, float], slices
 
 def _plotly_grid(views: Sequence[View], metric: str) -> go.Figure:
     rows = math.ceil(len(views) / _COLS)
-    fig = make_subplots(rows=rows, cols=_COLS, subplot_titles=[v.title for v in views], vertical_spacing=0.3 / rows)
+    fig = make_subplots(rows=rows, cols=_COLS, subplot_titles=[v.title for v in views], vertical_spacing=0.45 / rows)
     for i, view in enumerate(views):
         row, col = i // _COLS + 1, i % _COLS + 1
         if view.categorical:

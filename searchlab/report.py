@@ -46,6 +46,20 @@ def load_study(storage_url: str, name: str) -> optuna.Study:
                           f"(studies there: {', '.join(names) or 'none'})") from None
 
 
+def check_settings(settings: DictConfig) -> None:
+    """The `report` section's values, checked before a search starts so a bad one cannot cost a finished study."""
+    for key in ("top_k", "dpi", "min_complete"):
+        value = settings[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"report.{key}: expected a positive integer, got {value!r}")
+    if settings.importance not in settings.importances:
+        raise ConfigError(f"report.importance: unknown '{settings.importance}' "
+                          f"(choose from {', '.join(settings.importances)})")
+    for name, entry in settings.techniques.items():
+        if not isinstance(entry, DictConfig) or not isinstance(entry.get("param"), str):
+            raise ConfigError(f"report.techniques.{name}: expected {{param: <searched key>}}, got {entry!r}")
+
+
 @dataclass(frozen=True)
 class Report:
     folder: Path
@@ -60,6 +74,7 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None) 
 
     start = time.perf_counter()
     settings = cfg.report
+    check_settings(settings)
     metric = study.user_attrs.get("metric", cfg.study.metric)
     folder = Path(settings.dir) / re.sub(r"[^A-Za-z0-9._-]+", "_", study.study_name)
     try:
@@ -111,9 +126,6 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None) 
 
 
 def _evaluator(settings: DictConfig) -> optuna.importance.BaseImportanceEvaluator:
-    if settings.importance not in settings.importances:
-        raise ConfigError(f"report.importance: unknown '{settings.importance}' "
-                          f"(choose from {', '.join(settings.importances)})")
     return instantiate(settings.importances[settings.importance])
 
 

@@ -135,6 +135,15 @@ def test_unknown_study_or_storage_is_one_line_and_exit_2(tiny, tmp_path):
     assert not missing.exists()
 
 
+@pytest.mark.parametrize("setting", ["report.importance=nope", "report.top_k=0", "report.techniques.dropout=x"])
+def test_bad_report_settings_stop_the_search_before_any_store_is_written(tmp_path, setting):
+    code, out, err = run_cli("search", setting, "study.name=bad", f"study.storage={tmp_path}/optuna.journal",
+                             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"report.dir={tmp_path}/reports")
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert setting.split("=")[0] in err
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- synthetic studies: no training, any size ----
 
 def synthetic_study(n: int, name: str = "synthetic", seed: int = 0) -> optuna.Study:
