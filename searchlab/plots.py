@@ -59,9 +59,9 @@ def make_view(trials: Sequence[FrozenTrial], param: str, title: str, labels: Map
     def label(value: Any) -> str:
         return labels.get(str(value), other if other is not None else str(value))
 
-    order = list(dict.fromkeys([*(label(c) for c in distribution.choices)]))
-    return View(title, param, True, False, [label(t.params[param]) for t in having],
-                [float(t.value) for t in having], order)
+    xs = [label(t.params[param]) for t in having]
+    order = list(dict.fromkeys([*(label(c) for c in distribution.choices), *xs]))  # choices first, in their order
+    return View(title, param, True, False, xs, [float(t.value) for t in having], order)
 
 
 # ---- plotly (HTML) ----
@@ -158,8 +158,15 @@ def write_pngs(folder: Path, study: optuna.Study, importances: Mapping[str, floa
     return list(drawings)
 
 
+def _figure(width: float, height: float, bottom: float, left: float = 0.7) -> tuple[plt.Figure, plt.Axes]:
+    """One axes with margins in inches. No layout engine: constrained/tight layouts draw each figure twice."""
+    fig, ax = plt.subplots(figsize=(width, height))
+    fig.subplots_adjust(left=left / width, right=1 - 0.2 / width, bottom=bottom / height, top=1 - 0.35 / height)
+    return fig, ax
+
+
 def _history(complete: list[FrozenTrial], maximize: bool, metric: str) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
+    fig, ax = _figure(8, 4, bottom=0.5)
     numbers = [t.number for t in complete]
     values = [t.value for t in complete]
     ax.scatter(numbers, values, s=12, label=f"{metric} of a complete trial")
@@ -173,7 +180,7 @@ def _history(complete: list[FrozenTrial], maximize: bool, metric: str) -> plt.Fi
 
 def _learning_curves(study: optuna.Study, top: Sequence[int], metric: str) -> plt.Figure:
     best, complete, pruned = _curves(study, top)
-    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    fig, ax = _figure(8, 4.5, bottom=0.5)
     for trials, colour, name in ((complete, (0.5, 0.5, 0.5, 0.25), "complete"),
                                  (pruned, (0.85, 0.2, 0.2, 0.5), "pruned")):
         lines = [np.column_stack(_steps(t)) for t in trials]
@@ -188,7 +195,7 @@ def _learning_curves(study: optuna.Study, top: Sequence[int], metric: str) -> pl
 
 def _importances(importances: Mapping[str, float]) -> plt.Figure:
     names = list(importances)[::-1]
-    fig, ax = plt.subplots(figsize=(7, 1 + 0.35 * len(names)), layout="constrained")
+    fig, ax = _figure(7, 1 + 0.35 * len(names), bottom=0.5, left=0.2 + 0.085 * max(map(len, names), default=0))
     ax.barh(names, [importances[n] for n in names])
     ax.set(xlabel="importance", title="Parameter importances")
     return fig
@@ -205,8 +212,9 @@ def _parallel(complete: list[FrozenTrial], params: list[str], metric: str) -> pl
             if param not in trial.params:
                 column.append(math.nan)
             elif isinstance(distribution, CategoricalDistribution):
-                index = distribution.to_internal_repr(trial.params[param])
-                column.append(index / max(len(distribution.choices) - 1, 1))
+                choices = list(distribution.choices)
+                value = trial.params[param]
+                column.append(choices.index(value) / max(len(choices) - 1, 1) if value in choices else math.nan)
             else:
                 low, high, value = distribution.low, distribution.high, trial.params[param]
                 if getattr(distribution, "log", False):
@@ -222,7 +230,7 @@ def _parallel(complete: list[FrozenTrial], params: list[str], metric: str) -> pl
         present = [(i, y) for i, y in enumerate(row) if np.isfinite(y)]
         segments += [[a, b] for a, b in zip(present, present[1:], strict=False)]
         colours += [value] * (len(present) - 1)
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * (len(params) + 1)), 4.5), layout="constrained")
+    fig, ax = _figure(max(8, 1.1 * (len(params) + 1)), 4.5, bottom=1.3, left=1.0)
     lines = LineCollection(segments, array=np.array(colours), cmap="viridis", linewidths=0.8, alpha=0.6)
     ax.add_collection(lines)
     ax.set_xlim(-0.2, len(params) + 0.2)
@@ -236,7 +244,6 @@ def _parallel(complete: list[FrozenTrial], params: list[str], metric: str) -> pl
 
 def _grid(views: Sequence[View], metric: str) -> plt.Figure:
     rows = math.ceil(len(views) / _COLS)
-    # Placed by hand: the constrained layout engine takes seconds on a grid of box plots.
     height = 3.2 * rows
     fig, axes = plt.subplots(rows, _COLS, figsize=(4 * _COLS, height), squeeze=False)
     fig.subplots_adjust(left=0.06, right=0.98, top=1 - 0.3 / height, bottom=0.75 / height, hspace=0.75, wspace=0.3)

@@ -21,7 +21,7 @@ import numpy as np
 import optuna
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from optuna.importance import PedAnovaImportanceEvaluator
+from optuna.importance import BaseImportanceEvaluator, PedAnovaImportanceEvaluator
 from optuna.search_space import intersection_search_space
 from optuna.trial import FrozenTrial, TrialState
 
@@ -86,7 +86,8 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None) 
     maximize = study.direction.name == "MAXIMIZE"
     ranked = sorted(complete, key=lambda t: t.value, reverse=maximize)
     top = ranked[: settings.top_k]
-    importances, importance_note = _importances(study, complete, settings)
+    evaluator = _evaluator(settings)
+    importances, importance_note = _importances(study, complete, evaluator, settings.min_complete)
     searched = list(dict.fromkeys(k for t in trials for k in t.params))
     slices = [v for v in (plots.make_view(complete, k, k) for k in searched) if v is not None]
     techniques = []
@@ -102,7 +103,7 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None) 
         "best": None if best is None else {"number": best.number, "value": best.value, "params": best.params,
                                            "command": train_command(best.overrides)},
         "top_trials": [_trial_row(t) for t in top],
-        "importances": {"evaluator": type(_evaluator(settings)).__name__, "values": importances,
+        "importances": {"evaluator": type(evaluator).__name__, "values": importances,
                         "note": importance_note},
         "techniques": [_technique_summary(v, maximize) for v in techniques],
     }
@@ -113,29 +114,27 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None) 
     (folder / "report.html").write_text(_html(summary, figures), encoding="utf-8")
     summary["seconds"] = round(time.perf_counter() - start, 3)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-    run_id, note = study.user_attrs.get("mlflow_parent_run_id"), None
-    if tracker is None or run_id is None:
-        run_id, note = None, "the study has no MLflow parent run (user attr mlflow_parent_run_id)"
-    else:
-        try:
-            tracker.log_report(run_id, folder)
-        except Exception as err:  # a study tracked in another store: the local report still stands
-            run_id, note = None, f"cannot log to MLflow run {study.user_attrs['mlflow_parent_run_id']}: " + \
-                redact(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)[:200]
-    return Report(folder, summary, run_id, note)
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent is None or tracker is None:
+        return Report(folder, summary, None, "the study has no MLflow parent run (user attr mlflow_parent_run_id)"
+                      if parent is None else "no tracking store given")
+    try:
+        tracker.log_report(parent, folder)
+    except Exception as err:  # a study tracked in another store: the local report still stands
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return Report(folder, summary, None, f"cannot log to MLflow run {parent}: {redact(reason)[:200]}")
+    return Report(folder, summary, parent, None)
 
 
-def _evaluator(settings: DictConfig) -> optuna.importance.BaseImportanceEvaluator:
+def _evaluator(settings: DictConfig) -> BaseImportanceEvaluator:
     return instantiate(settings.importances[settings.importance])
 
 
-def _importances(study: optuna.Study, complete: list[FrozenTrial],
-                 settings: DictConfig) -> tuple[dict[str, float], str | None]:
+def _importances(study: optuna.Study, complete: list[FrozenTrial], evaluator: BaseImportanceEvaluator,
+                 min_complete: int) -> tuple[dict[str, float], str | None]:
     """Importances and, when there are none or some keys are left out, why."""
-    if len(complete) < settings.min_complete:
-        return {}, (f"not computed: {len(complete)} complete trial(s), fewer than report.min_complete="
-                    f"{settings.min_complete}")
-    evaluator = _evaluator(settings)
+    if len(complete) < min_complete:
+        return {}, f"not computed: {len(complete)} complete trial(s), fewer than report.min_complete={min_complete}"
     note = None
     params = None
     if not isinstance(evaluator, PedAnovaImportanceEvaluator):
