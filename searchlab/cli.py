@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from searchlab.config import Composer, ConfigError, compose_config, parse_overrides, redact, validate_config
 from searchlab.data import Splits, load_data
 from searchlab.progress import Progress
-from searchlab.report import Report, check_settings, load_study, render_text, write_report
+from searchlab.report import Report, best_overrides, check_settings, load_study, render_text, write_report
 from searchlab.space import load_space
 from searchlab.study import (
     StudyStopped,
@@ -142,25 +142,17 @@ def _print_report(result: Report) -> None:
     print(f"report: {result.folder / 'report.html'} ({result.summary['seconds']:.1f}s); {where}")
 
 
-def best(overrides: Sequence[str]) -> int:
+def best_config(overrides: Sequence[str]) -> int:
     """Prints the best trial's full config (base overrides + the trial's) as YAML and as a command line."""
     cfg = compose_config(overrides)
     validate_config(cfg)
     study = load_study(cfg.study.storage, cfg.study.name)
-    top = best_trial(study)
-    if top is None:
-        raise ConfigError(f"study.name: study '{cfg.study.name}' has no complete trial yet; run or resume it first")
-    trial_keys = {_key(o) for o in top.overrides}
-    chosen = [o for o in overrides if _key(o) not in trial_keys] + top.overrides
+    top, chosen = best_overrides(study, overrides)
     print(f"# best trial {top.number} of study '{cfg.study.name}': "
           f"{study.user_attrs.get('metric', cfg.study.metric)}={top.value:.4f}")
     print(OmegaConf.to_yaml(compose_config(chosen), resolve=True), end="")
     print(f"# re-run it alone:\n{train_command(chosen)}")
     return 0
-
-
-def _key(override: str) -> str:
-    return override.lstrip("+~").split("=", 1)[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -174,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optimizer=adam trainer.max_epochs=5")
     args = parser.parse_args(argv)
     try:
-        return {"search": search, "train": train, "report": report, "best": best}[args.command](args.overrides)
+        return {"search": search, "train": train, "report": report, "best": best_config}[args.command](args.overrides)
     except ConfigError as err:
         print(f"searchlab: error: {redact(str(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -12,7 +12,7 @@ import json
 import re
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from optuna.search_space import intersection_search_space
 from optuna.trial import FrozenTrial, TrialState
 
 from searchlab.config import ConfigError, redact
-from searchlab.study import best_trial, open_storage, state_counts
+from searchlab.study import Best, best_trial, open_storage, state_counts
 from searchlab.tracking import Tracker
 from searchlab.trial import train_command
 
@@ -58,6 +58,19 @@ def check_settings(settings: DictConfig) -> None:
     for name, entry in settings.techniques.items():
         if not isinstance(entry, DictConfig) or not isinstance(entry.get("param"), str):
             raise ConfigError(f"report.techniques.{name}: expected {{param: <searched key>}}, got {entry!r}")
+
+
+def best_overrides(study: optuna.Study, overrides: Sequence[str]) -> tuple[Best, list[str]]:
+    """The best trial, and the overrides that compose its full config: the given ones, then the trial's (which win)."""
+    best = best_trial(study)
+    if best is None:
+        raise ConfigError(f"study.name: study '{study.study_name}' has no complete trial yet; run or resume it first")
+
+    def key(override: str) -> str:
+        return override.lstrip("+~").split("=", 1)[0]
+
+    trial_keys = {key(o) for o in best.overrides}
+    return best, [o for o in overrides if key(o) not in trial_keys] + best.overrides
 
 
 @dataclass(frozen=True)
