@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 _BUDGET_STATES = ("COMPLETE", "PRUNED")  # as the study's budget counts: failed trials use none
 _COLOURS = {"COMPLETE": "\x1b[32m", "PRUNED": "\x1b[33m", "FAIL": "\x1b[31m"}
 _RESET, _CLEAR_LINE = "\x1b[0m", "\r\x1b[K"
-_BAR_WIDTH = 20
+_BAR_WIDTH = 16
 
 
 def trial_line(metric: str, outcome: TrialOutcome, best: Best | None) -> str:
@@ -101,14 +101,15 @@ class Progress:
         left = self.remaining()
         text = (f"[{bar}] {self.done}/{self.n_trials} trials  best {self.metric}={best}  "
                 f"elapsed {_clock(time.monotonic() - self.start)}  "
-                f"{'remaining ?' if left is None else 'remaining ~' + _clock(left)}")
+                f"{'left ?' if left is None else 'left ~' + _clock(left)}")
         return text[: self._width() - 1]
 
     def _width(self) -> int:
         try:
-            return os.get_terminal_size(self.stream.fileno()).columns
+            columns = os.get_terminal_size(self.stream.fileno()).columns
         except (AttributeError, OSError, ValueError):  # a fake or redirected stream has no terminal size
-            return 120
+            columns = 0
+        return columns if columns >= 20 else 120  # a pty nobody sized says 0
 
     def _tick(self, refresh_s: float) -> None:
         while not self._stop.wait(refresh_s):

@@ -68,7 +68,7 @@ def test_live_mode_redraws_a_status_line_below_the_trials():
     assert "[pruned at epoch 2: val_acc=0.5]" in text
     final = text.rsplit("\r\x1b[K", 1)[1]
     assert final.endswith("\n") and "5/10 trials" in final and "best val_acc=0.9500 (#3)" in final
-    assert "elapsed 0:00" in final and "remaining ~" in final
+    assert "elapsed 0:00" in final and "left ~" in final
     closed = stream.getvalue()
     time.sleep(0.1)
     assert stream.getvalue() == closed  # nothing drawn after close
