@@ -7,8 +7,9 @@ one LineCollection for many lines, so that a study of hundreds of trials plots i
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from optuna.distributions import CategoricalDistribution  # noqa: E402
 from optuna.trial import FrozenTrial  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
@@ -39,6 +41,11 @@ class View:
     xs: list[Any]  # category labels, or numeric values
     ys: list[float]
     order: list[str]  # category labels in display order
+    stopped: Mapping[str, Counter[str]] = field(default_factory=dict)  # PRUNED / FAIL -> trials per category label
+
+    def n_stopped(self, label: str) -> int:
+        """Pruned and failed trials with this choice."""
+        return sum(counts[label] for counts in self.stopped.values())
 
     def groups(self) -> list[tuple[str, list[float]]]:
         return [(label, [y for x, y in zip(self.xs, self.ys, strict=True) if x == label]) for label in self.order]
@@ -46,8 +53,9 @@ class View:
 
 def make_view(trials: Sequence[FrozenTrial], param: str, title: str, labels: Mapping[str, str] | None = None,
               other: str | None = None) -> View | None:
-    """The view of `param` over the complete trials that have it; None when no trial searched it."""
-    having = [t for t in trials if param in t.params]
+    """The view of `param` over the complete trials that have it (pruned and failed ones counted per choice);
+    None when no complete trial has it."""
+    having = [t for t in trials if param in t.params and t.state.name == "COMPLETE"]
     if not having:
         return None
     distribution = having[-1].distributions[param]
@@ -61,7 +69,9 @@ def make_view(trials: Sequence[FrozenTrial], param: str, title: str, labels: Map
 
     xs = [label(t.params[param]) for t in having]
     order = list(dict.fromkeys([*(label(c) for c in distribution.choices), *xs]))  # choices first, in their order
-    return View(title, param, True, False, xs, [float(t.value) for t in having], order)
+    stopped = {state: Counter(label(t.params[param]) for t in trials if param in t.params and t.state.name == state)
+               for state in ("PRUNED", "FAIL")}
+    return View(title, param, True, False, xs, [float(t.value) for t in having], order, stopped)
 
 
 # ---- plotly (HTML) ----
@@ -188,6 +198,7 @@ def _learning_curves(study: optuna.Study, top: Sequence[int], metric: str) -> pl
     for trial in best:
         ax.plot(*_steps(trial), marker=".", linewidth=1.6, label=f"#{trial.number} ({trial.value:.4g})")
     ax.autoscale()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel=metric, title="Learning curves: best trials beside pruned ones")
     ax.legend(fontsize="small", ncols=2)
     return fig
@@ -251,10 +262,13 @@ def _grid(views: Sequence[View], metric: str) -> plt.Figure:
     for ax, view in zip(axes.flat, views, strict=False):
         if view.categorical:
             groups = view.groups()
-            ax.boxplot([ys for _, ys in groups], tick_labels=[label for label, _ in groups], showfliers=False)
+            ticks = [f"{label}\nn={len(ys)}" + (f"+{view.n_stopped(label)}" if view.n_stopped(label) else "")
+                     for label, ys in groups]
+            ax.boxplot([ys for _, ys in groups], tick_labels=ticks, showfliers=False)
             for i, (_, ys) in enumerate(groups, start=1):
                 ax.scatter(i + rng.uniform(-0.15, 0.15, len(ys)), ys, s=8, alpha=0.6, color="C1")
             ax.tick_params(axis="x", labelrotation=30, labelsize="small")
+            ax.set_xlabel("n = complete + pruned or failed trials", fontsize="x-small")
         else:
             ax.scatter(view.xs, view.ys, s=8, alpha=0.6)
             if view.log:

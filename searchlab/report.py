@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import optuna
@@ -29,6 +29,9 @@ from searchlab.config import ConfigError, redact
 from searchlab.study import Best, best_trial, open_storage, state_counts
 from searchlab.tracking import Tracker
 from searchlab.trial import train_command
+
+if TYPE_CHECKING:
+    from searchlab.plots import View
 
 
 def load_study(storage_url: str, name: str) -> optuna.Study:
@@ -102,11 +105,11 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None) 
     evaluator = _evaluator(settings)
     importances, importance_note = _importances(study, complete, evaluator, settings.min_complete)
     searched = list(dict.fromkeys(k for t in trials for k in t.params))
-    slices = [v for v in (plots.make_view(complete, k, k) for k in searched) if v is not None]
+    slices = [v for v in (plots.make_view(trials, k, k) for k in searched) if v is not None]
     techniques = []
     for name, entry in settings.techniques.items():
         entry = OmegaConf.to_container(entry)
-        view = plots.make_view(complete, entry["param"], name, entry.get("labels"), entry.get("other"))
+        view = plots.make_view(trials, entry["param"], name, entry.get("labels"), entry.get("other"))
         if view is not None:
             techniques.append(view)
     best = best_trial(study)
@@ -159,7 +162,11 @@ def _importances(study: optuna.Study, complete: list[FrozenTrial], evaluator: Ba
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         values = optuna.importance.get_param_importances(study, evaluator=evaluator, params=params)
-    said = [str(w.message) for w in caught if "importance" in str(w.message).lower()]
+    # Optuna warns once per key ("... parameter `x` ..."): one sentence per kind of warning, naming all its keys.
+    keys_by_text: dict[str, list[str]] = {}
+    for message in (str(w.message) for w in caught if "importance" in str(w.message).lower()):
+        keys_by_text.setdefault(re.sub(r"`[^`]+`", "{}", message), []).extend(re.findall(r"`([^`]+)`", message))
+    said = [text.replace("{}", ", ".join(keys)) if keys else text for text, keys in keys_by_text.items()]
     if said:
         note = "; ".join(filter(None, [note, *said]))
     return {k: float(v) for k, v in values.items()}, note
@@ -170,13 +177,14 @@ def _trial_row(trial: FrozenTrial) -> dict[str, Any]:
     return {"number": trial.number, "value": trial.value, "seconds": seconds, "params": dict(trial.params)}
 
 
-def _technique_summary(view: Any, maximize: bool) -> dict[str, Any]:
+def _technique_summary(view: View, maximize: bool) -> dict[str, Any]:
     """Per choice: trials, median and best objective; for a continuous key: rank correlation and the best value."""
     pick = max if maximize else min
-    summary: dict[str, Any] = {"technique": view.title, "param": view.param}
+    summary: dict[str, Any] = {"technique": view.title, "param": view.param, "complete": len(view.ys)}
     if view.categorical:
         summary["choices"] = [{"choice": label, "trials": len(ys), "median": float(np.median(ys)) if ys else None,
-                               "best": pick(ys) if ys else None} for label, ys in view.groups()]
+                               "best": pick(ys) if ys else None, "pruned": view.stopped["PRUNED"][label],
+                               "failed": view.stopped["FAIL"][label]} for label, ys in view.groups()]
     else:
         xs = np.log(view.xs) if view.log else np.asarray(view.xs, dtype=float)
         summary["spearman"] = _spearman(xs, np.asarray(view.ys))
@@ -227,6 +235,10 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _stopped(choice: Mapping[str, Any]) -> str:
+    return "".join(f", {choice[k]} {k}" for k in ("pruned", "failed") if choice[k])
+
+
 def _html(summary: Mapping[str, Any], figures: list[tuple[str, Any]]) -> str:
     """One self-contained page: plotly.js embedded once (with the first figure), no CDN, no external CSS."""
     counts, best, metric = summary["counts"], summary["best"], summary["metric"]
@@ -251,8 +263,8 @@ def _html(summary: Mapping[str, Any], figures: list[tuple[str, Any]]) -> str:
     rows = []
     for tech in summary["techniques"]:
         if "choices" in tech:
-            text = "; ".join(f"{c['choice']}: median {_short(c['median'])}, best {_short(c['best'])} (n={c['trials']})"
-                             for c in tech["choices"] if c["trials"])
+            text = "; ".join(f"{c['choice']}: median {_short(c['median'])}, best {_short(c['best'])} (n={c['trials']}"
+                             f"{_stopped(c)})" for c in tech["choices"] if c["trials"] + c["pruned"] + c["failed"])
         else:
             text = f"rank correlation {_short(tech['spearman'])}; best at {_short(tech['best_at'])}"
         rows.append([tech["technique"], tech["param"], text])

@@ -76,6 +76,8 @@ def test_search_ends_with_the_report_and_its_counts_match_optuna(tiny):
     regime = next(t for t in summary["techniques"] if t["param"] == "data.batch_size")
     assert {c["choice"] for c in regime["choices"]} == {"full batch", "stochastic (1)", "mini-batch"}
     assert sum(c["trials"] for c in regime["choices"]) == len(complete)
+    for state, key in ((TrialState.PRUNED, "pruned"), (TrialState.FAIL, "failed")):
+        assert sum(c[key] for c in regime["choices"]) == sum(t.state == state for t in trials)
 
 
 def test_best_config_retrains_alone_to_the_same_metric(tiny):
