@@ -1,4 +1,5 @@
-"""The `searchlab` command: `search` runs a study, `worker` joins one, `train` trains one configuration. Wiring only.
+"""The `searchlab` command: `search` runs a study, `worker` joins one, `train` trains one configuration, `report`
+and `best` review a study, `storage-proxy` serves a study's storage to other machines. Wiring only.
 
 Bad input of any kind ends here as one line on stderr and exit code 2, before any store is written.
 """
@@ -12,13 +13,15 @@ import sys
 import time
 from collections.abc import Sequence
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from searchlab.config import Composer, ConfigError, compose_config, parse_overrides, redact, validate_config
 from searchlab.data import Splits, load_data
 from searchlab.devices import cpu_count, detect_gpus, plan_workers
 from searchlab.faults import heartbeat_settings
 from searchlab.locks import NoLock, budget_lock
+from searchlab.progress import Progress
+from searchlab.report import Report, best_overrides, check_settings, load_study, render_text, write_report
 from searchlab.space import load_space
 from searchlab.study import (
     Budget,
@@ -62,6 +65,7 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> int:
     """
     composer, cfg, fixed, splits = _prepare(overrides)
     slots = [] if as_worker else plan_workers(cfg.workers, detect_gpus(cfg.trainer.accelerator), cpu_count())
+    check_settings(cfg.report)
     space = load_space(composer, fixed)
     sampler, pruner = make_sampler(cfg, space, _worker_index() if as_worker else 0), make_pruner(cfg)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
@@ -77,6 +81,7 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> int:
     with lock():  # one parent run, however many workers start at once
         parent_run_id = tracker.study_run(cfg.study.name, settings)
         study.set_user_attr("mlflow_parent_run_id", parent_run_id)
+        study.set_user_attr("metric", cfg.study.metric)
     dead = DeadWorkers(study, tracker, parent_run_id, trust_missing_pid=not isinstance(lock, NoLock))
     budget = Budget(study, cfg.study.n_trials, lock, dead)
     metric = cfg.study.metric
@@ -85,13 +90,10 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> int:
           f"{redact(cfg.study.storage)}; tracking {redact(cfg.tracking.uri)}; space {space.source}"
           + (f"; {len(slots)} workers" if len(slots) > 1 else ""), flush=True)
 
+    progress = Progress(metric, cfg.study.n_trials, cfg.study.timeout, done_before, sys.stdout)
+
     def on_trial(outcome: TrialOutcome) -> None:
-        best = best_trial(study)
-        value = "-" if outcome.value is None else f"{outcome.value:.4f}"
-        best_text = "-" if best is None else f"{best.value:.4f} (#{best.number})"
-        reason = f"  [{outcome.reason}]" if outcome.reason and outcome.state != "COMPLETE" else ""
-        print(f"trial {outcome.number:4d}  {outcome.state:8s}  {metric}={value:7s}  {outcome.seconds:6.2f}s  "
-              f"best {best_text}{reason}", flush=True)
+        progress.trial_finished(outcome, best_trial(study))
 
     status = "FINISHED"
     start = time.monotonic()
@@ -109,6 +111,7 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> int:
         status = "FAILED"
         print(f"searchlab: study stopped: {redact(str(err))}", file=sys.stderr)
     finally:
+        progress.close()
         best = best_trial(study)
         if not as_worker or budget.done():
             tracker.end_study(parent_run_id, None if best is None else vars(best), state_counts(study), status)
@@ -124,6 +127,12 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> int:
         for key, value in best.params.items():
             print(f"  {key} = {value}")
         print(f"re-run it alone:\n  {train_command(best.overrides)}")
+    if status != "KILLED" and not as_worker:  # the parent reports; workers started by hand leave it to `report`
+        try:
+            _print_report(write_report(study, cfg, tracker))
+        except Exception as err:  # the study is done and stored: a report can be made again with `report`
+            print(f"searchlab: report not written ({type(err).__name__}: {redact(str(err))[:200]}); "
+                  f"make it with: searchlab report study.name={cfg.study.name}", file=sys.stderr)
     return {"KILLED": EXIT_INTERRUPTED, "FAILED": EXIT_STUDY_FAILED}.get(status, 0)
 
 
@@ -170,18 +179,50 @@ def storage_proxy(overrides: Sequence[str]) -> int:
     return 0
 
 
+def report(overrides: Sequence[str]) -> int:
+    """Writes the report of an existing study (HTML, PNGs, summary.json) and logs it to its parent MLflow run."""
+    cfg = compose_config(overrides)
+    validate_config(cfg)
+    study = load_study(cfg.study.storage, cfg.study.name)
+    result = write_report(study, cfg, Tracker(cfg.tracking.uri, cfg.tracking.artifact_root))
+    print(render_text(result.summary))
+    _print_report(result)
+    return 0
+
+
+def _print_report(result: Report) -> None:
+    where = f"MLflow run {result.mlflow_run_id} (report/)" if result.mlflow_run_id else f"not in MLflow: {result.note}"
+    print(f"report: {result.folder / 'report.html'} ({result.summary['seconds']:.1f}s); {where}")
+
+
+def best_config(overrides: Sequence[str]) -> int:
+    """Prints the best trial's full config (base overrides + the trial's) as YAML and as a command line."""
+    cfg = compose_config(overrides)
+    validate_config(cfg)
+    study = load_study(cfg.study.storage, cfg.study.name)
+    top, chosen = best_overrides(study, overrides)
+    print(f"# best trial {top.number} of study '{cfg.study.name}': "
+          f"{study.user_attrs.get('metric', cfg.study.metric)}={top.value:.4f}")
+    print(OmegaConf.to_yaml(compose_config(chosen), resolve=True), end="")
+    print(f"# re-run it alone:\n{train_command(chosen)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="searchlab", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name, helptext in (("search", "run or resume the study named by study.name (workers=N: N processes)"),
                            ("worker", "join the study named by study.name and run its trials in this process"),
                            ("train", "train one configuration, no study, and print its metrics"),
+                           ("report", "write the report of the study named by study.name (HTML, PNGs, MLflow)"),
+                           ("best", "print the best trial's full config as YAML and as a command line"),
                            ("storage-proxy", "serve study.storage (postgresql://...) to workers as grpc://HOST:PORT")):
         sub = commands.add_parser(name, help=helptext, description=helptext + ". Arguments are Hydra overrides.")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optimizer=adam trainer.max_epochs=5")
     args = parser.parse_args(argv)
     try:
-        command = {"search": search, "worker": worker, "train": train, "storage-proxy": storage_proxy}[args.command]
+        command = {"search": search, "worker": worker, "train": train, "report": report, "best": best_config,
+                   "storage-proxy": storage_proxy}[args.command]
         return command(args.overrides)
     except ConfigError as err:
         print(f"searchlab: error: {redact(str(err))}", file=sys.stderr)

@@ -242,6 +242,10 @@ class Tracker:
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         self.client.set_terminated(run_id, status=status)
 
+    def log_report(self, run_id: str, folder: Path) -> None:
+        """The study report's files, under `report/` in the parent run's artifacts (replaced when re-made)."""
+        self.client.log_artifacts(run_id, str(folder), "report")
+
 
 def _text(value: Any) -> str:
     return str(value)[:6000]

@@ -36,7 +36,7 @@ class TrialOutcome:
 
 
 # Overrides of these keys shape the study, not the training: the re-run command leaves them out.
-_STUDY_ONLY = ("study", "tracking", "search", "workers")
+_STUDY_ONLY = ("study", "tracking", "search", "workers", "report")
 
 
 def training_overrides(overrides: list[str]) -> list[str]:

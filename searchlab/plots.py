@@ -1,0 +1,281 @@
+"""The report's figures: plotly for the HTML page, matplotlib (Agg) for the PNGs.
+
+kaleido (plotly's PNG export) needs a Chrome of its own, so the PNGs are drawn by matplotlib: few figures, small dpi,
+one LineCollection for many lines, so that a study of hundreds of trials plots in about a second.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display, and the fastest backend
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import optuna  # noqa: E402
+import plotly.graph_objects as go  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from optuna.distributions import CategoricalDistribution  # noqa: E402
+from optuna.trial import FrozenTrial  # noqa: E402
+from plotly.subplots import make_subplots  # noqa: E402
+
+_COLS = 3  # panels per row in the slice and technique grids
+
+
+@dataclass(frozen=True)
+class View:
+    """The objective of complete trials against one searched key: by category, or against its (log) value."""
+
+    title: str
+    param: str
+    categorical: bool
+    log: bool
+    xs: list[Any]  # category labels, or numeric values
+    ys: list[float]
+    order: list[str]  # category labels in display order
+    stopped: Mapping[str, Counter[str]] = field(default_factory=dict)  # PRUNED / FAIL -> trials per category label
+
+    def n_stopped(self, label: str) -> int:
+        """Pruned and failed trials with this choice."""
+        return sum(counts[label] for counts in self.stopped.values())
+
+    def groups(self) -> list[tuple[str, list[float]]]:
+        return [(label, [y for x, y in zip(self.xs, self.ys, strict=True) if x == label]) for label in self.order]
+
+
+def make_view(trials: Sequence[FrozenTrial], param: str, title: str, labels: Mapping[str, str] | None = None,
+              other: str | None = None) -> View | None:
+    """The view of `param` over the complete trials that have it (pruned and failed ones counted per choice);
+    None when no complete trial has it."""
+    having = [t for t in trials if param in t.params and t.state.name == "COMPLETE"]
+    if not having:
+        return None
+    distribution = having[-1].distributions[param]
+    if not isinstance(distribution, CategoricalDistribution):
+        return View(title, param, False, bool(getattr(distribution, "log", False)),
+                    [float(t.params[param]) for t in having], [float(t.value) for t in having], [])
+    labels = labels or {}
+
+    def label(value: Any) -> str:
+        return labels.get(str(value), other if other is not None else str(value))
+
+    xs = [label(t.params[param]) for t in having]
+    order = list(dict.fromkeys([*(label(c) for c in distribution.choices), *xs]))  # choices first, in their order
+    stopped = {state: Counter(label(t.params[param]) for t in trials if param in t.params and t.state.name == state)
+               for state in ("PRUNED", "FAIL")}
+    return View(title, param, True, False, xs, [float(t.value) for t in having], order, stopped)
+
+
+# ---- plotly (HTML) ----
+
+def plotly_figures(study: optuna.Study, importances: Mapping[str, float], slices: Sequence[View],
+                   techniques: Sequence[View], top: Sequence[int], metric: str) -> list[tuple[str, go.Figure]]:
+    """(title, figure) for each section of the HTML page."""
+    figures = [("Optimization history", optuna.visualization.plot_optimization_history(study, target_name=metric))]
+    if techniques:
+        figures.append(("Techniques: the objective by each choice", _plotly_grid(techniques, metric)))
+    if importances:
+        names = list(importances)[::-1]
+        bar = go.Figure(go.Bar(x=[importances[n] for n in names], y=names, orientation="h"))
+        bar.update_layout(title="Parameter importances", height=120 + 28 * len(names), xaxis_title="importance")
+        figures.append(("Parameter importances", bar))
+    figures.append(("Learning curves", _plotly_curves(study, top, metric)))
+    figures.append(("Parallel coordinates", optuna.visualization.plot_parallel_coordinate(study, target_name=metric)))
+    if slices:
+        figures.append(("Slices: the objective against each searched key", _plotly_grid(slices, metric)))
+    return figures
+
+
+def _plotly_grid(views: Sequence[View], metric: str) -> go.Figure:
+    rows = math.ceil(len(views) / _COLS)
+    fig = make_subplots(rows=rows, cols=_COLS, subplot_titles=[v.title for v in views], vertical_spacing=0.45 / rows)
+    for i, view in enumerate(views):
+        row, col = i // _COLS + 1, i % _COLS + 1
+        if view.categorical:
+            trace = go.Box(x=view.xs, y=view.ys, boxpoints="all", jitter=0.4, pointpos=0, name=view.title)
+            fig.update_xaxes(categoryorder="array", categoryarray=view.order, row=row, col=col)
+        else:
+            trace = go.Scatter(x=view.xs, y=view.ys, mode="markers", name=view.title, marker={"size": 5})
+            fig.update_xaxes(type="log" if view.log else "linear", title_text=view.param, row=row, col=col)
+        fig.add_trace(trace, row=row, col=col)
+        fig.update_yaxes(title_text=metric if col == 1 else None, row=row, col=col)
+    fig.update_layout(height=300 * rows, showlegend=False)
+    return fig
+
+
+def _curves(study: optuna.Study, top: Sequence[int]) -> tuple[list[FrozenTrial], list[FrozenTrial], list[FrozenTrial]]:
+    """Best trials (in rank order), other complete trials, pruned trials: those with intermediate values."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values]
+    by_number = {t.number: t for t in trials}
+    best = [by_number[n] for n in top if n in by_number]
+    rest = [t for t in trials if t.number not in set(top)]
+    return best, [t for t in rest if t.state.name == "COMPLETE"], [t for t in rest if t.state.name == "PRUNED"]
+
+
+def _steps(trial: FrozenTrial) -> tuple[list[int], list[float]]:
+    steps = sorted(trial.intermediate_values)
+    return steps, [trial.intermediate_values[s] for s in steps]
+
+
+def _plotly_curves(study: optuna.Study, top: Sequence[int], metric: str) -> go.Figure:
+    best, complete, pruned = _curves(study, top)
+    fig = go.Figure()
+    for trials, name, style in ((complete, "complete", {"color": "rgba(120,120,120,0.25)", "width": 1}),
+                                (pruned, "pruned", {"color": "rgba(215,50,50,0.5)", "width": 1})):
+        xs: list[float | None] = []
+        ys: list[float | None] = []
+        for trial in trials:  # one trace per group, lines separated by None: fast with hundreds of trials
+            steps, values = _steps(trial)
+            xs += [*steps, None]
+            ys += [*values, None]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=style, name=f"{name} ({len(trials)})"))
+    for trial in best:
+        steps, values = _steps(trial)
+        fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name=f"#{trial.number} ({trial.value:.4g})"))
+    fig.update_layout(xaxis_title="epoch", yaxis_title=metric, height=450)
+    return fig
+
+
+# ---- matplotlib (PNG) ----
+
+def write_pngs(folder: Path, study: optuna.Study, importances: Mapping[str, float], slices: Sequence[View],
+               techniques: Sequence[View], top: Sequence[int], metric: str, dpi: int) -> list[str]:
+    """The PNG files, by name, written to `folder`."""
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    drawings = {
+        "history.png": lambda: _history(complete, study.direction.name == "MAXIMIZE", metric),
+        "learning_curves.png": lambda: _learning_curves(study, top, metric),
+        "parallel_coordinates.png": lambda: _parallel(complete, [v.param for v in slices], metric),
+    }
+    if importances:
+        drawings["importances.png"] = lambda: _importances(importances)
+    if slices:
+        drawings["slices.png"] = lambda: _grid(slices, metric)
+    if techniques:
+        drawings["techniques.png"] = lambda: _grid(techniques, metric)
+    for name, draw in drawings.items():
+        fig = draw()
+        fig.savefig(folder / name, dpi=dpi)
+        plt.close(fig)
+    return list(drawings)
+
+
+def _figure(width: float, height: float, bottom: float, left: float = 0.7) -> tuple[plt.Figure, plt.Axes]:
+    """One axes with margins in inches. No layout engine: constrained/tight layouts draw each figure twice."""
+    fig, ax = plt.subplots(figsize=(width, height))
+    fig.subplots_adjust(left=left / width, right=1 - 0.2 / width, bottom=bottom / height, top=1 - 0.35 / height)
+    return fig, ax
+
+
+def _history(complete: list[FrozenTrial], maximize: bool, metric: str) -> plt.Figure:
+    fig, ax = _figure(8, 4, bottom=0.5)
+    numbers = [t.number for t in complete]
+    values = [t.value for t in complete]
+    ax.scatter(numbers, values, s=12, label=f"{metric} of a complete trial")
+    if values:
+        best = np.maximum.accumulate(values) if maximize else np.minimum.accumulate(values)
+        ax.step(numbers, best, where="post", color="C3", label="best so far")
+        ax.legend()
+    ax.set(xlabel="trial", ylabel=metric, title="Optimization history")
+    return fig
+
+
+def _learning_curves(study: optuna.Study, top: Sequence[int], metric: str) -> plt.Figure:
+    best, complete, pruned = _curves(study, top)
+    fig, ax = _figure(8, 4.5, bottom=0.5)
+    for trials, colour, name in ((complete, (0.5, 0.5, 0.5, 0.25), "complete"),
+                                 (pruned, (0.85, 0.2, 0.2, 0.5), "pruned")):
+        lines = [np.column_stack(_steps(t)) for t in trials]
+        ax.add_collection(LineCollection(lines, colors=[colour], linewidths=0.8, label=f"{name} ({len(trials)})"))
+    for trial in best:
+        ax.plot(*_steps(trial), marker=".", linewidth=1.6, label=f"#{trial.number} ({trial.value:.4g})")
+    ax.autoscale()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="epoch", ylabel=metric, title="Learning curves: best trials beside pruned ones")
+    ax.legend(fontsize="small", ncols=2)
+    return fig
+
+
+def _importances(importances: Mapping[str, float]) -> plt.Figure:
+    names = list(importances)[::-1]
+    fig, ax = _figure(7, 1 + 0.35 * len(names), bottom=0.5, left=0.2 + 0.085 * max(map(len, names), default=0))
+    ax.barh(names, [importances[n] for n in names])
+    ax.set(xlabel="importance", title="Parameter importances")
+    return fig
+
+
+def _parallel(complete: list[FrozenTrial], params: list[str], metric: str) -> plt.Figure:
+    """Each key scaled to [0, 1] (log keys on a log scale, choices by index); a trial's line skips keys it lacks."""
+    axes_values = []
+    for param in params:
+        having = [t for t in complete if param in t.params]
+        distribution = having[-1].distributions[param] if having else None
+        column = []
+        for trial in complete:
+            if param not in trial.params:
+                column.append(math.nan)
+            elif isinstance(distribution, CategoricalDistribution):
+                choices = list(distribution.choices)
+                value = trial.params[param]
+                column.append(choices.index(value) / max(len(choices) - 1, 1) if value in choices else math.nan)
+            else:
+                low, high, value = distribution.low, distribution.high, trial.params[param]
+                if getattr(distribution, "log", False):
+                    low, high, value = math.log(low), math.log(high), math.log(value)
+                column.append((value - low) / (high - low) if high > low else 0.5)
+        axes_values.append(column)
+    values = np.array([t.value for t in complete], dtype=float)
+    span = (values.max() - values.min()) if len(values) else 0.0
+    objective = (values - values.min()) / span if span > 0 else np.full(len(values), 0.5)
+    points = np.array([*axes_values, objective]).T if complete else np.zeros((0, len(params) + 1))
+    segments, colours = [], []
+    for row, value in zip(points, objective, strict=True):
+        present = [(i, y) for i, y in enumerate(row) if np.isfinite(y)]
+        segments += [[a, b] for a, b in zip(present, present[1:], strict=False)]
+        colours += [value] * (len(present) - 1)
+    fig, ax = _figure(max(8, 1.1 * (len(params) + 1)), 4.5, bottom=1.3, left=1.0)
+    lines = LineCollection(segments, array=np.array(colours), cmap="viridis", linewidths=0.8, alpha=0.6)
+    ax.add_collection(lines)
+    ax.set_xlim(-0.2, len(params) + 0.2)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xticks(range(len(params) + 1), [*params, metric], rotation=30, ha="right", fontsize="small")
+    ax.set(title="Parallel coordinates (each key scaled to its range; colour: objective)", yticks=[])
+    if len(colours):
+        fig.colorbar(lines, ax=ax, label=f"{metric} (scaled)")
+    return fig
+
+
+def _grid(views: Sequence[View], metric: str) -> plt.Figure:
+    rows = math.ceil(len(views) / _COLS)
+    height = 3.2 * rows
+    fig, axes = plt.subplots(rows, _COLS, figsize=(4 * _COLS, height), squeeze=False)
+    fig.subplots_adjust(left=0.06, right=0.98, top=1 - 0.3 / height, bottom=0.75 / height, hspace=0.75, wspace=0.3)
+    rng = np.random.default_rng(0)
+    for ax, view in zip(axes.flat, views, strict=False):
+        if view.categorical:
+            groups = view.groups()
+            ticks = [f"{label}\nn={len(ys)}" + (f"+{view.n_stopped(label)}" if view.n_stopped(label) else "")
+                     for label, ys in groups]
+            ax.boxplot([ys for _, ys in groups], tick_labels=ticks, showfliers=False)
+            for i, (_, ys) in enumerate(groups, start=1):
+                ax.scatter(i + rng.uniform(-0.15, 0.15, len(ys)), ys, s=8, alpha=0.6, color="C1")
+            ax.tick_params(axis="x", labelrotation=30, labelsize="small")
+            ax.set_xlabel("n = complete + pruned or failed trials", fontsize="x-small")
+        else:
+            ax.scatter(view.xs, view.ys, s=8, alpha=0.6)
+            if view.log:
+                ax.set_xscale("log")
+            ax.set_xlabel(view.param, fontsize="small")
+        ax.set_title(view.title, fontsize="medium")
+        ax.set_ylabel(metric)
+    for ax in list(axes.flat)[len(views):]:
+        ax.set_visible(False)
+    return fig

@@ -1,0 +1,276 @@
+"""The study report: counts by state, top trials, the best configuration as a command, parameter importances, and
+one view per technique of deep-learning optimization, written as one offline HTML page, PNGs and summary.json.
+
+It reads only the Optuna study (any storage the search uses) and the config's `report` section; which searched key
+shows which technique comes from that section (conf/report/), never from code.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import optuna
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from optuna.importance import BaseImportanceEvaluator, PedAnovaImportanceEvaluator
+from optuna.search_space import intersection_search_space
+from optuna.trial import FrozenTrial, TrialState
+
+from searchlab.config import ConfigError, redact
+from searchlab.study import Best, best_trial, open_storage, state_counts
+from searchlab.tracking import Tracker
+from searchlab.trial import train_command
+
+if TYPE_CHECKING:
+    from searchlab.plots import View
+
+
+def load_study(storage_url: str, name: str) -> optuna.Study:
+    """The existing study `name`; a missing store or study is bad input, and nothing is created for it."""
+    path = storage_url.removeprefix("sqlite:///") if storage_url.startswith("sqlite:///") else storage_url
+    if ("://" not in storage_url or storage_url.startswith("sqlite:///")) and not Path(path).is_file():
+        raise ConfigError(f"study.storage: no study storage at {redact(storage_url)}; "
+                          f"give the study.storage the search used")
+    storage = open_storage(storage_url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = optuna.get_all_study_names(storage)
+        raise ConfigError(f"study.name: no study '{name}' in {redact(storage_url)} "
+                          f"(studies there: {', '.join(names) or 'none'})") from None
+
+
+def check_settings(settings: DictConfig) -> None:
+    """The `report` section's values, checked before a search starts so a bad one cannot cost a finished study."""
+    for key in ("top_k", "dpi", "min_complete"):
+        value = settings[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"report.{key}: expected a positive integer, got {value!r}")
+    if settings.importance not in settings.importances:
+        raise ConfigError(f"report.importance: unknown '{settings.importance}' "
+                          f"(choose from {', '.join(settings.importances)})")
+    for name, entry in settings.techniques.items():
+        if not isinstance(entry, DictConfig) or not isinstance(entry.get("param"), str):
+            raise ConfigError(f"report.techniques.{name}: expected {{param: <searched key>}}, got {entry!r}")
+
+
+def best_overrides(study: optuna.Study, overrides: Sequence[str]) -> tuple[Best, list[str]]:
+    """The best trial, and the overrides that compose its full config: the given ones, then the trial's (which win)."""
+    best = best_trial(study)
+    if best is None:
+        raise ConfigError(f"study.name: study '{study.study_name}' has no complete trial yet; run or resume it first")
+
+    def key(override: str) -> str:
+        return override.lstrip("+~").split("=", 1)[0]
+
+    trial_keys = {key(o) for o in best.overrides}
+    return best, [o for o in overrides if key(o) not in trial_keys] + best.overrides
+
+
+@dataclass(frozen=True)
+class Report:
+    folder: Path
+    summary: dict[str, Any]
+    mlflow_run_id: str | None  # the parent run it was logged to, None when it was not
+    note: str | None  # why it was not logged to MLflow
+
+
+def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None) -> Report:
+    """Writes the report to report.dir/<study> and logs it to the study's parent MLflow run when there is one."""
+    from searchlab import plots  # plotly and matplotlib load only when a report is made
+
+    start = time.perf_counter()
+    settings = cfg.report
+    check_settings(settings)
+    metric = study.user_attrs.get("metric", cfg.study.metric)
+    folder = Path(settings.dir) / re.sub(r"[^A-Za-z0-9._-]+", "_", study.study_name)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"report.dir: cannot create '{folder}': {err.strerror}") from None
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    maximize = study.direction.name == "MAXIMIZE"
+    ranked = sorted(complete, key=lambda t: t.value, reverse=maximize)
+    top = ranked[: settings.top_k]
+    evaluator = _evaluator(settings)
+    importances, importance_note = _importances(study, complete, evaluator, settings.min_complete)
+    searched = list(dict.fromkeys(k for t in trials for k in t.params))
+    slices = [v for v in (plots.make_view(trials, k, k) for k in searched) if v is not None]
+    techniques = []
+    for name, entry in settings.techniques.items():
+        entry = OmegaConf.to_container(entry)
+        view = plots.make_view(trials, entry["param"], name, entry.get("labels"), entry.get("other"))
+        if view is not None:
+            techniques.append(view)
+    best = best_trial(study)
+    summary = {
+        "study": study.study_name, "direction": study.direction.name.lower(), "metric": metric,
+        "counts": {**state_counts(study), "total": len(trials)},
+        "best": None if best is None else {"number": best.number, "value": best.value, "params": best.params,
+                                           "command": train_command(best.overrides)},
+        "top_trials": [_trial_row(t) for t in top],
+        "importances": {"evaluator": type(evaluator).__name__, "values": importances,
+                        "note": importance_note},
+        "techniques": [_technique_summary(v, maximize) for v in techniques],
+    }
+    top_numbers = [t.number for t in top]
+    summary["plots"] = plots.write_pngs(folder, study, importances, slices, techniques, top_numbers, metric,
+                                        settings.dpi)
+    figures = plots.plotly_figures(study, importances, slices, techniques, top_numbers, metric)
+    (folder / "report.html").write_text(_html(summary, figures), encoding="utf-8")
+    summary["seconds"] = round(time.perf_counter() - start, 3)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent is None or tracker is None:
+        return Report(folder, summary, None, "the study has no MLflow parent run (user attr mlflow_parent_run_id)"
+                      if parent is None else "no tracking store given")
+    try:
+        tracker.log_report(parent, folder)
+    except Exception as err:  # a study tracked in another store: the local report still stands
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return Report(folder, summary, None, f"cannot log to MLflow run {parent}: {redact(reason)[:200]}")
+    return Report(folder, summary, parent, None)
+
+
+def _evaluator(settings: DictConfig) -> BaseImportanceEvaluator:
+    return instantiate(settings.importances[settings.importance])
+
+
+def _importances(study: optuna.Study, complete: list[FrozenTrial], evaluator: BaseImportanceEvaluator,
+                 min_complete: int) -> tuple[dict[str, float], str | None]:
+    """Importances and, when there are none or some keys are left out, why."""
+    if len(complete) < min_complete:
+        return {}, f"not computed: {len(complete)} complete trial(s), fewer than report.min_complete={min_complete}"
+    note = None
+    params = None
+    if not isinstance(evaluator, PedAnovaImportanceEvaluator):
+        # fANOVA and mean-decrease-impurity need one common search space: the keys every complete trial has.
+        params = sorted(intersection_search_space(complete))
+        left_out = sorted({k for t in complete for k in t.params} - set(params))
+        if left_out:
+            note = f"conditional keys not ranked by {type(evaluator).__name__}: {', '.join(left_out)}"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        values = optuna.importance.get_param_importances(study, evaluator=evaluator, params=params)
+    # Optuna warns once per key ("... parameter `x` ..."): one sentence per kind of warning, naming all its keys.
+    keys_by_text: dict[str, list[str]] = {}
+    for message in (str(w.message) for w in caught if "importance" in str(w.message).lower()):
+        keys_by_text.setdefault(re.sub(r"`[^`]+`", "{}", message), []).extend(re.findall(r"`([^`]+)`", message))
+    said = [text.replace("{}", ", ".join(keys)) if keys else text for text, keys in keys_by_text.items()]
+    if said:
+        note = "; ".join(filter(None, [note, *said]))
+    return {k: float(v) for k, v in values.items()}, note
+
+
+def _trial_row(trial: FrozenTrial) -> dict[str, Any]:
+    seconds = trial.duration.total_seconds() if trial.duration else None
+    return {"number": trial.number, "value": trial.value, "seconds": seconds, "params": dict(trial.params)}
+
+
+def _technique_summary(view: View, maximize: bool) -> dict[str, Any]:
+    """Per choice: trials, median and best objective; for a continuous key: rank correlation and the best value."""
+    pick = max if maximize else min
+    summary: dict[str, Any] = {"technique": view.title, "param": view.param, "complete": len(view.ys)}
+    if view.categorical:
+        summary["choices"] = [{"choice": label, "trials": len(ys), "median": float(np.median(ys)) if ys else None,
+                               "best": pick(ys) if ys else None, "pruned": view.stopped["PRUNED"][label],
+                               "failed": view.stopped["FAIL"][label]} for label, ys in view.groups()]
+    else:
+        xs = np.log(view.xs) if view.log else np.asarray(view.xs, dtype=float)
+        summary["spearman"] = _spearman(xs, np.asarray(view.ys))
+        summary["best_at"] = view.xs[view.ys.index(pick(view.ys))]
+    return summary
+
+
+def _spearman(xs: np.ndarray, ys: np.ndarray) -> float | None:
+    if len(xs) < 3 or np.ptp(xs) == 0 or np.ptp(ys) == 0:
+        return None
+    return float(np.corrcoef(np.argsort(np.argsort(xs)), np.argsort(np.argsort(ys)))[0, 1])
+
+
+def render_text(summary: Mapping[str, Any], limit: int = 5) -> str:
+    """The summary as a few terminal lines."""
+    counts = summary["counts"]
+    lines = [f"study '{summary['study']}': {counts['total']} trials: "
+             + ", ".join(f"{counts[s]} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL"))]
+    best = summary["best"]
+    if best:
+        lines.append(f"best {summary['metric']}={best['value']:.4f} at trial {best['number']}: {best['command']}")
+    for row in summary["top_trials"][:limit]:
+        lines.append(f"  #{row['number']:<4d} {row['value']:.4f}  " + " ".join(f"{k}={_short(v)}"
+                                                                             for k, v in row["params"].items()))
+    ranked = summary["importances"]["values"]
+    if ranked:
+        lines.append("importance: " + ", ".join(f"{k} {v:.2f}" for k, v in list(ranked.items())[:limit]))
+    if summary["importances"]["note"]:
+        lines.append(f"importance: {summary['importances']['note']}")
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# ---- HTML ----
+
+_STYLE = """body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:3px 8px;font-size:90%;text-align:left}th{background:#eee}
+pre{background:#f6f6f6;padding:1em;white-space:pre-wrap}.note{color:#855}"""
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_short(c) if c is not None else '')}</td>" for c in row)
+                   + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _stopped(choice: Mapping[str, Any]) -> str:
+    return "".join(f", {choice[k]} {k}" for k in ("pruned", "failed") if choice[k])
+
+
+def _html(summary: Mapping[str, Any], figures: list[tuple[str, Any]]) -> str:
+    """One self-contained page: plotly.js embedded once (with the first figure), no CDN, no external CSS."""
+    counts, best, metric = summary["counts"], summary["best"], summary["metric"]
+    parts = [f"<h1>Study {html.escape(summary['study'])}</h1>",
+             f"<p>{summary['direction']} {html.escape(metric)}; generated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
+             _table(["state", "trials"], [[s.lower(), n] for s, n in counts.items()])]
+    if best:
+        parts += [f"<h2>Best: {html.escape(metric)}={best['value']:.4f} at trial {best['number']}</h2>",
+                  f"<pre>{html.escape(best['command'])}</pre>"]
+    else:
+        parts.append("<h2>No complete trial yet</h2>")
+    keys = list(dict.fromkeys(k for row in summary["top_trials"] for k in row["params"]))
+    parts += [f"<h2>Top {len(summary['top_trials'])} trials</h2>",
+              _table(["trial", metric, "seconds", *keys],
+                     [[r["number"], r["value"], r["seconds"], *(r["params"].get(k) for k in keys)]
+                      for r in summary["top_trials"]])]
+    importance = summary["importances"]
+    parts.append(f"<h2>Parameter importances ({importance['evaluator']})</h2>")
+    if importance["note"]:
+        parts.append(f"<p class=note>{html.escape(importance['note'])}</p>")
+    parts.append(_table(["key", "importance"], [[k, v] for k, v in importance["values"].items()]))
+    rows = []
+    for tech in summary["techniques"]:
+        if "choices" in tech:
+            text = "; ".join(f"{c['choice']}: median {_short(c['median'])}, best {_short(c['best'])} (n={c['trials']}"
+                             f"{_stopped(c)})" for c in tech["choices"] if c["trials"] + c["pruned"] + c["failed"])
+        else:
+            text = f"rank correlation {_short(tech['spearman'])}; best at {_short(tech['best_at'])}"
+        rows.append([tech["technique"], tech["param"], text])
+    parts += ["<h2>Techniques</h2>", _table(["technique", "key", "objective of complete trials"], rows)]
+    for i, (title, figure) in enumerate(figures):
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        parts.append(figure.to_html(full_html=False, include_plotlyjs=i == 0))
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(summary['study'])}</title>"
+            f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")

@@ -1,0 +1,285 @@
+"""The study report, `searchlab report` and `searchlab best`: checked against a real tiny study and against synthetic
+studies made with Optuna's ask/tell (500 trials for the timing, a handful for the edge cases)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from searchlab.cli import main
+from searchlab.config import compose_config
+from searchlab.report import load_study, write_report
+from searchlab.study import open_storage
+
+TINY = ["trainer.max_epochs=3", "model.width=32", "study.n_trials=8", "report.min_complete=3"]
+PNGS = {"history.png", "learning_curves.png", "parallel_coordinates.png", "slices.png", "techniques.png"}
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One real study of 8 tiny trainings (journal storage, SQLite MLflow), searched once for the whole module."""
+    root = tmp_path_factory.mktemp("tiny")
+    stores = [f"study.storage={root}/optuna.journal", f"tracking.uri=sqlite:///{root}/mlflow.db",
+              f"tracking.artifact_root={root}/artifacts", f"report.dir={root}/reports", "study.name=tiny"]
+    code, out, err = run_cli("search", *TINY, *stores)
+    assert code == 0, err
+    study = load_study(f"{root}/optuna.journal", "tiny")
+    folder = root / "reports" / "tiny"
+    return {"root": root, "stores": stores, "out": out, "study": study, "folder": folder,
+            "summary": json.loads((folder / "summary.json").read_text())}
+
+
+def test_search_ends_with_the_report_and_its_counts_match_optuna(tiny):
+    study, summary = tiny["study"], tiny["summary"]
+    assert f"report: {tiny['folder'] / 'report.html'}" in tiny["out"]
+    trials = study.get_trials()
+    for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+        assert summary["counts"][state.name] == sum(t.state == state for t in trials)
+    assert summary["counts"]["total"] == len(trials)
+    complete = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)
+    assert [row["number"] for row in summary["top_trials"]] == [t.number for t in complete][:10]
+    assert summary["best"]["number"] == study.best_trial.number and summary["best"]["value"] == study.best_value
+    assert summary["best"]["params"] == study.best_params
+    importances = summary["importances"]["values"]
+    if len(complete) >= 3:  # report.min_complete=3
+        assert importances and set(importances) <= set().union(*(t.params for t in complete))
+        assert sum(importances.values()) == pytest.approx(1.0)
+    else:
+        assert not importances and "report.min_complete" in summary["importances"]["note"]
+    searched = {t["param"] for t in summary["techniques"]}
+    assert {"optimizer", "optimizer.lr", "data.batch_size", "model.batch_norm", "model.dropout"} <= searched
+    regime = next(t for t in summary["techniques"] if t["param"] == "data.batch_size")
+    assert {c["choice"] for c in regime["choices"]} == {"full batch", "stochastic (1)", "mini-batch"}
+    assert sum(c["trials"] for c in regime["choices"]) == len(complete)
+    for state, key in ((TrialState.PRUNED, "pruned"), (TrialState.FAIL, "failed")):
+        assert sum(c[key] for c in regime["choices"]) == sum(t.state == state for t in trials)
+
+
+def test_best_config_retrains_alone_to_the_same_metric(tiny):
+    command = shlex.split(tiny["summary"]["best"]["command"])
+    assert command[:2] == ["searchlab", "train"]
+    assert not any(arg.split("=")[0].split(".")[0] in ("study", "tracking", "report") for arg in command)
+    code, out, err = run_cli("train", *command[2:])
+    assert code == 0, err
+    metrics = json.loads(next(line for line in out.splitlines() if line.startswith("metrics: "))[len("metrics: "):])
+    assert metrics["best_val_acc"] == pytest.approx(tiny["study"].best_value, abs=1e-6)
+
+
+def test_every_plot_is_a_non_empty_png_and_the_page_is_offline(tiny):
+    folder, summary = tiny["folder"], tiny["summary"]
+    expected = PNGS | ({"importances.png"} if summary["importances"]["values"] else set())
+    assert set(summary["plots"]) == expected
+    for name in expected:
+        data = (folder / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
+    page = (folder / "report.html").read_text()
+    assert not re.search(r"<(script|link|img)[^>]*(src|href)\s*=\s*[\"']?(https?:)?//", page, re.I)
+    assert "<link" not in page
+    assert page.count("* plotly.js v") == 1  # plotly.js embedded once, not per figure
+    # history, techniques, curves, parallel coordinates, slices, and importances when there are some
+    assert page.count("Plotly.newPlot") == 5 + bool(summary["importances"]["values"])
+    assert f"#{summary['best']['number']}" in page and summary["best"]["command"].split()[-1] in page
+
+
+def test_report_is_logged_on_the_parent_run_and_made_again_by_the_command(tiny):
+    root, study = tiny["root"], tiny["study"]
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    logged = {Path(a.path).name for a in client.list_artifacts(parent, "report")}
+    assert logged == {"report.html", "summary.json", *tiny["summary"]["plots"]}
+    (tiny["folder"] / "summary.json").unlink()
+    code, out, err = run_cli("report", *tiny["stores"])
+    assert code == 0, err
+    counts = tiny["summary"]["counts"]
+    assert f"{counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} fail" in out
+    assert f"MLflow run {parent} (report/)" in out
+    assert json.loads((tiny["folder"] / "summary.json").read_text())["counts"] == counts
+
+
+def test_best_prints_the_full_config_and_the_command(tiny):
+    code, out, err = run_cli("best", *tiny["stores"])
+    assert code == 0, err
+    config_text, _, command = out.partition("# re-run it alone:\n")
+    cfg = yaml.safe_load(config_text)
+    best = tiny["study"].best_params
+    assert cfg["optimizer"]["lr"] == best["optimizer.lr"] and cfg["model"]["dropout"] == best["model.dropout"]
+    assert cfg["optimizer"]["name"] == best["optimizer"] and cfg["scheduler"]["name"] == best["scheduler"]
+    assert cfg["trainer"]["max_epochs"] == 3 and cfg["model"]["width"] == 32  # the search's own base overrides
+    assert command.strip() == tiny["summary"]["best"]["command"]
+
+
+def test_unknown_study_or_storage_is_one_line_and_exit_2(tiny, tmp_path):
+    code, out, err = run_cli("report", *tiny["stores"], "study.name=nope")
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert "study.name" in err and "'nope'" in err and "tiny" in err
+    missing = tmp_path / "none.journal"
+    code, out, err = run_cli("best", f"study.storage={missing}", "study.name=tiny")
+    assert code == 2 and len(err.splitlines()) == 1 and "study.storage" in err
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("setting", ["report.importance=nope", "report.top_k=0", "report.techniques.dropout=x"])
+def test_bad_report_settings_stop_the_search_before_any_store_is_written(tmp_path, setting):
+    code, out, err = run_cli("search", setting, "study.name=bad", f"study.storage={tmp_path}/optuna.journal",
+                             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"report.dir={tmp_path}/reports")
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert setting.split("=")[0] in err
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- synthetic studies: no training, any size ----
+
+def synthetic_study(n: int, name: str = "synthetic", seed: int = 0) -> optuna.Study:
+    """An in-memory study shaped like searchlab's: a conditional key, the regimes, per-epoch values; ~25% pruned,
+    ~5% failed. (Asked and told into a journal file it takes ~40 s for 500 trials on a loaded machine: copy it.)"""
+    rng = random.Random(seed)
+    study = optuna.create_study(study_name=name, direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=seed))
+    for _ in range(n):
+        trial = study.ask()
+        optimizer = trial.suggest_categorical("optimizer", ["sgd", "momentum", "adam"])
+        if optimizer == "momentum":
+            trial.suggest_float("optimizer.momentum", 0.5, 0.99)
+        lr = trial.suggest_float("optimizer.lr", 1e-4, 0.3, log=True)
+        trial.suggest_categorical("data.batch_size", ["full", 1, 16, 64])
+        trial.suggest_categorical("model.batch_norm", [False, True])
+        trial.suggest_float("model.dropout", 0.0, 0.5)
+        trial.set_user_attr("overrides", [f"optimizer={optimizer}", f"optimizer.lr={lr!r}"])
+        final = 0.9 - 0.05 * abs(math.log10(lr) + 2.5) + (0.03 if optimizer == "adam" else 0.0)
+        fate = rng.random()
+        for epoch in range(1, (3 if fate < 0.3 else 10) + 1):
+            trial.report(final * (1 - math.exp(-epoch / 2)) + rng.gauss(0, 0.01), epoch)
+        if fate < 0.05:
+            study.tell(trial, state=TrialState.FAIL)
+        elif fate < 0.3:
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, final + rng.gauss(0, 0.01))
+    return study
+
+
+def test_report_of_500_trials_takes_seconds(tmp_path):
+    journal = f"{tmp_path}/optuna.journal"
+    optuna.copy_study(from_study_name="synthetic", from_storage=synthetic_study(500)._storage,
+                      to_storage=open_storage(journal))
+    start = time.perf_counter()
+    study = load_study(journal, "synthetic")
+    report = write_report(study, compose_config([f"report.dir={tmp_path}/reports"]), None)
+    seconds = time.perf_counter() - start
+    assert seconds < 30, seconds  # ~2-4 s on the shared 2-core machine; minutes would mean a regression
+    assert report.summary["counts"]["total"] == 500
+    assert report.summary["counts"]["COMPLETE"] == len(study.get_trials(states=(TrialState.COMPLETE,)))
+    assert "optimizer.momentum" in report.summary["importances"]["values"]  # PED-ANOVA ranks conditional keys
+    assert set(report.summary["plots"]) == PNGS | {"importances.png"}
+    assert report.mlflow_run_id is None and "mlflow_parent_run_id" in report.note
+
+
+def test_fanova_ranks_only_the_common_search_space(tmp_path):
+    study = synthetic_study(40)
+    cfg = compose_config([f"report.dir={tmp_path}", "report.importance=fanova", "report.importances.fanova.n_trees=8"])
+    report = write_report(study, cfg, None)
+    importances = report.summary["importances"]
+    assert importances["evaluator"] == "FanovaImportanceEvaluator"
+    assert "optimizer.momentum" not in importances["values"] and "optimizer.lr" in importances["values"]
+    assert "optimizer.momentum" in importances["note"]
+
+
+def test_a_study_without_complete_trials_still_gets_a_report(tmp_path):
+    study = optuna.create_study(study_name="none-complete", storage=f"sqlite:///{tmp_path}/optuna.db")
+    for state in (TrialState.PRUNED, TrialState.FAIL):
+        trial = study.ask()
+        trial.suggest_float("optimizer.lr", 1e-4, 0.1, log=True)
+        trial.report(0.5, 1)
+        study.tell(trial, state=state)
+    stores = ["study.name=none-complete", f"study.storage=sqlite:///{tmp_path}/optuna.db",
+              f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"report.dir={tmp_path}/reports"]
+    code, out, err = run_cli("report", *stores)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "reports" / "none-complete" / "summary.json").read_text())
+    assert summary["best"] is None and summary["top_trials"] == []
+    assert summary["counts"] == {"COMPLETE": 0, "PRUNED": 1, "FAIL": 1, "total": 2}
+    assert "report.min_complete" in summary["importances"]["note"]
+    assert "not in MLflow" in out
+    for name in summary["plots"]:
+        assert (tmp_path / "reports" / "none-complete" / name).stat().st_size > 0
+    code, out, err = run_cli("best", *stores)
+    assert code == 2 and out == "" and "study.name" in err and "no complete trial" in err
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@pytest.fixture
+def postgres():
+    """A real PostgreSQL server on 127.0.0.1 (as the postgres user when run as root), stopped and removed after.
+
+    Its folder is a fresh one under /tmp: pytest's tmp_path sits below folders the postgres user cannot enter."""
+    if not (PG_BIN / "initdb").exists():
+        pytest.skip("PostgreSQL 15 is not installed (make system installs it)")
+    folder = Path(tempfile.mkdtemp(prefix="searchlab-report-pg-"))
+    as_postgres: list[str] = []
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        os.chown(folder, *_postgres_ids())
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = folder / "data"
+    subprocess.run([*as_postgres, PG_BIN / "initdb", "-D", data, "-A", "trust", "-U", "postgres"], check=True,
+                   capture_output=True, timeout=120)
+    ctl = [*as_postgres, PG_BIN / "pg_ctl", "-D", data]
+    # The server inherits pg_ctl's output: a pipe there would never close, so it writes to a log file instead.
+    subprocess.run([*ctl, "-o", f"-p {port} -k {folder} -h 127.0.0.1 -F", "-l", folder / "log", "-w", "-t", "60",
+                    "start"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=90)
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*ctl, "-m", "immediate", "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _postgres_ids() -> tuple[int, int]:
+    import pwd
+
+    entry = pwd.getpwnam("postgres")
+    return entry.pw_uid, entry.pw_gid
+
+
+def test_report_and_best_from_a_postgresql_study(tmp_path, postgres):
+    optuna.copy_study(from_study_name="synthetic", from_storage=synthetic_study(12)._storage, to_storage=postgres)
+    stores = ["study.name=synthetic", f"study.storage={postgres}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+              f"report.dir={tmp_path}/reports"]
+    code, out, err = run_cli("report", *stores)
+    assert code == 0, err
+    study = optuna.load_study(study_name="synthetic", storage=postgres)
+    summary = json.loads((tmp_path / "reports" / "synthetic" / "summary.json").read_text())
+    assert summary["counts"]["total"] == 12 and summary["best"]["number"] == study.best_trial.number
+    code, out, err = run_cli("best", *stores)
+    assert code == 0, err
+    assert yaml.safe_load(out.partition("# re-run")[0])["optimizer"]["lr"] == study.best_params["optimizer.lr"]
