@@ -40,7 +40,7 @@ system:
 	bash .ci/debian-packages
 
 test: install system
-	$(BIN)/ruff check searchlab tests
+	$(BIN)/ruff check searchlab tests bench
 	$(BIN)/python -m pytest -m "not e2e" $(ARGS)
 
 # The browser test: a tiny study, `make ui` on a free port, headless Chromium; screenshots in tests/artifacts/.
@@ -53,7 +53,7 @@ bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: install
-	$(BIN)/ruff check searchlab tests
+	$(BIN)/ruff check searchlab tests bench
 
 # One worker and no job runner (the GenAI job queue starts ~8 more processes): a light local viewer. Trial artifacts
 # are read from the experiments' own file:// locations, so no artifact flags are needed.

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from searchlab.config import Composer, parse_overrides, validate_config
 from searchlab.data import load_data
+from searchlab.locks import budget_lock
 from searchlab.space import load_space
-from searchlab.study import make_pruner, make_sampler, open_storage, open_study, run_trials
+from searchlab.study import Budget, make_pruner, make_sampler, open_storage, open_study, run_trials
 from searchlab.tracking import Tracker
 from searchlab.train import resolve_device
 from searchlab.trial import TrialOutcome, TrialRunner
@@ -64,7 +65,9 @@ def run_search(out: Path, method: str, seed: int, targets: list[float], max_tria
     splits = load_data(cfg.data, cfg.seed).to(resolve_device(cfg.trainer.accelerator))
     space = load_space(composer, parse_overrides(overrides))
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
-    study = open_study(cfg, open_storage(cfg.study.storage), make_sampler(cfg, space), make_pruner(cfg))
+    storage = open_storage(cfg.study.storage)
+    study = open_study(cfg, storage, make_sampler(cfg, space), make_pruner(cfg))
+    budget = Budget(study, cfg.study.n_trials, budget_lock(storage, cfg.study.storage, name))
     runner = TrialRunner(study, cfg, overrides, composer, space, splits, tracker, tracker.study_run(name, {}))
     run = SearchRun(method, seed)
     best: float | None = None
@@ -84,7 +87,7 @@ def run_search(out: Path, method: str, seed: int, targets: list[float], max_tria
             raise _Reached
 
     try:
-        run_trials(study, runner, cfg, on_trial)
+        run_trials(budget, runner, cfg, on_trial)
     except _Reached:
         pass
     run.seconds = time.perf_counter() - start

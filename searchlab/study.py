@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from searchlab.config import ConfigError, redact
 from searchlab.faults import GrpcProxyWithHeartbeat, fail_stale_trials
-from searchlab.locks import BudgetLock
+from searchlab.locks import BudgetLock, NoLock
 from searchlab.space import SearchSpace
 from searchlab.trial import TrialOutcome, TrialRunner
 
@@ -38,6 +38,8 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 # User attrs naming the process that runs a trial, so a dead worker's trial can be found and retried.
 WORKER_PID, WORKER_HOST = "worker.pid", "worker.host"
+# User attr of a trial given back unrun because other workers had taken the budget (storages without a lock).
+SURPLUS = "surplus"
 
 
 class StudyStopped(Exception):
@@ -178,12 +180,14 @@ class Budget:
     """study.n_trials shared by every worker of the study: finished trials use it, RUNNING trials reserve it.
 
     Counting and asking happen under one cross-process lock (see searchlab.locks), so concurrent workers never take
-    more trials than the budget. WAITING trials (re-queued params) reserve nothing: the next ask takes them first.
+    more trials than the budget; where the storage has no lock, a surplus trial is given back unrun. WAITING trials
+    (re-queued params) reserve nothing: the next ask takes them first.
     """
 
     def __init__(self, study: optuna.Study, n_trials: int, lock: BudgetLock,
                  recover: Callable[[list[FrozenTrial]], list[int]] | None = None, poll_seconds: float = 0.5) -> None:
         self.study, self.n_trials, self.lock = study, n_trials, lock
+        self.unlocked = isinstance(lock, NoLock)
         self.recover = recover or (lambda running: [])  # fails trials whose worker died; returns their numbers
         self.poll_seconds = poll_seconds
 
@@ -207,11 +211,25 @@ class Budget:
                     return None
                 if used + running < self.n_trials:
                     trial = self.study.ask()
-                    trial.set_user_attr(WORKER_PID, os.getpid())
-                    trial.set_user_attr(WORKER_HOST, socket.gethostname())
-                    return trial
+                    if not (self.unlocked and self._give_back_if_surplus(trial)):
+                        trial.set_user_attr(WORKER_PID, os.getpid())
+                        trial.set_user_attr(WORKER_HOST, socket.gethostname())
+                        return trial
             time.sleep(self.poll_seconds)
         return None
+
+    def _give_back_if_surplus(self, trial: optuna.Trial) -> bool:
+        """Without a lock (gRPC proxy, MySQL) two workers may both ask for the study's last trial. The storage numbers
+        trials atomically, so the trial whose lower-numbered trials already hold the whole budget is the surplus one:
+        it is failed at once, never run, with a reason (and no MLflow run). The budget stays exact, at the cost of a
+        rare FAIL trial, which uses no budget."""
+        held = self.study.get_trials(deepcopy=False, states=(*BUDGET_STATES, TrialState.RUNNING, TrialState.WAITING))
+        if sum(t.number < trial.number for t in held) < self.n_trials:
+            return False
+        trial.set_user_attr(SURPLUS, True)
+        trial.set_user_attr("reason", "not run: another worker took the study's last trial at the same moment")
+        self.study.tell(trial, state=TrialState.FAIL)
+        return True
 
     def sweep(self) -> list[int]:
         """Fails (and re-queues) the trials of dead workers now; returns their numbers."""
