@@ -37,7 +37,7 @@ from searchlab.study import (
     state_counts,
 )
 from searchlab.tracking import Tracker
-from searchlab.train import fit, resolve_device
+from searchlab.train import check_devices, fit, resolve_device
 from searchlab.trial import TrialOutcome, TrialRunner, train_command
 from searchlab.workers import WORKER_INDEX_ENV, DeadWorkers, WorkerPool
 
@@ -53,6 +53,7 @@ def _prepare(overrides: Sequence[str]) -> tuple[Composer, DictConfig, dict[str, 
     cfg = composer.base
     validate_config(cfg)
     resolve_device(cfg.trainer.accelerator)
+    check_devices(cfg.trainer)
     return composer, cfg, fixed, load_data(cfg.data, cfg.seed)
 
 

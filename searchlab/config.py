@@ -168,6 +168,7 @@ def format_override(key: str, value: Any) -> str:
 # Keys holding counts or durations: a wrong type or a non-positive value is bad input, caught before any trial.
 _POSITIVE_INTS = (
     "study.n_trials", "study.max_consecutive_failures", "trainer.max_epochs", "trainer.eval_batch_size",
+    "trainer.devices", "trainer.process_group_timeout_s",
     "model.width", "model.depth", "data.size", "data.features", "data.informative", "data.classes",
 )
 _FRACTIONS = ("data.val_fraction", "data.test_fraction")
@@ -176,6 +177,7 @@ _CHOICES = {
     "study.direction": ("maximize", "minimize"),
     "study.metric": ("val_acc", "val_loss", "train_loss"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),
+    "trainer.process_group_backend": ("auto", "nccl", "gloo"),
     "trainer.precision": ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"),
 }
 

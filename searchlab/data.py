@@ -44,12 +44,21 @@ class Splits:
 
 
 class TensorBatches:
-    """An iterable of (x, y) batches for Lightning, reshuffled each epoch by a seeded generator on x's device."""
+    """An iterable of (x, y) batches for Lightning, reshuffled each epoch by a seeded generator on x's device.
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0) -> None:
+    Under DDP (world_size > 1, shuffled training data only) every rank draws the same permutation (same seed, same
+    draws per epoch) and takes every world_size-th index of it, as DistributedSampler does; the epoch's last
+    len(x) % world_size samples of the permutation are left out so that every rank runs the same number of steps.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if world_size > 1 and not shuffle:
+            raise ValueError("TensorBatches shards only shuffled (training) data across ranks")
         self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator(device=x.device).manual_seed(seed) if shuffle else None
-        n = len(x)
+        n = len(x) // world_size
         # A trailing batch of one sample is dropped when batches are larger: BatchNorm cannot train on it.
         self.n_batches = math.ceil(n / batch_size) if batch_size == 1 or n % batch_size != 1 else n // batch_size
 
@@ -63,6 +72,8 @@ class TensorBatches:
                 yield self.x[i * size:(i + 1) * size], self.y[i * size:(i + 1) * size]
             return
         order = torch.randperm(n, device=self.x.device, generator=self.generator)
+        if self.world_size > 1:
+            order = order[:n - n % self.world_size][self.rank::self.world_size]
         for i in range(self.n_batches):
             index = order[i * size:(i + 1) * size]
             yield self.x[index], self.y[index]

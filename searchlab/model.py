@@ -116,10 +116,18 @@ class Classifier(pl.LightningModule):
         self._evaluate(batch, "test")
 
     def _take(self, prefix: str) -> dict[str, float]:
-        """Epoch means for one split, read from the device in one sync, and the sums reset."""
+        """Epoch means for one split, read from the device in one sync, and the sums reset.
+
+        Under DDP each rank trains on its own shard, so the training sums and counts are summed over the ranks (one
+        all-reduce per epoch; the identity on one device); every rank evaluates the whole val and test sets.
+        """
         names = [name for name in self._sums if name.startswith(prefix + "_")]
-        values = dict(zip(names, torch.stack([self._sums.pop(name).float() for name in names]).tolist(), strict=True))
-        n = self._counts.pop(prefix)
+        sums = [self._sums.pop(name).float() for name in names]
+        stacked = torch.stack([*sums, torch.tensor(float(self._counts.pop(prefix)), device=sums[0].device)])
+        if prefix == "train":
+            stacked = self.trainer.strategy.reduce(stacked, reduce_op="sum")
+        *totals, n = stacked.tolist()
+        values = dict(zip(names, totals, strict=True))
         out = {f"{prefix}_loss": values[f"{prefix}_loss"] / n}
         if f"{prefix}_correct" in values:
             out[f"{prefix}_acc"] = values[f"{prefix}_correct"] / n

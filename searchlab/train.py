@@ -8,10 +8,12 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
+from pytorch_lightning.strategies import DDPStrategy, Strategy
 
 from searchlab.config import ConfigError
 from searchlab.data import Splits, TensorBatches, batch_size_for
@@ -24,6 +26,8 @@ for _name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+# Under DDP every rank evaluates the whole val set, so the logged val_loss is the same on all ranks: no sync needed.
+warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
 @dataclass
@@ -74,13 +78,49 @@ class _EpochCallback(pl.Callback):
             reason = f"diverged: train_loss is {metrics['train_loss']} at epoch {epoch}"
         if self.hook is not None:
             reason = self.hook(epoch, metrics) or reason
+        # Under DDP only rank 0 has the hook: its decision goes to every rank, so all stop at the same epoch.
+        reason = trainer.strategy.broadcast(reason, src=0)
         if reason and not self.result.stop_reason:
             self.result.stop_reason = reason
             trainer.should_stop = True
 
 
+def check_devices(trainer_cfg: DictConfig, gpu_count: int | None = None) -> None:
+    """trainer.devices and trainer.process_group_backend against the machine (gpu_count: fake it in tests)."""
+    devices, backend = trainer_cfg.devices, trainer_cfg.process_group_backend
+    count = (torch.cuda.device_count() if torch.cuda.is_available() else 0) if gpu_count is None else gpu_count
+    on_gpu = trainer_cfg.accelerator in ("gpu", "cuda") or (trainer_cfg.accelerator == "auto" and count > 0)
+    if on_gpu and devices > count:
+        raise ConfigError(f"trainer.devices: {devices} asked for, but {count} GPU(s) are visible "
+                          "(lower trainer.devices or widen CUDA_VISIBLE_DEVICES)")
+    if backend == "nccl" and not on_gpu:
+        raise ConfigError("trainer.process_group_backend: nccl needs GPUs; use gloo (or auto) on CPU")
+
+
+def process_group_backend(setting: str, device: torch.device) -> str:
+    """trainer.process_group_backend -> torch.distributed's: 'auto' is nccl on GPUs, gloo on CPU."""
+    if setting != "auto":
+        return setting
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def fit(cfg: DictConfig, splits: Splits, on_epoch: EpochHook | None = None, test: bool = False) -> TrainResult:
-    """Trains cfg on splits (already on the training device); the test split is evaluated only when asked."""
+    """Trains cfg on splits (already on the training device); the test split is evaluated only when asked.
+
+    With trainer.devices > 1 the training runs in DDP ranks spawned for this call (see searchlab.ddp); on_epoch
+    still runs here, in the caller's process.
+    """
+    if cfg.trainer.devices > 1:
+        from searchlab.ddp import fit_ddp  # imported here: searchlab.ddp builds on this module
+
+        return fit_ddp(cfg, splits, on_epoch, test)
+    return fit_rank(cfg, splits, on_epoch, test)
+
+
+def fit_rank(cfg: DictConfig, splits: Splits, on_epoch: EpochHook | None = None, test: bool = False,
+             rank: int = 0, world_size: int = 1) -> TrainResult:
+    """fit() in one process: the whole training on one device, or one DDP rank's part of it (world_size > 1, in a
+    process that searchlab.ddp started and set up as Lightning's externally launched rank)."""
     start = time.perf_counter()
     device = splits.x_train.device
     pl.seed_everything(cfg.seed, verbose=False)
@@ -89,12 +129,22 @@ def fit(cfg: DictConfig, splits: Splits, on_epoch: EpochHook | None = None, test
     batch_size = batch_size_for(cfg.data.batch_size, len(splits.x_train))
     if cfg.model.batch_norm and batch_size == 1:
         raise ValueError("model.batch_norm=true needs data.batch_size > 1: BatchNorm cannot train on one sample")
-    train_batches = TensorBatches(splits.x_train, splits.y_train, batch_size, shuffle=True, seed=cfg.seed)
+    train_batches = TensorBatches(splits.x_train, splits.y_train, batch_size, shuffle=True, seed=cfg.seed,
+                                  rank=rank, world_size=world_size)
     val_batches = TensorBatches(splits.x_val, splits.y_val, cfg.trainer.eval_batch_size, shuffle=False)
     result = TrainResult()
+    if world_size > 1:
+        strategy: Strategy | str = DDPStrategy(
+            process_group_backend=process_group_backend(cfg.trainer.process_group_backend, device),
+            timeout=timedelta(seconds=cfg.trainer.process_group_timeout_s))
+        devices: list[int] | int = world_size
+    else:
+        strategy, devices = "auto", [device.index or 0] if device.type == "cuda" else 1
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=[device.index or 0] if device.type == "cuda" else 1,
+        devices=devices,
+        strategy=strategy,
+        use_distributed_sampler=False,
         precision=resolve_precision(cfg.trainer.precision, device),
         max_epochs=cfg.trainer.max_epochs,
         limit_train_batches=cfg.trainer.limit_train_batches,

@@ -1,0 +1,79 @@
+"""One training on several devices with DDP: one process per rank, spawned per call, the epoch hook kept here.
+
+Lightning's `ddp` strategy re-runs the whole command (sys.argv) per rank, which for `searchlab search` would start
+new workers, and `ddp_fork` cannot follow a parent that already used CUDA (the data lives on the GPU). So the ranks
+are spawned here and set up as ranks launched from outside (LOCAL_RANK, MASTER_PORT..., as torchrun does), and
+Lightning's DDP strategy runs in each. The Optuna trial, the tracker and the storages do not pickle, so they stay in
+this process: rank 0 sends each epoch's metrics over a queue, this process runs the hook (tracking, report,
+should_prune) and answers, and rank 0 broadcasts the answer (searchlab.train._EpochCallback), so every rank stops
+at the same epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+from lightning_fabric.plugins.environments.lightning import find_free_network_port
+from omegaconf import DictConfig
+
+from searchlab.data import Splits
+from searchlab.train import EpochHook, TrainResult, fit_rank
+
+_POLL_S = 0.2  # how often the waiting parent checks that the ranks are still alive
+
+
+class _HookInParent:
+    """Rank 0's epoch hook: asks the parent process, which runs the real hook, and waits for its answer."""
+
+    def __init__(self, to_parent: Any, to_rank0: Any) -> None:
+        self.to_parent, self.to_rank0 = to_parent, to_rank0
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> str | None:
+        self.to_parent.put(("epoch", epoch, metrics))
+        return self.to_rank0.get()
+
+
+def _rank(rank: int, world_size: int, port: int, cfg: DictConfig, splits: Splits, cuda: bool, test: bool,
+          to_parent: Any, to_rank0: Any) -> None:
+    """One rank's process: the environment Lightning reads for an externally launched rank, then fit_rank."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
+                      WORLD_SIZE=str(world_size))
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    hook = _HookInParent(to_parent, to_rank0) if rank == 0 else None
+    result = fit_rank(cfg, splits.to(device), hook, test, rank=rank, world_size=world_size)
+    if rank == 0:
+        to_parent.put(("done", result))
+
+
+def fit_ddp(cfg: DictConfig, splits: Splits, on_epoch: EpochHook | None = None, test: bool = False) -> TrainResult:
+    """fit() over trainer.devices ranks: GPUs 0..devices-1 of the visible ones when splits are on a GPU, else CPU
+    processes. Returns rank 0's result (its metrics are those of the whole, see Classifier._take)."""
+    world_size = int(cfg.trainer.devices)
+    context = mp.get_context("spawn")
+    to_parent, to_rank0 = context.Queue(), context.Queue()
+    args = (world_size, find_free_network_port(), cfg, splits.to(torch.device("cpu")),
+            splits.x_train.device.type == "cuda", test, to_parent, to_rank0)
+    ranks = mp.start_processes(_rank, args=args, nprocs=world_size, join=False, start_method="spawn")
+    try:
+        while True:
+            try:
+                message = to_parent.get(timeout=_POLL_S)
+            except queue.Empty:
+                if ranks.join(timeout=0):  # raises with the rank's traceback when one failed
+                    raise RuntimeError("the DDP ranks ended without sending a result") from None
+                continue
+            if message[0] == "epoch":
+                to_rank0.put(on_epoch(message[1], message[2]) if on_epoch else None)
+            else:
+                while not ranks.join():
+                    pass
+                return message[1]
+    finally:
+        for process in ranks.processes:  # on an error or interrupt here, or a failed rank: no rank outlives the call
+            if process.is_alive():
+                process.terminate()
+            process.join()

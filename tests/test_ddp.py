@@ -1,0 +1,112 @@
+"""One trial over several devices with DDP, for real on CPU (gloo): two spawned ranks per training."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+
+from searchlab.config import Composer, ConfigError, validate_config
+from searchlab.data import TensorBatches, load_data
+from searchlab.train import check_devices, fit, process_group_backend
+
+DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "model.width=32", "optimizer.lr=0.01"]
+
+
+@pytest.fixture(scope="module")
+def composer() -> Composer:
+    return Composer(DDP_CPU)
+
+
+@pytest.fixture(scope="module")
+def digits(composer):
+    return load_data(composer.base.data, seed=0)
+
+
+def test_ranks_take_disjoint_equal_shards_of_one_shuffled_order():
+    x = torch.arange(13).float()[:, None]
+    y = torch.arange(13)
+    whole = [b for _, b in TensorBatches(x, y, batch_size=100, shuffle=True, seed=3)][0]
+    shards = [TensorBatches(x, y, batch_size=2, shuffle=True, seed=3, rank=r, world_size=3) for r in range(3)]
+    taken = [torch.cat([b for _, b in shard]) for shard in shards]
+    assert [len(s) for s in shards] == [2, 2, 2] and [len(t) for t in taken] == [4, 4, 4]
+    for rank, labels in enumerate(taken):  # every 3rd index of the same permutation, its last 13 % 3 left out
+        assert labels.tolist() == whole[:12][rank::3].tolist()
+    assert len(set(torch.cat(taken).tolist())) == 12
+    with pytest.raises(ValueError, match="only shuffled"):
+        TensorBatches(x, y, batch_size=2, shuffle=False, rank=0, world_size=2)
+
+
+def test_ddp_trains_to_completion_with_metrics_of_the_whole(composer, digits):
+    cfg = composer({"trainer.max_epochs": 3})
+    seen: list[int] = []
+    result = fit(cfg, digits, lambda epoch, metrics: seen.append(epoch))
+    assert seen == [1, 2, 3] and len(result.history) == 3 and result.stop_reason is None
+    assert all(math.isfinite(v) for m in result.history for v in m.values())
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.best("val_acc", "maximize") > 0.5  # ten classes: chance is 0.1
+
+
+def test_a_decision_on_rank_0_stops_every_rank_at_that_epoch(composer, digits):
+    """The hook runs in this process; if rank 1 missed the decision it would wait in the next epoch's all-reduce and
+    the call would hang instead of returning two epochs."""
+    result = fit(composer({"trainer.max_epochs": 5, "trainer.process_group_timeout_s": 60}), digits,
+                 lambda epoch, metrics: "pruned at epoch 2" if epoch == 2 else None)
+    assert result.stop_reason == "pruned at epoch 2" and len(result.history) == 2
+
+
+def test_a_failing_rank_fails_the_call_and_leaves_no_process(composer, digits):
+    cfg = composer({"trainer.max_epochs": 1})
+    cfg.model.name = "nonexistent"  # the ranks fail building the network
+    with pytest.raises(Exception, match="nonexistent"):
+        fit(cfg, digits)
+    assert not multiprocessing.active_children()
+
+
+def test_device_settings_are_checked_against_the_machine(composer):
+    trainer = composer({"trainer.accelerator": "gpu", "trainer.devices": 4}).trainer
+    with pytest.raises(ConfigError, match=r"^trainer\.devices: 4 asked for, but 2 GPU"):
+        check_devices(trainer, gpu_count=2)
+    check_devices(trainer, gpu_count=4)
+    check_devices(composer({"trainer.accelerator": "auto", "trainer.devices": 2}).trainer, gpu_count=0)  # CPU ranks
+    with pytest.raises(ConfigError, match=r"^trainer\.process_group_backend: nccl needs GPUs"):
+        check_devices(composer({"trainer.process_group_backend": "nccl"}).trainer, gpu_count=0)
+    for bad in (0, -1, "two"):
+        with pytest.raises(ConfigError, match=r"^trainer\.devices: expected a positive integer"):
+            validate_config(composer({"trainer.devices": bad}))
+    with pytest.raises(ConfigError, match=r"^trainer\.process_group_backend: expected one of"):
+        validate_config(composer({"trainer.process_group_backend": "mpi"}))
+    assert process_group_backend("auto", torch.device("cuda", 0)) == "nccl"
+    assert process_group_backend("auto", torch.device("cpu")) == "gloo"
+    assert process_group_backend("gloo", torch.device("cuda", 0)) == "gloo"
+
+
+def test_search_with_ddp_trials_prunes_through_optuna(tmp_path, store_overrides):
+    """The console script end to end (the ranks re-import it as __mp_main__): Optuna's pruner decides in the trial
+    process at epoch 2 and both ranks of each trial stop there."""
+    searchlab = Path(sys.executable).parent / "searchlab"
+    at_2 = "+study.pruners.at2={_target_:optuna.pruners.ThresholdPruner,lower:2.0,n_warmup_steps:2}"
+    run = subprocess.run(
+        [str(searchlab), "search", "study.name=ddp", "study.n_trials=2", "trainer.max_epochs=4", at_2,
+         "study.pruner=at2", *DDP_CPU, *store_overrides], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    trials = optuna.load_study(study_name="ddp", storage=storage).trials
+    assert [t.state.name for t in trials] == ["PRUNED", "PRUNED"] and all(t.last_step == 2 for t in trials)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    children = [r for r in runs if r.data.tags.get("searchlab.role") == "trial"]
+    assert len(children) == 2
+    for child in children:
+        assert child.data.tags["optuna.trial.reason"].startswith("pruned at epoch 2")
+        history = client.get_metric_history(child.info.run_id, "train_loss")
+        assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history)
