@@ -65,7 +65,8 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> int:
     budget is used up, since other workers may still be running.
     """
     composer, cfg, fixed, splits = _prepare(overrides)
-    slots = [] if as_worker else plan_workers(cfg.workers, detect_gpus(cfg.trainer.accelerator), cpu_count())
+    slots = [] if as_worker else plan_workers(cfg.workers, detect_gpus(cfg.trainer.accelerator), cpu_count(),
+                                                 cfg.trainer.devices)
     check_settings(cfg.report)
     space = load_space(composer, fixed)
     sampler, pruner = make_sampler(cfg, space, _worker_index() if as_worker else 0), make_pruner(cfg)

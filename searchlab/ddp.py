@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import queue
+import time
 from typing import Any
 
 import torch
@@ -52,6 +53,7 @@ def _rank(rank: int, world_size: int, port: int, cfg: DictConfig, splits: Splits
 def fit_ddp(cfg: DictConfig, splits: Splits, on_epoch: EpochHook | None = None, test: bool = False) -> TrainResult:
     """fit() over trainer.devices ranks: GPUs 0..devices-1 of the visible ones when splits are on a GPU, else CPU
     processes. Returns rank 0's result (its metrics are those of the whole, see Classifier._take)."""
+    start = time.perf_counter()
     world_size = int(cfg.trainer.devices)
     context = mp.get_context("spawn")
     to_parent, to_rank0 = context.Queue(), context.Queue()
@@ -71,7 +73,9 @@ def fit_ddp(cfg: DictConfig, splits: Splits, on_epoch: EpochHook | None = None, 
             else:
                 while not ranks.join():
                     pass
-                return message[1]
+                result: TrainResult = message[1]
+                result.seconds = time.perf_counter() - start  # with the ranks' start-up
+                return result
     finally:
         for process in ranks.processes:  # on an error or interrupt here, or a failed rank: no rank outlives the call
             if process.is_alive():

@@ -1,8 +1,9 @@
 """Which GPU and how many CPU threads each worker process gets: pure functions, so they are tested without a GPU.
 
 A worker sees only its own GPU (CUDA_VISIBLE_DEVICES set per process), so one trial runs per GPU and a worker's
-`cuda:0` is always its GPU. Without GPUs the workers share the cores: each gets cores // workers torch threads, so
-N workers do not oversubscribe the CPU.
+`cuda:0` is always its GPU; with DDP trials (trainer.devices > 1) a worker sees its own group of that many GPUs.
+Without GPUs the workers share the cores: each gets cores // workers torch threads, so N workers do not
+oversubscribe the CPU.
 """
 
 from __future__ import annotations
@@ -33,8 +34,14 @@ def visible_gpus(cuda_visible_devices: str | None, device_count: int) -> list[st
     return ids[:device_count]
 
 
+def gpu_groups(gpus: list[str], per_worker: int) -> list[str]:
+    """The GPUs dealt in groups of trainer.devices (a DDP trial's ranks), each as CUDA_VISIBLE_DEVICES names it;
+    GPUs left over after the last full group are not used."""
+    return [",".join(gpus[i:i + per_worker]) for i in range(0, len(gpus) - per_worker + 1, per_worker)]
+
+
 def worker_count(requested: object, gpus: list[str]) -> int:
-    """The `workers` key: a positive integer, or `auto` = one worker per visible GPU (1 without GPUs)."""
+    """The `workers` key: a positive integer, or `auto` = one worker per visible GPU, or GPU group (1 without)."""
     if requested == "auto":
         return max(1, len(gpus))
     if isinstance(requested, int) and not isinstance(requested, bool) and requested > 0:
@@ -42,11 +49,13 @@ def worker_count(requested: object, gpus: list[str]) -> int:
     raise ConfigError(f"workers: expected a positive integer or auto, got {requested!r}")
 
 
-def plan_workers(requested: object, gpus: list[str], cpus: int) -> list[WorkerSlot]:
-    """One slot per worker: GPUs dealt round-robin (more workers than GPUs share them), cores split evenly."""
-    count = worker_count(requested, gpus)
+def plan_workers(requested: object, gpus: list[str], cpus: int, gpus_per_worker: int = 1) -> list[WorkerSlot]:
+    """One slot per worker: GPUs (or groups of gpus_per_worker GPUs, for DDP trials) dealt round-robin (more workers
+    than GPUs share them), cores split evenly."""
+    groups = gpu_groups(gpus, gpus_per_worker)
+    count = worker_count(requested, groups)
     threads = max(1, cpus // count)
-    return [WorkerSlot(gpus[i % len(gpus)] if gpus else "", threads) for i in range(count)]
+    return [WorkerSlot(groups[i % len(groups)] if groups else "", threads) for i in range(count)]
 
 
 def detect_gpus(accelerator: str) -> list[str]:

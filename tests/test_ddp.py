@@ -17,6 +17,7 @@ from optuna.storages.journal import JournalFileBackend
 
 from searchlab.config import Composer, ConfigError, validate_config
 from searchlab.data import TensorBatches, load_data
+from searchlab.devices import WorkerSlot, plan_workers
 from searchlab.train import check_devices, fit, process_group_backend
 
 DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "model.width=32", "optimizer.lr=0.01"]
@@ -57,8 +58,8 @@ def test_ddp_trains_to_completion_with_metrics_of_the_whole(composer, digits):
 
 
 def test_a_decision_on_rank_0_stops_every_rank_at_that_epoch(composer, digits):
-    """The hook runs in this process; if rank 1 missed the decision it would wait in the next epoch's all-reduce and
-    the call would hang instead of returning two epochs."""
+    """The hook runs in this process; had rank 1 missed the decision it would go on alone into epoch 3's all-reduce
+    and fail there (its peer gone, or the process group's timeout) instead of returning two epochs."""
     result = fit(composer({"trainer.max_epochs": 5, "trainer.process_group_timeout_s": 60}), digits,
                  lambda epoch, metrics: "pruned at epoch 2" if epoch == 2 else None)
     assert result.stop_reason == "pruned at epoch 2" and len(result.history) == 2
@@ -88,6 +89,13 @@ def test_device_settings_are_checked_against_the_machine(composer):
     assert process_group_backend("auto", torch.device("cuda", 0)) == "nccl"
     assert process_group_backend("auto", torch.device("cpu")) == "gloo"
     assert process_group_backend("gloo", torch.device("cuda", 0)) == "gloo"
+
+
+def test_workers_get_whole_gpu_groups_for_ddp_trials():
+    slots = plan_workers("auto", ["0", "1", "2", "3", "4"], cpus=16, gpus_per_worker=2)
+    assert [s.cuda_visible_devices for s in slots] == ["0,1", "2,3"] and all(s.threads == 8 for s in slots)
+    assert [s.cuda_visible_devices for s in plan_workers(3, ["2", "5"], cpus=6, gpus_per_worker=2)] == ["2,5"] * 3
+    assert plan_workers("auto", [], cpus=2, gpus_per_worker=2) == [WorkerSlot("", 2)]
 
 
 def test_search_with_ddp_trials_prunes_through_optuna(tmp_path, store_overrides):
