@@ -6,6 +6,7 @@ import math
 import multiprocessing
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -118,3 +119,44 @@ def test_search_with_ddp_trials_prunes_through_optuna(tmp_path, store_overrides)
         assert child.data.tags["optuna.trial.reason"].startswith("pruned at epoch 2")
         history = client.get_metric_history(child.info.run_id, "train_loss")
         assert [m.step for m in history] == [1, 2] and all(math.isfinite(m.value) for m in history)
+
+
+_KILLED_MID_TRIAL = """
+import multiprocessing, time
+from searchlab.config import Composer
+from searchlab.data import load_data
+from searchlab.train import fit
+
+def hold(epoch, metrics):
+    print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+    time.sleep(600)
+
+if __name__ == "__main__":
+    cfg = Composer({overrides!r}).base
+    fit(cfg, load_data(cfg.data, 0), hold)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] not in "ZX"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def test_ranks_exit_when_the_trial_process_is_killed(tmp_path):
+    """A worker killed outright (SIGKILL, OOM) must not leave its ranks holding GPUs: torch's spawn gives each rank
+    a parent-death signal (else rank 0 would wait for the hook's answer forever, and the others in a collective)."""
+    script = tmp_path / "killed.py"
+    script.write_text(_KILLED_MID_TRIAL.format(overrides=DDP_CPU))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        ranks = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(ranks) == 2 and all(_alive(pid) for pid in ranks)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in ranks)
