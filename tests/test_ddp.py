@@ -67,8 +67,7 @@ def test_a_decision_on_rank_0_stops_every_rank_at_that_epoch(composer, digits):
 
 
 def test_a_failing_rank_fails_the_call_and_leaves_no_process(composer, digits):
-    cfg = composer({"trainer.max_epochs": 1})
-    cfg.model.name = "nonexistent"  # the ranks fail building the network
+    cfg = composer({"trainer.max_epochs": 1, "model.name": "nonexistent"})  # the ranks fail building the network
     with pytest.raises(Exception, match="nonexistent"):
         fit(cfg, digits)
     assert not multiprocessing.active_children()
