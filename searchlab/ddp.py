@@ -46,6 +46,11 @@ def _rank(rank: int, world_size: int, port: int, cfg: DictConfig, splits: Splits
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     hook = _HookInParent(to_parent, to_rank0) if rank == 0 else None
     result = fit_rank(cfg, splits.to(device), hook, test, rank=rank, world_size=world_size)
+    if torch.distributed.is_initialized():
+        # Every rank leaves the process group together and ends gloo's threads here: left to the exit-time
+        # destructors, a rank could abort ("terminate called without an active exception", SIGABRT).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if rank == 0:
         to_parent.put(("done", result))
 
