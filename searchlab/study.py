@@ -142,16 +142,20 @@ def _instantiate(entry: DictConfig, **extra: Any) -> Any:
     return cls(**settings)
 
 
-def open_study(cfg: DictConfig, storage: BaseStorage, sampler: optuna.samplers.BaseSampler,
+def open_study(cfg: DictConfig, direction: str, storage: BaseStorage, sampler: optuna.samplers.BaseSampler,
                pruner: optuna.pruners.BasePruner) -> optuna.Study:
-    """Creates the study, or loads it by name to resume; a resumed study must keep its direction."""
+    """Creates the study, or loads it by name to resume; a resumed study must keep its direction and metric."""
     study = optuna.create_study(study_name=cfg.study.name, storage=storage, sampler=sampler, pruner=pruner,
-                                direction=cfg.study.direction, load_if_exists=True)
+                                direction=direction, load_if_exists=True)
     existing = study.direction.name.lower()
-    if existing != cfg.study.direction:
+    if existing != direction:
         raise ConfigError(
-            f"study.direction: study '{cfg.study.name}' was created to {existing}; "
-            f"keep study.direction={existing} or choose a new study.name")
+            f"study.direction: study '{cfg.study.name}' was created to {existing} its metric, this run would "
+            f"{direction} {cfg.study.metric}; keep study.direction={existing} or choose a new study.name")
+    metric = study.user_attrs.get("metric")
+    if metric is not None and metric != cfg.study.metric:
+        raise ConfigError(f"study.metric: study '{cfg.study.name}' optimizes {metric}; keep study.metric={metric} "
+                          "or choose a new study.name")
     return study
 
 

@@ -1,4 +1,5 @@
-"""Train one configuration with Lightning: the path shared by `searchlab train` and every trial of a study."""
+"""Train one configuration with Lightning in this process: the path shared by `searchlab train`, every trial of a
+study and every DDP rank (searchlab.training chooses between one process and DDP ranks)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from datetime import timedelta
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies import DDPStrategy, Strategy
+from pytorch_lightning.utilities.model_helpers import is_overridden
 
+from searchlab.build import build_module, data_shape, load_data, module_task
 from searchlab.config import ConfigError
 from searchlab.data import Splits, TensorBatches, batch_size_for
-from searchlab.model import Classifier, build_network
 
 # Called after each epoch's validation with (epoch number from 1, metrics); returns a reason to stop, or None.
 EpochHook = Callable[[int, dict[str, float]], "str | None"]
@@ -32,16 +34,18 @@ warnings.filterwarnings("ignore", message=".*when logging on epoch level in dist
 
 @dataclass
 class TrainResult:
-    """Per-epoch metrics; `stop_reason` says why training ended before max_epochs (pruned, diverged)."""
+    """Per-epoch metrics (what the module logged, plus lr); `stop_reason` says why training ended before max_epochs
+    (pruned, diverged); `module` is the trained LightningModule (not sent back from DDP ranks)."""
 
     history: list[dict[str, float]] = field(default_factory=list)
     stop_reason: str | None = None
     test: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    module: pl.LightningModule | None = None
 
     def best(self, metric: str, direction: str) -> float | None:
         """The best epoch's value of the metric: the trial's objective."""
-        values = [m[metric] for m in self.history if math.isfinite(m[metric])]
+        values = [m[metric] for m in self.history if metric in m and math.isfinite(m[metric])]
         if not values:
             return None
         return max(values) if direction == "maximize" else min(values)
@@ -63,19 +67,36 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16-mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
 
 
+def epoch_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """trainer.callback_metrics as floats (one device read for all of them), and the first optimizer's lr."""
+    metrics = {k: v for k, v in trainer.callback_metrics.items() if not k.startswith("test")}
+    tensors = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+    values = torch.stack([v.detach().float().cpu() for v in tensors.values()]).tolist() if tensors else []
+    out = dict(zip(tensors, values, strict=True))
+    out.update({k: float(v) for k, v in metrics.items() if k not in tensors and isinstance(v, (int, float))})
+    if trainer.optimizers:
+        out["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+    return out
+
+
 class _EpochCallback(pl.Callback):
-    """Hands each epoch's metrics to the hook and stops the trainer when the hook or the loss says so."""
+    """After each training epoch (and its validation), reads what the module logged and hands it to the hook; stops
+    the trainer when the hook says so or the training diverged (a non-finite train_loss or objective)."""
 
-    def __init__(self, hook: EpochHook | None, result: TrainResult) -> None:
-        self.hook, self.result = hook, result
+    def __init__(self, hook: EpochHook | None, result: TrainResult, metric: str) -> None:
+        self.hook, self.result, self.metric = hook, result, metric
 
-    def on_validation_end(self, trainer: pl.Trainer, module: Classifier) -> None:
-        if trainer.sanity_checking or not module.history:
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
             return
-        epoch, metrics = len(module.history), module.history[-1]
+        metrics = epoch_metrics(trainer)
+        self.result.history.append(metrics)
+        epoch = len(self.result.history)
         reason = None
-        if not math.isfinite(metrics["train_loss"]):
-            reason = f"diverged: train_loss is {metrics['train_loss']} at epoch {epoch}"
+        for key in ("train_loss", self.metric):
+            if key in metrics and not math.isfinite(metrics[key]):
+                reason = f"diverged: {key} is {metrics[key]} at epoch {epoch}"
+                break
         if self.hook is not None:
             reason = self.hook(epoch, metrics) or reason
         # Under DDP only rank 0 has the hook: its decision goes to every rank, so all stop at the same epoch.
@@ -104,34 +125,25 @@ def process_group_backend(setting: str, device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def fit(cfg: DictConfig, splits: Splits, on_epoch: EpochHook | None = None, test: bool = False) -> TrainResult:
-    """Trains cfg on splits (already on the training device); the test split is evaluated only when asked.
+def fit_rank(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None = None, test: bool = False,
+             rank: int = 0, world_size: int = 1, metric: str | None = None, probe: bool = False) -> TrainResult:
+    """One training in this process: the whole of it on one device, or one DDP rank's part of it (world_size > 1, in
+    a process that searchlab.ddp started and set up as Lightning's externally launched rank).
 
-    With trainer.devices > 1 the training runs in DDP ranks spawned for this call (see searchlab.ddp); on_epoch
-    still runs here, in the caller's process.
+    `splits` are the resident tensors (already on the training device), or None when `data` is a
+    LightningDataModule, which is built here. `metric` (default study.metric) is watched for divergence. `probe`
+    trains one batch and validates one batch: the check of a config before a study.
     """
-    if cfg.trainer.devices > 1:
-        from searchlab.ddp import fit_ddp  # imported here: searchlab.ddp builds on this module
-
-        return fit_ddp(cfg, splits, on_epoch, test)
-    return fit_rank(cfg, splits, on_epoch, test)
-
-
-def fit_rank(cfg: DictConfig, splits: Splits, on_epoch: EpochHook | None = None, test: bool = False,
-             rank: int = 0, world_size: int = 1) -> TrainResult:
-    """fit() in one process: the whole training on one device, or one DDP rank's part of it (world_size > 1, in a
-    process that searchlab.ddp started and set up as Lightning's externally launched rank)."""
     start = time.perf_counter()
-    device = splits.x_train.device
     pl.seed_everything(cfg.seed, verbose=False)
-    network = build_network(cfg.model, splits.sample_shape, splits.n_classes)
-    module = Classifier(network, cfg)
-    batch_size = batch_size_for(cfg.data.batch_size, len(splits.x_train))
-    if cfg.model.batch_norm and batch_size == 1:
-        raise ValueError("model.batch_norm=true needs data.batch_size > 1: BatchNorm cannot train on one sample")
-    train_batches = TensorBatches(splits.x_train, splits.y_train, batch_size, shuffle=True, seed=cfg.seed,
-                                  rank=rank, world_size=world_size)
-    val_batches = TensorBatches(splits.x_val, splits.y_val, cfg.trainer.eval_batch_size, shuffle=False)
+    task = module_task(cfg)
+    data: Splits | pl.LightningDataModule = splits.for_task(task) if splits is not None else load_data(cfg)
+    if isinstance(data, Splits):
+        device = data.x_train.device
+    else:
+        device = resolve_device(cfg.trainer.accelerator)
+        if world_size > 1 and device.type == "cuda":
+            device = torch.device("cuda", rank)
     result = TrainResult()
     if world_size > 1:
         strategy: Strategy | str = DDPStrategy(
@@ -144,22 +156,39 @@ def fit_rank(cfg: DictConfig, splits: Splits, on_epoch: EpochHook | None = None,
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=devices,
         strategy=strategy,
-        use_distributed_sampler=False,
+        use_distributed_sampler=not isinstance(data, Splits),
         precision=resolve_precision(cfg.trainer.precision, device),
-        max_epochs=cfg.trainer.max_epochs,
-        limit_train_batches=cfg.trainer.limit_train_batches,
-        callbacks=[_EpochCallback(on_epoch, result)],
+        max_epochs=1 if probe else cfg.trainer.max_epochs,
+        limit_train_batches=1 if probe else cfg.trainer.limit_train_batches,
+        limit_val_batches=1 if probe else None,
+        callbacks=[_EpochCallback(on_epoch, result, metric or cfg.study.metric)],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(module, train_dataloaders=train_batches, val_dataloaders=val_batches)
-    result.history = module.history
-    if test and splits.x_test is not None and not result.stop_reason:
-        trainer.test(module, TensorBatches(splits.x_test, splits.y_test, cfg.trainer.eval_batch_size, shuffle=False),
-                     verbose=False)
-        result.test = module.test_metrics
+    shape = data_shape(data, task)
+    module = build_module(cfg, shape, trainer)
+    if isinstance(data, Splits):
+        batch_size = batch_size_for(cfg.data.batch_size, len(data.x_train))
+        if OmegaConf.select(cfg, "model.batch_norm", default=False) and batch_size == 1:
+            raise ValueError("model.batch_norm=true needs data.batch_size > 1: BatchNorm cannot train on one sample")
+        train_batches = TensorBatches(data.x_train, data.y_train, batch_size, shuffle=True, seed=cfg.seed,
+                                      rank=rank, world_size=world_size)
+        val_batches = TensorBatches(data.x_val, data.y_val, cfg.trainer.eval_batch_size, shuffle=False)
+        trainer.fit(module, train_dataloaders=train_batches, val_dataloaders=val_batches)
+    else:
+        trainer.fit(module, datamodule=data)
+    result.module = module
+    if test and not result.stop_reason and is_overridden("test_step", module):
+        if isinstance(data, Splits) and data.x_test is not None:
+            tested = trainer.test(module, TensorBatches(data.x_test, data.y_test, cfg.trainer.eval_batch_size,
+                                                        shuffle=False), verbose=False)
+        elif not isinstance(data, Splits) and is_overridden("test_dataloader", data):
+            tested = trainer.test(module, datamodule=data, verbose=False)
+        else:
+            tested = []
+        result.test = {k: float(v) for d in tested for k, v in d.items()}
     result.seconds = time.perf_counter() - start
     return result
