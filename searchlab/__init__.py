@@ -14,12 +14,12 @@ Heavy packages are imported on first use, so `import searchlab` is quick.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from searchlab.config import USER_CONFIG_ENV, ConfigError
+from searchlab.cli import project
+from searchlab.config import ConfigError
 
 if TYPE_CHECKING:
     import optuna
@@ -29,29 +29,12 @@ if TYPE_CHECKING:
 __all__ = ["ConfigError", "search", "train"]
 
 
-@contextlib.contextmanager
-def _project(config_dir: str | os.PathLike | None) -> Iterator[None]:
-    """The CLI's project setup (current folder importable, config folder searched) for the call's duration."""
-    from searchlab.cli import use_project
-
-    saved = {k: os.environ.get(k) for k in (USER_CONFIG_ENV, "PYTHONPATH")}
-    use_project(None if config_dir is None else os.fspath(config_dir))
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def search(overrides: Sequence[str] = (), config_dir: str | os.PathLike | None = None) -> optuna.Study:
     """Runs (or resumes) the study the overrides name, as `searchlab search` does (report included), and returns
     the Optuna study: `study.best_trial`, `study.trials_dataframe()`, ..."""
     from searchlab import commands
 
-    with _project(config_dir):
+    with project(config_dir):
         return commands.search(list(overrides)).study
 
 
@@ -61,5 +44,5 @@ def train(overrides: Sequence[str] = (), config_dir: str | os.PathLike | None = 
     `test` metrics, `best(metric, direction)` and the trained LightningModule as `module`."""
     from searchlab import commands
 
-    with _project(config_dir):
+    with project(config_dir):
         return commands.train(list(overrides), quiet=quiet)

@@ -120,8 +120,19 @@ class Schedule:
     def __init__(self, factory: functools.partial, trainer: pl.Trainer, lightning: Mapping[str, Any]) -> None:
         self.factory, self.trainer, self.lightning = factory, trainer, dict(lightning)
 
+    def __deepcopy__(self, memo: dict) -> Schedule:
+        # A module's save_hyperparameters() deep-copies its arguments: a copy of the bound Trainer would be wrong and
+        # slow, and the factory holds no state worth copying.
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Lightning drops hyperparameters that do not pickle (at fit start and in checkpoints): the Trainer does not.
+        return {"factory": self.factory, "trainer": None, "lightning": self.lightning}
+
     def __call__(self, optimizer: torch.optim.Optimizer) -> Any:
         length = accepted(self.factory.func, {"max_epochs": None, "total_steps": None})
+        if length and self.trainer is None:
+            raise RuntimeError("this schedule is sized by the run it belongs to: call it in configure_optimizers")
         if "max_epochs" in length:
             length["max_epochs"] = self.trainer.max_epochs
         if "total_steps" in length:

@@ -8,9 +8,10 @@ input of any kind ends here as one line on stderr and exit code 2, before any st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 EXIT_BAD_INPUT = 2
 EXIT_STUDY_FAILED = 1
@@ -38,44 +39,60 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def use_project(config_dir: str | None) -> None:
-    """The user's project: the current folder importable (as with `python -m`) and the config folder searched, in
-    this process and in every process it starts (workers inherit the environment; DDP ranks, sys.path)."""
+@contextlib.contextmanager
+def project(config_dir: str | os.PathLike | None) -> Iterator[None]:
+    """The user's project for the duration of a command: the current folder importable (as with `python -m`) and
+    the config folder searched, in this process and in every process it starts (workers inherit the environment,
+    DDP ranks sys.path). The environment is restored afterwards (the Python API runs commands in a long process)."""
     from searchlab.config import USER_CONFIG_ENV
 
+    saved = {k: os.environ.get(k) for k in (USER_CONFIG_ENV, "PYTHONPATH")}
     here = os.getcwd()
     if here not in sys.path:
         sys.path.insert(0, here)
-    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    if here not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([here, *[p for p in paths if p]])
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join([here, *[p for p in paths if p != here]])
     if config_dir is not None:
         os.environ[USER_CONFIG_ENV] = os.path.abspath(config_dir)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from searchlab.config import ConfigError, compose_config, redact, validate_config
+    from searchlab.config import ConfigError, redact
 
     try:
-        use_project(args.config_dir)
-        validate_config(compose_config(args.overrides))  # the fast checks, before the heavy imports
-        from searchlab import commands
-
-        if args.command in ("search", "worker"):
-            result = commands.search(args.overrides, as_worker=args.command == "worker")
-            return {"KILLED": EXIT_INTERRUPTED, "FAILED": EXIT_STUDY_FAILED}.get(result.status, 0)
-        if args.command == "train":
-            commands.train(args.overrides)
-            return 0
-        run = {"report": commands.report, "best": commands.best_config, "storage-proxy": commands.storage_proxy}
-        return run[args.command](args.overrides)
+        with project(args.config_dir):
+            return _run(args.command, args.overrides)
     except ConfigError as err:
         print(f"searchlab: error: {redact(str(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _run(command: str, overrides: list[str]) -> int:
+    from searchlab.config import compose_config, validate_config
+
+    validate_config(compose_config(overrides))  # the fast checks, before the heavy imports
+    from searchlab import commands
+
+    if command in ("search", "worker"):
+        result = commands.search(overrides, as_worker=command == "worker")
+        return {"KILLED": EXIT_INTERRUPTED, "FAILED": EXIT_STUDY_FAILED}.get(result.status, 0)
+    if command == "train":
+        commands.train(overrides)
+        return 0
+    run = {"report": commands.report, "best": commands.best_config, "storage-proxy": commands.storage_proxy}
+    return run[command](overrides)
 
 
 if __name__ == "__main__":

@@ -267,8 +267,8 @@ def resolve_direction(study: DictConfig) -> str:
         return study.direction
     direction = metric_direction(str(study.metric))
     if direction is None:
-        raise ConfigError(f"study.direction: auto cannot tell whether '{study.metric}' should go up or down; set "
-                          "study.direction=maximize or study.direction=minimize")
+        raise ConfigError(f"study.direction: auto cannot tell whether study.metric={study.metric} should go up or "
+                          "down; set study.direction=maximize or study.direction=minimize")
     return direction
 
 
@@ -334,7 +334,6 @@ def _check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"{key}: expected a non-negative integer, got {value!r}")
-    resolve_direction(cfg.study)
 
 
 def _is_positive_int(value: Any) -> bool:
