@@ -19,11 +19,11 @@ from pathlib import Path
 
 from searchlab.build import load_data
 from searchlab.config import Composer, parse_overrides, resolve_direction, validate_config
+from searchlab.lightning_fit import resolve_device
 from searchlab.locks import budget_lock
 from searchlab.space import load_space
 from searchlab.study import Budget, make_pruner, make_sampler, open_storage, open_study, run_trials
 from searchlab.tracking import Tracker
-from searchlab.train import resolve_device
 from searchlab.trial import TrialOutcome, TrialRunner
 
 METHODS: dict[str, list[str]] = {

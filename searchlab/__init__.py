@@ -18,13 +18,13 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from searchlab.cli import project
 from searchlab.config import ConfigError
+from searchlab.project import project
 
 if TYPE_CHECKING:
     import optuna
 
-    from searchlab.train import TrainResult
+    from searchlab.lightning_fit import TrainResult
 
 __all__ = ["ConfigError", "search", "train"]
 

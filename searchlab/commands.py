@@ -29,6 +29,7 @@ from searchlab.config import (
 from searchlab.data import Splits
 from searchlab.devices import cpu_count, detect_gpus, plan_workers
 from searchlab.faults import heartbeat_settings
+from searchlab.lightning_fit import TrainResult, check_devices, resolve_device
 from searchlab.locks import NoLock, budget_lock
 from searchlab.progress import Progress
 from searchlab.report import Report, best_overrides, check_settings, load_study, render_text, write_report
@@ -47,7 +48,6 @@ from searchlab.study import (
     state_counts,
 )
 from searchlab.tracking import Tracker
-from searchlab.train import TrainResult, check_devices, resolve_device
 from searchlab.training import check_targets, fit, preflight
 from searchlab.trial import TrialOutcome, TrialRunner, train_command
 from searchlab.workers import WORKER_INDEX_ENV, DeadWorkers, WorkerPool
@@ -115,11 +115,13 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
     budget = Budget(study, cfg.study.n_trials, lock, dead)
     metric = cfg.study.metric
     done_before = budget_used(study)
-    chosen = "" if cfg.study.direction == direction else f" (study.direction={cfg.study.direction})"
+    chosen = " (auto, from its name)" if cfg.study.direction == "auto" else f" (study.direction={direction})"
     print(f"study '{cfg.study.name}': {direction} {metric}{chosen}; {done_before}/{cfg.study.n_trials} trials done; "
           f"storage "
           f"{redact(cfg.study.storage)}; tracking {redact(cfg.tracking.uri)}; space {space.source}"
           + (f"; {len(slots)} workers" if len(slots) > 1 else ""), flush=True)
+    for line in space.describe_constraints():
+        print(line, flush=True)
 
     progress = Progress(metric, cfg.study.n_trials, cfg.study.timeout, done_before, sys.stdout)
 

@@ -244,7 +244,7 @@ _CHOICES = {
     "trainer.precision": ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"),
 }
 # study.direction=auto: a metric whose name holds one of these words (split at _ / . - and digits) is maximized or
-# minimized. A name with none of them needs an explicit study.direction.
+# minimized (a word may end in digits: acc1). A name with none of them needs an explicit study.direction.
 MAXIMIZED_WORDS = ("acc", "accuracy", "f1", "auroc", "auc", "roc", "r2", "precision", "recall", "iou", "dice", "map",
                    "ap", "score", "reward", "return")
 MINIMIZED_WORDS = ("loss", "error", "err", "mse", "rmse", "mae", "mape", "nll", "perplexity", "ppl", "time",
@@ -253,7 +253,8 @@ MINIMIZED_WORDS = ("loss", "error", "err", "mse", "rmse", "mae", "mape", "nll", 
 
 def metric_direction(metric: str) -> str | None:
     """maximize or minimize, as the metric's name says (val_acc: maximize, val_loss: minimize), else None."""
-    words = set(re.split(r"[_/.\-\s]+|\d+", metric.lower()))
+    tokens = [t for t in re.split(r"[_/.\-\s]+", metric.lower()) if t]
+    words = set(tokens) | {t.rstrip("0123456789") for t in tokens}  # top5acc -> top5acc, acc1 -> acc
     if words & set(MINIMIZED_WORDS):
         return "minimize"
     if words & set(MAXIMIZED_WORDS):

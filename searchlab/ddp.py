@@ -5,7 +5,7 @@ new workers, and `ddp_fork` cannot follow a parent that already used CUDA (the d
 are spawned here and set up as ranks launched from outside (LOCAL_RANK, MASTER_PORT..., as torchrun does), and
 Lightning's DDP strategy runs in each. The Optuna trial, the tracker and the storages do not pickle, so they stay in
 this process: rank 0 sends each epoch's metrics over a queue, this process runs the hook (tracking, report,
-should_prune) and answers, and rank 0 broadcasts the answer (searchlab.train._EpochCallback), so every rank stops
+should_prune) and answers, and rank 0 broadcasts the answer (lightning_fit._EpochCallback), so every rank stops
 at the same epoch.
 """
 
@@ -22,7 +22,7 @@ from lightning_fabric.plugins.environments.lightning import find_free_network_po
 from omegaconf import DictConfig
 
 from searchlab.data import Splits
-from searchlab.train import EpochHook, TrainResult, fit_rank
+from searchlab.lightning_fit import EpochHook, TrainResult, fit_rank
 
 _POLL_S = 0.2  # how often the waiting parent checks that the ranks are still alive
 

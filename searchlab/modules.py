@@ -9,6 +9,7 @@ so a step has no host sync.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,10 @@ from torchmetrics.functional.classification import multiclass_auroc
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 ScheduleFactory = Callable[[torch.optim.Optimizer], Any]
 _PLAIN = (str, int, float, type(None))  # values that are never a Parameter, Module or Buffer
+# A class absent from a small validation split leaves its AUROC undefined (torchmetrics warns and counts it as 0):
+# the per-epoch warning would only clutter the output of a search.
+warnings.filterwarnings("ignore", message=".*No positive samples in targets.*")
+warnings.filterwarnings("ignore", message=".*No negative samples in targets.*")
 
 
 class _Module(pl.LightningModule):

@@ -1,6 +1,6 @@
 """One configuration trained, on one device or over DDP ranks, and the check of a config before a study.
 
-This sits above searchlab.train (one process) and searchlab.ddp (ranks that each run searchlab.train), so neither
+This sits above searchlab.lightning_fit (one process) and searchlab.ddp (ranks that each run lightning_fit), so neither
 imports the other's caller.
 """
 
@@ -15,7 +15,7 @@ from searchlab.build import module_task
 from searchlab.config import ConfigError
 from searchlab.data import Splits
 from searchlab.ddp import fit_ddp
-from searchlab.train import EpochHook, TrainResult, fit_rank, resolve_device
+from searchlab.lightning_fit import EpochHook, TrainResult, fit_rank, resolve_device
 
 # A classifier's labels look like a regression target when there are this many classes or more and the training split
 # has fewer than _FEW samples of a class on average: a classifier cannot learn a class from a handful of examples.
@@ -47,12 +47,27 @@ def check_targets(splits: Splits, task: str) -> None:
                           "a regression target, not class labels; use module=regressor (or store labels 0..K-1)")
 
 
+def _check_outputs(module: torch.nn.Module, splits: Splits, task: str) -> None:
+    """A built-in module's network must give num_outputs values per sample: a classifier with more logits than
+    classes trains without an error, on classes that never occur."""
+    expected = splits.num_outputs(task)
+    x = splits.x_val[:2]
+    with torch.no_grad():
+        out = module.to(x.device).eval()(x)
+    got = 1 if out.dim() == 1 else int(out.shape[-1])
+    if out.dim() > 2 or got != expected:
+        what = "classes" if task == "classification" else "targets"
+        raise ConfigError(f"model: the network gives outputs of shape {tuple(out.shape[1:])} per sample, but the "
+                          f"data has {expected} {what}; build its last layer with the num_outputs argument")
+
+
 def preflight(cfg: DictConfig, splits: Splits | None, metric: str) -> dict[str, float]:
     """Builds everything and trains one batch and validates one batch on one device, before any store is written:
     a module that does not log `metric`, a network whose output does not fit the data, or a `_target_` that does not
     build is bad input found now, not in every trial. Returns the metrics logged."""
+    task = module_task(cfg)
     if splits is not None:
-        check_targets(splits, module_task(cfg))
+        check_targets(splits, task)
     try:
         result = fit_rank(cfg, splits, metric=metric, probe=True)
     except ConfigError:
@@ -65,6 +80,8 @@ def preflight(cfg: DictConfig, splits: Splits | None, metric: str) -> dict[str, 
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if splits is not None and task and result.module is not None:
+        _check_outputs(result.module, splits, task)
     logged = result.history[-1] if result.history else {}
     if metric not in logged:
         names = sorted(k for k in logged if k != "lr")

@@ -20,9 +20,9 @@ from optuna.trial import TrialState
 from searchlab.config import Composer, format_override
 from searchlab.data import Splits
 from searchlab.faults import heartbeat
+from searchlab.lightning_fit import TrainResult
 from searchlab.space import SearchSpace
 from searchlab.tracking import Tracker
-from searchlab.train import TrainResult
 from searchlab.training import fit
 
 

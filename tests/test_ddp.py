@@ -20,7 +20,7 @@ from searchlab.build import load_data
 from searchlab.config import Composer, ConfigError, validate_config
 from searchlab.data import TensorBatches
 from searchlab.devices import WorkerSlot, plan_workers
-from searchlab.train import check_devices, process_group_backend
+from searchlab.lightning_fit import check_devices, process_group_backend
 from searchlab.training import fit
 
 DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "model.width=32", "optimizer.lr=0.01"]

@@ -190,7 +190,8 @@ def test_direction_auto_on_an_unknown_name_asks_for_an_explicit_direction(tmp_pa
     (project / "conf" / "module").mkdir(parents=True)
     (project / "mymod.py").write_text(MODULE_LOGGING.format(names='"val_wobble"'))
     (project / "conf" / "module" / "mine.yaml").write_text("_target_: mymod.Mine\n")
-    args = ["search", "-cd", "conf", "module=mine", "study.metric=val_wobble", *TINY, *stores(tmp_path, "w")]
+    args = ["search", "-cd", "conf", "module=mine", "search=schedule", "study.metric=val_wobble", *TINY,
+            *stores(tmp_path, "w")]
     refused = searchlab(*args, cwd=project)
     assert refused.returncode == 2 and "study.direction=maximize" in refused.stderr, refused.stderr
     chosen = searchlab(*args, "study.direction=minimize", "study.n_trials=1", cwd=project)
@@ -250,6 +251,7 @@ NOT_CALLABLE = "NET = 3\n"
 def _bad(tmp_path: Path, files: dict[str, str], *args: str) -> str:
     """Runs a search in a project with these files; asserts the bad-input contract; returns the error line."""
     project = tmp_path / "project"
+    (project / "conf").mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         (project / name).write_text(text)
@@ -381,3 +383,30 @@ def test_python_api_from_a_plain_script(signals_project, tmp_path):
     assert "module Classifier Net1D 2" in lines
     assert any(line.startswith("error optimizer: unknown option 'adamm' (did you mean optimizer=adam?")
                for line in lines)
+
+
+# --- the README's contract example, as written -------------------------------------------------------------------
+
+def test_readme_contract_example_runs_as_written(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    example = readme.split("<!-- contract-example -->", 1)[1].split("<!-- /contract-example -->", 1)[0]
+    blocks = re.findall(r"```(\w+)\n(.*?)```", example, flags=re.S)
+    project = tmp_path / "myproject"
+    written = []
+    for language, text in blocks:
+        first = text.splitlines()[0]
+        if language in ("python", "yaml") and first.startswith("# ") and "." in first:
+            path = project / first[2:].strip()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            written.append(path.name)
+    assert written == ["mymodels.py", "tiny.yaml", "lit.yaml", "tiny.yaml"]
+    (command,) = [text.strip() for language, text in blocks if language == "shell"]
+    words = command.split()
+    assert words[:2] == ["searchlab", "search"]
+    result = searchlab(*words[1:], "trainer.max_epochs=2", "study.n_trials=3", "report.min_complete=2",
+                       *stores(tmp_path, "tiny"), cwd=project)
+    assert result.returncode == 0, result.stderr
+    study = load(tmp_path, "tiny")
+    assert len(study.trials) == 3 and all(t.state != optuna.trial.TrialState.FAIL for t in study.trials)
+    assert all("module.label_smoothing" in t.params for t in study.trials)

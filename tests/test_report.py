@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from searchlab.cli import main
-from searchlab.config import compose_config
+from searchlab.config import compose_config, config_dir
 from searchlab.report import load_study, write_report
 from searchlab.study import open_storage
 
@@ -128,7 +128,9 @@ def test_best_prints_the_full_config_and_the_command(tiny):
     cfg = yaml.safe_load(config_text)
     best = tiny["study"].best_params
     assert cfg["optimizer"]["lr"] == best["optimizer.lr"] and cfg["model"]["dropout"] == best["model.dropout"]
-    assert cfg["optimizer"]["name"] == best["optimizer"] and cfg["scheduler"]["name"] == best["scheduler"]
+    for group in ("optimizer", "scheduler"):  # the chosen option's entry: its _target_ and the trial's values
+        option = yaml.safe_load((config_dir() / group / f"{best[group]}.yaml").read_text()) or {}
+        assert (cfg[group] or {}).get("_target_") == option.get("_target_")
     assert cfg["trainer"]["max_epochs"] == 3 and cfg["model"]["width"] == 32  # the search's own base overrides
     assert command.strip() == tiny["summary"]["best"]["command"]
 

@@ -11,7 +11,7 @@ import torch
 from searchlab.build import load_data
 from searchlab.config import Composer, ConfigError, group_options
 from searchlab.data import TensorBatches
-from searchlab.train import resolve_device, resolve_precision
+from searchlab.lightning_fit import resolve_device, resolve_precision
 from searchlab.training import fit
 
 OPTIMIZERS = group_options()["optimizer"]
