@@ -17,12 +17,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from searchlab.budget import Budget
 from searchlab.build import load_data
 from searchlab.config import Composer, parse_overrides, resolve_direction, validate_config
 from searchlab.lightning_fit import resolve_device
 from searchlab.locks import budget_lock
 from searchlab.space import load_space
-from searchlab.study import Budget, make_pruner, make_sampler, open_storage, open_study, run_trials
+from searchlab.storage import open_storage
+from searchlab.study import make_pruner, make_sampler, open_study, run_trials
 from searchlab.tracking import Tracker
 from searchlab.trial import TrialOutcome, TrialRunner
 

@@ -42,7 +42,8 @@ from searchlab.build import DataShape, build_network, load_data, optimizer_facto
 from searchlab.config import Composer
 from searchlab.data import Splits
 from searchlab.space import SearchSpace, parse_space
-from searchlab.study import make_pruner, make_sampler, open_storage
+from searchlab.storage import open_storage
+from searchlab.study import make_pruner, make_sampler
 from searchlab.tracking import Tracker
 from searchlab.trial import TrialRunner
 

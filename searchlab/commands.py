@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
+from searchlab.attrs import METRIC, MLFLOW_PARENT_RUN_ID
+from searchlab.budget import Budget, budget_used
 from searchlab.build import load_data, module_task
 from searchlab.config import (
     Composer,
@@ -34,19 +36,8 @@ from searchlab.locks import NoLock, budget_lock
 from searchlab.progress import Progress
 from searchlab.report import Report, best_overrides, check_settings, load_study, render_text, write_report
 from searchlab.space import load_space
-from searchlab.study import (
-    Budget,
-    StudyStopped,
-    best_trial,
-    budget_used,
-    make_pruner,
-    make_sampler,
-    open_storage,
-    open_study,
-    run_trials,
-    serve_storage_proxy,
-    state_counts,
-)
+from searchlab.storage import open_storage, serve_storage_proxy
+from searchlab.study import StudyStopped, best_trial, make_pruner, make_sampler, open_study, run_trials, state_counts
 from searchlab.tracking import Tracker
 from searchlab.training import check_targets, fit, preflight
 from searchlab.trial import TrialOutcome, TrialRunner, train_command
@@ -109,8 +100,8 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
     lock = budget_lock(storage, cfg.study.storage, cfg.study.name)
     with lock():  # one parent run, however many workers start at once
         parent_run_id = tracker.study_run(cfg.study.name, settings)
-        study.set_user_attr("mlflow_parent_run_id", parent_run_id)
-        study.set_user_attr("metric", cfg.study.metric)
+        study.set_user_attr(MLFLOW_PARENT_RUN_ID, parent_run_id)
+        study.set_user_attr(METRIC, cfg.study.metric)
     dead = DeadWorkers(study, tracker, parent_run_id, trust_missing_pid=not isinstance(lock, NoLock))
     budget = Budget(study, cfg.study.n_trials, lock, dead)
     metric = cfg.study.metric

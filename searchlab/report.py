@@ -28,8 +28,10 @@ from optuna.importance import BaseImportanceEvaluator, PedAnovaImportanceEvaluat
 from optuna.search_space import intersection_search_space
 from optuna.trial import FrozenTrial, TrialState
 
+from searchlab.attrs import METRIC, MLFLOW_PARENT_RUN_ID
 from searchlab.config import ConfigError, redact
-from searchlab.study import Best, best_trial, open_storage, state_counts
+from searchlab.storage import open_storage
+from searchlab.study import Best, best_trial, state_counts
 from searchlab.tracking import Tracker
 from searchlab.trial import train_command
 
@@ -114,7 +116,7 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None,
     start = time.perf_counter()
     settings = cfg.report
     check_settings(settings)
-    metric = study.user_attrs.get("metric", cfg.study.metric)
+    metric = study.user_attrs.get(METRIC, cfg.study.metric)
     folder = Path(settings.dir) / re.sub(r"[^A-Za-z0-9._-]+", "_", study.study_name)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -157,7 +159,7 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None,
     (folder / "report.html").write_text(_html(summary, figures, lead), encoding="utf-8")
     summary["seconds"] = round(time.perf_counter() - start, 3)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-    parent = study.user_attrs.get("mlflow_parent_run_id")
+    parent = study.user_attrs.get(MLFLOW_PARENT_RUN_ID)
     if parent is None or tracker is None:
         return Report(folder, summary, None, "the study has no MLflow parent run (user attr mlflow_parent_run_id)"
                       if parent is None else "no tracking store given")

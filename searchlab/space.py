@@ -29,6 +29,7 @@ from hydra import compose
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from searchlab.attrs import CONSTRAINED
 from searchlab.config import Composer, ConfigError, validate_config
 
 _RANGE_KEYS = {"low", "high", "log", "step", "grid"}
@@ -152,7 +153,7 @@ class SearchSpace:
                 values[param.name] = constrained[param.name] = rule.fix[param.name]
             pending[0:0] = param.branches.get(values[param.name], ())
         if constrained:
-            trial.set_user_attr("constrained", constrained)
+            trial.set_user_attr(CONSTRAINED, constrained)
         return {**values, **self.fixed}
 
     def walk(self) -> Iterable[tuple[Param, dict[str, str]]]:

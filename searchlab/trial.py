@@ -17,6 +17,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
+from searchlab.attrs import MLFLOW_RUN_ID, OVERRIDES, REASON
 from searchlab.config import Composer, format_override
 from searchlab.data import Splits
 from searchlab.faults import heartbeat
@@ -80,8 +81,8 @@ class TrialRunner:
             trial_cfg = self.composer(values)
             run_id = self.tracker.start_trial(
                 self.parent_run_id, trial.number, values, OmegaConf.to_yaml(trial_cfg), train_command(overrides))
-            trial.set_user_attr("mlflow_run_id", run_id)
-            trial.set_user_attr("overrides", overrides)
+            trial.set_user_attr(MLFLOW_RUN_ID, run_id)
+            trial.set_user_attr(OVERRIDES, overrides)
             result, pruned = self._train(trial, run_id, trial_cfg)
         except BaseException as err:  # the trial fails, the study goes on; an interrupt also stops the study
             interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
@@ -123,7 +124,7 @@ class TrialRunner:
     def _finish(self, trial: optuna.Trial, run_id: str | None, state: TrialState, value: float | None,
                 reason: str | None) -> None:
         if reason:
-            trial.set_user_attr("reason", reason)
+            trial.set_user_attr(REASON, reason)
         self.study.tell(trial, value, state=state)
         if run_id is None:  # failed or interrupted before its run was made: every finished trial has one
             run_id = self.tracker.start_trial(self.parent_run_id, trial.number, trial.params, "", "")
