@@ -127,6 +127,15 @@ def test_user_module_test_metrics_and_the_template_scheduler_call(regression_pro
     assert metrics["lr"] < 1e-3  # cosine moved it
 
 
+def test_ddp_ranks_import_the_users_network(signals_project):
+    """DDP ranks are spawned processes: they find signals.Net1D through the project folder on sys.path."""
+    result = searchlab("train", "-cd", "conf", "model=net1d", "model.channels=4", "data=npz", "data.path=signals.npz",
+                       "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_epochs=1",
+                       cwd=signals_project)
+    assert result.returncode == 0, result.stderr
+    assert metrics_line(result.stdout)["epochs"] == 1
+
+
 # --- --config-dir ------------------------------------------------------------------------------------------------
 
 def test_config_dir_option_replaces_a_builtin_option_and_keeps_the_others(tmp_path):
