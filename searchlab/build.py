@@ -183,6 +183,9 @@ def load_data(cfg: DictConfig) -> Splits | pl.LightningDataModule:
     target = resolve_target(node, "data")
     if isinstance(target, type) and issubclass(target, pl.LightningDataModule):
         offered = {"batch_size": cfg.data.get("batch_size"), "seed": cfg.seed}
+        if offered["batch_size"] == "full":
+            raise ConfigError("data.batch_size: 'full' needs in-memory data (data=npz or a function returning "
+                              "Splits); give a LightningDataModule a number")
         return build(cfg.data if "batch_size" in accepted(target, offered) else node, "data", seed=cfg.seed)
     key = OmegaConf.to_yaml(node) + f"seed={cfg.seed}"
     if key not in _splits_cache:
