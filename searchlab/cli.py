@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("-cd", "--config-dir", metavar="DIR",
                          help="a folder of your own config groups (model/, search/, ...): its options add to the "
                               "built-in ones and replace those of the same name")
+        if name in ("train", "best"):
+            sub.add_argument("--export", metavar="DIR", help="also write the trained model (best epoch) to the new "
+                                                             "folder DIR as an MLflow model")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optimizer=adam trainer.max_epochs=5")
     return parser
 
@@ -44,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         with project(args.config_dir):
-            return _run(args.command, args.overrides)
+            return _run(args.command, args.overrides, getattr(args, "export", None))
     except ConfigError as err:
         print(f"searchlab: error: {redact(str(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -53,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-def _run(command: str, overrides: list[str]) -> int:
+def _run(command: str, overrides: list[str], export: str | None = None) -> int:
     from searchlab.config import compose_config, validate_config
 
     validate_config(compose_config(overrides))  # the fast checks, before the heavy imports
@@ -63,8 +66,10 @@ def _run(command: str, overrides: list[str]) -> int:
         result = commands.search(overrides, as_worker=command == "worker")
         return {"KILLED": EXIT_INTERRUPTED, "FAILED": EXIT_STUDY_FAILED}.get(result.status, 0)
     if command == "train":
-        commands.train(overrides)
+        commands.train(overrides, export_dir=export)
         return 0
+    if command == "best":
+        return commands.best_config(overrides, export_dir=export)
     run = {"report": commands.report, "best": commands.best_config, "storage-proxy": commands.storage_proxy}
     return run[command](overrides)
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import optuna
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from searchlab.attrs import METRIC, MLFLOW_PARENT_RUN_ID
@@ -33,6 +34,16 @@ from searchlab.devices import cpu_count, detect_gpus, plan_workers
 from searchlab.faults import heartbeat_settings
 from searchlab.lightning_fit import TrainResult, check_devices, resolve_device
 from searchlab.locks import NoLock, budget_lock
+from searchlab.model_out import (
+    KeepWeights,
+    check_export_dir,
+    example_input,
+    export,
+    export_best,
+    log_study_models,
+    models_to_log,
+    module_with_weights,
+)
 from searchlab.progress import Progress
 from searchlab.report import Report, best_overrides, check_settings, load_study, render_text, write_report
 from searchlab.space import load_space
@@ -40,7 +51,7 @@ from searchlab.storage import open_storage, serve_storage_proxy
 from searchlab.study import StudyStopped, best_trial, make_pruner, make_sampler, open_study, run_trials, state_counts
 from searchlab.tracking import Tracker
 from searchlab.training import check_targets, fit, preflight
-from searchlab.trial import TrialOutcome, TrialRunner, train_command
+from searchlab.trial import TrialOutcome, TrialRunner, train_command, training_overrides
 from searchlab.workers import WORKER_INDEX_ENV, DeadWorkers, WorkerPool
 
 
@@ -126,8 +137,9 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
             status = WorkerPool(slots, overrides, budget, cfg.study.max_consecutive_failures).run(on_trial)
         else:
             device = resolve_device(cfg.trainer.accelerator)
+            keep = KeepWeights(study, tracker, models_to_log(cfg.tracking), direction)
             runner = TrialRunner(study, cfg, direction, list(overrides), composer, space,
-                                 None if splits is None else splits.to(device), tracker, parent_run_id)
+                                 None if splits is None else splits.to(device), tracker, parent_run_id, keep)
             run_trials(budget, runner, cfg, on_trial)
     except KeyboardInterrupt:
         status = "KILLED"
@@ -151,6 +163,8 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
         for key, value in best.params.items():
             print(f"  {key} = {value}")
         print(f"re-run it alone:\n  {train_command(best.overrides)}")
+    if status == "FINISHED" and not as_worker:  # the budget is used: the best trials' models (model_out)
+        _log_models(study, cfg, tracker)
     if status != "KILLED" and not as_worker:  # the parent reports; workers started by hand leave it to `report`
         try:
             _print_report(write_report(study, cfg, tracker))
@@ -176,26 +190,89 @@ def worker(overrides: Sequence[str]) -> SearchResult:
     return search(overrides, as_worker=True)
 
 
-def train(overrides: Sequence[str], quiet: bool = False) -> TrainResult:
+def _log_models(study: optuna.Study, cfg: DictConfig, tracker: Tracker) -> None:
+    """The best trials' models to their MLflow runs; a failure is reported, not raised: the study is done."""
+    try:
+        for line in log_study_models(study, cfg.tracking, tracker):
+            print(line, flush=True)
+    except Exception as err:
+        print(f"searchlab: model not logged ({type(err).__name__}: {redact(str(err))[:300]}); log it with: "
+              f"searchlab report study.name={cfg.study.name}", file=sys.stderr)
+
+
+TRAIN_EXPERIMENT = "searchlab-train"  # the MLflow experiment of `searchlab train tracking.log_models=...` runs
+
+
+def train(overrides: Sequence[str], quiet: bool = False, export_dir: str | None = None) -> TrainResult:
     """Trains the configuration once, no study; prints per-epoch metrics (what the module logs) and a final
-    `metrics: {...}` JSON line with the best epoch's value of study.metric and the test split."""
+    `metrics: {...}` JSON line with the best epoch's value of study.metric and the test split, both measured with
+    the best epoch's weights.
+
+    `export_dir` saves the trained model (best epoch) there as an MLflow model. `tracking.log_models` given on the
+    command line (best or top_k: one training has one model) also tracks the training as a run of the MLflow
+    experiment `searchlab-train`, with the model logged to it; by default a training writes no MLflow store.
+    """
+    fixed = parse_overrides(overrides)
+    folder = None if export_dir is None else check_export_dir(export_dir)
     _, cfg, _, splits = _prepare(overrides)
     direction = resolve_direction(cfg.study)
+    data = splits
     splits = None if splits is None else splits.to(resolve_device(cfg.trainer.accelerator))
+    tracker = run_id = None
+    if fixed.get("tracking.log_models", "none") != "none":
+        tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
+        kept = training_overrides(list(overrides))
+        run_id = tracker.start_training(TRAIN_EXPERIMENT, OmegaConf.to_yaml(cfg), train_command(kept),
+                                        parse_overrides(kept))
 
     def show(epoch: int, metrics: dict[str, float]) -> None:
         if not quiet:
             print(f"epoch {epoch:3d}  " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())), flush=True)
+        if tracker is not None:
+            tracker.log_epoch(run_id, epoch, metrics)
 
-    result = fit(cfg, splits, on_epoch=show, test=True)
-    summary = {"best_" + cfg.study.metric: result.best(cfg.study.metric, direction),
+    try:
+        result = fit(cfg, splits, on_epoch=show, test=True)
+    except BaseException as err:
+        if tracker is not None:
+            tracker.end_trial(run_id, "FAIL", None, f"{type(err).__name__}: {str(err)[:300]}")
+        raise
+    best = result.best(cfg.study.metric, direction)
+    summary = {"best_" + cfg.study.metric: best, "best_epoch": result.best_epoch,
                **(result.history[-1] if result.history else {}), **result.test, "epochs": len(result.history),
                "seconds": round(result.seconds, 3)}
     if result.stop_reason:
         summary["stopped"] = result.stop_reason
+    if result.ended:
+        summary["ended"] = result.ended
     if not quiet:
         print("metrics: " + json.dumps(summary))
+    if folder is not None or tracker is not None:
+        module, example = _trained_module(cfg, data, result)
+        if folder is not None:
+            serialization = export(folder, module, example)
+            if not quiet:
+                print(f"model: {folder} (MLflow model, {serialization}; epoch {result.best_epoch})")
+        if tracker is not None:
+            info = tracker.log_model(run_id, module, example, OmegaConf.select(cfg, "tracking.register_model"))
+            tracker.log_epoch(run_id, len(result.history), result.test)
+            tracker.end_trial(run_id, "PRUNED" if result.stop_reason else "COMPLETE", best,
+                              result.stop_reason or result.ended)
+            if not quiet:
+                registered = f", registered v{info.registered_version}" if info.registered_version else ""
+                print(f"model: {info.uri} ({info.serialization}, {info.seconds:.1f}s{registered})")
     return result
+
+
+def _trained_module(cfg: DictConfig, data: Splits | None, result: TrainResult) -> tuple[torch.nn.Module,
+                                                                                           torch.Tensor]:
+    """The trained module with its best epoch's weights (rebuilt from them after DDP, whose ranks keep theirs),
+    and an input example of the data."""
+    if result.weights is None:
+        raise ConfigError(f"no epoch gave a finite {cfg.study.metric}: there is no best epoch's model to save")
+    if result.module is None:
+        return module_with_weights(cfg, result.weights)
+    return result.module, example_input(data if data is not None else load_data(cfg))
 
 
 def storage_proxy(overrides: Sequence[str]) -> int:
@@ -211,9 +288,11 @@ def report(overrides: Sequence[str]) -> int:
     cfg = compose_config(overrides)
     validate_config(cfg)
     study = load_study(cfg.study.storage, cfg.study.name)
-    result = write_report(study, cfg, Tracker(cfg.tracking.uri, cfg.tracking.artifact_root))
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root)
+    result = write_report(study, cfg, tracker)
     print(render_text(result.summary))
     _print_report(result)
+    _log_models(study, cfg, tracker)  # for workers started by hand: no parent logged them; logged ones are skipped
     return 0
 
 
@@ -222,11 +301,16 @@ def _print_report(result: Report) -> None:
     print(f"report: {result.folder / 'report.html'} ({result.summary['seconds']:.1f}s); {where}")
 
 
-def best_config(overrides: Sequence[str]) -> int:
-    """Prints the best trial's full config (base overrides + the trial's) as YAML and as a command line."""
+def best_config(overrides: Sequence[str], export_dir: str | None = None) -> int:
+    """Prints the best trial's full config (base overrides + the trial's) as YAML and as a command line;
+    `export_dir` also writes its model (its saved best-epoch weights) there as an MLflow model."""
     cfg = compose_config(overrides)
     validate_config(cfg)
+    folder = None if export_dir is None else check_export_dir(export_dir)
     study = load_study(cfg.study.storage, cfg.study.name)
+    if folder is not None:
+        trial = export_best(study, Tracker(cfg.tracking.uri, cfg.tracking.artifact_root), folder)
+        print(f"# model of trial {trial.number}: {folder} (MLflow model; mlflow.pytorch.load_model('{folder}'))")
     top, chosen = best_overrides(study, overrides)
     print(f"# best trial {top.number} of study '{cfg.study.name}': "
           f"{study.user_attrs.get('metric', cfg.study.metric)}={top.value:.4f}")

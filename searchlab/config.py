@@ -335,6 +335,48 @@ def _check_values(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"{key}: expected a non-negative integer, got {value!r}")
+    _check_limits(cfg)
+    _check_model_logging(cfg)
+
+
+# Lightning's Trainer(max_time=...) takes "DD:HH:MM:SS" or a dict of datetime.timedelta's keywords.
+_TIMEDELTA_KEYS = ("weeks", "days", "hours", "minutes", "seconds", "milliseconds", "microseconds")
+_LOG_MODELS = ("best", "top_k", "none")
+
+
+def _check_limits(cfg: DictConfig) -> None:
+    """trainer.max_time and trainer.early_stopping_patience: null, or a limit Lightning accepts."""
+    value = OmegaConf.select(cfg, "trainer.max_time", default=None)
+    expected = ('expected "DD:HH:MM:SS" (e.g. "00:00:10:00"), a mapping like {minutes: 10}, or null, got '
+                f"{OmegaConf.to_container(value) if isinstance(value, DictConfig) else value!r}")
+    if isinstance(value, str):
+        parts = value.strip().split(":")
+        if len(parts) != 4 or not all(p.isdigit() for p in parts) or not any(int(p) for p in parts):
+            raise ConfigError(f"trainer.max_time: {expected}")
+    elif isinstance(value, DictConfig):
+        items = OmegaConf.to_container(value)
+        if not items or any(k not in _TIMEDELTA_KEYS or not _is_number(v) or v < 0 for k, v in items.items()) \
+                or not any(items.values()):
+            raise ConfigError(f"trainer.max_time: {expected} (keys: {', '.join(_TIMEDELTA_KEYS)})")
+    elif value is not None:
+        raise ConfigError(f"trainer.max_time: {expected}")
+    patience = OmegaConf.select(cfg, "trainer.early_stopping_patience", default=None)
+    if patience is not None and not _is_positive_int(patience):
+        raise ConfigError(f"trainer.early_stopping_patience: expected a positive integer (epochs) or null, "
+                          f"got {patience!r}")
+
+
+def _check_model_logging(cfg: DictConfig) -> None:
+    """tracking.log_models, tracking.top_k and tracking.register_model (where the tracking entry has them)."""
+    log_models = OmegaConf.select(cfg, "tracking.log_models", default="best")
+    if log_models not in _LOG_MODELS:
+        raise ConfigError(f"tracking.log_models: expected one of {', '.join(_LOG_MODELS)}, got {log_models!r}")
+    top_k = OmegaConf.select(cfg, "tracking.top_k", default=1)
+    if not _is_positive_int(top_k):
+        raise ConfigError(f"tracking.top_k: expected a positive integer, got {top_k!r}")
+    name = OmegaConf.select(cfg, "tracking.register_model", default=None)
+    if name is not None and not (isinstance(name, str) and name.strip()):
+        raise ConfigError(f"tracking.register_model: expected a model name or null, got {name!r}")
 
 
 def _is_positive_int(value: Any) -> bool:

@@ -3,6 +3,7 @@ study and every DDP rank (searchlab.training chooses between one process and DDP
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
@@ -10,15 +11,17 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import EarlyStopping, Timer
 from pytorch_lightning.strategies import DDPStrategy, Strategy
 from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from searchlab.build import build_module, data_shape, load_data, module_task
-from searchlab.config import ConfigError
+from searchlab.config import ConfigError, metric_direction
 from searchlab.data import Splits, TensorBatches, batch_size_for
 
 # Called after each epoch's validation with (epoch number from 1, metrics); returns a reason to stop, or None.
@@ -32,16 +35,49 @@ warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)
 warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
 
 
+class Weights:
+    """A copy, on the CPU, of a module's state_dict at one epoch. It pickles as torch.save bytes, so it crosses a
+    process boundary (a DDP rank's queue) as plain bytes, not as shared-memory tensors that die with their rank."""
+
+    def __init__(self, state: dict[str, torch.Tensor], epoch: int, value: float) -> None:
+        self.state, self.epoch, self.value = state, epoch, value
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, epoch: int, value: float) -> Weights:
+        return cls({k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}, epoch, value)
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        torch.save({"state_dict": self.state, "epoch": self.epoch, "value": self.value}, buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Weights:
+        saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return cls(saved["state_dict"], int(saved["epoch"]), float(saved["value"]))
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        return Weights.from_bytes, (self.to_bytes(),)
+
+
 @dataclass
 class TrainResult:
-    """Per-epoch metrics (what the module logged, plus lr); `stop_reason` says why training ended before max_epochs
-    (pruned, diverged); `module` is the trained LightningModule (not sent back from DDP ranks)."""
+    """Per-epoch metrics (what the module logged, plus lr); `stop_reason` says why training was stopped before
+    max_epochs (pruned, diverged); `ended` why it ended early on a limit of its own (trainer.max_time, early
+    stopping): a complete training. `weights` are those of the best epoch by study.metric (`best_epoch`), and
+    `module` is the trained LightningModule with them loaded (not sent back from DDP ranks; `weights` are)."""
 
     history: list[dict[str, float]] = field(default_factory=list)
     stop_reason: str | None = None
+    ended: str | None = None
     test: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     module: pl.LightningModule | None = None
+    weights: Weights | None = None
+
+    @property
+    def best_epoch(self) -> int | None:
+        return None if self.weights is None else self.weights.epoch
 
     def best(self, metric: str, direction: str) -> float | None:
         """The best epoch's value of the metric: the trial's objective."""
@@ -106,6 +142,56 @@ class _EpochCallback(pl.Callback):
             trainer.should_stop = True
 
 
+class _BestWeights(pl.Callback):
+    """Keeps a CPU copy of the module's state_dict from its best validation epoch by `metric` (the epoch the trial's
+    objective comes from: the first epoch with the best finite value). A copy is made only on an improving epoch.
+    Under DDP every rank keeps its own (the ranks' weights are the same), so each can restore it before testing."""
+
+    def __init__(self, result: TrainResult, metric: str, direction: str) -> None:
+        self.result, self.metric, self.maximize = result, metric, direction == "maximize"
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.metric])
+        best = self.result.weights
+        if not math.isfinite(value) or (best is not None and (value <= best.value if self.maximize
+                                                              else value >= best.value)):
+            return
+        self.result.weights = Weights.of(module, trainer.current_epoch + 1, value)
+
+
+def _direction(cfg: DictConfig, metric: str) -> str:
+    """The direction the metric is optimized in: study.direction, or from the metric's name when it is auto."""
+    direction = cfg.study.direction if cfg.study.direction != "auto" else metric_direction(metric)
+    if direction is None:
+        raise ConfigError(f"study.direction: auto cannot tell whether {metric} should go up or down; set "
+                          "study.direction=maximize or study.direction=minimize")
+    return direction
+
+
+def max_time(cfg: DictConfig) -> str | dict[str, float] | None:
+    """trainer.max_time as Lightning's Trainer takes it: "DD:HH:MM:SS", a dict of timedelta keywords, or None."""
+    value = OmegaConf.select(cfg, "trainer.max_time", default=None)
+    return OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
+
+
+def _limit_reached(trainer: pl.Trainer, result: TrainResult, metric: str) -> str | None:
+    """Why a training that nobody stopped ended before max_epochs: early stopping or trainer.max_time."""
+    if not trainer.should_stop or result.stop_reason:
+        return None
+    epoch = len(result.history)
+    for callback in trainer.callbacks:
+        if isinstance(callback, EarlyStopping) and callback.stopped_epoch > 0:
+            best = float(callback.best_score)
+            return (f"early stopping at epoch {epoch}: {metric} did not improve for {callback.patience} epochs "
+                    f"(best {best:.4g})")
+    for callback in trainer.callbacks:
+        if isinstance(callback, Timer) and callback.time_remaining() is not None and callback.time_remaining() <= 0:
+            return f"max_time reached at epoch {epoch}"
+    return None
+
+
 def check_devices(trainer_cfg: DictConfig, gpu_count: int | None = None) -> None:
     """trainer.devices and trainer.process_group_backend against the machine (gpu_count: fake it in tests)."""
     devices, backend = trainer_cfg.devices, trainer_cfg.process_group_backend
@@ -145,6 +231,15 @@ def fit_rank(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None 
         if world_size > 1 and device.type == "cuda":
             device = torch.device("cuda", rank)
     result = TrainResult()
+    metric = metric or cfg.study.metric
+    callbacks: list[pl.Callback] = [_EpochCallback(on_epoch, result, metric)]
+    if not probe:
+        callbacks.append(_BestWeights(result, metric, _direction(cfg, metric)))
+        patience = OmegaConf.select(cfg, "trainer.early_stopping_patience", default=None)
+        if patience is not None:
+            # check_finite off: a non-finite metric is a diverged run, stopped (and pruned) by _EpochCallback.
+            callbacks.append(EarlyStopping(monitor=metric, mode="max" if _direction(cfg, metric) == "maximize"
+                                           else "min", patience=patience, check_finite=False))
     if world_size > 1:
         strategy: Strategy | str = DDPStrategy(
             process_group_backend=process_group_backend(cfg.trainer.process_group_backend, device),
@@ -159,9 +254,10 @@ def fit_rank(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None 
         use_distributed_sampler=not isinstance(data, Splits),
         precision=resolve_precision(cfg.trainer.precision, device),
         max_epochs=1 if probe else cfg.trainer.max_epochs,
+        max_time=None if probe else max_time(cfg),
         limit_train_batches=1 if probe else cfg.trainer.limit_train_batches,
         limit_val_batches=1 if probe else None,
-        callbacks=[_EpochCallback(on_epoch, result, metric or cfg.study.metric)],
+        callbacks=callbacks,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -180,6 +276,9 @@ def fit_rank(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None 
         trainer.fit(module, train_dataloaders=train_batches, val_dataloaders=val_batches)
     else:
         trainer.fit(module, datamodule=data)
+    result.ended = _limit_reached(trainer, result, metric)
+    if result.weights is not None:  # the best epoch's weights, for testing, logging and export
+        module.load_state_dict(result.weights.state)
     result.module = module
     if test and not result.stop_reason and is_overridden("test_step", module):
         if isinstance(data, Splits) and data.x_test is not None:

@@ -13,14 +13,18 @@ import logging
 import math
 import os
 import random
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy
 import sqlalchemy.pool
+import torch
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -36,13 +40,17 @@ logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflo
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 _FINAL_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 _BATCH = 900  # MLflow takes at most 1000 metrics, params and tags in one log_batch
+# A trial's best-epoch weights (torch.save bytes of searchlab.lightning_fit.Weights) in its run's artifacts, kept for
+# a trial that may be among the study's best when it finishes (see searchlab.model_out).
+WEIGHTS_DIR, WEIGHTS_FILE = "weights", "best.pt"
+MODEL_NAME = "model"  # the logged MLflow model's name: runs:/<run id>/model
 
 
 @contextlib.contextmanager
-def _no_retries() -> Iterator[None]:
-    """MLflow retries HTTP calls for minutes by default; a probe of a wrong URL should fail in seconds."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+def _environ(**values: str) -> Iterator[None]:
+    """These environment variables set for the duration of the block, restored after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -51,6 +59,11 @@ def _no_retries() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _no_retries() -> contextlib.AbstractContextManager[None]:
+    """MLflow retries HTTP calls for minutes by default; a probe of a wrong URL should fail in seconds."""
+    return _environ(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
 
 
 class _RetryOnLock:
@@ -245,6 +258,131 @@ class Tracker:
     def log_report(self, run_id: str, folder: Path) -> None:
         """The study report's files, under `report/` in the parent run's artifacts (replaced when re-made)."""
         self.client.log_artifacts(run_id, str(folder), "report")
+
+
+    def save_weights(self, run_id: str, weights: bytes) -> None:
+        """A trial's best-epoch weights under weights/best.pt in its run's artifacts (replaced if there)."""
+        with tempfile.TemporaryDirectory(prefix="searchlab-weights-") as folder:
+            path = Path(folder) / WEIGHTS_FILE
+            path.write_bytes(weights)
+            self.client.log_artifact(run_id, str(path), WEIGHTS_DIR)
+
+    def load_weights(self, run_id: str) -> bytes | None:
+        """What save_weights wrote for the run, or None."""
+        if not any(a.path == f"{WEIGHTS_DIR}/{WEIGHTS_FILE}" for a in self.client.list_artifacts(run_id, WEIGHTS_DIR)):
+            return None
+        with tempfile.TemporaryDirectory(prefix="searchlab-weights-") as folder, _environ(
+                MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):  # a bar per file, in the middle of the study's output
+            path = self.client.download_artifacts(run_id, f"{WEIGHTS_DIR}/{WEIGHTS_FILE}", folder)
+            return Path(path).read_bytes()
+
+    def logged_model(self, run_id: str) -> Any:
+        """The MLflow LoggedModel named `model` that the run logged (READY), or None."""
+        experiment_id = self.client.get_run(run_id).info.experiment_id
+        found = self.client.search_logged_models(
+            [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'", max_results=10)
+        return next((m for m in found if str(m.status).endswith("READY")), None)
+
+    def log_model(self, run_id: str, module: torch.nn.Module, example: torch.Tensor,
+                  register_as: str | None = None) -> LoggedModelInfo:
+        """The module (in eval mode, on the CPU) as the run's MLflow model `model`, with a signature and the input
+        example; registered in the Model Registry as `register_as` when given. mlflow.pytorch.log_model takes
+        the run by id (no active run); it reads the tracking URI from MLflow's global, set for this call only."""
+        import mlflow.pytorch
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        start = time.perf_counter()
+        module, signature = _for_saving(module, example)
+        with _use_tracking_uri(self.uri):
+            for serialization in _FORMATS:
+                try:
+                    info = mlflow.pytorch.log_model(
+                        module, name=MODEL_NAME, run_id=run_id, signature=signature,
+                        input_example=example.numpy(), pip_requirements=_requirements(serialization),
+                        serialization_format=serialization, registered_model_name=register_as)
+                    break
+                except Exception as err:
+                    if serialization != "pt2" or not _not_exportable(err):
+                        raise
+                    note = f"torch.export failed ({_first_line(err)}); saved with pickle"
+            else:
+                raise AssertionError("unreachable")
+        version = getattr(info, "registered_model_version", None)
+        return LoggedModelInfo(f"runs:/{run_id}/{MODEL_NAME}", serialization, version,
+                               time.perf_counter() - start, note if serialization == "pickle" else None)
+
+    def start_training(self, experiment: str, config_yaml: str, command: str, params: Mapping[str, Any]) -> str:
+        """A run of `searchlab train` (not a study's): its config, re-run command and overrides as params."""
+        run = self.client.create_run(self.experiment_id(experiment), tags={
+            STUDY_ROLE_TAG: "train", "searchlab.command": command})
+        self.client.log_batch(run.info.run_id, params=[Param(k, _text(v)) for k, v in params.items()])
+        self.client.log_text(run.info.run_id, config_yaml, "config.yaml")
+        return run.info.run_id
+
+
+@dataclass(frozen=True)
+class LoggedModelInfo:
+    uri: str  # runs:/<run id>/model
+    serialization: str  # pt2 (torch.export: loads without the model's code) or pickle
+    registered_version: int | str | None
+    seconds: float
+    note: str | None = None
+
+
+# pt2 (torch.export) first: the loaded model needs neither searchlab nor the user's code, and loading it runs no
+# pickle. A network torch.export cannot trace (data-dependent control flow...) is saved with pickle instead, which
+# needs the module's code importable where it is loaded.
+_FORMATS = ("pt2", "pickle")
+
+
+def _not_exportable(err: Exception) -> bool:
+    """An error of torch.export's tracing, not of the store."""
+    return not isinstance(err, (MlflowException, OSError))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200] if text else ''}"
+
+
+def _requirements(serialization: str) -> list[str]:
+    """Given, so MLflow does not infer them (~16 s); pickle also needs Lightning to unpickle a LightningModule."""
+    from importlib.metadata import version
+
+    requirements = [f"torch=={version('torch')}"]
+    if serialization == "pickle":
+        requirements.append(f"pytorch-lightning=={version('pytorch-lightning')}")
+    return requirements
+
+
+def _for_saving(module: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Module, Any]:
+    """The module on the CPU in eval mode (dropout off, batch norm's running stats), and its MLflow signature."""
+    from mlflow.models import infer_signature
+
+    module = module.cpu().eval()
+    with torch.no_grad():
+        output = module(example)
+    outputs = output.detach().numpy() if isinstance(output, torch.Tensor) else None
+    return module, infer_signature(example.numpy(), outputs)
+
+
+def save_model(path: Path, module: torch.nn.Module, example: torch.Tensor) -> str:
+    """The module as an MLflow model in the folder `path` (made here; it must not hold anything yet), as log_model
+    saves it. Returns the serialization used (pt2, or pickle when torch.export fails)."""
+    import mlflow.pytorch
+
+    module, signature = _for_saving(module, example)
+    for serialization in _FORMATS:
+        try:
+            mlflow.pytorch.save_model(module, str(path), signature=signature, input_example=example.numpy(),
+                                      pip_requirements=_requirements(serialization),
+                                      serialization_format=serialization)
+            return serialization
+        except Exception as err:
+            if serialization != "pt2" or not _not_exportable(err):
+                raise
+            shutil.rmtree(path, ignore_errors=True)
+    raise AssertionError("unreachable")
 
 
 def _text(value: Any) -> str:

@@ -10,6 +10,7 @@ import math
 import shlex
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,10 @@ class TrialOutcome:
     params: dict[str, Any]
 
 
+# Called for a trial that finished COMPLETE, before it is told: (number, run id, result, value) -> whether it kept
+# the trial's weights (searchlab.model_out.KeepWeights).
+KeepModel = Callable[[int, str, TrainResult, float], bool]
+
 # Overrides of these keys shape the study, not the training: the re-run command leaves them out.
 _STUDY_ONLY = ("study", "tracking", "search", "workers", "report")
 
@@ -56,11 +61,12 @@ class TrialRunner:
 
     def __init__(self, study: optuna.Study, cfg: DictConfig, direction: str, base_overrides: list[str],
                  composer: Composer, space: SearchSpace, splits: Splits | None, tracker: Tracker,
-                 parent_run_id: str) -> None:
-        """`splits`: the resident data on the training device, or None when `data` is a LightningDataModule."""
+                 parent_run_id: str, keep: KeepModel | None = None) -> None:
+        """`splits`: the resident data on the training device, or None when `data` is a LightningDataModule.
+        `keep` saves a finished trial's best weights when they may be logged at the study's end."""
         self.study, self.cfg, self.base_overrides = study, cfg, base_overrides
         self.composer, self.space, self.splits = composer, space, splits
-        self.tracker, self.parent_run_id = tracker, parent_run_id
+        self.tracker, self.parent_run_id, self.keep = tracker, parent_run_id, keep
         self.metric, self.direction = cfg.study.metric, direction
         self.use_grid = cfg.study.sampler == "grid"
 
@@ -97,9 +103,13 @@ class TrialRunner:
             # Diverged runs are pruned, not failed: they count toward the budget, and the sampler learns from them.
             state, reason, value = TrialState.PRUNED, result.stop_reason, None
         elif value is None:
-            state, reason = TrialState.FAIL, f"no finite {self.metric} in any epoch"
+            state = TrialState.FAIL
+            reason = f"no finite {self.metric} in any epoch" + (f" ({result.ended})" if result.ended else "")
         else:
-            state, reason = TrialState.COMPLETE, None
+            # A limit of its own (trainer.max_time, early stopping) ends a trial complete, with the reason.
+            state, reason = TrialState.COMPLETE, result.ended
+            if self.keep is not None:
+                self.keep(trial.number, run_id, result, value)
         self._finish(trial, run_id, state, value, reason)
         return TrialOutcome(trial.number, state.name, value, time.perf_counter() - start, reason, values)
 
