@@ -287,17 +287,22 @@ class Tracker:
                   register_as: str | None = None) -> LoggedModelInfo:
         """The module (in eval mode, on the CPU) as the run's MLflow model `model`, with a signature and the input
         example; registered in the Model Registry as `register_as` when given. mlflow.pytorch.log_model takes
-        the run by id (no active run); it reads the tracking URI from MLflow's global, set for this call only."""
+        the run by id (no active run, which would end the run again); it reads the tracking URI from MLflow's
+        global, set for this call only (mlflow 3.17's _use_tracking_uri)."""
         import mlflow.pytorch
         from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
         start = time.perf_counter()
         module, signature = _for_saving(module, example)
+        run = self.client.get_run(run_id)
+        # Made here, in the run's experiment: log_model would make it in MLflow's active experiment (Default).
+        model_id = self.client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
+                                                   params=dict(run.data.params)).model_id
         with _use_tracking_uri(self.uri):
             for serialization in _FORMATS:
                 try:
                     info = mlflow.pytorch.log_model(
-                        module, name=MODEL_NAME, run_id=run_id, signature=signature,
+                        module, name=MODEL_NAME, run_id=run_id, model_id=model_id, signature=signature,
                         input_example=example.numpy(), pip_requirements=_requirements(serialization),
                         serialization_format=serialization, registered_model_name=register_as)
                     break
