@@ -263,3 +263,16 @@ def test_a_users_module_and_datamodule_export(tmp_path):
     loaded = mlflow.pytorch.load_model(str(project / "out"))  # pt2: loads without the project's code
     out = loaded(torch.zeros(5, 10))
     assert out.shape[0] == 5 and torch.isfinite(out).all()
+
+
+def test_ddp_ranks_test_with_the_best_weights_and_send_them_back(tmp_path):
+    """trainer.devices=2 on CPU (gloo): the module stays in the ranks, its best weights come back and export."""
+    overrides = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "model.width=32", "optimizer=sgd",
+                 "optimizer.lr=2.0", "trainer.max_epochs=4"]
+    result = commands.train(overrides, quiet=True, export_dir=str(tmp_path / "ddp-model"))
+    accs = [m["val_acc"] for m in result.history]
+    assert result.module is None and result.best_epoch == accs.index(max(accs)) + 1
+    splits = load_data(Composer(overrides).base)
+    exported = mlflow.pytorch.load_model(str(tmp_path / "ddp-model"))
+    test_acc = (exported(splits.x_test).argmax(1) == splits.y_test).float().mean().item()
+    assert result.test["test_acc"] == pytest.approx(test_acc, abs=1e-6)  # the ranks tested the best epoch's weights
