@@ -88,6 +88,10 @@ def test_the_study_its_nested_trials_their_params_and_config_show_in_the_mlflow_
     (parent,) = [r for r in runs if r.data.tags.get("searchlab.role") == "study"]
     trials = sorted((r for r in runs if r.data.tags.get("searchlab.role") == "trial"), key=lambda r: r.info.run_name)
     assert len(trials) >= 3
+    # the study logged the best trial's model (tracking.log_models=best): its run shows it in the Models column
+    (model,) = client.search_logged_models([experiment.experiment_id])
+    best = max((t for t in trials if "objective" in t.data.metrics), key=lambda t: t.data.metrics["objective"])
+    assert model.source_run_id == best.info.run_id
     for old in SCREENSHOTS.glob("*.png"):
         old.unlink()
 
@@ -108,6 +112,15 @@ def test_the_study_its_nested_trials_their_params_and_config_show_in_the_mlflow_
                 shown(browser, f"//*[@role='gridcell'][.{run_link(parent.info.run_id)}]//button").click()
             for trial in trials:
                 assert shown(browser, run_link(trial.info.run_id)).text == trial.info.run_name
+
+        with step(browser, "1b-best-trial-model-column"):
+            link = WebDriverWait(browser, WAIT_S).until(ec.presence_of_element_located((By.XPATH, (
+                # the table's rows are ag-grid's: the run name and the Models cell sit in two rows with the run's id
+                f"//*[@role='row'][@row-id='{best.info.run_id}']//a[contains(@href, '/models/{model.model_id}')]"))))
+            browser.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'center'})", link)
+            assert link.text == "model"
+            assert not browser.find_elements(By.XPATH, f"//a[contains(@href, '/models/m-')][not(contains(@href, "
+                                                       f"'{model.model_id}'))]")  # no other trial's model
 
         # params against a metric: a parallel-coordinates chart over the trials shown (expanded) in the table
         with step(browser, "2-params-against-val_acc"):
