@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from searchlab.ablate import ablate
 from searchlab.config import Composer, ConfigError, compose_config, parse_overrides, redact, validate_config
 from searchlab.data import Splits, load_data
 from searchlab.devices import cpu_count, detect_gpus, plan_workers
@@ -218,13 +219,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                            ("train", "train one configuration, no study, and print its metrics"),
                            ("report", "write the report of the study named by study.name (HTML, PNGs, MLflow)"),
                            ("best", "print the best trial's full config as YAML and as a command line"),
-                           ("storage-proxy", "serve study.storage (postgresql://...) to workers as grpc://HOST:PORT")):
+                           ("storage-proxy", "serve study.storage (postgresql://...) to workers as grpc://HOST:PORT"),
+                           ("ablate", "re-train study.name's finalists and one-factor variants of its winner over "
+                                      "seeds: which techniques mattered")):
         sub = commands.add_parser(name, help=helptext, description=helptext + ". Arguments are Hydra overrides.")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optimizer=adam trainer.max_epochs=5")
     args = parser.parse_args(argv)
     try:
         command = {"search": search, "worker": worker, "train": train, "report": report, "best": best_config,
-                   "storage-proxy": storage_proxy}[args.command]
+                   "storage-proxy": storage_proxy, "ablate": ablate}[args.command]
         return command(args.overrides)
     except ConfigError as err:
         print(f"searchlab: error: {redact(str(err))}", file=sys.stderr)

@@ -127,7 +127,9 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None) 
     summary["plots"] = plots.write_pngs(folder, study, importances, slices, techniques, top_numbers, metric,
                                         settings.dpi)
     figures = plots.plotly_figures(study, importances, slices, techniques, top_numbers, metric)
-    (folder / "report.html").write_text(_html(summary, figures), encoding="utf-8")
+    from searchlab.ablation_view import add_to_report  # `searchlab ablate`'s verdict leads the report, when made
+    page = add_to_report(folder, summary, _html(summary, figures), settings.dpi)
+    (folder / "report.html").write_text(page, encoding="utf-8")
     summary["seconds"] = round(time.perf_counter() - start, 3)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     parent = study.user_attrs.get("mlflow_parent_run_id")
