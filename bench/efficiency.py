@@ -17,13 +17,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from searchlab.config import Composer, parse_overrides, validate_config
-from searchlab.data import load_data
+from searchlab.budget import Budget
+from searchlab.build import load_data
+from searchlab.config import Composer, parse_overrides, resolve_direction, validate_config
+from searchlab.lightning_fit import resolve_device
 from searchlab.locks import budget_lock
 from searchlab.space import load_space
-from searchlab.study import Budget, make_pruner, make_sampler, open_storage, open_study, run_trials
+from searchlab.storage import open_storage
+from searchlab.study import make_pruner, make_sampler, open_study, run_trials
 from searchlab.tracking import Tracker
-from searchlab.train import resolve_device
 from searchlab.trial import TrialOutcome, TrialRunner
 
 METHODS: dict[str, list[str]] = {
@@ -62,13 +64,15 @@ def run_search(out: Path, method: str, seed: int, targets: list[float], max_tria
     composer = Composer(overrides)
     cfg = composer.base
     validate_config(cfg)
-    splits = load_data(cfg.data, cfg.seed).to(resolve_device(cfg.trainer.accelerator))
+    splits = load_data(cfg).to(resolve_device(cfg.trainer.accelerator))
     space = load_space(composer, parse_overrides(overrides))
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
     storage = open_storage(cfg.study.storage)
-    study = open_study(cfg, storage, make_sampler(cfg, space), make_pruner(cfg))
+    direction = resolve_direction(cfg.study)
+    study = open_study(cfg, direction, storage, make_sampler(cfg, space), make_pruner(cfg))
     budget = Budget(study, cfg.study.n_trials, budget_lock(storage, cfg.study.storage, name))
-    runner = TrialRunner(study, cfg, overrides, composer, space, splits, tracker, tracker.study_run(name, {}))
+    runner = TrialRunner(study, cfg, direction, overrides, composer, space, splits, tracker,
+                         tracker.study_run(name, {}))
     run = SearchRun(method, seed)
     best: float | None = None
     start = time.perf_counter()

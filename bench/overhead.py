@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import optuna
@@ -37,12 +38,12 @@ import searchlab.tracking
 import searchlab.trial
 from bench.devices import UtilizationSampler, device_overrides, gpu_utilization_reader
 from bench.timing import PartTimer
+from searchlab.build import DataShape, build_network, load_data, optimizer_factory, schedule_factory
 from searchlab.config import Composer
-from searchlab.data import Splits, load_data
-from searchlab.model import build_network
-from searchlab.optim import build_optimizer, build_schedule
+from searchlab.data import Splits
 from searchlab.space import SearchSpace, parse_space
-from searchlab.study import make_pruner, make_sampler, open_storage
+from searchlab.storage import open_storage
+from searchlab.study import make_pruner, make_sampler
 from searchlab.tracking import Tracker
 from searchlab.trial import TrialRunner
 
@@ -52,13 +53,13 @@ BASE = ["trainer.max_epochs=10", "data.batch_size=64", "model.width=256", "model
 # The fixed list: optimizer, lr, schedule, regularization. `--configs N` takes the first N (cycling).
 CONFIGS: list[dict[str, Any]] = [
     {"optimizer": "adam", "scheduler": "constant", "optimizer.lr": 1e-3, "optimizer.weight_decay": 0.0,
-     "model.dropout": 0.0, "model.l1": 0.0},
+     "model.dropout": 0.0, "module.l1": 0.0},
     {"optimizer": "momentum", "scheduler": "cosine", "optimizer.lr": 0.05, "optimizer.weight_decay": 1e-4,
-     "model.dropout": 0.1, "model.l1": 0.0},
+     "model.dropout": 0.1, "module.l1": 0.0},
     {"optimizer": "adamw", "scheduler": "onecycle", "optimizer.lr": 3e-3, "optimizer.weight_decay": 1e-2,
-     "model.dropout": 0.2, "model.l1": 1e-5},
+     "model.dropout": 0.2, "module.l1": 1e-5},
     {"optimizer": "rmsprop", "scheduler": "step", "optimizer.lr": 1e-3, "optimizer.weight_decay": 1e-4,
-     "model.dropout": 0.0, "model.l1": 0.0},
+     "model.dropout": 0.0, "module.l1": 0.0},
 ]
 # A space holding every config of the list, so an enqueued config is a valid trial of it.
 SPACE = {
@@ -67,18 +68,31 @@ SPACE = {
     "optimizer.lr": {"low": 1e-4, "high": 0.3, "log": True},
     "optimizer.weight_decay": {"low": 0.0, "high": 0.01},
     "model.dropout": {"low": 0.0, "high": 0.5},
-    "model.l1": {"low": 0.0, "high": 1e-3},
+    "module.l1": {"low": 0.0, "high": 1e-3},
 }
 BEFORE = "searchlab-before"  # (c) as it was: an MLflow write per epoch, SQLite's default journal (fsync per commit)
 WAYS = ("plain", "usual", "searchlab", BEFORE)
 # What a fresh process imports before its first trial, per way.
 IMPORTS = {
-    "plain": "import torch, searchlab.model, searchlab.optim",
+    "plain": "import torch, searchlab.networks, searchlab.optim",
     "usual": "import torch, pytorch_lightning, optuna, mlflow, pytorch_lightning.loggers",
-    "searchlab": "import searchlab.cli",
+    "searchlab": "import searchlab.commands",
 }
 NAMES = {"plain": "(a) plain PyTorch loop", "usual": "(b) usual wiring", "searchlab": "(c) searchlab trial",
          BEFORE: "(c0) searchlab before: a write per epoch, SQLite defaults"}
+
+
+def _shape(splits: Splits) -> DataShape:
+    return DataShape(splits.sample_shape, splits.num_outputs("classification"))
+
+
+def _schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer, epochs: int, steps: int) -> dict | None:
+    """Lightning's lr_scheduler dict for the config's schedule, made outside a Trainer."""
+    factory = schedule_factory(cfg, SimpleNamespace(max_epochs=epochs, estimated_stepping_batches=steps))
+    if factory is None:
+        return None
+    return {"scheduler": factory(optimizer), "interval": factory.lightning.get("interval", "epoch"),
+            "monitor": "val_loss"}
 
 
 # --- (a) the plain loop -----------------------------------------------------------------------------------------
@@ -89,12 +103,12 @@ def plain_loop(cfg: DictConfig, splits: Splits) -> float:
     device = splits.x_train.device
     bf16 = cfg.trainer.precision == "bf16-mixed"
     torch.manual_seed(cfg.seed)
-    net = build_network(cfg.model, splits.sample_shape, splits.n_classes).to(device)
-    opt = build_optimizer(net.parameters(), cfg.optimizer)
+    net = build_network(cfg, _shape(splits)).to(device)
+    opt = optimizer_factory(cfg)(net.parameters())
     n, size, epochs = len(splits.x_train), cfg.data.batch_size, cfg.trainer.max_epochs
-    schedule = build_schedule(opt, cfg.scheduler, epochs, math.ceil(n / size) * epochs)
+    schedule = _schedule(cfg, opt, epochs, math.ceil(n / size) * epochs)
     penalized = [p for p in net.parameters() if p.dim() > 1]
-    l1 = float(cfg.model.l1)
+    l1 = float(cfg.module.l1)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     for _ in range(epochs):
         net.train()
@@ -128,7 +142,7 @@ class UsualModule(pl.LightningModule):
     def __init__(self, network: torch.nn.Module, cfg: DictConfig) -> None:
         super().__init__()
         self.network, self.cfg = network, cfg
-        self.l1 = float(cfg.model.l1)
+        self.l1 = float(cfg.module.l1)
         self.penalized = [p for p in network.parameters() if p.dim() > 1]
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -146,9 +160,8 @@ class UsualModule(pl.LightningModule):
         self.log("val_acc", (logits.argmax(1) == y).float().mean())
 
     def configure_optimizers(self) -> dict:
-        optimizer = build_optimizer(self.parameters(), self.cfg.optimizer)
-        schedule = build_schedule(
-            optimizer, self.cfg.scheduler, self.trainer.max_epochs, self.trainer.estimated_stepping_batches)
+        optimizer = optimizer_factory(self.cfg)(self.parameters())
+        schedule = _schedule(self.cfg, optimizer, self.trainer.max_epochs, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": schedule} if schedule else {"optimizer": optimizer}
 
 
@@ -183,7 +196,7 @@ class Usual:
         values = self.space.sample(trial)
         cfg = self.composer(values)
         pl.seed_everything(cfg.seed, verbose=False)
-        network = build_network(cfg.model, self.splits.sample_shape, self.splits.n_classes)
+        network = build_network(cfg, _shape(self.splits))
         train = DataLoader(TensorDataset(self.splits.x_train, self.splits.y_train), batch_size=cfg.data.batch_size,
                            shuffle=True)
         val = DataLoader(TensorDataset(self.splits.x_val, self.splits.y_val), batch_size=cfg.trainer.eval_batch_size)
@@ -225,7 +238,7 @@ def instrument(timer: PartTimer, runner: TrialRunner) -> None:
         timer.patch(runner.tracker.client, name)
     timer.patch(optuna.trial.Trial, "report")
     timer.patch(optuna.trial.Trial, "should_prune")
-    timer.patch(searchlab.trial, "fit", "fit set-up")
+    timer.patch(searchlab.trial, "fit", "fit set-up")  # searchlab.trial's name for searchlab.training.fit
     timer.patch(_FitLoop, "run", LOOP)
 
 
@@ -312,7 +325,7 @@ def run_overhead(out: Path, configs: int = 4, repeats: int = 5, device: str = "c
         f"tracking.artifact_root={out}/artifacts"]
     composer = Composer(overrides)
     cfg = composer.base
-    host = load_data(cfg.data, cfg.seed)
+    host = load_data(cfg)
     splits = host.to(torch.device(device))
     space = parse_space(SPACE, composer.groups, {}, "bench")
     first: dict[str, float] = {}
@@ -331,7 +344,8 @@ def run_overhead(out: Path, configs: int = 4, repeats: int = 5, device: str = "c
             tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
         study = optuna.create_study(study_name=name, storage=open_storage(cfg.study.storage),
                                     sampler=make_sampler(cfg, space), pruner=make_pruner(cfg), direction="maximize")
-        runner = TrialRunner(study, cfg, overrides, composer, space, splits, tracker, tracker.study_run(name, {}))
+        runner = TrialRunner(study, cfg, "maximize", overrides, composer, space, splits, tracker,
+                             tracker.study_run(name, {}))
         if instrumented:
             instrument(timer, runner)
 

@@ -61,15 +61,21 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from searchlab.attrs import METRIC, MLFLOW_RUN_ID, OVERRIDES, REASON, SURPLUS
+from searchlab.attrs import MLFLOW_PARENT_RUN_ID as PARENT_RUN_ATTR
+from searchlab.budget import Budget
+from searchlab.build import load_data
 from searchlab.config import ConfigError, compose_config, format_override, redact, validate_config
-from searchlab.data import Splits, load_data
+from searchlab.data import Splits
 from searchlab.devices import cpu_count, detect_gpus, plan_workers
 from searchlab.faults import heartbeat, heartbeat_settings
+from searchlab.lightning_fit import resolve_device
 from searchlab.locks import BudgetLock, NoLock, budget_lock
 from searchlab.report import load_study, write_report
-from searchlab.study import SURPLUS, Budget, StudyStopped, open_storage, run_trials
+from searchlab.storage import open_storage
+from searchlab.study import StudyStopped, run_trials
 from searchlab.tracking import STUDY_ROLE_TAG, Tracker
-from searchlab.train import fit, resolve_device
+from searchlab.training import fit
 from searchlab.trial import TrialOutcome, train_command, training_overrides
 from searchlab.workers import DeadWorkers, WorkerPool
 
@@ -79,7 +85,7 @@ KEYS = {
     "batch_norm": "model.batch_norm",
     "dropout": "model.dropout",
     "weight_decay": "optimizer.weight_decay",
-    "l1": "model.l1",
+    "l1": "module.l1",
     "schedule": "scheduler",
     "optimizer": "optimizer",
     "lr": "optimizer.lr",
@@ -165,7 +171,7 @@ def _changed(overrides: Sequence[str], changes: Mapping[str, Any], drop_prefix: 
 
 
 def _trial_overrides(trial: FrozenTrial) -> list[str]:
-    return list(trial.user_attrs.get("overrides") or [format_override(k, v) for k, v in trial.params.items()])
+    return list(trial.user_attrs.get(OVERRIDES) or [format_override(k, v) for k, v in trial.params.items()])
 
 
 def _training_overrides(overrides: Sequence[str]) -> list[str]:
@@ -301,20 +307,25 @@ def _train_one(cfg: DictConfig, on_epoch: Callable[[int, dict[str, float]], None
     """Every training of an ablation goes through here: (objective, test metrics, note).
 
     The objective is the best epoch's value of cfg.study.metric (as the search scores a trial); the note says why
-    training stopped early (divergence), when it did. The data of each (data config, seed) is loaded once.
+    training stopped early (divergence), when it did. Resident data are kept on the device per (data config, seed):
+    the seeds of an ablation alternate, and each draws its own split.
     """
-    key = (json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True, default=str), cfg.seed,
-           cfg.trainer.accelerator)
+    node = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "batch_size"}
+    key = (json.dumps(node, sort_keys=True, default=str), cfg.seed, cfg.trainer.accelerator)
     if key not in _SPLITS:
-        if len(_SPLITS) >= 16:
-            _SPLITS.pop(next(iter(_SPLITS)))
-        _SPLITS[key] = load_data(cfg.data, cfg.seed).to(resolve_device(cfg.trainer.accelerator))
+        data = load_data(cfg)
+        if not isinstance(data, Splits):  # a LightningDataModule: fit builds it per training
+            key = None
+        else:
+            if len(_SPLITS) >= 16:
+                _SPLITS.pop(next(iter(_SPLITS)))
+            _SPLITS[key] = data.to(resolve_device(cfg.trainer.accelerator))
 
     def hook(epoch: int, metrics: dict[str, float]) -> None:
         if on_epoch is not None:
             on_epoch(epoch, metrics)
 
-    result = fit(cfg, _SPLITS[key], hook, test=True)
+    result = fit(cfg, None if key is None else _SPLITS[key], hook, test=True, metric=cfg.study.metric)
     return result.best(cfg.study.metric, cfg.study.direction), dict(result.test), result.stop_reason
 
 
@@ -353,7 +364,7 @@ def queue_missing(study: optuna.Study, plan: Plan) -> tuple[int, int]:
 
 def _attrs(variant: Variant, seed: int) -> dict[str, Any]:
     return {"variant": variant.name, "family": variant.family, "seed": seed,
-            "overrides": [*variant.overrides, f"seed={seed}"]}
+            OVERRIDES: [*variant.overrides, f"seed={seed}"]}
 
 
 class AblationRunner:
@@ -402,7 +413,7 @@ class AblationRunner:
             variant, seed = claim
             params = {"variant": variant.name, "seed": seed}
             run_id = self._start_run(trial, variant, seed)
-            trial.set_user_attr("mlflow_run_id", run_id)
+            trial.set_user_attr(MLFLOW_RUN_ID, run_id)
             cfg = self._config(variant, seed)
             objective, test, note = _train_one(cfg, lambda epoch, m: self.tracker.log_epoch(run_id, epoch, m))
         except BaseException as err:
@@ -447,7 +458,7 @@ class AblationRunner:
     def _finish(self, trial: optuna.Trial, run_id: str | None, state: TrialState, value: float | None,
                 reason: str | None, test: dict[str, float], params: dict[str, Any], start: float) -> TrialOutcome:
         if reason:
-            trial.set_user_attr("reason", reason)
+            trial.set_user_attr(REASON, reason)
         if test:
             trial.set_user_attr("test", test)
         self.study.tell(trial, value, state=state)
@@ -477,7 +488,7 @@ def _ablation_run(tracker: Tracker, study: optuna.Study, ablation: str, settings
         tracker.client.update_run(run_id, status="RUNNING")
         return run_id
     tags = {STUDY_ROLE_TAG: ROLE_ABLATION, "searchlab.ablation_study": ablation, "optuna.study_name": ablation}
-    parent = study.user_attrs.get("mlflow_parent_run_id")
+    parent = study.user_attrs.get(PARENT_RUN_ATTR)
     if parent:
         try:
             if tracker.client.get_run(parent).info.experiment_id == experiment_id:
@@ -546,7 +557,7 @@ def results(study: optuna.Study) -> tuple[dict[tuple[str, int], tuple[float, dic
         if trial.state == TrialState.COMPLETE:
             values[pair] = (float(trial.value), dict(trial.user_attrs.get("test", {})))
         elif trial.state == TrialState.PRUNED:
-            errors[pair[0]] = trial.user_attrs.get("reason", "failed")
+            errors[pair[0]] = trial.user_attrs.get(REASON, "failed")
     return values, errors
 
 
@@ -674,7 +685,7 @@ def ablate(overrides: Sequence[str]) -> int:
     check_settings(cfg.ablate)
     resolve_device(cfg.trainer.accelerator)
     study = load_study(cfg.study.storage, cfg.study.name)
-    metric = study.user_attrs.get("metric", cfg.study.metric)
+    metric = study.user_attrs.get(METRIC, cfg.study.metric)
     plan = build_plan(study, cfg.ablate, overrides, metric)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
     storage = open_storage(cfg.study.storage, heartbeat_settings(cfg.study, tracker))
@@ -686,8 +697,8 @@ def ablate(overrides: Sequence[str]) -> int:
                 "winner_trial": plan.winner.trial, "overrides": redact(" ".join(overrides))}
     with lock():
         run_id = _ablation_run(tracker, study, name, settings)
-        ablation.set_user_attr("mlflow_parent_run_id", run_id)  # where faults/workers end a lost trial's run
-        ablation.set_user_attr("metric", metric)
+        ablation.set_user_attr(PARENT_RUN_ATTR, run_id)  # where faults/workers end a lost trial's run
+        ablation.set_user_attr(METRIC, metric)
     dead = DeadWorkers(ablation, tracker, run_id, trust_missing_pid=not isinstance(lock, NoLock))
     with lock():
         dead(ablation.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))  # what a crash left behind

@@ -1,6 +1,6 @@
 """Views of an ablation result (the dict `searchlab ablate` writes as ablation.json): the terminal table, and the
-report's section, which leads the study report when the study has one (a forest plot of the effects with their
-intervals, tables, and one sentence per technique)."""
+report's section (report.Section), which leads the study report when the study has one: one sentence per technique,
+a forest plot of the effects with their intervals, the tables."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import optuna
 from matplotlib.figure import Figure
+
+from searchlab.report import Section
 
 FOREST_PNG = "ablation_effects.png"
 _COLORS = {"worse": "#c0392b", "better": "#1e8449", "no effect": "#7f8c8d", "inconclusive": "#b7950b",
@@ -117,12 +120,11 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 def section(result: Mapping[str, Any], dpi: int = 80, current_best: int | None = None
             ) -> tuple[str, dict[str, Figure]]:
-    """(HTML fragment, figures by PNG file name) of the ablation verdict; the fragment embeds the PNG itself, so the
-    page stays one offline file."""
+    """(HTML fragment, figures by PNG file name) of the ablation verdict, its title aside (see `title`); the fragment
+    embeds the PNG itself, so the page stays one offline file."""
     scale, metric, test = result["scale"], result["metric"], result["test_metric"]
     winner = result["winner"]
-    parts = [f"<h2>Which techniques mattered: ablation of trial {winner['trial']}</h2>",
-             f"<p>{len(result['seeds'])} seeds per configuration, the same for all (paired); "
+    parts = [f"<p>{len(result['seeds'])} seeds per configuration, the same for all (paired); "
              f"{result['runs']['complete']}/{result['runs']['planned']} trainings complete. "
              f"{html.escape(result['method'])}.</p>"]
     if current_best is not None and current_best != winner["trial"]:
@@ -158,21 +160,20 @@ def section(result: Mapping[str, Any], dpi: int = 80, current_best: int | None =
     return "<section id=ablation>" + "".join(parts) + "</section>", figures
 
 
-def add_to_report(folder: Path, summary: dict[str, Any], page: str, dpi: int) -> str:
-    """The study report's page with the ablation section first (before the first heading after the title), its PNG
-    written to `folder` and listed in summary["plots"], and the verdict under summary["ablation"]; the page as it
-    was when the study has no ablation.json."""
+def title(result: Mapping[str, Any]) -> str:
+    return f"Which techniques mattered: ablation of trial {result['winner']['trial']}"
+
+
+def ablation_lead(folder: Path, study: optuna.Study, dpi: int) -> list[Section]:
+    """The ablation verdict as the report's lead section, from `folder`/ablation.json; none when the study has no
+    ablation. The whole result goes to summary.json under "ablation"."""
     path = folder / "ablation.json"
     if not path.is_file():
-        return page
+        return []
     result = json.loads(path.read_text(encoding="utf-8"))
-    if result.get("study") != summary.get("study"):
-        return page
-    best = summary.get("best") or {}
-    fragment, figures = section(result, dpi, best.get("number"))
-    for name, fig in figures.items():
-        fig.savefig(folder / name, dpi=dpi)
-        summary.setdefault("plots", []).append(name)
-    summary["ablation"] = {k: v for k, v in result.items() if k != "seconds"}
-    at = page.find("<h2>")
-    return page[:at] + fragment + page[at:] if at >= 0 else page.replace("</body>", fragment + "</body>", 1)
+    if result.get("study") != study.study_name:
+        return []
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    fragment, figures = section(result, dpi, study.best_trial.number if complete else None)
+    return [Section(key="ablation", title=title(result), html=fragment, text=list(result["sentences"]),
+                    summary={k: v for k, v in result.items() if k != "seconds"}, pngs=figures)]

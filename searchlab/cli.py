@@ -1,240 +1,78 @@
-"""The `searchlab` command: `search` runs a study, `worker` joins one, `train` trains one configuration, `report`
-and `best` review a study, `storage-proxy` serves a study's storage to other machines. Wiring only.
+"""The `searchlab` command: parses the arguments and calls searchlab.commands. Wiring only.
 
-Bad input of any kind ends here as one line on stderr and exit code 2, before any store is written.
+Heavy packages (torch, Lightning, MLflow, Optuna) are imported only once the arguments and the composed config have
+passed their checks, so `--help` answers at once and a misspelt key or option is reported in about a second. Bad
+input of any kind ends here as one line on stderr and exit code 2, before any store is written.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
 from collections.abc import Sequence
-
-from omegaconf import DictConfig, OmegaConf
-
-from searchlab.ablate import ablate
-from searchlab.config import Composer, ConfigError, compose_config, parse_overrides, redact, validate_config
-from searchlab.data import Splits, load_data
-from searchlab.devices import cpu_count, detect_gpus, plan_workers
-from searchlab.faults import heartbeat_settings
-from searchlab.locks import NoLock, budget_lock
-from searchlab.progress import Progress
-from searchlab.report import Report, best_overrides, check_settings, load_study, render_text, write_report
-from searchlab.space import load_space
-from searchlab.study import (
-    Budget,
-    StudyStopped,
-    best_trial,
-    budget_used,
-    make_pruner,
-    make_sampler,
-    open_storage,
-    open_study,
-    run_trials,
-    serve_storage_proxy,
-    state_counts,
-)
-from searchlab.tracking import Tracker
-from searchlab.train import check_devices, fit, resolve_device
-from searchlab.trial import TrialOutcome, TrialRunner, train_command
-from searchlab.workers import WORKER_INDEX_ENV, DeadWorkers, WorkerPool
 
 EXIT_BAD_INPUT = 2
 EXIT_STUDY_FAILED = 1
 EXIT_INTERRUPTED = 130
 
-
-def _prepare(overrides: Sequence[str]) -> tuple[Composer, DictConfig, dict[str, str], Splits]:
-    """Compose and validate the config and load the data (on the CPU): every check that needs no store."""
-    fixed = parse_overrides(overrides)
-    composer = Composer(overrides)
-    cfg = composer.base
-    validate_config(cfg)
-    resolve_device(cfg.trainer.accelerator)
-    check_devices(cfg.trainer)
-    return composer, cfg, fixed, load_data(cfg.data, cfg.seed)
-
-
-def search(overrides: Sequence[str], as_worker: bool = False) -> int:
-    """Runs (or resumes) the study the config names, printing one line per finished trial.
-
-    With workers=N (N > 1, or auto with several GPUs) this process only spawns, watches and reports N `worker`
-    processes. As a worker (`searchlab worker`) it runs the loop here and ends the study's parent run only when the
-    budget is used up, since other workers may still be running.
-    """
-    composer, cfg, fixed, splits = _prepare(overrides)
-    slots = [] if as_worker else plan_workers(cfg.workers, detect_gpus(cfg.trainer.accelerator), cpu_count(),
-                                                 cfg.trainer.devices)
-    check_settings(cfg.report)
-    space = load_space(composer, fixed)
-    sampler, pruner = make_sampler(cfg, space, _worker_index() if as_worker else 0), make_pruner(cfg)
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
-    storage = open_storage(cfg.study.storage, heartbeat_settings(cfg.study, tracker))
-    study = open_study(cfg, storage, sampler, pruner)
-    settings = {
-        "study.name": cfg.study.name, "study.n_trials": cfg.study.n_trials, "study.timeout": cfg.study.timeout,
-        "study.direction": cfg.study.direction, "study.metric": cfg.study.metric, "study.sampler": cfg.study.sampler,
-        "study.pruner": cfg.study.pruner, "study.seed": cfg.study.seed, "study.storage": redact(cfg.study.storage),
-        "search": space.source, "overrides": redact(" ".join(overrides)),
-    }
-    lock = budget_lock(storage, cfg.study.storage, cfg.study.name)
-    with lock():  # one parent run, however many workers start at once
-        parent_run_id = tracker.study_run(cfg.study.name, settings)
-        study.set_user_attr("mlflow_parent_run_id", parent_run_id)
-        study.set_user_attr("metric", cfg.study.metric)
-    dead = DeadWorkers(study, tracker, parent_run_id, trust_missing_pid=not isinstance(lock, NoLock))
-    budget = Budget(study, cfg.study.n_trials, lock, dead)
-    metric = cfg.study.metric
-    done_before = budget_used(study)
-    print(f"study '{cfg.study.name}': {done_before}/{cfg.study.n_trials} trials done; storage "
-          f"{redact(cfg.study.storage)}; tracking {redact(cfg.tracking.uri)}; space {space.source}"
-          + (f"; {len(slots)} workers" if len(slots) > 1 else ""), flush=True)
-
-    progress = Progress(metric, cfg.study.n_trials, cfg.study.timeout, done_before, sys.stdout)
-
-    def on_trial(outcome: TrialOutcome) -> None:
-        progress.trial_finished(outcome, best_trial(study))
-
-    status = "FINISHED"
-    start = time.monotonic()
-    try:
-        if len(slots) > 1:
-            status = WorkerPool(slots, overrides, budget, cfg.study.max_consecutive_failures).run(on_trial)
-        else:
-            device = resolve_device(cfg.trainer.accelerator)
-            runner = TrialRunner(study, cfg, list(overrides), composer, space, splits.to(device), tracker,
-                                 parent_run_id)
-            run_trials(budget, runner, cfg, on_trial)
-    except KeyboardInterrupt:
-        status = "KILLED"
-    except StudyStopped as err:
-        status = "FAILED"
-        print(f"searchlab: study stopped: {redact(str(err))}", file=sys.stderr)
-    finally:
-        progress.close()
-        best = best_trial(study)
-        if not as_worker or budget.done():
-            tracker.end_study(parent_run_id, None if best is None else vars(best), state_counts(study), status)
-    if status == "KILLED":
-        print(f"interrupted: run the same command to resume study '{cfg.study.name}'", file=sys.stderr)
-    counts = state_counts(study)
-    print(f"\n{budget_used(study)}/{cfg.study.n_trials} trials in {time.monotonic() - start:.1f}s this run: "
-          + ", ".join(f"{n} {state.lower()}" for state, n in counts.items()))
-    if best is None:
-        print("no trial completed yet")
-    else:
-        print(f"best {metric}={best.value:.4f} at trial {best.number}")
-        for key, value in best.params.items():
-            print(f"  {key} = {value}")
-        print(f"re-run it alone:\n  {train_command(best.overrides)}")
-    if status != "KILLED" and not as_worker:  # the parent reports; workers started by hand leave it to `report`
-        try:
-            _print_report(write_report(study, cfg, tracker))
-        except Exception as err:  # the study is done and stored: a report can be made again with `report`
-            print(f"searchlab: report not written ({type(err).__name__}: {redact(str(err))[:200]}); "
-                  f"make it with: searchlab report study.name={cfg.study.name}", file=sys.stderr)
-    return {"KILLED": EXIT_INTERRUPTED, "FAILED": EXIT_STUDY_FAILED}.get(status, 0)
+COMMANDS = {
+    "search": "run or resume the study named by study.name (workers=N: N processes)",
+    "worker": "join the study named by study.name and run its trials in this process",
+    "train": "train one configuration, no study, and print its metrics",
+    "report": "write the report of the study named by study.name (HTML, PNGs, MLflow)",
+    "best": "print the best trial's full config as YAML and as a command line",
+    "storage-proxy": "serve study.storage (postgresql://...) to workers as grpc://HOST:PORT",
+    "ablate": "re-train study.name's finalists and one-factor variants of its winner over seeds: which techniques "
+              "mattered",
+}
 
 
-def _worker_index() -> int:
-    """$SEARCHLAB_WORKER (set by `search workers=N`, or by hand: $SLURM_PROCID), else the pid: any number that
-    differs between the study's workers, so their samplers differ."""
-    text = os.environ.get(WORKER_INDEX_ENV, "")
-    if not text:
-        return os.getpid()
-    if not text.isdigit():
-        raise ConfigError(f"{WORKER_INDEX_ENV}: expected a non-negative integer (the worker's number), got {text!r}")
-    return int(text)
-
-
-def worker(overrides: Sequence[str]) -> int:
-    """Joins the study the config names (started by `search` here or on another machine) and runs its trials."""
-    return search(overrides, as_worker=True)
-
-
-def train(overrides: Sequence[str]) -> int:
-    """Trains the configuration once, no study, and prints per-epoch and test metrics."""
-    _, cfg, _, splits = _prepare(overrides)
-    splits = splits.to(resolve_device(cfg.trainer.accelerator))
-    print(f"{'epoch':>5}  {'train_loss':>10}  {'val_loss':>8}  {'val_acc':>7}  {'lr':>9}")
-
-    def show(epoch: int, m: dict[str, float]) -> None:
-        print(f"{epoch:5d}  {m['train_loss']:10.4f}  {m['val_loss']:8.4f}  {m['val_acc']:7.4f}  {m['lr']:9.3g}",
-              flush=True)
-
-    result = fit(cfg, splits, on_epoch=show, test=True)
-    summary = {"best_" + cfg.study.metric: result.best(cfg.study.metric, cfg.study.direction),
-               **result.history[-1], **result.test, "epochs": len(result.history), "seconds": round(result.seconds, 3)}
-    if result.stop_reason:
-        summary["stopped"] = result.stop_reason
-    print("metrics: " + json.dumps(summary))
-    return 0
-
-
-def storage_proxy(overrides: Sequence[str]) -> int:
-    """Serves study.storage (an RDB URL) as Optuna's gRPC storage proxy on study.proxy.host:port until Ctrl-C."""
-    cfg = compose_config(overrides)
-    validate_config(cfg)
-    serve_storage_proxy(cfg.study.storage, cfg.study.proxy.host, cfg.study.proxy.port)
-    return 0
-
-
-def report(overrides: Sequence[str]) -> int:
-    """Writes the report of an existing study (HTML, PNGs, summary.json) and logs it to its parent MLflow run."""
-    cfg = compose_config(overrides)
-    validate_config(cfg)
-    study = load_study(cfg.study.storage, cfg.study.name)
-    result = write_report(study, cfg, Tracker(cfg.tracking.uri, cfg.tracking.artifact_root))
-    print(render_text(result.summary))
-    _print_report(result)
-    return 0
-
-
-def _print_report(result: Report) -> None:
-    where = f"MLflow run {result.mlflow_run_id} (report/)" if result.mlflow_run_id else f"not in MLflow: {result.note}"
-    print(f"report: {result.folder / 'report.html'} ({result.summary['seconds']:.1f}s); {where}")
-
-
-def best_config(overrides: Sequence[str]) -> int:
-    """Prints the best trial's full config (base overrides + the trial's) as YAML and as a command line."""
-    cfg = compose_config(overrides)
-    validate_config(cfg)
-    study = load_study(cfg.study.storage, cfg.study.name)
-    top, chosen = best_overrides(study, overrides)
-    print(f"# best trial {top.number} of study '{cfg.study.name}': "
-          f"{study.user_attrs.get('metric', cfg.study.metric)}={top.value:.4f}")
-    print(OmegaConf.to_yaml(compose_config(chosen), resolve=True), end="")
-    print(f"# re-run it alone:\n{train_command(chosen)}")
-    return 0
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="searchlab", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, helptext in COMMANDS.items():
+        sub = commands.add_parser(name, help=helptext, description=helptext + ". Arguments are Hydra overrides.")
+        sub.add_argument("-cd", "--config-dir", metavar="DIR",
+                         help="a folder of your own config groups (model/, search/, ...): its options add to the "
+                              "built-in ones and replace those of the same name")
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optimizer=adam trainer.max_epochs=5")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="searchlab", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, helptext in (("search", "run or resume the study named by study.name (workers=N: N processes)"),
-                           ("worker", "join the study named by study.name and run its trials in this process"),
-                           ("train", "train one configuration, no study, and print its metrics"),
-                           ("report", "write the report of the study named by study.name (HTML, PNGs, MLflow)"),
-                           ("best", "print the best trial's full config as YAML and as a command line"),
-                           ("storage-proxy", "serve study.storage (postgresql://...) to workers as grpc://HOST:PORT"),
-                           ("ablate", "re-train study.name's finalists and one-factor variants of its winner over "
-                                      "seeds: which techniques mattered")):
-        sub = commands.add_parser(name, help=helptext, description=helptext + ". Arguments are Hydra overrides.")
-        sub.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optimizer=adam trainer.max_epochs=5")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
+    from searchlab.config import ConfigError, redact
+    from searchlab.project import project
+
     try:
-        command = {"search": search, "worker": worker, "train": train, "report": report, "best": best_config,
-                   "storage-proxy": storage_proxy, "ablate": ablate}[args.command]
-        return command(args.overrides)
+        with project(args.config_dir):
+            return _run(args.command, args.overrides)
     except ConfigError as err:
         print(f"searchlab: error: {redact(str(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _run(command: str, overrides: list[str]) -> int:
+    from searchlab.config import compose_config, validate_config
+
+    validate_config(compose_config(overrides))  # the fast checks, before the heavy imports
+    from searchlab import commands
+
+    if command in ("search", "worker"):
+        result = commands.search(overrides, as_worker=command == "worker")
+        return {"KILLED": EXIT_INTERRUPTED, "FAILED": EXIT_STUDY_FAILED}.get(result.status, 0)
+    if command == "train":
+        commands.train(overrides)
+        return 0
+    if command == "ablate":
+        from searchlab.ablate import ablate
+
+        return ablate(overrides)
+    run = {"report": commands.report, "best": commands.best_config, "storage-proxy": commands.storage_proxy}
+    return run[command](overrides)
 
 
 if __name__ == "__main__":

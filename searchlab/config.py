@@ -6,6 +6,7 @@ Everything that reads `conf/` goes through here, so bad input is caught in one p
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from hydra import compose, initialize_config_dir
+from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, OverrideParseException
@@ -26,24 +27,42 @@ class ConfigError(Exception):
     """Bad user input: the CLI prints it as one line and exits with code 2, before any store is written."""
 
 
+# The user's config folder (`--config-dir`): the CLI sets it here, so the workers and DDP ranks it starts inherit it.
+USER_CONFIG_ENV = "SEARCHLAB_CONFIG_DIR"
+
+
 def config_dir() -> Path:
-    """The conf/ tree: $SEARCHLAB_CONFIG_DIR, else the one installed in the package, else the repo's."""
-    if "SEARCHLAB_CONFIG_DIR" in os.environ:
-        chosen = Path(os.environ["SEARCHLAB_CONFIG_DIR"]).resolve()
-        if not (chosen / "config.yaml").is_file():
-            raise ConfigError(f"SEARCHLAB_CONFIG_DIR: no config.yaml in '{chosen}'; point it at a conf/ folder")
-        return chosen
+    """searchlab's own conf/ tree: the one installed in the package (a wheel), else the repo's (a checkout)."""
     packaged = Path(__file__).parent / "conf"
     return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
 
 
-def group_options(conf: Path | None = None) -> dict[str, list[str]]:
-    """Config groups and their options, read from the folder layout (conf/<group>/<option>.yaml)."""
-    conf = conf or config_dir()
+def user_config_dir() -> Path | None:
+    """The user's config folder, $SEARCHLAB_CONFIG_DIR (set from --config-dir), or None."""
+    text = os.environ.get(USER_CONFIG_ENV, "")
+    if not text:
+        return None
+    chosen = Path(text).resolve()
+    if not chosen.is_dir():
+        raise ConfigError(f"--config-dir: no such folder '{chosen}'; give a folder of config groups "
+                          "(e.g. conf/ holding model/, search/ ...)")
+    return chosen
+
+
+def config_dirs() -> list[Path]:
+    """The config folders in the order Hydra searches them: the user's first (its options win), then searchlab's."""
+    user = user_config_dir()
+    return ([user] if user else []) + [config_dir()]
+
+
+def group_options() -> dict[str, list[str]]:
+    """Config groups and their options, read from the folder layout (conf/<group>/<option>.yaml), over the built-in
+    groups and the user's folder (whose options add to the built-in groups)."""
+    builtin = config_dir()
+    groups = {group.name for group in builtin.iterdir() if group.is_dir()}
     return {
-        group.name: sorted(p.stem for p in group.glob("*.yaml"))
-        for group in sorted(conf.iterdir())
-        if group.is_dir()
+        name: sorted({p.stem for folder in config_dirs() for p in (folder / name).glob("*.yaml")})
+        for name in sorted(groups)
     }
 
 
@@ -82,20 +101,45 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
                 f"'{text}': adding keys with + is only for new entries of study.samplers or study.pruners; "
                 f"to set an existing key drop the +, and check the spelling of '{key}'")
         if key in groups and value not in groups[key]:
+            near = difflib.get_close_matches(str(value), groups[key], n=1)
+            hint = f"did you mean {key}={near[0]}? " if near else ""
             raise ConfigError(
-                f"{key}: unknown option '{value}' (choose from {', '.join(groups[key])}; "
-                f"options are the files in conf/{key}/)"
+                f"{key}: unknown option '{value}' ({hint}choose from {', '.join(groups[key])}; "
+                f"options are the files in conf/{key}/ and in --config-dir's {key}/)"
             )
         parsed[key] = text.split("=", 1)[1] if "=" in text else ""
     return parsed
 
 
+_initialized_with: list[Path] = []
+
+
+def _initialize_hydra() -> None:
+    """Hydra's global state over searchlab's conf/ with the user's folder in front.
+
+    Hydra's own `hydra.searchpath` appends folders after the primary one, so a user's option could not replace a
+    built-in option of the same name; this builds the search path as initialize_config_dir does, with the user's
+    folder prepended.
+    """
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+
+    dirs = config_dirs()
+    gh = GlobalHydra.instance()
+    if gh.is_initialized() and _initialized_with == dirs:
+        return
+    gh.clear()
+    search_path = create_config_search_path(str(config_dir()))
+    if len(dirs) > 1:
+        search_path.prepend(provider="searchlab --config-dir", path=f"file://{dirs[0]}")
+    Hydra.create_main_hydra2(task_name="searchlab", config_search_path=search_path)  # sets GlobalHydra
+    _initialized_with[:] = dirs
+
+
 def compose_config(overrides: Sequence[str]) -> DictConfig:
     """One full Hydra composition of conf/config.yaml with the overrides (~40 ms; see Composer for the fast path)."""
     parse_overrides(overrides)
-    gh = GlobalHydra.instance()
-    if not gh.is_initialized():
-        initialize_config_dir(config_dir=str(config_dir()), version_base=None)
+    _initialize_hydra()
     try:
         cfg = compose("config", overrides=list(overrides))
         OmegaConf.to_container(cfg, resolve=True)  # a dangling ${...} fails here, not mid-study
@@ -103,15 +147,31 @@ def compose_config(overrides: Sequence[str]) -> DictConfig:
     except yaml.YAMLError as err:
         raise ConfigError(f"config file error: {' '.join(str(err).split())}") from None
     except (HydraException, OmegaConfBaseException, ValueError) as err:
-        raise ConfigError(_composition_message(str(err))) from None
+        raise ConfigError(_composition_message(str(err), overrides)) from None
 
 
-def _composition_message(message: str) -> str:
+def _composition_message(message: str, overrides: Sequence[str]) -> str:
     unknown = re.search(r"Could not override '([^']+)'", message)
     if unknown:
-        return f"unknown key '{unknown.group(1)}': no such key in the composed config (see conf/ for the keys)"
+        key = unknown.group(1)
+        return f"unknown key '{key}': no such key in the composed config{_near_key(key, overrides)}"
     lines = [line for line in message.strip().splitlines() if line.strip()]
     return " ".join(lines[:2]) if lines else "the config could not be composed"
+
+
+def _near_key(key: str, overrides: Sequence[str]) -> str:
+    """"; did you mean 'model.width'?" for a misspelt key, from the keys of the config its group choices compose."""
+    groups = group_options()
+    choices = [o for o in overrides if o.split("=", 1)[0] in groups]
+    try:
+        cfg = compose("config", overrides=choices)
+    except Exception:  # the hint is a courtesy: no hint rather than a second error
+        return " (see conf/ for the keys)"
+    head, _, tail = key.rpartition(".")
+    parent = OmegaConf.select(cfg, head) if head else cfg
+    names = [str(k) for k in parent.keys()] if isinstance(parent, DictConfig) else []
+    near = difflib.get_close_matches(tail, names, n=1)
+    return f"; did you mean '{head + '.' if head else ''}{near[0]}'?" if near else " (see conf/ for the keys)"
 
 
 class Composer:
@@ -166,20 +226,51 @@ def format_override(key: str, value: Any) -> str:
 
 
 # Keys holding counts or durations: a wrong type or a non-positive value is bad input, caught before any trial.
+# Keys of a group entry (model, data, ...) are checked only where the entry has them: a user's entry has its own.
 _POSITIVE_INTS = (
     "study.n_trials", "study.max_consecutive_failures", "trainer.max_epochs", "trainer.eval_batch_size",
     "trainer.devices", "trainer.process_group_timeout_s",
     "model.width", "model.depth", "data.size", "data.features", "data.informative", "data.classes",
 )
 _FRACTIONS = ("data.val_fraction", "data.test_fraction")
+_RATES = ("model.dropout",)  # in [0, 1)
+_NON_NEGATIVE = ("module.l1", "optimizer.weight_decay")
+_POSITIVE = ("optimizer.lr",)
 _SEEDS = ("seed", "study.seed")  # non-negative integers (NumPy and Optuna's samplers refuse negatives)
 _CHOICES = {
-    "study.direction": ("maximize", "minimize"),
-    "study.metric": ("val_acc", "val_loss", "train_loss"),
+    "study.direction": ("auto", "maximize", "minimize"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),
     "trainer.process_group_backend": ("auto", "nccl", "gloo"),
     "trainer.precision": ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"),
 }
+# study.direction=auto: a metric whose name holds one of these words (split at _ / . - and digits) is maximized or
+# minimized (a word may end in digits: acc1). A name with none of them needs an explicit study.direction.
+MAXIMIZED_WORDS = ("acc", "accuracy", "f1", "auroc", "auc", "roc", "r2", "precision", "recall", "iou", "dice", "map",
+                   "ap", "score", "reward", "return")
+MINIMIZED_WORDS = ("loss", "error", "err", "mse", "rmse", "mae", "mape", "nll", "perplexity", "ppl", "time",
+                   "seconds", "params", "wer", "cer")
+
+
+def metric_direction(metric: str) -> str | None:
+    """maximize or minimize, as the metric's name says (val_acc: maximize, val_loss: minimize), else None."""
+    tokens = [t for t in re.split(r"[_/.\-\s]+", metric.lower()) if t]
+    words = set(tokens) | {t.rstrip("0123456789") for t in tokens}  # top5acc -> top5acc, acc1 -> acc
+    if words & set(MINIMIZED_WORDS):
+        return "minimize"
+    if words & set(MAXIMIZED_WORDS):
+        return "maximize"
+    return None
+
+
+def resolve_direction(study: DictConfig) -> str:
+    """study.direction, with auto decided from study.metric's name; a name it cannot tell is bad input."""
+    if study.direction != "auto":
+        return study.direction
+    direction = metric_direction(str(study.metric))
+    if direction is None:
+        raise ConfigError(f"study.direction: auto cannot tell whether study.metric={study.metric} should go up or "
+                          "down; set study.direction=maximize or study.direction=minimize")
+    return direction
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -195,19 +286,28 @@ def _check_values(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]}: required but not set; give it on the command line ({missing[0]}=...)")
-    for key in _POSITIVE_INTS:
-        value = OmegaConf.select(cfg, key, default=_ABSENT)
-        if value is not _ABSENT and not _is_positive_int(value):
+    for group in ("data", "model", "module", "optimizer"):
+        if not isinstance(cfg.get(group), DictConfig) or "_target_" not in cfg[group]:
+            raise ConfigError(f"{group}: the entry has no _target_ (name the class or function that builds it)")
+
+    def each(keys: Sequence[str]) -> list[tuple[str, Any]]:
+        found = ((key, OmegaConf.select(cfg, key, default=_ABSENT)) for key in keys)
+        return [(key, value) for key, value in found if value is not _ABSENT]
+
+    for key, value in each(_POSITIVE_INTS):
+        if not _is_positive_int(value):
             raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
     if not isinstance(cfg.study.name, str) or not cfg.study.name:
         raise ConfigError(f"study.name: expected a name, got {cfg.study.name!r} (quote it: study.name=\"'...'\")")
+    if not isinstance(cfg.study.metric, str) or not cfg.study.metric:
+        raise ConfigError(f"study.metric: expected the name of a logged metric, got {cfg.study.metric!r}")
     timeout = cfg.study.timeout
     if timeout is not None and not (_is_number(timeout) and timeout > 0):
         raise ConfigError(f"study.timeout: expected a positive number of seconds or null, got {timeout!r}")
     limit = cfg.trainer.limit_train_batches
     if limit is not None and not _is_positive_int(limit):
         raise ConfigError(f"trainer.limit_train_batches: expected a positive integer or null, got {limit!r}")
-    batch = cfg.data.batch_size
+    batch = cfg.data.get("batch_size", 1)
     if batch != "full" and not _is_positive_int(batch):
         raise ConfigError(f"data.batch_size: expected a positive integer or 'full', got {batch!r}")
     for key, allowed in _CHOICES.items():
@@ -216,17 +316,21 @@ def _check_values(cfg: DictConfig) -> None:
     for key, table in (("study.sampler", "study.samplers"), ("study.pruner", "study.pruners")):
         names = list(OmegaConf.select(cfg, table))
         if OmegaConf.select(cfg, key) not in names:
-            raise ConfigError(f"{key}: unknown '{OmegaConf.select(cfg, key)}' (choose from {', '.join(names)})")
-    for key in _FRACTIONS:
-        value = OmegaConf.select(cfg, key, default=_ABSENT)
-        if value is not _ABSENT and not (_is_number(value) and 0 < value < 1):
+            near = difflib.get_close_matches(str(OmegaConf.select(cfg, key)), names, n=1)
+            hint = f"did you mean {near[0]}? " if near else ""
+            raise ConfigError(f"{key}: unknown '{OmegaConf.select(cfg, key)}' ({hint}choose from {', '.join(names)})")
+    for key, value in each(_FRACTIONS):
+        if not (_is_number(value) and 0 < value < 1):
             raise ConfigError(f"{key}: expected a fraction between 0 and 1, got {value!r}")
-    if not (_is_number(cfg.optimizer.lr) and cfg.optimizer.lr > 0):
-        raise ConfigError(f"optimizer.lr: expected a positive number, got {cfg.optimizer.lr!r}")
-    if not (_is_number(cfg.model.dropout) and 0 <= cfg.model.dropout < 1):
-        raise ConfigError(f"model.dropout: expected a rate in [0, 1), got {cfg.model.dropout!r}")
-    if not (_is_number(cfg.model.l1) and cfg.model.l1 >= 0):
-        raise ConfigError(f"model.l1: expected a non-negative number, got {cfg.model.l1!r}")
+    for key, value in each(_POSITIVE):
+        if not (_is_number(value) and value > 0):
+            raise ConfigError(f"{key}: expected a positive number, got {value!r}")
+    for key, value in each(_RATES):
+        if not (_is_number(value) and 0 <= value < 1):
+            raise ConfigError(f"{key}: expected a rate in [0, 1), got {value!r}")
+    for key, value in each(_NON_NEGATIVE):
+        if not (_is_number(value) and value >= 0):
+            raise ConfigError(f"{key}: expected a non-negative number, got {value!r}")
     for key in _SEEDS:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -8,39 +8,57 @@ from __future__ import annotations
 
 import math
 import zipfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
 from searchlab.config import ConfigError
 
 
 @dataclass(frozen=True)
 class Splits:
-    """Train/val/test tensors; x keeps its sample shape ((features,) or (C, H, W)) for the model to read."""
+    """Train/val/test tensors; x keeps its sample shape ((features,), (L,), (C, H, W)...) for the network.
+
+    y holds integer class indices (int64) or float regression targets (float32, (N,) or (N, k)), as given.
+    """
 
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_val: torch.Tensor
     y_val: torch.Tensor
-    x_test: torch.Tensor | None
-    y_test: torch.Tensor | None
-    n_classes: int
+    x_test: torch.Tensor | None = None
+    y_test: torch.Tensor | None = None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
-    def to(self, device: torch.device) -> Splits:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
+    @property
+    def integer_targets(self) -> bool:
+        return not self.y_train.is_floating_point()
 
-        return Splits(*(move(t) for t in (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test,
-                                          self.y_test)), n_classes=self.n_classes)
+    def num_outputs(self, task: str) -> int:
+        """Classes (the largest label + 1) for classification, else the number of regression targets."""
+        if task == "classification" or (not task and self.integer_targets):
+            return int(max(int(y.max()) for y in self._ys()) + 1)
+        return 1 if self.y_train.dim() == 1 else int(self.y_train.shape[1])
+
+    def _ys(self) -> list[torch.Tensor]:
+        return [y for y in (self.y_train, self.y_val, self.y_test) if y is not None]
+
+    def for_task(self, task: str) -> Splits:
+        """Targets as the task's loss takes them: float for regression (integer counts become floats)."""
+        if task != "regression" or not self.integer_targets:
+            return self
+        return replace(self, **{f"y_{s}": getattr(self, f"y_{s}").float() for s in ("train", "val", "test")
+                                if getattr(self, f"y_{s}") is not None})
+
+    def to(self, device: torch.device) -> Splits:
+        return Splits(*(None if t is None else t.to(device) for t in (
+            self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test)))
 
 
 class TensorBatches:
@@ -84,102 +102,112 @@ def batch_size_for(setting: int | str, n_train: int) -> int:
     return n_train if setting == "full" else int(setting)
 
 
-def load_data(cfg: DictConfig, seed: int) -> Splits:
-    """The dataset named by data.name, split by `seed`; bad files raise ConfigError naming data.path."""
-    if cfg.name not in LOADERS:
-        raise ConfigError(f"data.name: unknown '{cfg.name}' (choose from {', '.join(LOADERS)})")
-    return LOADERS[cfg.name](cfg, seed)
-
-
-def _split(x: np.ndarray, y: np.ndarray, cfg: DictConfig, seed: int) -> Splits:
+def _split(x: np.ndarray, y: np.ndarray, val_fraction: float, test_fraction: float, seed: int,
+           stratify: bool = True) -> Splits:
     from sklearn.model_selection import train_test_split
 
     x_rest, x_test, y_rest, y_test = train_test_split(
-        x, y, test_size=cfg.test_fraction, random_state=seed, stratify=y)
-    val_share = cfg.val_fraction / (1 - cfg.test_fraction)
+        x, y, test_size=test_fraction, random_state=seed, stratify=y if stratify else None)
+    val_share = val_fraction / (1 - test_fraction)
     x_train, x_val, y_train, y_val = train_test_split(
-        x_rest, y_rest, test_size=val_share, random_state=seed, stratify=y_rest)
-    return _as_splits(x_train, y_train, x_val, y_val, x_test, y_test)
+        x_rest, y_rest, test_size=val_share, random_state=seed, stratify=y_rest if stratify else None)
+    return as_splits(x_train, y_train, x_val, y_val, x_test, y_test)
 
 
-def _as_splits(*arrays: np.ndarray | None) -> Splits:
+def as_splits(*arrays: np.ndarray | None) -> Splits:
+    """Splits from numpy arrays (x_train, y_train, x_val, y_val[, x_test, y_test]): x as float32, y as int64 when
+    it holds integers, else float32."""
+    def target(a: np.ndarray) -> torch.Tensor:
+        a = np.asarray(a)
+        return torch.as_tensor(a.astype(np.int64 if np.issubdtype(a.dtype, np.integer) else np.float32))
+
     xs = [None if a is None else torch.as_tensor(np.asarray(a, dtype=np.float32)) for a in arrays[0::2]]
-    ys = [None if a is None else torch.as_tensor(np.asarray(a, dtype=np.int64)) for a in arrays[1::2]]
-    labels = torch.cat([y for y in ys if y is not None])
-    return Splits(xs[0], ys[0], xs[1], ys[1], xs[2], ys[2], n_classes=int(labels.max()) + 1)
+    ys = [None if a is None else target(a) for a in arrays[1::2]]
+    return Splits(*[t for pair in zip(xs, ys, strict=False) for t in pair])
 
 
-def _digits(cfg: DictConfig, seed: int) -> Splits:
+def digits(val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0) -> Splits:
+    """scikit-learn's handwritten digits as (N, 1, 8, 8) images in [0, 1], split by seed, stratified."""
     from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    images = (digits.images / 16.0)[:, None, :, :]  # (N, 1, 8, 8), pixels in [0, 1]
-    return _split(images, digits.target, cfg, seed)
+    data = load_digits()
+    return _split((data.images / 16.0)[:, None, :, :], data.target, val_fraction, test_fraction, seed)
 
 
-def _synthetic(cfg: DictConfig, seed: int) -> Splits:
+def synthetic(size: int = 2000, features: int = 20, informative: int = 10, classes: int = 4,
+              separation: float = 1.0, label_noise: float = 0.01, val_fraction: float = 0.2,
+              test_fraction: float = 0.2, seed: int = 0) -> Splits:
+    """scikit-learn's make_classification, generated from seed."""
     from sklearn.datasets import make_classification
 
-    if cfg.informative > cfg.features:
-        raise ConfigError(f"data.informative: {cfg.informative} exceeds data.features ({cfg.features})")
+    if informative > features:
+        raise ConfigError(f"data.informative: {informative} exceeds data.features ({features})")
     x, y = make_classification(
-        n_samples=cfg.size, n_features=cfg.features, n_informative=cfg.informative, n_redundant=0,
-        n_classes=cfg.classes, class_sep=cfg.separation, flip_y=cfg.label_noise, random_state=seed,
-    )
-    return _split(x, y, cfg, seed)
+        n_samples=size, n_features=features, n_informative=informative, n_redundant=0, n_classes=classes,
+        class_sep=separation, flip_y=label_noise, random_state=seed)
+    return _split(x, y, val_fraction, test_fraction, seed)
 
 
 _NPZ_REQUIRED = ("x_train", "y_train", "x_val", "y_val")
 
 
-def _npz(cfg: DictConfig, seed: int) -> Splits:
-    path = Path(str(cfg.path))
-    if not path.is_file():
-        raise ConfigError(f"data.path: no such file '{path}' (give an .npz with {', '.join(_NPZ_REQUIRED)})")
+def npz(path: str, standardize: bool = False, add_channel: bool | str = "auto") -> Splits:
+    """A user's arrays from an .npz (x_train, y_train, x_val, y_val, optionally x_test, y_test); bad files raise
+    ConfigError naming data.path. `standardize` scales each feature by the training split's mean and std;
+    `add_channel` (auto: for 3-d x) reads x as (N, H, W) images and gives them a channel axis."""
+    file = Path(str(path))
+    if not file.is_file():
+        raise ConfigError(f"data.path: no such file '{file}' (give an .npz with {', '.join(_NPZ_REQUIRED)})")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as err:
-        raise ConfigError(f"data.path: '{path}' is not a readable .npz file ({err})") from None
+        with np.load(file, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ConfigError(f"data.path: '{file}' is not a readable .npz file "
+                          f"({type(err).__name__}: {str(err) or 'truncated or empty'}); write it with numpy.savez"
+                          ) from None
     missing = [name for name in _NPZ_REQUIRED if name not in arrays]
     if missing:
         has = ", ".join(sorted(arrays)) or "nothing"
-        raise ConfigError(f"data.path: '{path}' lacks {', '.join(missing)} (has {has})")
+        raise ConfigError(f"data.path: '{file}' lacks {', '.join(missing)} (has {has})")
     if ("x_test" in arrays) != ("y_test" in arrays):
-        raise ConfigError(f"data.path: '{path}' has only one of x_test, y_test; give both or neither")
-    _check_npz_arrays(path, arrays)
-    if arrays["x_train"].ndim == 3:  # (N, H, W) images: add the channel axis
+        raise ConfigError(f"data.path: '{file}' has only one of x_test, y_test; give both or neither")
+    _check_npz_arrays(file, arrays)
+    if add_channel is True or (add_channel == "auto" and arrays["x_train"].ndim == 3):
         arrays = {k: (v[:, None] if k.startswith("x_") else v) for k, v in arrays.items()}
-    return _as_splits(*(arrays.get(f"{a}_{s}") for s in ("train", "val", "test") for a in ("x", "y")))
+    if standardize:
+        mean = arrays["x_train"].mean(axis=0, keepdims=True)
+        std = arrays["x_train"].std(axis=0, keepdims=True)
+        std[std == 0] = 1.0
+        arrays = {k: ((v - mean) / std if k.startswith("x_") else v) for k, v in arrays.items()}
+    return as_splits(*(arrays.get(f"{a}_{s}") for s in ("train", "val", "test") for a in ("x", "y")))
 
 
 def _check_npz_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Shapes and types a training can use: numeric x of one sample shape, integer labels, rows that agree."""
+    """Shapes and types a training can use: numeric x of one sample shape, numeric y, rows that agree."""
     def bad(message: str) -> ConfigError:
         return ConfigError(f"data.path: '{path}' {message}")
 
     sample_shape = arrays["x_train"].shape[1:]
+    target_shape = arrays["y_train"].shape[1:]
     for split in ("train", "val", "test"):
         if f"x_{split}" not in arrays:
             continue
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        real = np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)
-        if x.ndim not in (2, 3, 4) or not real:
-            raise bad(f"x_{split} must be a real numeric array of (N, features), (N, H, W) or (N, C, H, W)")
+        if x.ndim < 2 or not _is_real(x):
+            raise bad(f"x_{split} must be a real numeric array of (N, ...) samples")
         if x.shape[1:] != sample_shape:
             raise bad(f"x_{split} samples have shape {x.shape[1:]} but x_train's have {sample_shape}")
-        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise bad(f"y_{split} must be a 1-d array of integer class indices")
+        if y.ndim not in (1, 2) or not _is_real(y):
+            raise bad(f"y_{split} must be integer class indices (N,) or float targets (N,) or (N, k)")
+        if y.shape[1:] != target_shape:
+            raise bad(f"y_{split} has targets of shape {y.shape[1:]} but y_train's are {target_shape}")
         if len(x) != len(y):
             raise bad(f"x_{split} has {len(x)} rows but y_{split} has {len(y)}")
         if len(y) == 0:
             raise bad(f"x_{split} and y_{split} are empty")
-        if y.min() < 0:
+        if np.issubdtype(y.dtype, np.integer) and y.min() < 0:
             raise bad(f"y_{split} holds negative class indices")
 
 
-LOADERS: dict[str, Callable[[DictConfig, int], Splits]] = {
-    "digits": _digits,
-    "synthetic": _synthetic,
-    "npz": _npz,
-}
+def _is_real(a: np.ndarray) -> bool:
+    return np.issubdtype(a.dtype, np.number) and not np.issubdtype(a.dtype, np.complexfloating)

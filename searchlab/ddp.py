@@ -5,7 +5,7 @@ new workers, and `ddp_fork` cannot follow a parent that already used CUDA (the d
 are spawned here and set up as ranks launched from outside (LOCAL_RANK, MASTER_PORT..., as torchrun does), and
 Lightning's DDP strategy runs in each. The Optuna trial, the tracker and the storages do not pickle, so they stay in
 this process: rank 0 sends each epoch's metrics over a queue, this process runs the hook (tracking, report,
-should_prune) and answers, and rank 0 broadcasts the answer (searchlab.train._EpochCallback), so every rank stops
+should_prune) and answers, and rank 0 broadcasts the answer (lightning_fit._EpochCallback), so every rank stops
 at the same epoch.
 """
 
@@ -22,7 +22,7 @@ from lightning_fabric.plugins.environments.lightning import find_free_network_po
 from omegaconf import DictConfig
 
 from searchlab.data import Splits
-from searchlab.train import EpochHook, TrainResult, fit_rank
+from searchlab.lightning_fit import EpochHook, TrainResult, fit_rank
 
 _POLL_S = 0.2  # how often the waiting parent checks that the ranks are still alive
 
@@ -38,14 +38,16 @@ class _HookInParent:
         return self.to_rank0.get()
 
 
-def _rank(rank: int, world_size: int, port: int, cfg: DictConfig, splits: Splits, cuda: bool, test: bool,
-          to_parent: Any, to_rank0: Any) -> None:
+def _rank(rank: int, world_size: int, port: int, cfg: DictConfig, splits: Splits | None, cuda: bool, test: bool,
+          metric: str, to_parent: Any, to_rank0: Any) -> None:
     """One rank's process: the environment Lightning reads for an externally launched rank, then fit_rank."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
                       WORLD_SIZE=str(world_size))
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     hook = _HookInParent(to_parent, to_rank0) if rank == 0 else None
-    result = fit_rank(cfg, splits.to(device), hook, test, rank=rank, world_size=world_size)
+    splits = None if splits is None else splits.to(device)
+    result = fit_rank(cfg, splits, hook, test, rank=rank, world_size=world_size, metric=metric)
+    result.module = None  # the trained module stays in the rank: it need not be pickled back
     if torch.distributed.is_initialized():
         # Every rank leaves the process group together and ends gloo's threads here: left to the exit-time
         # destructors, a rank could abort ("terminate called without an active exception", SIGABRT).
@@ -55,15 +57,17 @@ def _rank(rank: int, world_size: int, port: int, cfg: DictConfig, splits: Splits
         to_parent.put(("done", result))
 
 
-def fit_ddp(cfg: DictConfig, splits: Splits, on_epoch: EpochHook | None = None, test: bool = False) -> TrainResult:
-    """fit() over trainer.devices ranks: GPUs 0..devices-1 of the visible ones when splits are on a GPU, else CPU
-    processes. Returns rank 0's result (its metrics are those of the whole, see Classifier._take)."""
+def fit_ddp(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None = None, test: bool = False,
+            metric: str | None = None, cuda: bool = False) -> TrainResult:
+    """A training over trainer.devices ranks: GPUs 0..devices-1 of the visible ones when `cuda`, else CPU processes.
+    `splits` None: each rank builds the LightningDataModule of `data`. Returns rank 0's result (its metrics are those
+    of the whole: see searchlab.modules)."""
     start = time.perf_counter()
     world_size = int(cfg.trainer.devices)
     context = mp.get_context("spawn")
     to_parent, to_rank0 = context.Queue(), context.Queue()
-    args = (world_size, find_free_network_port(), cfg, splits.to(torch.device("cpu")),
-            splits.x_train.device.type == "cuda", test, to_parent, to_rank0)
+    args = (world_size, find_free_network_port(), cfg, None if splits is None else splits.to(torch.device("cpu")),
+            cuda, test, metric or cfg.study.metric, to_parent, to_rank0)
     ranks = mp.start_processes(_rank, args=args, nprocs=world_size, join=False, start_method="spawn")
     try:
         while True:

@@ -28,6 +28,7 @@ from optuna.storages import GrpcStorageProxy, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread  # what Study.optimize uses
 from optuna.trial import FrozenTrial, TrialState
 
+from searchlab.attrs import ATTEMPT_ATTRS, MLFLOW_PARENT_RUN_ID
 from searchlab.config import ConfigError
 from searchlab.tracking import Tracker
 
@@ -51,8 +52,8 @@ def heartbeat_settings(study: DictConfig, tracker: Tracker) -> dict[str, Any]:
             "heartbeat_stale_trial_callback": RetryAndEndRun(tracker, study.max_retry, grace)}
 
 
-# User attrs of one attempt at a trial (set by the worker that ran it: study.WORKER_PID, WORKER_HOST), not its params.
-_ATTEMPT_ATTRS = ("worker.pid", "worker.host", "mlflow_run_id", "reason")
+# User attrs of one attempt at a trial (searchlab.attrs), not its params.
+_ATTEMPT_ATTRS = ATTEMPT_ATTRS
 
 
 class RetryAndEndRun:
@@ -72,7 +73,7 @@ class RetryAndEndRun:
         reason = (f"worker lost: no heartbeat for {self.grace_period}s; "
                   + ("retried with the same params" if retried else f"not retried (study.max_retry={self.max_retry})"))
         try:
-            self.tracker.fail_lost_trial(study.user_attrs["mlflow_parent_run_id"], trial.number, trial.params, reason)
+            self.tracker.fail_lost_trial(study.user_attrs[MLFLOW_PARENT_RUN_ID], trial.number, trial.params, reason)
         except Exception as err:  # the tracking server being down must not stop this worker's study
             print(f"searchlab: could not mark the MLflow run of lost trial {trial.number} FAILED: {err}",
                   file=sys.stderr)

@@ -7,7 +7,7 @@ Optuna has no such lock: two workers that both see 39 of 40 trials used would bo
 | journal file (default)          | fcntl.flock on `<journal>.budget.lock`                 | processes sharing the fs |
 | sqlite:///path                  | fcntl.flock on `<path>.budget.lock`                    | processes sharing the fs |
 | postgresql://...                | pg_advisory_xact_lock keyed by the study name          | every client of the db   |
-| anything else (mysql, grpc ...) | none: a trial asked past the budget is failed unrun    | (study.Budget)           |
+| anything else (mysql, grpc ...) | none: a trial asked past the budget is failed unrun    | (budget.Budget)          |
 """
 
 from __future__ import annotations

@@ -1,72 +1,60 @@
-"""Optimizers and learning-rate schedules, each made from its config by one table entry.
+"""The optimizers and schedules of conf/optimizer and conf/scheduler that torch has no single class for.
 
-Adding an optimizer or a schedule is one entry here plus one YAML file in conf/optimizer/ or conf/scheduler/.
+Every other entry there names a torch class by `_target_` directly. These exist because a searched key must be one
+number (Adam's betas are two), or because a schedule is made from the run's length (epochs, steps), which searchlab
+passes when the function's signature names `max_epochs` or `total_steps` (see searchlab.build.Schedule).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
 import torch
-from omegaconf import DictConfig
 from torch.optim import lr_scheduler
 
-Params = Iterable[torch.nn.Parameter]
-
-OPTIMIZERS: dict[str, Callable[[Params, DictConfig], torch.optim.Optimizer]] = {
-    "sgd": lambda p, c: torch.optim.SGD(p, lr=c.lr, weight_decay=c.weight_decay),
-    "momentum": lambda p, c: torch.optim.SGD(p, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay),
-    "nesterov": lambda p, c: torch.optim.SGD(
-        p, lr=c.lr, momentum=c.momentum, nesterov=True, weight_decay=c.weight_decay),
-    "rmsprop": lambda p, c: torch.optim.RMSprop(
-        p, lr=c.lr, alpha=c.alpha, momentum=c.momentum, weight_decay=c.weight_decay),
-    "adam": lambda p, c: torch.optim.Adam(p, lr=c.lr, betas=(c.beta1, c.beta2), weight_decay=c.weight_decay),
-    "adamw": lambda p, c: torch.optim.AdamW(p, lr=c.lr, betas=(c.beta1, c.beta2), weight_decay=c.weight_decay),
-}
+Params = Iterable[torch.nn.Parameter] | Iterable[dict]
 
 
-def _warmup_cosine(opt: torch.optim.Optimizer, c: DictConfig, epochs: int, steps: int) -> lr_scheduler.LRScheduler:
-    warmup = min(c.warmup_epochs, epochs - 1)
+class Adam(torch.optim.Adam):
+    """torch.optim.Adam with `beta1` and `beta2` as separate arguments."""
+
+    def __init__(self, params: Params, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
+
+
+class AdamW(torch.optim.AdamW):
+    """torch.optim.AdamW with `beta1` and `beta2` as separate arguments."""
+
+    def __init__(self, params: Params, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
+                 weight_decay: float = 0.01) -> None:
+        super().__init__(params, lr=lr, betas=(beta1, beta2), weight_decay=weight_decay)
+
+
+def _base_lr(optimizer: torch.optim.Optimizer) -> float:
+    return optimizer.param_groups[0]["lr"]
+
+
+def cosine(optimizer: torch.optim.Optimizer, max_epochs: int, min_factor: float = 0.01) -> lr_scheduler.LRScheduler:
+    """Cosine decay over the run's epochs, down to lr * min_factor."""
+    return lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs, eta_min=_base_lr(optimizer) * min_factor)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, max_epochs: int, warmup_epochs: int = 2,
+                  start_factor: float = 0.1, min_factor: float = 0.01) -> lr_scheduler.LRScheduler:
+    """Linear warmup from lr * start_factor over `warmup_epochs`, then cosine decay to lr * min_factor."""
+    warmup = min(warmup_epochs, max_epochs - 1)
     if warmup <= 0:
-        return lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=_base_lr(opt) * c.min_factor)
-    return lr_scheduler.SequentialLR(opt, milestones=[warmup], schedulers=[
-        lr_scheduler.LinearLR(opt, start_factor=c.start_factor, total_iters=warmup),
-        lr_scheduler.CosineAnnealingLR(opt, T_max=epochs - warmup, eta_min=_base_lr(opt) * c.min_factor),
+        return cosine(optimizer, max_epochs, min_factor)
+    eta_min = _base_lr(optimizer) * min_factor
+    return lr_scheduler.SequentialLR(optimizer, milestones=[warmup], schedulers=[
+        lr_scheduler.LinearLR(optimizer, start_factor=start_factor, total_iters=warmup),
+        lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs - warmup, eta_min=eta_min),
     ])
 
 
-def _base_lr(opt: torch.optim.Optimizer) -> float:
-    return opt.param_groups[0]["lr"]
-
-
-# name -> (make(optimizer, cfg, max_epochs, total_steps), Lightning interval). None: a constant learning rate.
-SCHEDULERS: dict[str, tuple[Callable[..., Any], str] | None] = {
-    "constant": None,
-    "step": (lambda o, c, e, s: lr_scheduler.StepLR(o, step_size=c.step_size, gamma=c.gamma), "epoch"),
-    "exponential": (lambda o, c, e, s: lr_scheduler.ExponentialLR(o, gamma=c.gamma), "epoch"),
-    "cosine": (lambda o, c, e, s: lr_scheduler.CosineAnnealingLR(o, T_max=e, eta_min=_base_lr(o) * c.min_factor),
-               "epoch"),
-    "onecycle": (lambda o, c, e, s: lr_scheduler.OneCycleLR(
-        o, max_lr=_base_lr(o), total_steps=s, pct_start=c.pct_start, div_factor=c.div_factor), "step"),
-    "plateau": (lambda o, c, e, s: lr_scheduler.ReduceLROnPlateau(
-        o, mode="min", factor=c.factor, patience=c.patience), "epoch"),
-    "warmup_cosine": (_warmup_cosine, "epoch"),
-}
-
-
-def build_optimizer(params: Params, cfg: DictConfig) -> torch.optim.Optimizer:
-    """The optimizer named by optimizer.name."""
-    return OPTIMIZERS[cfg.name](params, cfg)
-
-
-def build_schedule(opt: torch.optim.Optimizer, cfg: DictConfig, max_epochs: int, total_steps: int) -> dict | None:
-    """Lightning's lr_scheduler dict for scheduler.name, or None for a constant rate.
-
-    Plateau watches val_loss whatever the study optimizes: it is the signal every task has.
-    """
-    entry = SCHEDULERS[cfg.name]
-    if entry is None:
-        return None
-    make, interval = entry
-    return {"scheduler": make(opt, cfg, max_epochs, max(total_steps, 1)), "interval": interval, "monitor": "val_loss"}
+def one_cycle(optimizer: torch.optim.Optimizer, total_steps: int, pct_start: float = 0.3,
+              div_factor: float = 25.0) -> lr_scheduler.LRScheduler:
+    """One cycle over all the run's optimizer steps, peaking at the optimizer's lr (step it every step)."""
+    return lr_scheduler.OneCycleLR(optimizer, max_lr=_base_lr(optimizer), total_steps=max(total_steps, 1),
+                                   pct_start=pct_start, div_factor=div_factor)

@@ -28,11 +28,15 @@ from optuna.trial import FrozenTrial  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
 
 _COLS = 3  # panels per row in the slice and technique grids
+_COMPLETE_COLOUR = "#1f77b4"
+_PRUNED_COLOUR = "#d62728"
+_PRUNED_LABEL = "pruned trial, at its last reported value"
 
 
 @dataclass(frozen=True)
 class View:
-    """The objective of complete trials against one searched key: by category, or against its (log) value."""
+    """The objective of complete trials against one searched key: by category, or against its (log) value; beside
+    them each pruned trial at the last value it reported (where it stood when it was stopped)."""
 
     title: str
     param: str
@@ -42,6 +46,8 @@ class View:
     ys: list[float]
     order: list[str]  # category labels in display order
     stopped: Mapping[str, Counter[str]] = field(default_factory=dict)  # PRUNED / FAIL -> trials per category label
+    pruned_xs: list[Any] = field(default_factory=list)  # like xs, for the pruned trials with a finite last value
+    pruned_ys: list[float] = field(default_factory=list)  # their last reported intermediate value
 
     def n_stopped(self, label: str) -> int:
         """Pruned and failed trials with this choice."""
@@ -50,28 +56,46 @@ class View:
     def groups(self) -> list[tuple[str, list[float]]]:
         return [(label, [y for x, y in zip(self.xs, self.ys, strict=True) if x == label]) for label in self.order]
 
+    def pruned_groups(self) -> list[tuple[str, list[float]]]:
+        return [(label, [y for x, y in zip(self.pruned_xs, self.pruned_ys, strict=True) if x == label])
+                for label in self.order]
+
+
+def last_value(trial: FrozenTrial) -> float | None:
+    """The last intermediate value a trial reported (a pruned trial's standing when it was stopped), if finite."""
+    if not trial.intermediate_values:
+        return None
+    value = trial.intermediate_values[max(trial.intermediate_values)]
+    return float(value) if math.isfinite(value) else None
+
 
 def make_view(trials: Sequence[FrozenTrial], param: str, title: str, labels: Mapping[str, str] | None = None,
               other: str | None = None) -> View | None:
-    """The view of `param` over the complete trials that have it (pruned and failed ones counted per choice);
-    None when no complete trial has it."""
+    """The view of `param` over the complete trials that have it and the pruned ones at their last reported value
+    (pruned and failed ones also counted per choice); None when no complete or pruned trial has it."""
     having = [t for t in trials if param in t.params and t.state.name == "COMPLETE"]
-    if not having:
+    pruned = [(t, y) for t in trials if param in t.params and t.state.name == "PRUNED"
+              for y in [last_value(t)] if y is not None]
+    if not having and not pruned:
         return None
-    distribution = having[-1].distributions[param]
+    distribution = (having[-1] if having else pruned[-1][0]).distributions[param]
+    pruned_ys = [y for _, y in pruned]
     if not isinstance(distribution, CategoricalDistribution):
         return View(title, param, False, bool(getattr(distribution, "log", False)),
-                    [float(t.params[param]) for t in having], [float(t.value) for t in having], [])
+                    [float(t.params[param]) for t in having], [float(t.value) for t in having], [],
+                    pruned_xs=[float(t.params[param]) for t, _ in pruned], pruned_ys=pruned_ys)
     labels = labels or {}
 
     def label(value: Any) -> str:
         return labels.get(str(value), other if other is not None else str(value))
 
     xs = [label(t.params[param]) for t in having]
-    order = list(dict.fromkeys([*(label(c) for c in distribution.choices), *xs]))  # choices first, in their order
+    pruned_xs = [label(t.params[param]) for t, _ in pruned]
+    # choices first, in their order
+    order = list(dict.fromkeys([*(label(c) for c in distribution.choices), *xs, *pruned_xs]))
     stopped = {state: Counter(label(t.params[param]) for t in trials if param in t.params and t.state.name == state)
                for state in ("PRUNED", "FAIL")}
-    return View(title, param, True, False, xs, [float(t.value) for t in having], order, stopped)
+    return View(title, param, True, False, xs, [float(t.value) for t in having], order, stopped, pruned_xs, pruned_ys)
 
 
 # ---- plotly (HTML) ----
@@ -100,13 +124,20 @@ def _plotly_grid(views: Sequence[View], metric: str) -> go.Figure:
     for i, view in enumerate(views):
         row, col = i // _COLS + 1, i % _COLS + 1
         if view.categorical:
-            trace = go.Box(x=view.xs, y=view.ys, boxpoints="all", jitter=0.4, pointpos=0, name=view.title)
+            trace = go.Box(x=view.xs, y=view.ys, boxpoints="all", jitter=0.4, pointpos=0, name="complete trial",
+                           marker={"color": _COMPLETE_COLOUR}, line={"color": _COMPLETE_COLOUR})
             fig.update_xaxes(categoryorder="array", categoryarray=view.order, row=row, col=col)
         else:
-            trace = go.Scatter(x=view.xs, y=view.ys, mode="markers", name=view.title, marker={"size": 5})
+            trace = go.Scatter(x=view.xs, y=view.ys, mode="markers", marker={"size": 5, "color": _COMPLETE_COLOUR},
+                               name="complete trial")
             fig.update_xaxes(type="log" if view.log else "linear", title_text=view.param, row=row, col=col)
         fig.add_trace(trace, row=row, col=col)
+        if view.pruned_ys:
+            fig.add_trace(go.Scatter(x=view.pruned_xs, y=view.pruned_ys, mode="markers", name=_PRUNED_LABEL,
+                                     marker={"symbol": "x", "size": 6, "color": _PRUNED_COLOUR}), row=row, col=col)
         fig.update_yaxes(title_text=metric if col == 1 else None, row=row, col=col)
+    # No legend (it would sit on the panel titles): the page says that red crosses are pruned trials, and so does
+    # each point's hover text.
     fig.update_layout(height=300 * rows, showlegend=False)
     return fig
 
@@ -253,29 +284,72 @@ def _parallel(complete: list[FrozenTrial], params: list[str], metric: str) -> pl
     return fig
 
 
+def _tick_label(view: View, label: str, n: int) -> str:
+    stopped = view.n_stopped(label)
+    return f"{label}\nn={n}" + (f"+{stopped}" if stopped else "")
+
+
+def _label_reach(view: View) -> float:
+    """Inches a categorical panel's tick labels reach below the axis, and as far to the left of their tick: they are
+    turned 45 degrees, so that they take room by their length instead of running into each other."""
+    if not view.categorical:
+        return 0.0
+    longest = max((len(line) for label, ys in view.groups() for line in _tick_label(view, label, len(ys)).split("\n")),
+                  default=1)
+    return (0.068 * longest + 0.3) * math.sin(math.radians(45))
+
+
 def _grid(views: Sequence[View], metric: str) -> plt.Figure:
+    """One panel per view, laid out in inches (no layout engine, which would draw the figure twice): each row is as
+    deep as its turned tick labels reach, a panel is wide enough for its choices' labels to stand apart (0.45 inch a
+    choice), and the first column leaves room for labels reaching left. Complete trials are dots (a box per choice);
+    pruned trials are red crosses at the last value they reported."""
     rows = math.ceil(len(views) / _COLS)
-    height = 3.2 * rows
-    fig, axes = plt.subplots(rows, _COLS, figsize=(4 * _COLS, height), squeeze=False)
-    fig.subplots_adjust(left=0.06, right=0.98, top=1 - 0.3 / height, bottom=0.75 / height, hspace=0.75, wspace=0.3)
+    most = max((len(v.order) for v in views if v.categorical), default=0)
+    left, right, title, panel_h = 0.65, 0.15, 0.35, 2.2
+    panel_w = max(4.0, left + right + 0.45 * most)
+    axes_w = panel_w - left - right
+    pad = max([0.0] + [_label_reach(v) - left - axes_w / (2 * len(v.order)) + 0.05
+                       for v in views[::_COLS] if v.categorical])
+    gaps = [0.25 + max(_label_reach(v) if v.categorical else 0.3 for v in views[r * _COLS:(r + 1) * _COLS]) + 0.2
+            for r in range(rows)]
+    legend = 0.35 if any(v.pruned_ys for v in views) else 0.0
+    width, height = pad + panel_w * _COLS, legend + sum(title + panel_h + gap for gap in gaps)
+    fig = plt.figure(figsize=(width, height))
     rng = np.random.default_rng(0)
-    for ax, view in zip(axes.flat, views, strict=False):
-        if view.categorical:
-            groups = view.groups()
-            ticks = [f"{label}\nn={len(ys)}" + (f"+{view.n_stopped(label)}" if view.n_stopped(label) else "")
-                     for label, ys in groups]
-            ax.boxplot([ys for _, ys in groups], tick_labels=ticks, showfliers=False)
-            for i, (_, ys) in enumerate(groups, start=1):
-                ax.scatter(i + rng.uniform(-0.15, 0.15, len(ys)), ys, s=8, alpha=0.6, color="C1")
-            ax.tick_params(axis="x", labelrotation=30, labelsize="small")
-            ax.set_xlabel("n = complete + pruned or failed trials", fontsize="x-small")
-        else:
-            ax.scatter(view.xs, view.ys, s=8, alpha=0.6)
-            if view.log:
-                ax.set_xscale("log")
-            ax.set_xlabel(view.param, fontsize="small")
-        ax.set_title(view.title, fontsize="medium")
-        ax.set_ylabel(metric)
-    for ax in list(axes.flat)[len(views):]:
-        ax.set_visible(False)
+    top = height - legend
+    for r in range(rows):
+        top -= title + panel_h
+        for c, view in enumerate(views[r * _COLS:(r + 1) * _COLS]):
+            ax = fig.add_axes(((pad + c * panel_w + left) / width, top / height, axes_w / width, panel_h / height))
+            _panel(ax, view, metric, rng)
+        top -= gaps[r]
+    if legend:
+        handles = [plt.Line2D([], [], linestyle="", marker="o", markersize=4, color=_COMPLETE_COLOUR,
+                              label="complete trial (its objective)"),
+                   plt.Line2D([], [], linestyle="", marker="x", markersize=5, color=_PRUNED_COLOUR,
+                              label=_PRUNED_LABEL)]
+        fig.legend(handles=handles, loc="upper right", ncols=2, fontsize="small", frameon=False,
+                   bbox_to_anchor=(1 - right / width, 1))
     return fig
+
+
+def _panel(ax: plt.Axes, view: View, metric: str, rng: np.random.Generator) -> None:
+    if view.categorical:
+        groups = view.groups()
+        ax.boxplot([ys for _, ys in groups], showfliers=False, medianprops={"color": "black"})
+        for i, ((_, ys), (_, pruned)) in enumerate(zip(groups, view.pruned_groups(), strict=True), start=1):
+            ax.scatter(i + rng.uniform(-0.15, 0.15, len(ys)), ys, s=8, alpha=0.6, color=_COMPLETE_COLOUR)
+            ax.scatter(i + rng.uniform(-0.15, 0.15, len(pruned)), pruned, s=14, marker="x", alpha=0.7,
+                       linewidths=0.8, color=_PRUNED_COLOUR)
+        ax.set_xticks(range(1, len(groups) + 1), [_tick_label(view, label, len(ys)) for label, ys in groups],
+                      rotation=45, ha="right", rotation_mode="anchor", fontsize="small")
+        ax.set_xlabel("n = complete + pruned or failed trials", fontsize="x-small")
+    else:
+        ax.scatter(view.xs, view.ys, s=8, alpha=0.6, color=_COMPLETE_COLOUR)
+        ax.scatter(view.pruned_xs, view.pruned_ys, s=14, marker="x", alpha=0.7, linewidths=0.8, color=_PRUNED_COLOUR)
+        if view.log:
+            ax.set_xscale("log")
+        ax.set_xlabel(view.param, fontsize="small")
+    ax.set_title(view.title, fontsize="medium")
+    ax.set_ylabel(metric)

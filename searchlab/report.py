@@ -2,7 +2,8 @@
 one view per technique of deep-learning optimization, written as one offline HTML page, PNGs and summary.json.
 
 It reads only the Optuna study (any storage the search uses) and the config's `report` section; which searched key
-shows which technique comes from that section (conf/report/), never from code.
+shows which technique comes from that section (conf/report/), never from code. Other modules put their own sections
+at the head of the report by handing `write_report` a `Section` each (the ablation verdict, when there is one).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import json
 import re
 import time
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,12 +23,15 @@ import numpy as np
 import optuna
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import CategoricalDistribution
 from optuna.importance import BaseImportanceEvaluator, PedAnovaImportanceEvaluator
 from optuna.search_space import intersection_search_space
 from optuna.trial import FrozenTrial, TrialState
 
+from searchlab.attrs import METRIC, MLFLOW_PARENT_RUN_ID
 from searchlab.config import ConfigError, redact
-from searchlab.study import Best, best_trial, open_storage, state_counts
+from searchlab.storage import open_storage
+from searchlab.study import Best, best_trial, state_counts
 from searchlab.tracking import Tracker
 from searchlab.trial import train_command
 
@@ -77,6 +82,23 @@ def best_overrides(study: optuna.Study, overrides: Sequence[str]) -> tuple[Best,
 
 
 @dataclass(frozen=True)
+class Section:
+    """A section another module puts at the head of the report, before the counts (the ablation verdict leads it).
+
+    `html` is the section's body, already escaped; `summary` goes to summary.json under `key`; `text` are its lines
+    for the terminal (`render_text`); `figures` are plotly figures (title, figure) shown in it, and `pngs` matplotlib
+    figures saved as report files (name -> figure; the report closes them)."""
+
+    key: str
+    title: str
+    html: str
+    summary: Any = None
+    text: Sequence[str] = ()
+    figures: Sequence[tuple[str, Any]] = ()
+    pngs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Report:
     folder: Path
     summary: dict[str, Any]
@@ -84,19 +106,24 @@ class Report:
     note: str | None  # why it was not logged to MLflow
 
 
-def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None) -> Report:
-    """Writes the report to report.dir/<study> and logs it to the study's parent MLflow run when there is one."""
+def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None,
+                 lead: Sequence[Section] = ()) -> Report:
+    """Writes the report to report.dir/<study> and logs it to the study's parent MLflow run when there is one.
+
+    `lead`: sections that open the report, in this order (see `Section`)."""
     from searchlab import plots  # plotly and matplotlib load only when a report is made
 
     start = time.perf_counter()
     settings = cfg.report
     check_settings(settings)
-    metric = study.user_attrs.get("metric", cfg.study.metric)
+    metric = study.user_attrs.get(METRIC, cfg.study.metric)
     folder = Path(settings.dir) / re.sub(r"[^A-Za-z0-9._-]+", "_", study.study_name)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"report.dir: cannot create '{folder}': {err.strerror}") from None
+    from searchlab.ablation_view import ablation_lead  # `searchlab ablate`'s verdict leads, when the study has one
+    lead = [*ablation_lead(folder, study, settings.dpi), *lead]
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     maximize = study.direction.name == "MAXIMIZE"
@@ -104,6 +131,7 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None) 
     top = ranked[: settings.top_k]
     evaluator = _evaluator(settings)
     importances, importance_note = _importances(study, complete, evaluator, settings.min_complete)
+    rule = importance_rule(settings.min_complete)
     searched = list(dict.fromkeys(k for t in trials for k in t.params))
     slices = [v for v in (plots.make_view(trials, k, k) for k in searched) if v is not None]
     techniques = []
@@ -120,19 +148,20 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None) 
                                            "command": train_command(best.overrides)},
         "top_trials": [_trial_row(t) for t in top],
         "importances": {"evaluator": type(evaluator).__name__, "values": importances,
-                        "note": importance_note},
+                        "note": importance_note, "rule": rule},
         "techniques": [_technique_summary(v, maximize) for v in techniques],
+        "lead": [{"key": section.key, "title": section.title, "text": list(section.text)} for section in lead],
+        **{section.key: section.summary for section in lead},
     }
     top_numbers = [t.number for t in top]
-    summary["plots"] = plots.write_pngs(folder, study, importances, slices, techniques, top_numbers, metric,
-                                        settings.dpi)
+    summary["plots"] = [*_save_pngs(folder, lead, settings.dpi),
+                        *plots.write_pngs(folder, study, importances, slices, techniques, top_numbers, metric,
+                                          settings.dpi)]
     figures = plots.plotly_figures(study, importances, slices, techniques, top_numbers, metric)
-    from searchlab.ablation_view import add_to_report  # `searchlab ablate`'s verdict leads the report, when made
-    page = add_to_report(folder, summary, _html(summary, figures), settings.dpi)
-    (folder / "report.html").write_text(page, encoding="utf-8")
+    (folder / "report.html").write_text(_html(summary, figures, lead), encoding="utf-8")
     summary["seconds"] = round(time.perf_counter() - start, 3)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-    parent = study.user_attrs.get("mlflow_parent_run_id")
+    parent = study.user_attrs.get(MLFLOW_PARENT_RUN_ID)
     if parent is None or tracker is None:
         return Report(folder, summary, None, "the study has no MLflow parent run (user attr mlflow_parent_run_id)"
                       if parent is None else "no tracking store given")
@@ -148,19 +177,78 @@ def _evaluator(settings: DictConfig) -> BaseImportanceEvaluator:
     return instantiate(settings.importances[settings.importance])
 
 
+def _save_pngs(folder: Path, sections: Sequence[Section], dpi: int) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    names = []
+    for section in sections:
+        for name, figure in section.pngs.items():
+            figure.savefig(folder / name, dpi=dpi)
+            plt.close(figure)
+            names.append(name)
+    return names
+
+
+def importance_rule(min_complete: int) -> str:
+    """The rule `rankable` applies, in words, for the report and the README."""
+    return (f"a key is ranked only when at least {min_complete} complete trials (report.min_complete) drew it and, "
+            f"for a set of choices, at least 2 of its values were each drawn by 2 or more complete trials")
+
+
+def rankable(complete: Sequence[FrozenTrial], min_complete: int) -> tuple[list[str], dict[str, str]]:
+    """The keys enough complete trials cover to rank, and for each other key why it is left out.
+
+    Why a rule: an importance compares the objective across a key's values, so it says something only when several
+    complete trials drew the key, and drew more than one of its values. Without it a conditional key drawn by 2
+    complete trials (optimizer.beta1, searched only for adam and adamw) was ranked first on a 20-trial study: the
+    difference between two trials is noise. The per-key threshold is the one the report already applies to the whole
+    study, report.min_complete (default 5; Optuna's PED-ANOVA advises 5 or more trials in its top quantile, so 5 is a
+    floor, not a guarantee). A set of choices also needs two values drawn twice each: the least that compares one
+    value with another on more than a single trial of each. A numeric key needs two distinct values."""
+    by_key: dict[str, list[Any]] = {}
+    categorical: set[str] = set()
+    for trial in complete:
+        for key, value in trial.params.items():
+            by_key.setdefault(key, []).append(value)
+            if isinstance(trial.distributions[key], CategoricalDistribution):
+                categorical.add(key)
+    ranked, left_out = [], {}
+    for key, values in by_key.items():
+        counts = Counter(map(repr, values))
+        if len(values) < min_complete:
+            left_out[key] = f"{len(values)} complete trial{'s' if len(values) != 1 else ''}"
+        elif key in categorical and sum(n >= 2 for n in counts.values()) < 2:
+            left_out[key] = "fewer than 2 values drawn twice"
+        elif len(counts) < 2:
+            left_out[key] = "one value only"
+        else:
+            ranked.append(key)
+    return sorted(ranked), left_out
+
+
 def _importances(study: optuna.Study, complete: list[FrozenTrial], evaluator: BaseImportanceEvaluator,
                  min_complete: int) -> tuple[dict[str, float], str | None]:
-    """Importances and, when there are none or some keys are left out, why."""
+    """Importances of the keys `rankable` admits and, when there are none or some keys are left out, why, in words."""
     if len(complete) < min_complete:
-        return {}, f"not computed: {len(complete)} complete trial(s), fewer than report.min_complete={min_complete}"
-    note = None
-    params = None
+        trials = f"{len(complete)} complete trial{'s' if len(complete) != 1 else ''}"
+        return {}, (f"too few trials to rank the keys: {trials}, fewer than report.min_complete={min_complete}; "
+                    f"run more trials (a larger study.n_trials) to see which keys matter")
+    params, left_out = rankable(complete, min_complete)
+    notes = []
+    if left_out:
+        notes.append(f"not ranked, too few complete trials cover them (fewer than {min_complete} drew them, or fewer "
+                     f"than 2 of their values were drawn twice): "
+                     + ", ".join(f"{k} ({why})" for k, why in left_out.items()))
     if not isinstance(evaluator, PedAnovaImportanceEvaluator):
         # fANOVA and mean-decrease-impurity need one common search space: the keys every complete trial has.
-        params = sorted(intersection_search_space(complete))
-        left_out = sorted({k for t in complete for k in t.params} - set(params))
-        if left_out:
-            note = f"conditional keys not ranked by {type(evaluator).__name__}: {', '.join(left_out)}"
+        common = set(intersection_search_space(complete))
+        conditional = [k for k in params if k not in common]
+        if conditional:
+            notes.append(f"conditional keys not ranked by {type(evaluator).__name__}: {', '.join(conditional)}")
+        params = [k for k in params if k in common]
+    if not params:
+        notes.insert(0, "too few trials to rank any key; run more trials (a larger study.n_trials)")
+        return {}, "; ".join(notes)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         values = optuna.importance.get_param_importances(study, evaluator=evaluator, params=params)
@@ -168,10 +256,8 @@ def _importances(study: optuna.Study, complete: list[FrozenTrial], evaluator: Ba
     keys_by_text: dict[str, list[str]] = {}
     for message in (str(w.message) for w in caught if "importance" in str(w.message).lower()):
         keys_by_text.setdefault(re.sub(r"`[^`]+`", "{}", message), []).extend(re.findall(r"`([^`]+)`", message))
-    said = [text.replace("{}", ", ".join(keys)) if keys else text for text, keys in keys_by_text.items()]
-    if said:
-        note = "; ".join(filter(None, [note, *said]))
-    return {k: float(v) for k, v in values.items()}, note
+    notes += [text.replace("{}", ", ".join(keys)) if keys else text for text, keys in keys_by_text.items()]
+    return {k: float(v) for k, v in values.items()}, "; ".join(notes) or None
 
 
 def _trial_row(trial: FrozenTrial) -> dict[str, Any]:
@@ -180,9 +266,12 @@ def _trial_row(trial: FrozenTrial) -> dict[str, Any]:
 
 
 def _technique_summary(view: View, maximize: bool) -> dict[str, Any]:
-    """Per choice: trials, median and best objective; for a continuous key: rank correlation and the best value."""
+    """Per choice: trials, median and best objective; for a continuous key: rank correlation and the best value.
+    Pruned trials are counted (their last reported values are in the view's plots, not in these statistics)."""
     pick = max if maximize else min
-    summary: dict[str, Any] = {"technique": view.title, "param": view.param, "complete": len(view.ys)}
+    summary: dict[str, Any] = {"technique": view.title, "param": view.param, "complete": len(view.ys),
+                               "pruned": sum(view.stopped["PRUNED"].values()) if view.categorical
+                               else len(view.pruned_ys)}
     if view.categorical:
         summary["choices"] = [{"choice": label, "trials": len(ys), "median": float(np.median(ys)) if ys else None,
                                "best": pick(ys) if ys else None, "pruned": view.stopped["PRUNED"][label],
@@ -190,7 +279,7 @@ def _technique_summary(view: View, maximize: bool) -> dict[str, Any]:
     else:
         xs = np.log(view.xs) if view.log else np.asarray(view.xs, dtype=float)
         summary["spearman"] = _spearman(xs, np.asarray(view.ys))
-        summary["best_at"] = view.xs[view.ys.index(pick(view.ys))]
+        summary["best_at"] = view.xs[view.ys.index(pick(view.ys))] if view.ys else None
     return summary
 
 
@@ -205,6 +294,8 @@ def render_text(summary: Mapping[str, Any], limit: int = 5) -> str:
     counts = summary["counts"]
     lines = [f"study '{summary['study']}': {counts['total']} trials: "
              + ", ".join(f"{counts[s]} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL"))]
+    for section in summary.get("lead", ()):
+        lines += section["text"]
     best = summary["best"]
     if best:
         lines.append(f"best {summary['metric']}={best['value']:.4f} at trial {best['number']}: {best['command']}")
@@ -241,12 +332,23 @@ def _stopped(choice: Mapping[str, Any]) -> str:
     return "".join(f", {choice[k]} {k}" for k in ("pruned", "failed") if choice[k])
 
 
-def _html(summary: Mapping[str, Any], figures: list[tuple[str, Any]]) -> str:
-    """One self-contained page: plotly.js embedded once (with the first figure), no CDN, no external CSS."""
+def _html(summary: Mapping[str, Any], figures: list[tuple[str, Any]], lead: Sequence[Section] = ()) -> str:
+    """One self-contained page: plotly.js embedded once (with the first figure), no CDN, no external CSS; the lead
+    sections first."""
     counts, best, metric = summary["counts"], summary["best"], summary["metric"]
     parts = [f"<h1>Study {html.escape(summary['study'])}</h1>",
-             f"<p>{summary['direction']} {html.escape(metric)}; generated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
-             _table(["state", "trials"], [[s.lower(), n] for s, n in counts.items()])]
+             f"<p>{summary['direction']} {html.escape(metric)}; generated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>"]
+    plotly_js = True  # embedded with the first figure on the page, wherever it is
+
+    def figure_html(figure: Any) -> str:
+        nonlocal plotly_js
+        text, plotly_js = figure.to_html(full_html=False, include_plotlyjs=plotly_js), False
+        return text
+
+    for section in lead:
+        parts += [f"<h2>{html.escape(section.title)}</h2>", section.html]
+        parts += [f"<h3>{html.escape(title)}</h3>{figure_html(figure)}" for title, figure in section.figures]
+    parts.append(_table(["state", "trials"], [[s.lower(), n] for s, n in counts.items()]))
     if best:
         parts += [f"<h2>Best: {html.escape(metric)}={best['value']:.4f} at trial {best['number']}</h2>",
                   f"<pre>{html.escape(best['command'])}</pre>"]
@@ -259,6 +361,7 @@ def _html(summary: Mapping[str, Any], figures: list[tuple[str, Any]]) -> str:
                       for r in summary["top_trials"]])]
     importance = summary["importances"]
     parts.append(f"<h2>Parameter importances ({importance['evaluator']})</h2>")
+    parts.append(f"<p>Rule: {html.escape(importance['rule'])}.</p>")
     if importance["note"]:
         parts.append(f"<p class=note>{html.escape(importance['note'])}</p>")
     parts.append(_table(["key", "importance"], [[k, v] for k, v in importance["values"].items()]))
@@ -268,11 +371,14 @@ def _html(summary: Mapping[str, Any], figures: list[tuple[str, Any]]) -> str:
             text = "; ".join(f"{c['choice']}: median {_short(c['median'])}, best {_short(c['best'])} (n={c['trials']}"
                              f"{_stopped(c)})" for c in tech["choices"] if c["trials"] + c["pruned"] + c["failed"])
         else:
-            text = f"rank correlation {_short(tech['spearman'])}; best at {_short(tech['best_at'])}"
+            text = (f"rank correlation {_short(tech['spearman'])}; best at {_short(tech['best_at'])}"
+                    + (f"; {tech['pruned']} pruned" if tech["pruned"] else ""))
         rows.append([tech["technique"], tech["param"], text])
-    parts += ["<h2>Techniques</h2>", _table(["technique", "key", "objective of complete trials"], rows)]
-    for i, (title, figure) in enumerate(figures):
+    parts += ["<h2>Techniques</h2>", _table(["technique", "key", "objective of complete trials"], rows),
+              "<p>In the plots, a pruned trial is a red cross at the last value it reported before it was stopped; "
+              "the statistics above are of complete trials.</p>"]
+    for title, figure in figures:
         parts.append(f"<h2>{html.escape(title)}</h2>")
-        parts.append(figure.to_html(full_html=False, include_plotlyjs=i == 0))
+        parts.append(figure_html(figure))
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(summary['study'])}</title>"
             f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")

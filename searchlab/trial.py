@@ -17,12 +17,14 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
+from searchlab.attrs import MLFLOW_RUN_ID, OVERRIDES, REASON
 from searchlab.config import Composer, format_override
 from searchlab.data import Splits
 from searchlab.faults import heartbeat
+from searchlab.lightning_fit import TrainResult
 from searchlab.space import SearchSpace
 from searchlab.tracking import Tracker
-from searchlab.train import TrainResult, fit
+from searchlab.training import fit
 
 
 @dataclass(frozen=True)
@@ -52,12 +54,14 @@ def train_command(overrides: list[str]) -> str:
 class TrialRunner:
     """Runs trials of one study, sharing the composed-config cache, the data and the tracker between them."""
 
-    def __init__(self, study: optuna.Study, cfg: DictConfig, base_overrides: list[str], composer: Composer,
-                 space: SearchSpace, splits: Splits, tracker: Tracker, parent_run_id: str) -> None:
+    def __init__(self, study: optuna.Study, cfg: DictConfig, direction: str, base_overrides: list[str],
+                 composer: Composer, space: SearchSpace, splits: Splits | None, tracker: Tracker,
+                 parent_run_id: str) -> None:
+        """`splits`: the resident data on the training device, or None when `data` is a LightningDataModule."""
         self.study, self.cfg, self.base_overrides = study, cfg, base_overrides
         self.composer, self.space, self.splits = composer, space, splits
         self.tracker, self.parent_run_id = tracker, parent_run_id
-        self.metric, self.direction = cfg.study.metric, cfg.study.direction
+        self.metric, self.direction = cfg.study.metric, direction
         self.use_grid = cfg.study.sampler == "grid"
 
     def run(self, trial: optuna.Trial | None = None) -> TrialOutcome:
@@ -77,8 +81,8 @@ class TrialRunner:
             trial_cfg = self.composer(values)
             run_id = self.tracker.start_trial(
                 self.parent_run_id, trial.number, values, OmegaConf.to_yaml(trial_cfg), train_command(overrides))
-            trial.set_user_attr("mlflow_run_id", run_id)
-            trial.set_user_attr("overrides", overrides)
+            trial.set_user_attr(MLFLOW_RUN_ID, run_id)
+            trial.set_user_attr(OVERRIDES, overrides)
             result, pruned = self._train(trial, run_id, trial_cfg)
         except BaseException as err:  # the trial fails, the study goes on; an interrupt also stops the study
             interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
@@ -106,7 +110,7 @@ class TrialRunner:
         def on_epoch(epoch: int, metrics: dict[str, float]) -> str | None:
             nonlocal pruned
             self.tracker.log_epoch(run_id, epoch, metrics)
-            value = metrics[self.metric]
+            value = metrics.get(self.metric, math.nan)
             if not math.isfinite(value):
                 return None  # the trainer stops a diverged run itself
             trial.report(value, epoch)
@@ -115,12 +119,12 @@ class TrialRunner:
                 return f"pruned at epoch {epoch}: {self.metric}={value:.4g}"
             return None
 
-        return fit(trial_cfg, self.splits, on_epoch), pruned
+        return fit(trial_cfg, self.splits, on_epoch, metric=self.metric), pruned
 
     def _finish(self, trial: optuna.Trial, run_id: str | None, state: TrialState, value: float | None,
                 reason: str | None) -> None:
         if reason:
-            trial.set_user_attr("reason", reason)
+            trial.set_user_attr(REASON, reason)
         self.study.tell(trial, value, state=state)
         if run_id is None:  # failed or interrupted before its run was made: every finished trial has one
             run_id = self.tracker.start_trial(self.parent_run_id, trial.number, trial.params, "", "")

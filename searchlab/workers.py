@@ -20,8 +20,9 @@ from collections.abc import Callable, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from searchlab.attrs import REASON, WORKER_HOST, WORKER_PID
+from searchlab.budget import Budget
 from searchlab.devices import WorkerSlot, worker_env
-from searchlab.study import WORKER_HOST, WORKER_PID, Budget
 from searchlab.tracking import Tracker
 from searchlab.trial import TrialOutcome
 
@@ -72,7 +73,7 @@ class DeadWorkers:
     def _fail_and_requeue(self, trial: FrozenTrial, reason: str) -> None:
         # The trial belongs to a dead process: a Trial handle on its id (Optuna's own heartbeat code does the same).
         handle = optuna.Trial(self.study, trial._trial_id)
-        handle.set_user_attr("reason", reason)
+        handle.set_user_attr(REASON, reason)
         self.study.tell(handle, state=TrialState.FAIL, skip_if_finished=True)
         self.study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
         self.tracker.fail_lost_trial(self.parent_run_id, trial.number, trial.params, reason)
@@ -81,7 +82,7 @@ class DeadWorkers:
 def outcome_of(trial: FrozenTrial) -> TrialOutcome:
     """A finished trial read from the storage, as the loop that ran it reported it."""
     seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_start else 0.0
-    return TrialOutcome(trial.number, trial.state.name, trial.value, seconds, trial.user_attrs.get("reason"),
+    return TrialOutcome(trial.number, trial.state.name, trial.value, seconds, trial.user_attrs.get(REASON),
                         dict(trial.params))
 
 

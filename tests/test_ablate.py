@@ -43,11 +43,11 @@ SPACE = {
     "data.batch_size": CategoricalDistribution(["full", 1, 16, 32, 64, 128]),
     "model.dropout": FloatDistribution(0.0, 0.5),
     "model.batch_norm": CategoricalDistribution([False, True]),
-    "model.l1": FloatDistribution(1e-7, 1e-3, log=True),
+    "module.l1": FloatDistribution(1e-7, 1e-3, log=True),
 }
 OWN = {"optimizer.momentum": FloatDistribution(0.5, 0.99), "optimizer.beta1": FloatDistribution(0.8, 0.95),
        "scheduler.step_size": IntDistribution(2, 8), "scheduler.gamma": FloatDistribution(0.1, 0.9)}
-COMMON = {"optimizer.weight_decay": 1e-4, "data.batch_size": 64, "model.batch_norm": True, "model.l1": 1e-5}
+COMMON = {"optimizer.weight_decay": 1e-4, "data.batch_size": 64, "model.batch_norm": True, "module.l1": 1e-5}
 
 
 def synthetic_study(tmp_path: Path, name: str = "synthetic", without: tuple[str, ...] = ()) -> optuna.Study:
@@ -111,7 +111,7 @@ def test_the_plan_reads_finalists_and_one_factor_variants_from_the_study(tmp_pat
     assert step["scheduler.step_size"] == "3" and step["scheduler.gamma"] == "0.5"
     # A one-factor variant differs from the winner's config in its own key only.
     base = OmegaConf.to_container(compose_config(list(plan.winner.overrides)))
-    for name, key in (("batch_norm=off", ("model", "batch_norm")), ("l1=0", ("model", "l1")),
+    for name, key in (("batch_norm=off", ("model", "batch_norm")), ("l1=0", ("module", "l1")),
                       ("batch_size=full", ("data", "batch_size"))):
         changed = OmegaConf.to_container(compose_config(list(plan.variant(name).overrides)))
         assert changed[key[0]][key[1]] != base[key[0]][key[1]]
@@ -120,7 +120,7 @@ def test_the_plan_reads_finalists_and_one_factor_variants_from_the_study(tmp_pat
 
 
 def test_variants_narrow_the_families_and_unsearched_techniques_are_skipped(tmp_path):
-    study = synthetic_study(tmp_path, without=("model.l1",))
+    study = synthetic_study(tmp_path, without=("module.l1",))
     plan = build_plan(study, settings(variants=["l1", "batch_norm"]), [], "val_acc")
     assert {v.family for v in plan.variants} == {"finalist", "batch_norm"}
     assert [s for s in plan.skipped if s["family"] == "l1"][0]["reason"].startswith("not searched")

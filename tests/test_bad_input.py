@@ -209,7 +209,6 @@ NPZ_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "val-lengths-differ": lambda d: _npz(d / "val_len.npz", **_valid(y_val=_xy()[1][:3])),
     "test-lengths-differ": lambda d: _npz(d / "test_len.npz", **_valid(x_test=_xy()[0], y_test=_xy()[1][:7])),
     "only-x_test": lambda d: _npz(d / "only_x_test.npz", **_valid(x_test=_xy()[0])),
-    "float-labels": lambda d: _npz(d / "float_y.npz", **_valid(y_train=_xy()[1].astype(float))),
     "negative-labels": lambda d: _npz(d / "negative_y.npz", **_valid(y_train=_xy()[1] - 1)),
     "object-array": lambda d: _npz(d / "objects.npz", **_valid(x_train=np.array([{}] * 20, dtype=object))),
     "zero-rows": lambda d: _npz(d / "zero_rows.npz", **_valid(x_train=_xy()[0][:0], y_train=_xy()[1][:0])),

@@ -21,7 +21,7 @@ from servers import MlflowServer, stop, wait_until
 from searchlab.cli import main
 from searchlab.config import ConfigError, compose_config
 from searchlab.faults import GrpcProxyWithHeartbeat, fail_stale_trials, heartbeat, heartbeat_settings
-from searchlab.study import open_storage
+from searchlab.storage import open_storage
 
 pytest_plugins = ("servers",)  # the postgres and mlflow_server fixtures
 
@@ -113,7 +113,7 @@ def test_three_workers_through_the_grpc_storage_proxy(postgres, mlflow_server, s
     logs = [tmp_path / f"worker{i}.log" for i in range(3)]
     wait_all([start_worker(log, overrides) for log in logs], logs)
     # The trials went through the proxy into PostgreSQL. No cross-process lock through the proxy, yet the budget is
-    # exact: a trial asked past it is given back unrun (study.Budget).
+    # exact: a trial asked past it is given back unrun (budget.Budget).
     study = optuna.load_study(study_name="grpc", storage=storage_proxy.backend)
     check_budget_and_runs(study, mlflow_server, n_trials)
     assert postgres.password not in storage_proxy.log.read_text()

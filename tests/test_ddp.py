@@ -16,10 +16,12 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
+from searchlab.build import load_data
 from searchlab.config import Composer, ConfigError, validate_config
-from searchlab.data import TensorBatches, load_data
+from searchlab.data import TensorBatches
 from searchlab.devices import WorkerSlot, plan_workers
-from searchlab.train import check_devices, fit, process_group_backend
+from searchlab.lightning_fit import check_devices, process_group_backend
+from searchlab.training import fit
 
 DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "model.width=32", "optimizer.lr=0.01"]
 
@@ -31,7 +33,7 @@ def composer() -> Composer:
 
 @pytest.fixture(scope="module")
 def digits(composer):
-    return load_data(composer.base.data, seed=0)
+    return load_data(composer.base)
 
 
 def test_ranks_take_disjoint_equal_shards_of_one_shuffled_order():
@@ -67,7 +69,7 @@ def test_a_decision_on_rank_0_stops_every_rank_at_that_epoch(composer, digits):
 
 
 def test_a_failing_rank_fails_the_call_and_leaves_no_process(composer, digits):
-    cfg = composer({"trainer.max_epochs": 1, "model.name": "nonexistent"})  # the ranks fail building the network
+    cfg = composer({"trainer.max_epochs": 1, "model._target_": "nonexistent.Net"})  # the ranks fail building it
     with pytest.raises(Exception, match="nonexistent"):
         fit(cfg, digits)
     assert not multiprocessing.active_children()
@@ -123,8 +125,8 @@ def test_search_with_ddp_trials_prunes_through_optuna(tmp_path, store_overrides)
 _KILLED_MID_TRIAL = """
 import multiprocessing, time
 from searchlab.config import Composer
-from searchlab.data import load_data
-from searchlab.train import fit
+from searchlab.build import load_data
+from searchlab.training import fit
 
 def hold(epoch, metrics):
     print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
@@ -132,7 +134,7 @@ def hold(epoch, metrics):
 
 if __name__ == "__main__":
     cfg = Composer({overrides!r}).base
-    fit(cfg, load_data(cfg.data, 0), hold)
+    fit(cfg, load_data(cfg), hold)
 """
 
 

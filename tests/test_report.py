@@ -25,9 +25,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from searchlab.cli import main
-from searchlab.config import compose_config
+from searchlab.config import compose_config, config_dir
 from searchlab.report import load_study, write_report
-from searchlab.study import open_storage
+from searchlab.storage import open_storage
 
 TINY = ["trainer.max_epochs=3", "model.width=32", "study.n_trials=8", "report.min_complete=3"]
 PNGS = {"history.png", "learning_curves.png", "parallel_coordinates.png", "slices.png", "techniques.png"}
@@ -128,7 +128,9 @@ def test_best_prints_the_full_config_and_the_command(tiny):
     cfg = yaml.safe_load(config_text)
     best = tiny["study"].best_params
     assert cfg["optimizer"]["lr"] == best["optimizer.lr"] and cfg["model"]["dropout"] == best["model.dropout"]
-    assert cfg["optimizer"]["name"] == best["optimizer"] and cfg["scheduler"]["name"] == best["scheduler"]
+    for group in ("optimizer", "scheduler"):  # the chosen option's entry: its _target_ and the trial's values
+        option = yaml.safe_load((config_dir() / group / f"{best[group]}.yaml").read_text()) or {}
+        assert (cfg[group] or {}).get("_target_") == option.get("_target_")
     assert cfg["trainer"]["max_epochs"] == 3 and cfg["model"]["width"] == 32  # the search's own base overrides
     assert command.strip() == tiny["summary"]["best"]["command"]
 
@@ -283,3 +285,182 @@ def test_report_and_best_from_a_postgresql_study(tmp_path, postgres):
     code, out, err = run_cli("best", *stores)
     assert code == 0, err
     assert yaml.safe_load(out.partition("# re-run")[0])["optimizer"]["lr"] == study.best_params["optimizer.lr"]
+
+
+# ---- the per-technique views: pruned trials, the importance rule, labels that do not overlap, lead sections ----
+
+def test_pruned_trials_are_in_the_views_at_their_last_reported_value():
+    from searchlab.plots import make_view
+
+    study = synthetic_study(60)
+    trials = study.get_trials()
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert len(pruned) >= 5
+    view = make_view(trials, "optimizer", "optimizer")
+    assert view.pruned_xs == [t.params["optimizer"] for t in pruned]
+    assert view.pruned_ys == [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
+    assert {label: len(ys) for label, ys in view.pruned_groups()} == dict(view.stopped["PRUNED"])
+    lr = make_view(trials, "optimizer.lr", "learning rate")
+    assert lr.pruned_xs == [t.params["optimizer.lr"] for t in pruned] and len(lr.pruned_ys) == len(pruned)
+    labelled = make_view(trials, "model.batch_norm", "bn", {"False": "off", "True": "on"})
+    assert set(labelled.pruned_xs) <= {"off", "on"} and labelled.order == ["off", "on"]
+
+
+def test_a_pruned_trial_without_a_finite_value_is_counted_not_plotted_and_a_pruned_only_key_gets_a_view():
+    from searchlab.plots import make_view
+
+    study = optuna.create_study(direction="maximize")
+    for value, state in ((float("nan"), TrialState.PRUNED), (0.4, TrialState.PRUNED)):
+        trial = study.ask()
+        trial.suggest_categorical("model.batch_norm", [False, True])
+        trial.report(0.1, 1)
+        trial.report(value, 2)
+        study.tell(trial, state=state)
+    view = make_view(study.get_trials(), "model.batch_norm", "bn")
+    assert view is not None and view.ys == [] and view.pruned_ys == [0.4]
+    assert sum(view.stopped["PRUNED"].values()) == 2
+
+
+def _study_with_a_rare_conditional_key() -> optuna.Study:
+    """12 complete trials: lr drives the objective; adam (with its beta1) in only 2 of them, which also win."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    rng = random.Random(0)
+    study = optuna.create_study(study_name="rare", direction="maximize")
+    for i in range(12):
+        adam = i < 2
+        params = {"optimizer.lr": rng.uniform(0, 1), "optimizer": "adam" if adam else "sgd",
+                  "model.batch_norm": i == 5}
+        dists = {"optimizer.lr": FloatDistribution(0, 1), "optimizer": CategoricalDistribution(["sgd", "adam"]),
+                 "model.batch_norm": CategoricalDistribution([False, True])}
+        if adam:
+            params["optimizer.beta1"], dists["optimizer.beta1"] = 0.8 + 0.1 * i, FloatDistribution(0.8, 0.95)
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists,
+                                                  value=params["optimizer.lr"] + 0.5 * adam,
+                                                  user_attrs={"overrides": []}))
+    return study
+
+
+def test_importances_rank_only_keys_enough_complete_trials_cover(tmp_path):
+    from searchlab.report import rankable
+
+    study = _study_with_a_rare_conditional_key()
+    complete = study.get_trials()
+    ranked, left_out = rankable(complete, 5)
+    # beta1: 2 trials < 5; batch_norm: True seen once, so only one value drawn twice; optimizer: sgd x10, adam x2
+    assert ranked == ["optimizer", "optimizer.lr"]
+    assert left_out == {"optimizer.beta1": "2 complete trials", "model.batch_norm": "fewer than 2 values drawn twice"}
+    assert rankable(complete, 2)[0] == ["optimizer", "optimizer.beta1", "optimizer.lr"]
+    report = write_report(study, compose_config([f"report.dir={tmp_path}"]), None)
+    importances = report.summary["importances"]
+    assert set(importances["values"]) == {"optimizer", "optimizer.lr"}
+    assert "optimizer.beta1 (2 complete trials)" in importances["note"] and "model.batch_norm" in importances["note"]
+    assert importances["rule"].startswith("a key is ranked only when at least 5 complete trials")
+    page = (tmp_path / "rare" / "report.html").read_text()
+    assert "Rule: a key is ranked only when" in page and "optimizer.beta1 (2 complete trials)" in page
+
+
+def test_too_few_trials_to_rank_is_said_in_words(tmp_path):
+    study = _study_with_a_rare_conditional_key()
+    cfg = compose_config([f"report.dir={tmp_path}", "report.min_complete=13"])
+    summary = write_report(study, cfg, None).summary
+    assert summary["importances"]["values"] == {}
+    assert summary["importances"]["note"].startswith("too few trials to rank the keys: 12 complete trials, fewer "
+                                                     "than report.min_complete=13")
+    assert "too few trials to rank" in (tmp_path / "rare" / "report.html").read_text()
+    # enough trials for the study, but no single key covered enough: said too
+    categorical_only = optuna.create_study(study_name="few", direction="maximize")
+    for i in range(3):
+        trial = categorical_only.ask()
+        trial.suggest_categorical("model.batch_norm", [False, True])
+        trial.set_user_attr("overrides", [])
+        categorical_only.tell(trial, float(i))
+    note = write_report(categorical_only, compose_config([f"report.dir={tmp_path}", "report.min_complete=3"]),
+                        None).summary["importances"]["note"]
+    assert note.startswith("too few trials to rank any key") and "model.batch_norm" in note
+
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_technique_panels_labels_do_not_overlap(tmp_path):
+    """Draws the panels of a study with every technique (seven schedules, six regimes) and checks, box by box, that
+    no tick label runs into another, nor into another panel or its title."""
+    import matplotlib.pyplot as plt
+
+    from searchlab import plots
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(60):
+        trial = study.ask()
+        trial.suggest_categorical("scheduler", ["constant", "step", "exponential", "cosine", "onecycle", "plateau",
+                                                "warmup_cosine"])
+        trial.suggest_categorical("data.batch_size", ["full", 1, 16, 32, 64, 128])
+        trial.suggest_categorical("optimizer", ["sgd", "momentum", "nesterov", "rmsprop", "adam", "adamw"])
+        trial.suggest_float("optimizer.lr", 1e-4, 0.3, log=True)
+        trial.suggest_categorical("model.kind", [f"a_long_name_{i}" for i in range(12)])  # a user's many choices
+        trial.report(0.5, 1)
+        study.tell(trial, 0.9 if trial.number % 4 else None, state=None if trial.number % 4 else TrialState.PRUNED)
+    trials = study.get_trials()
+    views = [plots.make_view(trials, "model.kind", "kind"),
+             plots.make_view(trials, "scheduler", "learning-rate schedule"),
+             plots.make_view(trials, "data.batch_size", "batch-size regime",
+                             {"full": "full batch", "1": "stochastic (1)"}, "mini-batch"),
+             plots.make_view(trials, "optimizer", "optimizer"),
+             plots.make_view(trials, "optimizer.lr", "learning rate")]
+    fig = plots._grid(views, "val_acc")
+    fig.savefig(tmp_path / "panels.png", dpi=80)  # to look at when this fails
+    fig.canvas.draw()  # at the figure's own dpi, which the boxes below are measured in
+    renderer = fig.canvas.get_renderer()
+    axes = fig.axes
+    for ax in axes:
+        low, high = sorted(ax.get_xlim())
+        texts = [t for t in ax.get_xticklabels() if t.get_text() and low <= t.get_position()[0] <= high]  # drawn
+        labels = [t.get_window_extent(renderer) for t in texts]
+        assert labels
+        angle = math.radians(texts[0].get_rotation())
+        if angle == 0:
+            for i, a in enumerate(labels):
+                assert not any(_overlaps(a, b) for b in labels[i + 1:]), ax.get_title()
+        else:
+            # Turned labels are parallel strips, each hanging from its tick: two next to each other stand apart by
+            # the ticks' distance times sin(angle), which must be at least a label's own (unturned) height.
+            assert all(t.get_rotation_mode() == "anchor" and t.get_ha() == "right" for t in texts)
+            ticks = ax.transData.transform([(t.get_position()[0], 0) for t in texts])[:, 0]
+            heights = []
+            for text in texts:
+                text.set_rotation(0)
+                heights.append(text.get_window_extent(renderer).height)
+                text.set_rotation(math.degrees(angle))
+            for i in range(len(texts) - 1):
+                assert (ticks[i + 1] - ticks[i]) * math.sin(angle) >= max(heights[i], heights[i + 1]), ax.get_title()
+        below = [*labels, ax.xaxis.label.get_window_extent(renderer)]
+        for other in axes:
+            if other is not ax:
+                for box in below:
+                    assert not _overlaps(box, other.get_window_extent(renderer)), (ax.get_title(), other.get_title())
+                    assert not _overlaps(box, other.title.get_window_extent(renderer)), ax.get_title()
+        assert all(0 <= box.y0 and box.x0 >= 0 and box.x1 <= fig.bbox.x1 for box in below), ax.get_title()
+    plt.close(fig)
+
+
+def test_lead_sections_open_the_report(tmp_path):
+    import matplotlib.pyplot as plt
+    import plotly.graph_objects as go
+
+    from searchlab.report import Section, render_text
+
+    study = synthetic_study(12, name="lead")
+    figure, _ = plt.subplots()
+    section = Section(key="ablation", title="Ablation verdict", html="<p>batch norm: +1.8 points</p>",
+                      summary={"batch norm": 1.8}, text=["ablation: batch norm +1.8 points"],
+                      figures=[("Effects", go.Figure(go.Bar(x=[1.8], y=["batch norm"], orientation="h")))],
+                      pngs={"ablation.png": figure})
+    report = write_report(study, compose_config([f"report.dir={tmp_path}"]), None, lead=[section])
+    page = (tmp_path / "lead" / "report.html").read_text()
+    assert page.index("Ablation verdict") < page.index("<table") < page.index("Optimization history")
+    assert page.count("* plotly.js v") == 1 and page.index("* plotly.js v") < page.index("Ablation verdict") + 2000
+    assert report.summary["ablation"] == {"batch norm": 1.8} and report.summary["plots"][0] == "ablation.png"
+    assert (tmp_path / "lead" / "ablation.png").stat().st_size > 0
+    assert render_text(report.summary).splitlines()[1] == "ablation: batch norm +1.8 points"

@@ -186,9 +186,14 @@ def test_ctrl_c_fails_the_running_trial_and_the_same_command_resumes(tmp_path, s
 
 
 def test_a_config_that_always_fails_stops_the_study_with_one_line(tmp_path, store_overrides, capsys):
-    # BatchNorm cannot train on batch 1: every trial fails at once, and the study stops after 3 in a row.
-    code = main(["search", "study.name=broken", "study.n_trials=10", "model.batch_norm=true", "data.batch_size=1",
-                 "study.max_consecutive_failures=3", *store_overrides])
+    # A space whose every trial draws a schedule that cannot step (StepLR with step_size 0: ZeroDivisionError at the
+    # first epoch's end); the config checked before the study has no schedule, so only the trials fail, and the
+    # study stops after 3 in a row.
+    space = tmp_path / "conf" / "search" / "broken.yaml"
+    space.parent.mkdir(parents=True)
+    space.write_text("scheduler:\n  choices:\n    step:\n      scheduler.step_size: {choices: [0]}\n")
+    code = main(["search", "--config-dir", str(tmp_path / "conf"), "search=broken", "study.name=broken",
+                 "study.n_trials=10", "study.max_consecutive_failures=3", "trainer.max_epochs=1", *store_overrides])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert "3 trials failed in a row" in err and "study.max_consecutive_failures=3" in err

@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from searchlab.build import load_data
 from searchlab.config import Composer, ConfigError, group_options
-from searchlab.data import TensorBatches, load_data
-from searchlab.optim import OPTIMIZERS, SCHEDULERS
-from searchlab.train import fit, resolve_device, resolve_precision
+from searchlab.data import TensorBatches
+from searchlab.lightning_fit import resolve_device, resolve_precision
+from searchlab.training import fit
+
+OPTIMIZERS = group_options()["optimizer"]
+SCHEDULERS = group_options()["scheduler"]
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +25,12 @@ def composer() -> Composer:
 
 @pytest.fixture(scope="module")
 def digits(composer):
-    return load_data(composer.base.data, seed=0)
+    return load_data(composer.base)
 
 
-def test_every_optimizer_and_schedule_has_a_config_and_a_table_entry():
-    options = group_options()
-    assert set(options["optimizer"]) == set(OPTIMIZERS)
-    assert set(options["scheduler"]) == set(SCHEDULERS)
+def test_the_seed_optimizers_and_schedules_are_all_there():
+    assert {"sgd", "momentum", "nesterov", "rmsprop", "adam", "adamw"} <= set(OPTIMIZERS)
+    assert {"constant", "step", "exponential", "cosine", "onecycle", "plateau", "warmup_cosine"} <= set(SCHEDULERS)
 
 
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
@@ -57,9 +60,9 @@ def test_every_schedule_trains_and_moves_the_lr_as_it_should(composer, digits, s
 
 
 def test_same_config_and_seed_give_the_same_metrics(composer, digits):
-    cfg = composer({"optimizer": "nesterov", "model.dropout": 0.3, "model.l1": 1e-5, "model.batch_norm": True})
+    cfg = composer({"optimizer": "nesterov", "model.dropout": 0.3, "module.l1": 1e-5, "model.batch_norm": True})
     assert fit(cfg, digits).history == fit(cfg, digits).history
-    other = composer({"optimizer": "nesterov", "model.dropout": 0.3, "model.l1": 1e-5, "model.batch_norm": True,
+    other = composer({"optimizer": "nesterov", "model.dropout": 0.3, "module.l1": 1e-5, "model.batch_norm": True,
                       "seed": 1})
     assert fit(other, digits).history != fit(cfg, digits).history
 
@@ -82,14 +85,14 @@ def test_stochastic_steps_are_bounded_by_the_step_budget(composer, digits):
 
 def test_cnn_with_batch_norm_dropout_and_l1(composer, digits):
     cfg = composer({"model": "cnn", "model.width": 8, "model.batch_norm": True, "model.dropout": 0.2,
-                    "model.l1": 1e-4})
+                    "module.l1": 1e-4})
     assert fit(cfg, digits).best("val_acc", "maximize") > 0.3
 
 
 def test_cnn_refuses_vector_data(composer):
     cfg = composer({"model": "cnn", "data": "synthetic"})
-    with pytest.raises(ValueError, match="image-shaped"):
-        fit(cfg, load_data(cfg.data, 0))
+    with pytest.raises(ConfigError, match="model: searchlab.networks.CNN: ValueError: needs image-shaped"):
+        fit(cfg, load_data(cfg))
 
 
 def test_batch_norm_with_batch_one_is_refused(composer, digits):
@@ -110,14 +113,14 @@ def test_hook_can_stop_training(composer, digits):
 
 def test_test_split_only_when_asked(composer, digits):
     assert fit(composer({}), digits).test == {}
-    assert set(fit(composer({}), digits, test=True).test) == {"test_loss", "test_acc"}
+    assert set(fit(composer({}), digits, test=True).test) == {"test_loss", "test_acc", "test_f1", "test_auroc"}
 
 
 def test_synthetic_data_is_configurable(composer):
     cfg = composer({"data": "synthetic", "data.size": 500, "data.features": 8, "data.informative": 4,
                     "data.classes": 3})
-    splits = load_data(cfg.data, 0)
-    assert splits.sample_shape == (8,) and splits.n_classes == 3
+    splits = load_data(cfg)
+    assert splits.sample_shape == (8,) and splits.num_outputs("classification") == 3
     assert len(splits.x_train) + len(splits.x_val) + len(splits.x_test) == 500
     assert fit(cfg, splits).best("val_acc", "maximize") > 0.4
 
@@ -128,8 +131,8 @@ def test_npz_data_with_images_and_without_test(composer, tmp_path):
     np.savez(path, x_train=rng.normal(size=(64, 6, 6)), y_train=rng.integers(0, 3, 64),
              x_val=rng.normal(size=(16, 6, 6)), y_val=rng.integers(0, 3, 16))
     cfg = composer({"data": "npz", "data.path": str(path), "model": "cnn", "model.width": 4})
-    splits = load_data(cfg.data, 0)
-    assert splits.sample_shape == (1, 6, 6) and splits.x_test is None and splits.n_classes == 3
+    splits = load_data(cfg)
+    assert splits.sample_shape == (1, 6, 6) and splits.x_test is None and splits.num_outputs("classification") == 3
     assert len(fit(cfg, splits, test=True).history) == 3
 
 
@@ -138,7 +141,7 @@ def test_npz_missing_arrays_are_named(composer, tmp_path):
     np.savez(path, x_train=np.zeros((4, 2)), y_train=np.zeros(4, dtype=int))
     cfg = composer({"data": "npz", "data.path": str(path)})
     with pytest.raises(ConfigError, match="lacks x_val, y_val"):
-        load_data(cfg.data, 0)
+        load_data(cfg)
 
 
 def test_tensor_batches_cover_every_sample_once_per_epoch():

@@ -1,0 +1,16 @@
+"""The names of the user attrs searchlab keeps on Optuna trials and studies: one place, so every room (the trial,
+the budget, fault recovery, the report, ablation) reads and writes the same keys."""
+
+# On a trial
+MLFLOW_RUN_ID = "mlflow_run_id"  # the trial's MLflow child run
+OVERRIDES = "overrides"  # the training overrides that re-run the trial alone (`searchlab train ...`)
+REASON = "reason"  # why a trial was pruned, stopped or failed, in words
+CONSTRAINED = "constrained"  # keys a space constraint set instead of drawing them
+WORKER_PID, WORKER_HOST = "worker.pid", "worker.host"  # the process running it: a dead worker's trial is found
+SURPLUS = "surplus"  # given back unrun: other workers had taken the budget (storages without a lock)
+# Of one attempt at a trial, not of its configuration: a retried trial starts without them.
+ATTEMPT_ATTRS = (WORKER_PID, WORKER_HOST, MLFLOW_RUN_ID, REASON)
+
+# On a study
+MLFLOW_PARENT_RUN_ID = "mlflow_parent_run_id"  # the study's MLflow parent run
+METRIC = "metric"  # study.metric the study optimizes (a resumed study must keep it)

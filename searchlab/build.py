@@ -1,0 +1,251 @@
+"""Everything a training is made of, instantiated from the config's `_target_`s: data, network, module, optimizer
+and schedule, the way lightning-hydra-template's train.py does it.
+
+searchlab offers each callable what only it knows — `input_shape` and `num_outputs` to the network; `net`,
+`optimizer` and `scheduler` to the module; `seed` and `batch_size` to the data — and passes each one only when the
+callable's signature names it, so a user's class needs no searchlab-specific arguments. A `_target_` that does not
+import, or that rejects its arguments, is a ConfigError naming the config key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from searchlab.config import ConfigError
+from searchlab.data import Splits
+
+# Keys of a scheduler entry that are Lightning's lr_scheduler settings, read here and not passed to the schedule.
+LIGHTNING_SCHEDULE_KEYS = ("interval", "frequency", "monitor")
+
+
+def resolve_target(node: DictConfig, key: str) -> Callable[..., Any]:
+    """The callable that node._target_ names, imported; errors name `key._target_` and suggest near names."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ConfigError(f"{key}: no _target_ (name the class or function to build it with, e.g. _target_: "
+                          f"mypackage.MyClass)")
+    path = str(node._target_)
+    module_path, _, name = path.rpartition(".")
+    if not module_path:
+        raise ConfigError(f"{key}._target_: '{path}' is not a dotted path (expected module.Name)")
+    try:
+        module = importlib.import_module(module_path)
+    except ModuleNotFoundError as err:
+        raise ConfigError(f"{key}._target_: cannot import '{module_path}' ({err}); run searchlab from the folder that "
+                          f"holds it, or install it") from None
+    except Exception as err:  # the user's module raised while importing
+        raise ConfigError(f"{key}._target_: importing '{module_path}' failed: {type(err).__name__}: {err}") from None
+    if not hasattr(module, name):
+        near = difflib.get_close_matches(name, [n for n in dir(module) if not n.startswith("_")], n=1)
+        hint = f"; did you mean '{module_path}.{near[0]}'?" if near else ""
+        raise ConfigError(f"{key}._target_: '{module_path}' has no '{name}'{hint}")
+    target = getattr(module, name)
+    if not callable(target):
+        raise ConfigError(f"{key}._target_: '{path}' is not a class or function")
+    return target
+
+
+def accepted(target: Callable[..., Any], offered: Mapping[str, Any]) -> dict[str, Any]:
+    """The offered arguments that the callable's signature names."""
+    try:
+        names = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # some builtins have no signature
+        return {}
+    return {k: v for k, v in offered.items() if k in names}
+
+
+def build(node: DictConfig, key: str, **offered: Any) -> Any:
+    """The node's `_target_` called with the YAML's settings and the offered arguments it names (a partial of them
+    when the YAML says `_partial_: true`); bad targets and arguments -> ConfigError naming the key.
+
+    Offered objects (a network, a trainer-bound schedule) are passed to the call, not through Hydra's instantiate,
+    which would merge them into a config and deep-copy them.
+    """
+    target = resolve_target(node, key)
+    extra = {k: v for k, v in accepted(target, offered).items() if k not in node}  # what the YAML sets wins
+    try:
+        factory = instantiate(node, _partial_=True, _convert_="all")
+    except InstantiationException as err:
+        raise ConfigError(f"{key}: cannot build {node._target_}: {_first_line(err.__cause__ or err)}") from None
+    try:
+        inspect.signature(target).bind_partial(*factory.args, **factory.keywords, **extra)
+    except TypeError as err:
+        names = [n for n in _parameters(target) if n not in factory.keywords]
+        bad = re.search(r"argument '(\w+)'", str(err))
+        near = difflib.get_close_matches(bad.group(1), names, n=1) if bad else []
+        hint = f"; did you mean '{key}.{near[0]}'?" if near else f" (it takes: {', '.join(_parameters(target))})"
+        raise ConfigError(f"{key}: {node._target_} rejected its arguments: {err}{hint}") from None
+    except ValueError:  # no signature to check against
+        pass
+    if node.get("_partial_", False):
+        return functools.partial(factory, **extra)
+    try:
+        return factory(**extra)
+    except ConfigError:
+        raise
+    except Exception as err:  # the class's own check of its arguments, e.g. the built-in CNN on flat data
+        raise ConfigError(f"{key}: {node._target_}: {_first_line(err)}") from None
+
+
+def _parameters(target: Callable[..., Any]) -> list[str]:
+    try:
+        return [n for n in inspect.signature(target).parameters if n != "self"]
+    except (TypeError, ValueError):
+        return []
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".strip()
+
+
+class Schedule:
+    """The trial's schedule as a callable `scheduler(optimizer)` (lightning-hydra-template's convention), which fills
+    in the run's length when the schedule's function names `max_epochs` or `total_steps`. `lightning` holds the
+    entry's Lightning settings (interval, monitor) for a module to put in its lr_scheduler dict."""
+
+    def __init__(self, factory: functools.partial, trainer: pl.Trainer, lightning: Mapping[str, Any]) -> None:
+        self.factory, self.trainer, self.lightning = factory, trainer, dict(lightning)
+
+    def __deepcopy__(self, memo: dict) -> Schedule:
+        # A module's save_hyperparameters() deep-copies its arguments: a copy of the bound Trainer would be wrong and
+        # slow, and the factory holds no state worth copying.
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Lightning drops hyperparameters that do not pickle (at fit start and in checkpoints): the Trainer does not.
+        return {"factory": self.factory, "trainer": None, "lightning": self.lightning}
+
+    def __call__(self, optimizer: torch.optim.Optimizer) -> Any:
+        length = accepted(self.factory.func, {"max_epochs": None, "total_steps": None})
+        if length and self.trainer is None:
+            raise RuntimeError("this schedule is sized by the run it belongs to: call it in configure_optimizers")
+        if "max_epochs" in length:
+            length["max_epochs"] = self.trainer.max_epochs
+        if "total_steps" in length:
+            length["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        return self.factory(optimizer, **{k: v for k, v in length.items() if k not in self.factory.keywords})
+
+
+def optimizer_factory(cfg: DictConfig) -> Callable[..., torch.optim.Optimizer]:
+    """optimizer: a `_partial_` entry, called by the module with the parameters."""
+    factory = build(cfg.optimizer, "optimizer")
+    if not callable(factory):
+        raise ConfigError("optimizer: expected `_partial_: true` (the module calls it with the parameters)")
+    return factory
+
+
+def schedule_factory(cfg: DictConfig, trainer: pl.Trainer) -> Schedule | None:
+    """scheduler: None for an entry without `_target_` (a constant learning rate), else a Schedule."""
+    node = cfg.scheduler
+    if node is None or "_target_" not in node:
+        return None
+    lightning = {k: node[k] for k in LIGHTNING_SCHEDULE_KEYS if k in node}
+    factory = build(OmegaConf.create({k: v for k, v in node.items() if k not in lightning}), "scheduler")
+    if not isinstance(factory, functools.partial):
+        raise ConfigError("scheduler: expected `_partial_: true` (the module calls it with the optimizer)")
+    return Schedule(factory, trainer, lightning)
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What the network is sized by: one sample's shape and the number of outputs."""
+
+    input_shape: tuple[int, ...]
+    num_outputs: int
+
+
+def module_task(cfg: DictConfig) -> str:
+    """The module's `task` attribute (searchlab's: classification, regression), '' for a user's module."""
+    return str(getattr(resolve_target(cfg.module, "module"), "task", "") or "")
+
+
+_splits_cache: dict[str, Splits] = {}
+
+
+def load_data(cfg: DictConfig) -> Splits | pl.LightningDataModule:
+    """The `data` entry built: resident Splits (cached per process: every trial of a study shares them), or a
+    LightningDataModule (built per training, since data.batch_size may change per trial)."""
+    node = OmegaConf.create({k: v for k, v in cfg.data.items() if k != "batch_size"})
+    target = resolve_target(node, "data")
+    if isinstance(target, type) and issubclass(target, pl.LightningDataModule):
+        offered = {"batch_size": cfg.data.get("batch_size"), "seed": cfg.seed}
+        return build(cfg.data if "batch_size" in accepted(target, offered) else node, "data", seed=cfg.seed)
+    key = OmegaConf.to_yaml(node) + f"seed={cfg.seed}"
+    if key not in _splits_cache:
+        splits = build(node, "data", seed=cfg.seed)
+        if not isinstance(splits, Splits):
+            raise ConfigError(f"data: {node._target_} returned {type(splits).__name__}; a data entry builds a "
+                              "LightningDataModule or returns searchlab.data.Splits (see searchlab.data.as_splits)")
+        _splits_cache.clear()  # one dataset at a time
+        _splits_cache[key] = splits
+    return _splits_cache[key]
+
+
+def data_shape(data: Splits | pl.LightningDataModule, task: str) -> DataShape:
+    """input_shape and num_outputs for the network: from the Splits, or from the DataModule's `input_shape` and
+    `num_classes` / `num_outputs` attributes, else from its first training batch."""
+    if isinstance(data, Splits):
+        return DataShape(data.sample_shape, data.num_outputs(task))
+    declared = getattr(data, "num_outputs", None) or getattr(data, "num_classes", None)
+    shape = getattr(data, "input_shape", None)
+    if declared is not None and shape is not None:
+        return DataShape(tuple(shape), int(declared))
+    x, y = first_batch(data)
+    shape = tuple(shape) if shape is not None else tuple(x.shape[1:])
+    if declared is not None:
+        return DataShape(shape, int(declared))
+    if task == "classification" or (not task and not y.is_floating_point()):
+        raise ConfigError(f"data: {type(data).__name__} does not say how many classes it has; give it a "
+                          "`num_classes` attribute (or `num_outputs`)")
+    return DataShape(shape, 1 if y.dim() == 1 else int(y.shape[1]))
+
+
+def first_batch(data: pl.LightningDataModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DataModule's first training batch, as (x, y)."""
+    data.prepare_data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+        raise ConfigError(f"data: {type(data).__name__}'s batches must be (x, y) pairs to size the network; "
+                          "or give it `input_shape` and `num_classes` / `num_outputs` attributes")
+    return batch[0], batch[1]
+
+
+def build_network(cfg: DictConfig, shape: DataShape) -> nn.Module:
+    """model: the user's or a built-in network, offered input_shape and num_outputs."""
+    network = build(cfg.model, "model", input_shape=list(shape.input_shape), num_outputs=shape.num_outputs)
+    if not isinstance(network, nn.Module):
+        raise ConfigError(f"model: {cfg.model._target_} built a {type(network).__name__}, not a torch.nn.Module")
+    return network
+
+
+def build_module(cfg: DictConfig, shape: DataShape, trainer: pl.Trainer) -> pl.LightningModule:
+    """module: the LightningModule, offered the network, the optimizer factory and the schedule."""
+    target = resolve_target(cfg.module, "module")
+    offers = accepted(target, {"net": None, "optimizer": None, "scheduler": None})
+    offered: dict[str, Any] = {}
+    if "net" in offers:
+        offered["net"] = build_network(cfg, shape)
+    if "optimizer" in offers:
+        offered["optimizer"] = optimizer_factory(cfg)
+    if "scheduler" in offers:
+        offered["scheduler"] = schedule_factory(cfg, trainer)
+    module = build(cfg.module, "module", **offered)
+    if not isinstance(module, pl.LightningModule):
+        raise ConfigError(f"module: {cfg.module._target_} built a {type(module).__name__}, not a "
+                          "pytorch_lightning.LightningModule")
+    return module

@@ -1,0 +1,235 @@
+"""What the `searchlab` subcommands and the Python API do: `search` runs a study, `worker` joins one, `train` trains
+one configuration, `report` and `best` review a study, `storage-proxy` serves a study's storage to other machines.
+
+Each composes and checks its config first: bad input of any kind raises ConfigError before any store is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+from searchlab.attrs import METRIC, MLFLOW_PARENT_RUN_ID
+from searchlab.budget import Budget, budget_used
+from searchlab.build import load_data, module_task
+from searchlab.config import (
+    Composer,
+    ConfigError,
+    compose_config,
+    parse_overrides,
+    redact,
+    resolve_direction,
+    validate_config,
+)
+from searchlab.data import Splits
+from searchlab.devices import cpu_count, detect_gpus, plan_workers
+from searchlab.faults import heartbeat_settings
+from searchlab.lightning_fit import TrainResult, check_devices, resolve_device
+from searchlab.locks import NoLock, budget_lock
+from searchlab.progress import Progress
+from searchlab.report import Report, best_overrides, check_settings, load_study, render_text, write_report
+from searchlab.space import load_space
+from searchlab.storage import open_storage, serve_storage_proxy
+from searchlab.study import StudyStopped, best_trial, make_pruner, make_sampler, open_study, run_trials, state_counts
+from searchlab.tracking import Tracker
+from searchlab.training import check_targets, fit, preflight
+from searchlab.trial import TrialOutcome, TrialRunner, train_command
+from searchlab.workers import WORKER_INDEX_ENV, DeadWorkers, WorkerPool
+
+
+@dataclass
+class SearchResult:
+    """What `search` ran: the Optuna study, how this run ended (FINISHED, KILLED, FAILED) and the best trial."""
+
+    study: optuna.Study
+    status: str
+    best: optuna.trial.FrozenTrial | None
+
+
+def _prepare(overrides: Sequence[str], check: bool = False) -> tuple[Composer, DictConfig, dict[str, str],
+                                                                       Splits | None]:
+    """Compose and validate the config and load the data: every check that needs no store. Resident data comes
+    back on the CPU; a LightningDataModule is built per training (None here). `check` also trains one batch
+    (searchlab.training.preflight), as a search does before it writes anything."""
+    fixed = parse_overrides(overrides)
+    composer = Composer(overrides)
+    cfg = composer.base
+    validate_config(cfg)
+    resolve_device(cfg.trainer.accelerator)
+    check_devices(cfg.trainer)
+    data = load_data(cfg)
+    splits = data if isinstance(data, Splits) else None
+    if check:
+        device = resolve_device(cfg.trainer.accelerator)
+        preflight(cfg, None if splits is None else splits.to(device), cfg.study.metric)
+    elif splits is not None:
+        check_targets(splits, module_task(cfg))
+    return composer, cfg, fixed, splits
+
+
+def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
+    """Runs (or resumes) the study the config names, printing one line per finished trial.
+
+    With workers=N (N > 1, or auto with several GPUs) this process only spawns, watches and reports N `worker`
+    processes. As a worker (`searchlab worker`) it runs the loop here and ends the study's parent run only when the
+    budget is used up, since other workers may still be running.
+    """
+    composer, cfg, fixed, splits = _prepare(overrides, check=True)
+    direction = resolve_direction(cfg.study)
+    slots = [] if as_worker else plan_workers(cfg.workers, detect_gpus(cfg.trainer.accelerator), cpu_count(),
+                                                 cfg.trainer.devices)
+    check_settings(cfg.report)
+    space = load_space(composer, fixed)
+    sampler, pruner = make_sampler(cfg, space, _worker_index() if as_worker else 0), make_pruner(cfg)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
+    storage = open_storage(cfg.study.storage, heartbeat_settings(cfg.study, tracker))
+    study = open_study(cfg, direction, storage, sampler, pruner)
+    settings = {
+        "study.name": cfg.study.name, "study.n_trials": cfg.study.n_trials, "study.timeout": cfg.study.timeout,
+        "study.direction": direction, "study.metric": cfg.study.metric, "study.sampler": cfg.study.sampler,
+        "study.pruner": cfg.study.pruner, "study.seed": cfg.study.seed, "study.storage": redact(cfg.study.storage),
+        "search": space.source, "overrides": redact(" ".join(overrides)),
+    }
+    lock = budget_lock(storage, cfg.study.storage, cfg.study.name)
+    with lock():  # one parent run, however many workers start at once
+        parent_run_id = tracker.study_run(cfg.study.name, settings)
+        study.set_user_attr(MLFLOW_PARENT_RUN_ID, parent_run_id)
+        study.set_user_attr(METRIC, cfg.study.metric)
+    dead = DeadWorkers(study, tracker, parent_run_id, trust_missing_pid=not isinstance(lock, NoLock))
+    budget = Budget(study, cfg.study.n_trials, lock, dead)
+    metric = cfg.study.metric
+    done_before = budget_used(study)
+    chosen = " (auto, from its name)" if cfg.study.direction == "auto" else f" (study.direction={direction})"
+    print(f"study '{cfg.study.name}': {direction} {metric}{chosen}; {done_before}/{cfg.study.n_trials} trials done; "
+          f"storage "
+          f"{redact(cfg.study.storage)}; tracking {redact(cfg.tracking.uri)}; space {space.source}"
+          + (f"; {len(slots)} workers" if len(slots) > 1 else ""), flush=True)
+    for line in space.describe_constraints():
+        print(line, flush=True)
+
+    progress = Progress(metric, cfg.study.n_trials, cfg.study.timeout, done_before, sys.stdout)
+
+    def on_trial(outcome: TrialOutcome) -> None:
+        progress.trial_finished(outcome, best_trial(study))
+
+    status = "FINISHED"
+    start = time.monotonic()
+    try:
+        if len(slots) > 1:
+            status = WorkerPool(slots, overrides, budget, cfg.study.max_consecutive_failures).run(on_trial)
+        else:
+            device = resolve_device(cfg.trainer.accelerator)
+            runner = TrialRunner(study, cfg, direction, list(overrides), composer, space,
+                                 None if splits is None else splits.to(device), tracker, parent_run_id)
+            run_trials(budget, runner, cfg, on_trial)
+    except KeyboardInterrupt:
+        status = "KILLED"
+    except StudyStopped as err:
+        status = "FAILED"
+        print(f"searchlab: study stopped: {redact(str(err))}", file=sys.stderr)
+    finally:
+        progress.close()
+        best = best_trial(study)
+        if not as_worker or budget.done():
+            tracker.end_study(parent_run_id, None if best is None else vars(best), state_counts(study), status)
+    if status == "KILLED":
+        print(f"interrupted: run the same command to resume study '{cfg.study.name}'", file=sys.stderr)
+    counts = state_counts(study)
+    print(f"\n{budget_used(study)}/{cfg.study.n_trials} trials in {time.monotonic() - start:.1f}s this run: "
+          + ", ".join(f"{n} {state.lower()}" for state, n in counts.items()))
+    if best is None:
+        print("no trial completed yet")
+    else:
+        print(f"best {metric}={best.value:.4f} at trial {best.number}")
+        for key, value in best.params.items():
+            print(f"  {key} = {value}")
+        print(f"re-run it alone:\n  {train_command(best.overrides)}")
+    if status != "KILLED" and not as_worker:  # the parent reports; workers started by hand leave it to `report`
+        try:
+            _print_report(write_report(study, cfg, tracker))
+        except Exception as err:  # the study is done and stored: a report can be made again with `report`
+            print(f"searchlab: report not written ({type(err).__name__}: {redact(str(err))[:200]}); "
+                  f"make it with: searchlab report study.name={cfg.study.name}", file=sys.stderr)
+    return SearchResult(study, status, None if best is None else study.best_trial)
+
+
+def _worker_index() -> int:
+    """$SEARCHLAB_WORKER (set by `search workers=N`, or by hand: $SLURM_PROCID), else the pid: any number that
+    differs between the study's workers, so their samplers differ."""
+    text = os.environ.get(WORKER_INDEX_ENV, "")
+    if not text:
+        return os.getpid()
+    if not text.isdigit():
+        raise ConfigError(f"{WORKER_INDEX_ENV}: expected a non-negative integer (the worker's number), got {text!r}")
+    return int(text)
+
+
+def worker(overrides: Sequence[str]) -> SearchResult:
+    """Joins the study the config names (started by `search` here or on another machine) and runs its trials."""
+    return search(overrides, as_worker=True)
+
+
+def train(overrides: Sequence[str], quiet: bool = False) -> TrainResult:
+    """Trains the configuration once, no study; prints per-epoch metrics (what the module logs) and a final
+    `metrics: {...}` JSON line with the best epoch's value of study.metric and the test split."""
+    _, cfg, _, splits = _prepare(overrides)
+    direction = resolve_direction(cfg.study)
+    splits = None if splits is None else splits.to(resolve_device(cfg.trainer.accelerator))
+
+    def show(epoch: int, metrics: dict[str, float]) -> None:
+        if not quiet:
+            print(f"epoch {epoch:3d}  " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())), flush=True)
+
+    result = fit(cfg, splits, on_epoch=show, test=True)
+    summary = {"best_" + cfg.study.metric: result.best(cfg.study.metric, direction),
+               **(result.history[-1] if result.history else {}), **result.test, "epochs": len(result.history),
+               "seconds": round(result.seconds, 3)}
+    if result.stop_reason:
+        summary["stopped"] = result.stop_reason
+    if not quiet:
+        print("metrics: " + json.dumps(summary))
+    return result
+
+
+def storage_proxy(overrides: Sequence[str]) -> int:
+    """Serves study.storage (an RDB URL) as Optuna's gRPC storage proxy on study.proxy.host:port until Ctrl-C."""
+    cfg = compose_config(overrides)
+    validate_config(cfg)
+    serve_storage_proxy(cfg.study.storage, cfg.study.proxy.host, cfg.study.proxy.port)
+    return 0
+
+
+def report(overrides: Sequence[str]) -> int:
+    """Writes the report of an existing study (HTML, PNGs, summary.json) and logs it to its parent MLflow run."""
+    cfg = compose_config(overrides)
+    validate_config(cfg)
+    study = load_study(cfg.study.storage, cfg.study.name)
+    result = write_report(study, cfg, Tracker(cfg.tracking.uri, cfg.tracking.artifact_root))
+    print(render_text(result.summary))
+    _print_report(result)
+    return 0
+
+
+def _print_report(result: Report) -> None:
+    where = f"MLflow run {result.mlflow_run_id} (report/)" if result.mlflow_run_id else f"not in MLflow: {result.note}"
+    print(f"report: {result.folder / 'report.html'} ({result.summary['seconds']:.1f}s); {where}")
+
+
+def best_config(overrides: Sequence[str]) -> int:
+    """Prints the best trial's full config (base overrides + the trial's) as YAML and as a command line."""
+    cfg = compose_config(overrides)
+    validate_config(cfg)
+    study = load_study(cfg.study.storage, cfg.study.name)
+    top, chosen = best_overrides(study, overrides)
+    print(f"# best trial {top.number} of study '{cfg.study.name}': "
+          f"{study.user_attrs.get('metric', cfg.study.metric)}={top.value:.4f}")
+    print(OmegaConf.to_yaml(compose_config(chosen), resolve=True), end="")
+    print(f"# re-run it alone:\n{train_command(chosen)}")
+    return 0

@@ -1,0 +1,194 @@
+"""Train one configuration with Lightning in this process: the path shared by `searchlab train`, every trial of a
+study and every DDP rank (searchlab.training chooses between one process and DDP ranks)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.strategies import DDPStrategy, Strategy
+from pytorch_lightning.utilities.model_helpers import is_overridden
+
+from searchlab.build import build_module, data_shape, load_data, module_task
+from searchlab.config import ConfigError
+from searchlab.data import Splits, TensorBatches, batch_size_for
+
+# Called after each epoch's validation with (epoch number from 1, metrics); returns a reason to stop, or None.
+EpochHook = Callable[[int, dict[str, float]], "str | None"]
+
+for _name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+# Under DDP every rank evaluates the whole val set, so the logged val_loss is the same on all ranks: no sync needed.
+warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
+
+
+@dataclass
+class TrainResult:
+    """Per-epoch metrics (what the module logged, plus lr); `stop_reason` says why training ended before max_epochs
+    (pruned, diverged); `module` is the trained LightningModule (not sent back from DDP ranks)."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    stop_reason: str | None = None
+    test: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    module: pl.LightningModule | None = None
+
+    def best(self, metric: str, direction: str) -> float | None:
+        """The best epoch's value of the metric: the trial's objective."""
+        values = [m[metric] for m in self.history if metric in m and math.isfinite(m[metric])]
+        if not values:
+            return None
+        return max(values) if direction == "maximize" else min(values)
+
+
+def resolve_device(accelerator: str, cuda_available: bool | None = None) -> torch.device:
+    """trainer.accelerator (already checked by validate_config) -> the device the data and model live on: the first
+    visible GPU for auto/gpu/cuda."""
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if accelerator in ("gpu", "cuda") and not cuda:
+        raise ConfigError(f"trainer.accelerator: {accelerator} asked for, but no CUDA GPU is visible")
+    return torch.device("cuda", 0) if accelerator in ("auto", "gpu", "cuda") and cuda else torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """trainer.precision -> Lightning's setting: 'auto' is bf16 mixed precision on a GPU that has it, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def epoch_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """trainer.callback_metrics as floats (one device read for all of them), and the first optimizer's lr."""
+    metrics = {k: v for k, v in trainer.callback_metrics.items() if not k.startswith("test")}
+    tensors = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+    values = torch.stack([v.detach().float().cpu() for v in tensors.values()]).tolist() if tensors else []
+    out = dict(zip(tensors, values, strict=True))
+    out.update({k: float(v) for k, v in metrics.items() if k not in tensors and isinstance(v, (int, float))})
+    if trainer.optimizers:
+        out["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+    return out
+
+
+class _EpochCallback(pl.Callback):
+    """After each training epoch (and its validation), reads what the module logged and hands it to the hook; stops
+    the trainer when the hook says so or the training diverged (a non-finite train_loss or objective)."""
+
+    def __init__(self, hook: EpochHook | None, result: TrainResult, metric: str) -> None:
+        self.hook, self.result, self.metric = hook, result, metric
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = epoch_metrics(trainer)
+        self.result.history.append(metrics)
+        epoch = len(self.result.history)
+        reason = None
+        for key in ("train_loss", self.metric):
+            if key in metrics and not math.isfinite(metrics[key]):
+                reason = f"diverged: {key} is {metrics[key]} at epoch {epoch}"
+                break
+        if self.hook is not None:
+            reason = self.hook(epoch, metrics) or reason
+        # Under DDP only rank 0 has the hook: its decision goes to every rank, so all stop at the same epoch.
+        reason = trainer.strategy.broadcast(reason, src=0)
+        if reason and not self.result.stop_reason:
+            self.result.stop_reason = reason
+            trainer.should_stop = True
+
+
+def check_devices(trainer_cfg: DictConfig, gpu_count: int | None = None) -> None:
+    """trainer.devices and trainer.process_group_backend against the machine (gpu_count: fake it in tests)."""
+    devices, backend = trainer_cfg.devices, trainer_cfg.process_group_backend
+    count = (torch.cuda.device_count() if torch.cuda.is_available() else 0) if gpu_count is None else gpu_count
+    on_gpu = trainer_cfg.accelerator in ("gpu", "cuda") or (trainer_cfg.accelerator == "auto" and count > 0)
+    if on_gpu and devices > count:
+        raise ConfigError(f"trainer.devices: {devices} asked for, but {count} GPU(s) are visible "
+                          "(lower trainer.devices or widen CUDA_VISIBLE_DEVICES)")
+    if backend == "nccl" and not on_gpu:
+        raise ConfigError("trainer.process_group_backend: nccl needs GPUs; use gloo (or auto) on CPU")
+
+
+def process_group_backend(setting: str, device: torch.device) -> str:
+    """trainer.process_group_backend -> torch.distributed's: 'auto' is nccl on GPUs, gloo on CPU."""
+    if setting != "auto":
+        return setting
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def fit_rank(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None = None, test: bool = False,
+             rank: int = 0, world_size: int = 1, metric: str | None = None, probe: bool = False) -> TrainResult:
+    """One training in this process: the whole of it on one device, or one DDP rank's part of it (world_size > 1, in
+    a process that searchlab.ddp started and set up as Lightning's externally launched rank).
+
+    `splits` are the resident tensors (already on the training device), or None when `data` is a
+    LightningDataModule, which is built here. `metric` (default study.metric) is watched for divergence. `probe`
+    trains one batch and validates one batch: the check of a config before a study.
+    """
+    start = time.perf_counter()
+    pl.seed_everything(cfg.seed, verbose=False)
+    task = module_task(cfg)
+    data: Splits | pl.LightningDataModule = splits.for_task(task) if splits is not None else load_data(cfg)
+    if isinstance(data, Splits):
+        device = data.x_train.device
+    else:
+        device = resolve_device(cfg.trainer.accelerator)
+        if world_size > 1 and device.type == "cuda":
+            device = torch.device("cuda", rank)
+    result = TrainResult()
+    if world_size > 1:
+        strategy: Strategy | str = DDPStrategy(
+            process_group_backend=process_group_backend(cfg.trainer.process_group_backend, device),
+            timeout=timedelta(seconds=cfg.trainer.process_group_timeout_s))
+        devices: list[int] | int = world_size
+    else:
+        strategy, devices = "auto", [device.index or 0] if device.type == "cuda" else 1
+    trainer = pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=devices,
+        strategy=strategy,
+        use_distributed_sampler=not isinstance(data, Splits),
+        precision=resolve_precision(cfg.trainer.precision, device),
+        max_epochs=1 if probe else cfg.trainer.max_epochs,
+        limit_train_batches=1 if probe else cfg.trainer.limit_train_batches,
+        limit_val_batches=1 if probe else None,
+        callbacks=[_EpochCallback(on_epoch, result, metric or cfg.study.metric)],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+    shape = data_shape(data, task)
+    module = build_module(cfg, shape, trainer)
+    if isinstance(data, Splits):
+        batch_size = batch_size_for(cfg.data.batch_size, len(data.x_train))
+        if OmegaConf.select(cfg, "model.batch_norm", default=False) and batch_size == 1:
+            raise ValueError("model.batch_norm=true needs data.batch_size > 1: BatchNorm cannot train on one sample")
+        train_batches = TensorBatches(data.x_train, data.y_train, batch_size, shuffle=True, seed=cfg.seed,
+                                      rank=rank, world_size=world_size)
+        val_batches = TensorBatches(data.x_val, data.y_val, cfg.trainer.eval_batch_size, shuffle=False)
+        trainer.fit(module, train_dataloaders=train_batches, val_dataloaders=val_batches)
+    else:
+        trainer.fit(module, datamodule=data)
+    result.module = module
+    if test and not result.stop_reason and is_overridden("test_step", module):
+        if isinstance(data, Splits) and data.x_test is not None:
+            tested = trainer.test(module, TensorBatches(data.x_test, data.y_test, cfg.trainer.eval_batch_size,
+                                                        shuffle=False), verbose=False)
+        elif not isinstance(data, Splits) and is_overridden("test_dataloader", data):
+            tested = trainer.test(module, datamodule=data, verbose=False)
+        else:
+            tested = []
+        result.test = {k: float(v) for d in tested for k, v in d.items()}
+    result.seconds = time.perf_counter() - start
+    return result

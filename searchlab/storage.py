@@ -1,0 +1,93 @@
+"""Optuna storages from `study.storage`: the journal file (default), RDB URLs, and the gRPC storage proxy that
+serves an RDB to workers on other machines (`searchlab storage-proxy`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import optuna
+import sqlalchemy.exc
+from optuna.storages import BaseStorage, GrpcStorageProxy, JournalStorage, RDBStorage, run_grpc_proxy_server
+from optuna.storages.journal import JournalFileBackend
+
+from searchlab.config import ConfigError, redact
+from searchlab.faults import GrpcProxyWithHeartbeat
+
+
+def open_storage(url: str, heartbeat: Mapping[str, Any] | None = None) -> BaseStorage:
+    """study.storage -> an Optuna storage: an RDB URL (sqlite:///, postgresql://, mysql://), grpc://HOST:PORT (the
+    storage proxy of `searchlab storage-proxy`) or a journal file path.
+
+    The journal file is the default: safe for several local processes, and ~10x cheaper per trial than SQLite.
+    `heartbeat` holds RDBStorage's heartbeat arguments (faults.heartbeat_settings), used by RDB and grpc:// storages.
+    """
+    try:
+        if url.startswith("grpc://"):
+            return _grpc_proxy(url, heartbeat or {})
+        if "://" in url:
+            return _rdb_storage(url, heartbeat or {})
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(url))
+    except ConfigError:
+        raise
+    except Exception as err:  # any failure to open is the user's URL, file or server
+        reason = redact(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        raise ConfigError(f"study.storage: cannot open {redact(url)}: {reason[:200]}") from None
+
+
+def _rdb_storage(url: str, heartbeat: Mapping[str, Any], attempts: int = 3) -> RDBStorage:
+    """RDBStorage, retried when workers started together race to create Optuna's tables in a fresh database
+    (PostgreSQL: a duplicate key in pg_type); the retry finds the tables made and uses them."""
+    for attempt in range(attempts):
+        try:
+            return RDBStorage(url, **heartbeat)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+# Seconds to wait for a gRPC storage proxy to answer: a wrong host or port should fail in seconds, as in tracking.
+_PROXY_TIMEOUT = 10
+
+
+def _grpc_proxy(url: str, heartbeat: Mapping[str, Any]) -> GrpcStorageProxy:
+    """A client of Optuna's gRPC storage proxy, checked to answer (GrpcStorageProxy itself connects lazily)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None or parts.path not in ("", "/") or parts.query:
+        raise ConfigError(f"study.storage: expected grpc://HOST:PORT (a `searchlab storage-proxy`), got {url!r}")
+    proxy = GrpcProxyWithHeartbeat(host=parts.hostname, port=port, **heartbeat)
+    try:
+        proxy.wait_server_ready(timeout=_PROXY_TIMEOUT)
+    except ConnectionError:
+        proxy.close()
+        raise ConfigError(f"study.storage: no gRPC storage proxy answers at {parts.hostname}:{port} within "
+                          f"{_PROXY_TIMEOUT}s; start one with `searchlab storage-proxy study.storage=postgresql://...`"
+                          ) from None
+    return proxy
+
+
+def serve_storage_proxy(url: str, host: str, port: int) -> None:
+    """Serves the RDB storage at url to workers on grpc://host:port until interrupted.
+
+    Hundreds of workers then hold one gRPC channel each instead of a pool of database connections each.
+    """
+    if "://" not in url or url.startswith("grpc://"):
+        raise ConfigError(f"study.storage: the gRPC storage proxy serves an RDB storage (postgresql://...), "
+                          f"got {redact(url)!r}")
+    storage = optuna.storages.get_storage(open_storage(url))  # Optuna's cache in front of the RDB, as it advises
+    print(f"gRPC storage proxy for {redact(url)} on {host}:{port}; workers use study.storage=grpc://{host}:{port}",
+          flush=True)
+    try:
+        run_grpc_proxy_server(storage, host=host, port=port)
+    except RuntimeError as err:  # cannot bind: not this machine's host (gRPC shares a taken port: SO_REUSEPORT)
+        raise ConfigError(f"study.proxy: cannot listen on {host}:{port}: {err}") from None
