@@ -22,6 +22,8 @@ COMMANDS = {
     "report": "write the report of the study named by study.name (HTML, PNGs, MLflow)",
     "best": "print the best trial's full config as YAML and as a command line",
     "storage-proxy": "serve study.storage (postgresql://...) to workers as grpc://HOST:PORT",
+    "ablate": "re-train study.name's finalists and one-factor variants of its winner over seeds: which techniques "
+              "mattered",
 }
 
 
@@ -65,6 +67,10 @@ def _run(command: str, overrides: list[str]) -> int:
     if command == "train":
         commands.train(overrides)
         return 0
+    if command == "ablate":
+        from searchlab.ablate import ablate
+
+        return ablate(overrides)
     run = {"report": commands.report, "best": commands.best_config, "storage-proxy": commands.storage_proxy}
     return run[command](overrides)
 
