@@ -114,6 +114,7 @@ def test_regression_example_user_module_and_datamodule_with_two_workers(regressi
                      "study.metric=val_rmse", *stores(tmp_path, "diabetes"), cwd=regression_project)
     assert best.returncode == 0, best.stderr
     assert "_target_: diabetes.RegressionModule" in best.stdout
+    assert "searchlab train --config-dir conf data=diabetes module=diabetes" in best.stdout  # re-runs as searched
 
 
 def test_user_module_test_metrics_and_the_template_scheduler_call(regression_project):
