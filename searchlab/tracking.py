@@ -11,11 +11,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from sqlalchemy import event
 
 from searchlab.config import ConfigError, redact
 from searchlab.locks import FileLock
+from searchlab.project import environment
 
 STUDY_ROLE_TAG = "searchlab.role"
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..." and the like
@@ -38,19 +38,9 @@ _FINAL_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 _BATCH = 900  # MLflow takes at most 1000 metrics, params and tags in one log_batch
 
 
-@contextlib.contextmanager
-def _no_retries() -> Iterator[None]:
+def _no_retries() -> contextlib.AbstractContextManager:
     """MLflow retries HTTP calls for minutes by default; a probe of a wrong URL should fail in seconds."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
 
 
 class _RetryOnLock:
