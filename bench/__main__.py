@@ -127,12 +127,13 @@ def main(argv: list[str] | None = None) -> int:
             tasks = [n.strip() for n in args.tasks.split(",") if n.strip()] or None
             result = methods.run_methods(Path(scratch) / "methods", list(range(args.methods_seeds)), tasks, names,
                                          args.extra, args.methods_max_trials, args.methods_max_seconds,
-                                         args.methods_threads or None, progress=lambda run: print(
+                                         args.methods_threads or None, log=args.out / "methods-runs.jsonl",
+                                         progress=lambda run: print(
                                              f"  {run.task} {run.method} seed {run.seed}: "
                                              f"{'reached' if run.reached else 'missed'} in {run.seconds:.1f} CPU s "
                                              f"({run.wall_seconds:.1f} s wall), "
                                              f"{run.trials} trials", flush=True))
-            plot = args.out / "methods.png"
+            plot = args.out / "methods.png"  # the runs, one JSON line each, are in methods-runs.jsonl
             methods.plot_methods(result, plot)
             add("methods", methods.methods_markdown(result, plot.name))
     results = args.out / "results.md"

@@ -12,7 +12,7 @@ from bench.__main__ import main, merge_results
 from bench.devices import UtilizationSampler, device_overrides, pick_device
 from bench.efficiency import METHODS as EFFICIENCY_METHODS
 from bench.efficiency import SearchRun, _best_at
-from bench.methods import METHODS, TASKS, MethodsResult, Run, methods_markdown, run_one
+from bench.methods import METHODS, TASKS, MethodsResult, Run, load_runs, methods_markdown, run_one
 from bench.overhead import LOOP, WAYS, OverheadResult, overhead_markdown, run_overhead
 from bench.scaling import ScalingResult, run_scaling, scaling_markdown
 from bench.scaling import available as scaling_available
@@ -131,7 +131,9 @@ def test_methods_smoke_two_seeds_stop_at_the_target_or_the_caps(tmp_path):
     assert "<!-- part:methods -->" in text and "Machine:" in text and "<!-- part:overhead -->" not in text
     for method in ("default", "random", "tpe"):
         assert f"| {METHODS[method].label} | " in text
-    assert "| random, no pruning | 0/2 | >=30.0 |" in text  # missed: the time cap counts, as a lower bound
+    assert "| random, no pruning | 0/2 | >=30.0 |" in text  # missed: the CPU cap counts, as a lower bound
+    again = load_runs(tmp_path / "methods-runs.jsonl", max_trials=2, max_seconds=30)  # the table from the raw runs
+    assert len(again.runs) == 6 and again.seeds == [0, 1] and again.of("digits", "tpe")[0].trace
     png = (tmp_path / "methods.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
 
