@@ -126,6 +126,15 @@ METHODS: dict[str, Method] = {
                        _method(TPE5, (SH, {"min_resource": 1, "reduction_factor": 3}))),
     "tpe-uni-sh1": Method("TPE univariate + SH min 1, rf 3",
                           _method(TPE10_UNI, (SH, {"min_resource": 1, "reduction_factor": 3}))),
+    "tpe-median-w5": Method("TPE + median (5 start-up, warm-up 5)",
+                            _method(TPE10, (MEDIAN, {"n_startup_trials": 5, "n_warmup_steps": 5}))),
+    "tpe5-median": Method("TPE start-up 5 + median (5 start-up, warm-up 3)",
+                          _method(TPE5, (MEDIAN, {"n_startup_trials": 5, "n_warmup_steps": 3}))),
+    "tpe-hb4": Method("TPE + Hyperband min 4",
+                      _method(TPE10, (HB, {"min_resource": 4, "max_resource": EPOCHS, "reduction_factor": 3}))),
+    # PatientPruner alone (no wrapped pruner): study.pruners entries cannot nest a second _target_ yet.
+    "tpe-patient": Method("TPE + patient (3 epochs without gain)",
+                          _method(TPE10, ("optuna.pruners.PatientPruner", {"wrapped_pruner": "null", "patience": 3}))),
     "random-sh1": Method("random + SH min 1, rf 3", _method(RANDOM, (SH, {"min_resource": 1, "reduction_factor": 3}))),
 }
 DEFAULT, RANDOM_REF, TPE_REF = "default", "random", "tpe"
@@ -361,22 +370,23 @@ def _fmt(x: float) -> str:
 
 def methods_markdown(r: MethodsResult, plot_name: str) -> str:
     """The part-4 section of bench/results.md: per task, one row per method, with spread and ratios."""
-    lines = [f"### Search methods on tasks where they differ ({len(r.seeds)} seeds each: study.seed "
-             f"{', '.join(map(str, r.seeds))}; interleaved; torch threads {r.threads or 'as set'}"
+    lines = [f"### Search methods on tasks where they differ (study.seed 0..N-1 per task and method, interleaved; "
+             f"torch threads {r.threads or 'as set'}"
              + (f"; {r.wall_seconds / 60:.0f} min in all)" if r.wall_seconds else ")"), ""]
     for task, spec in r.tasks.items():
+        seeds = sorted({run.seed for run in r.runs if run.task == task})
         lines += [
-            f"**{task}** — {spec.note}; target: best val_acc >= {spec.target} (a COMPLETE trial); caps "
-            f"{spec.max_trials} trials / {spec.max_seconds:g} CPU s per run; overrides: "
+            f"**{task}** ({len(seeds)} seeds) — {spec.note}; target: best val_acc >= {spec.target} (a COMPLETE "
+            f"trial); caps {spec.max_trials} trials / {spec.max_seconds:g} CPU s per run; overrides: "
             f"`{' '.join([*spec.args, *spec.overrides]) or 'none'}`",
             "",
             "| method | reached | median CPU s | IQR | min–max | median wall s | median trials | IQR | vs TPE | "
             "vs random |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        ref_tpe = r.median_seconds(task, TPE_REF) if TPE_REF in r.methods else None
-        ref_random = r.median_seconds(task, RANDOM_REF) if RANDOM_REF in r.methods else None
-        for method in r.methods:
+        ref_tpe = r.median_seconds(task, TPE_REF) if r.of(task, TPE_REF) else None
+        ref_random = r.median_seconds(task, RANDOM_REF) if r.of(task, RANDOM_REF) else None
+        for method in (m for m in r.methods if r.of(task, m)):
             secs, trials = r.seconds(task, method), r.trials(task, method)
             reached = sum(run.reached for run in r.of(task, method))
             bound = ">=" if r.median_is_bound(task, method) else ""
@@ -417,6 +427,8 @@ def plot_methods(r: MethodsResult, path: Path) -> None:
         fastest = min([run.seconds for run in r.runs if run.task == task and run.reached] + [spec.max_seconds])
         for i, method in enumerate(r.methods):
             runs = r.of(task, method)
+            if not runs:
+                continue
             times = sorted(run.seconds for run in runs if run.reached)
             xs = [fastest * 0.5, *times, spec.max_seconds]
             ys = [0.0, *[(k + 1) / len(runs) for k in range(len(times))], len(times) / len(runs)]
