@@ -86,8 +86,9 @@ def _method(sampler: tuple[str, dict[str, object]] | str, pruner: tuple[str, dic
             out.append(_set(kind, choice))
         else:
             cls, settings = choice
-            name = "bench_" + "_".join([cls.rsplit(".", 1)[1].lower(), *(f"{k}{v}" for k, v in settings.items())])
-            name = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+            short = cls.rsplit(".", 1)[1].lower().removesuffix("sampler").removesuffix("pruner")
+            name = "bench_" + "_".join([short, *(str(v) for v in settings.values())])
+            name = "".join(c if c.isalnum() or c == "_" else "" for c in name)
             out += [_entry(table, name, cls, **settings), _set(kind, name)]
     return tuple(out)
 
@@ -107,6 +108,15 @@ EPOCHS = "'${trainer.max_epochs}'"
 class Method:
     label: str
     overrides: tuple[str, ...]
+
+    def describe(self) -> str:
+        """The sampler and pruner entries, short: `TPESampler{n_startup_trials:10,...} + NopPruner{}`."""
+        if not self.overrides:
+            return "conf/study/default.yaml as it is"
+        entries = [o.split("=", 1)[1] for o in self.overrides if o.startswith("+")]
+        return " + ".join(e.replace("{_target_:optuna.samplers.", "").replace("{_target_:optuna.pruners.", "")
+                          .replace(",", "{", 1).rstrip("}") + ("}" if "," in e else "")
+                          for e in entries)
 
 
 # Short name (for --methods) -> method. The first four are the references the issue's targets are stated against.
@@ -407,7 +417,7 @@ def methods_markdown(r: MethodsResult, plot_name: str) -> str:
         "one, or all of a run that missed. vs TPE / vs random: median CPU seconds over those of \"TPE, no pruning\" / "
         "\"random, no pruning\" (the issue's targets for the default on a hard task: <= 0.5 and <= 0.2).",
         f"- Extra overrides: {' '.join(r.extra) or 'none'}. Method overrides: "
-        + "; ".join(f"{METHODS[m].label}: `{' '.join(METHODS[m].overrides) or '(none)'}`" for m in r.methods) + ".",
+        + "; ".join(f"{METHODS[m].label}: `{METHODS[m].describe()}`" for m in r.methods) + ".",
         f"- Plot (time to target): the share of runs that reached the target by each CPU second, per task and "
         f"method: `{plot_name}`.",
     ]
@@ -447,3 +457,36 @@ def plot_methods(r: MethodsResult, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def rebuild(jsonl: list[Path], out: Path, command: str) -> str:
+    """The part's section and plot from runs already recorded (one or more runs.jsonl), merged into
+    out/results.md; e.g. after runs of different tasks or methods made apart."""
+    from bench.__main__ import machine, merge_results
+
+    joined = out / "methods-runs.jsonl"
+    lines = [line for path in jsonl for line in path.read_text().splitlines() if line.strip()]
+    joined.write_text("\n".join(lines) + "\n")
+    result = load_runs(joined)
+    result.tasks = {t: result.tasks[t] for t in TASKS if t in result.tasks}  # TASKS' order
+    plot = out / "methods.png"
+    plot_methods(result, plot)
+    section = methods_markdown(result, plot.name)
+    results = out / "results.md"
+    stamp = f"{datetime.now():%Y-%m-%d %H:%M}"
+    run_line = f"- Rebuilt {stamp} from recorded runs: `{command}`\n- Machine (now): {machine()}\n"
+    results.write_text(merge_results(results.read_text() if results.is_file() else "", run_line,
+                                     {"methods": [section]}))
+    return section
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m bench.methods",
+                                     description="rebuild the methods section and plot from recorded runs")
+    parser.add_argument("runs", nargs="+", type=Path, help="runs.jsonl files written by `python -m bench`")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    parsed = parser.parse_args()
+    print(rebuild(parsed.runs, parsed.out, "python -m bench.methods " + " ".join(sys.argv[1:])))
