@@ -6,8 +6,8 @@ when the highest target is reached, or at its trial cap or time cap ("not reache
 the outer loop and methods in the inner one, so the shared machine's load drifts over all methods alike. Set-up
 (compose, data, opening the stores) is outside the clock.
 
-TPE's first n_startup_trials (conf/study/default.yaml) are drawn by a RandomSampler with the same seed, so until then the three
-methods try the same configurations and differ only in pruning.
+TPE's first n_startup_trials (conf/study/default.yaml) are drawn by a RandomSampler with the same seed, so until
+then the three methods try the same configurations and differ only in pruning.
 """
 
 from __future__ import annotations
