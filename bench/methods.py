@@ -132,7 +132,7 @@ METHODS: dict[str, Method] = {
     "tpe-sh1-rf4": Method("TPE + SH min 1, rf 4", _method(TPE10, (SH, {"min_resource": 1, "reduction_factor": 4}))),
     "tpe-median": Method("TPE + median (5 start-up, warm-up 3)",
                          _method(TPE10, (MEDIAN, {"n_startup_trials": 5, "n_warmup_steps": 3}))),
-    "tpe5-sh1": Method("TPE start-up 5 + SH min 1, rf 3",
+    "tpe5-sh1": Method("TPE start-up 5 + SH min 1, rf 3 (the default)",
                        _method(TPE5, (SH, {"min_resource": 1, "reduction_factor": 3}))),
     "tpe-uni-sh1": Method("TPE univariate + SH min 1, rf 3",
                           _method(TPE10_UNI, (SH, {"min_resource": 1, "reduction_factor": 3}))),
@@ -148,6 +148,8 @@ METHODS: dict[str, Method] = {
     "random-sh1": Method("random + SH min 1, rf 3", _method(RANDOM, (SH, {"min_resource": 1, "reduction_factor": 3}))),
 }
 DEFAULT, RANDOM_REF, TPE_REF = "default", "random", "tpe"
+# The method whose sampler and pruner conf/study/default.yaml ships now (drawn thick, named so in the tables).
+SHIPPED = "tpe5-sh1"
 # What `make bench` runs (the rest: --methods NAME,...): the references and the pruners worth a row.
 STANDARD = ["default", "random", "tpe", "tpe-hb2", "tpe-hb1", "tpe-sh1", "tpe-median", "tpe5-sh1"]
 
@@ -442,7 +444,7 @@ def plot_methods(r: MethodsResult, path: Path) -> None:
             times = sorted(run.seconds for run in runs if run.reached)
             xs = [fastest * 0.5, *times, spec.max_seconds]
             ys = [0.0, *[(k + 1) / len(runs) for k in range(len(times))], len(times) / len(runs)]
-            reference = method in (DEFAULT, RANDOM_REF, TPE_REF)
+            reference = method in (DEFAULT, RANDOM_REF, TPE_REF, SHIPPED)
             ax.step(xs, ys, where="post", color=cmap(i), label=METHODS[method].label,
                     linewidth=2.6 if reference else 1.2)
         ax.set_xscale("log")
@@ -453,13 +455,14 @@ def plot_methods(r: MethodsResult, path: Path) -> None:
         ax.set_title(f"{task}: target {spec.target} (caps {spec.max_trials} trials / {spec.max_seconds:g} CPU s)",
                      fontsize=9)
         ax.grid(alpha=0.3, which="both")
-    axes[0][-1].legend(loc="upper left", fontsize=7, bbox_to_anchor=(1.01, 1.0))
+    shown = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    axes[0][-1].legend(shown.values(), shown.keys(), loc="upper left", fontsize=7, bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def rebuild(jsonl: list[Path], out: Path, command: str) -> str:
+def rebuild(jsonl: list[Path], out: Path, command: str, note: str = "") -> str:
     """The part's section and plot from runs already recorded (one or more runs.jsonl), merged into
     out/results.md; e.g. after runs of different tasks or methods made apart."""
     from bench.__main__ import machine, merge_results
@@ -474,7 +477,8 @@ def rebuild(jsonl: list[Path], out: Path, command: str) -> str:
     section = methods_markdown(result, plot.name)
     results = out / "results.md"
     stamp = f"{datetime.now():%Y-%m-%d %H:%M}"
-    run_line = f"- Rebuilt {stamp} from recorded runs: `{command}`\n- Machine (now): {machine()}\n"
+    run_line = (f"- Rebuilt {stamp} from recorded runs: `{command}`\n- Machine (now): {machine()}\n"
+                + (f"- {note}\n" if note else ""))
     results.write_text(merge_results(results.read_text() if results.is_file() else "", run_line,
                                      {"methods": [section]}))
     return section
@@ -488,5 +492,7 @@ if __name__ == "__main__":
                                      description="rebuild the methods section and plot from recorded runs")
     parser.add_argument("runs", nargs="+", type=Path, help="runs.jsonl files written by `python -m bench`")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    parser.add_argument("--note", default="", help="a line on how the runs were made (commands, machine load)")
     parsed = parser.parse_args()
-    print(rebuild(parsed.runs, parsed.out, "python -m bench.methods " + " ".join(sys.argv[1:])))
+    print(rebuild(parsed.runs, parsed.out, "python -m bench.methods " + " ".join(sys.argv[1:]).split(" --note")[0],
+                  parsed.note))
