@@ -2,8 +2,13 @@
 
     .venv/bin/python -m bench [--parts overhead,efficiency] [--device auto|cpu|cuda] [--configs 4] [--repeats 5]
                               [--seeds 5] [--max-trials 60] [--max-seconds 60] [--targets 0.975,0.985]
-                              [--workers 1,2,4] [--scaling-trials 24] [--scaling-repeats 2] [--out bench]
+                              [--workers 1,2,4] [--scaling-trials 24] [--scaling-repeats 2]
+                              [--methods-seeds 5] [--tasks digits,synthetic-hard] [--methods default,random,tpe]
+                              [--methods-max-trials N] [--methods-max-seconds S] [--out bench]
     make bench BENCH_ARGS="--seeds 3 --max-seconds 40"
+    make bench BENCH_ARGS="--parts methods --methods-seeds 3 --methods default,random,tpe"
+
+results.md keeps the sections of the parts not run this time (from the earlier run, with their own run line).
 
 Every figure is a ratio or a side-by-side pair from the same run: the machines this runs on may be shared.
 """
@@ -21,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-PARTS = ("overhead", "efficiency", "scaling")
+PARTS = ("overhead", "efficiency", "scaling", "methods")
 
 
 def machine() -> str:
@@ -57,8 +62,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", default="1,2,4", help="scaling: comma-separated numbers of local workers")
     p.add_argument("--scaling-trials", type=int, default=24, help="scaling: trials per study")
     p.add_argument("--scaling-repeats", type=int, default=2, help="scaling: interleaved repeats of each K")
+    p.add_argument("--methods-seeds", type=int, default=5, help="methods: study.seed 0..N-1 per task and method")
+    p.add_argument("--tasks", default="", help="methods: comma-separated names of bench.methods.TASKS (default: all)")
+    p.add_argument("--methods", default="",
+                   help="methods: comma-separated names of bench.methods.METHODS (default: all)")
+    p.add_argument("--methods-max-trials", type=int, default=None, help="methods: lower every task's trial cap")
+    p.add_argument("--methods-max-seconds", type=float, default=None,
+                   help="methods: lower every task's cap in CPU seconds")
+    p.add_argument("--methods-threads", type=int, default=1, help="methods: torch threads during the runs (0: leave)")
     p.add_argument("--extra", nargs="*", default=[], metavar="key=value",
-                   help="overrides for both parts (e.g. trainer.max_epochs=5): change the fixed setting (smoke runs)")
+                   help="overrides for every part (e.g. trainer.max_epochs=5): change the fixed setting (smoke runs)")
     args = p.parse_args(argv)
     args.parts = [part.strip() for part in args.parts.split(",") if part.strip()]
     unknown = set(args.parts) - set(PARTS)
@@ -69,21 +82,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from bench import scaling
+    from bench import methods, scaling
     from bench.devices import pick_device
     from bench.efficiency import efficiency_markdown, plot_efficiency, run_efficiency
     from bench.overhead import overhead_markdown, run_overhead
 
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    sections = [
-        "# searchlab benchmarks",
-        "",
-        f"- Run {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC: `{command.strip()}`",
-        f"- Machine: {machine()}",
-        "- Every figure is a ratio or a side-by-side pair measured in this run.",
-        "",
-    ]
+    run_line = (f"- Run {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC: `{command.strip()}`\n"
+                f"- Machine: {machine()}\n")
+    new: dict[str, list[str]] = {part: [] for part in args.parts}
+
+    def add(part: str, text: str) -> None:
+        new[part].append(text)
+        print(text, flush=True)
+
     # auto: the CPU, and the GPU too when torch sees one; cpu or cuda: that device only
     if args.device == "auto":
         devices = ["cpu"] + (["cuda"] if pick_device("auto") == "cuda" else [])
@@ -94,28 +107,54 @@ def main(argv: list[str] | None = None) -> int:
             for device in devices:
                 result = run_overhead(Path(scratch) / f"overhead-{device}", args.configs, args.repeats, device,
                                       args.startup_runs, args.extra)
-                sections.append(overhead_markdown(result))
-                print(sections[-1], flush=True)
+                add("overhead", overhead_markdown(result))
         if "efficiency" in args.parts:
             targets = [float(t) for t in args.targets.split(",") if t.strip()]
             result = run_efficiency(Path(scratch) / "efficiency", list(range(args.seeds)), targets,
                                     args.max_trials, args.max_seconds, args.extra)
             plot = args.out / "efficiency.png"
             plot_efficiency(result, plot)
-            sections.append(efficiency_markdown(result, plot.name))
-            print(sections[-1], flush=True)
+            add("efficiency", efficiency_markdown(result, plot.name))
         if "scaling" in args.parts:
             if not scaling.available():
-                sections.append("### Scaling\n\nNot run: this checkout's config has no `workers` setting.\n")
-                print(sections[-1], flush=True)
+                add("scaling", "### Scaling\n\nNot run: this checkout's config has no `workers` setting.\n")
             for device in devices if scaling.available() else ():
                 result = scaling.run_scaling(Path(scratch) / "scaling", [int(k) for k in args.workers.split(",")],
                                              args.scaling_trials, args.scaling_repeats, device, args.extra)
-                sections.append(scaling.scaling_markdown(result))
-                print(sections[-1], flush=True)
-    (args.out / "results.md").write_text("\n".join(sections))
-    print(f"wrote {args.out / 'results.md'}")
+                add("scaling", scaling.scaling_markdown(result))
+        if "methods" in args.parts:
+            names = [n.strip() for n in args.methods.split(",") if n.strip()] or None
+            tasks = [n.strip() for n in args.tasks.split(",") if n.strip()] or None
+            result = methods.run_methods(Path(scratch) / "methods", list(range(args.methods_seeds)), tasks, names,
+                                         args.extra, args.methods_max_trials, args.methods_max_seconds,
+                                         args.methods_threads or None, log=args.out / "methods-runs.jsonl",
+                                         progress=lambda run: print(
+                                             f"  {run.task} {run.method} seed {run.seed}: "
+                                             f"{'reached' if run.reached else 'missed'} in {run.seconds:.1f} CPU s "
+                                             f"({run.wall_seconds:.1f} s wall), "
+                                             f"{run.trials} trials", flush=True))
+            plot = args.out / "methods.png"  # the runs, one JSON line each, are in methods-runs.jsonl
+            methods.plot_methods(result, plot)
+            add("methods", methods.methods_markdown(result, plot.name))
+    results = args.out / "results.md"
+    results.write_text(merge_results(results.read_text() if results.is_file() else "", run_line, new))
+    print(f"wrote {results}")
     return 0
+
+
+def merge_results(old: str, run_line: str, new: dict[str, list[str]]) -> str:
+    """results.md: each part's block (its run line, then its sections) between markers; the parts run now replace
+    theirs, the others keep their block from the earlier file."""
+    blocks = {}
+    for part in PARTS:
+        begin, end = f"<!-- part:{part} -->", f"<!-- /part:{part} -->"
+        if part in new:
+            blocks[part] = f"{begin}\n{run_line}\n" + "\n".join(new[part]) + f"{end}\n"
+        elif begin in old and end in old:
+            blocks[part] = old[old.index(begin):old.index(end) + len(end)] + "\n"
+    return "\n".join(["# searchlab benchmarks", "",
+                      "Every figure is a ratio or a side-by-side pair measured in one run (the run line above it).",
+                      "", *blocks.values()])
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ when the highest target is reached, or at its trial cap or time cap ("not reache
 the outer loop and methods in the inner one, so the shared machine's load drifts over all methods alike. Set-up
 (compose, data, opening the stores) is outside the clock.
 
-TPE's first n_startup_trials (10) are drawn by a RandomSampler with the same seed, so before trial 11 the three
-methods try the same configurations and differ only in pruning.
+TPE's first n_startup_trials (conf/study/default.yaml) are drawn by a RandomSampler with the same seed, so until
+then the three methods try the same configurations and differ only in pruning.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from searchlab.tracking import Tracker
 from searchlab.trial import TrialOutcome, TrialRunner
 
 METHODS: dict[str, list[str]] = {
-    "searchlab default (TPE + Hyperband)": ["study.sampler=tpe", "study.pruner=hyperband"],
+    "searchlab default (conf as shipped)": [],  # conf/study/default.yaml's sampler and pruner, whatever they are
     "random, no pruning": ["study.sampler=random", "study.pruner=none"],
     "TPE, no pruning": ["study.sampler=tpe", "study.pruner=none"],
 }
@@ -57,7 +57,7 @@ class SearchRun:
 def run_search(out: Path, method: str, seed: int, targets: list[float], max_trials: int, max_seconds: float,
                extra: list[str]) -> SearchRun:
     """One study of `method` with `seed`, stopped at the highest target or a cap."""
-    name = f"{'-'.join(o.split('=')[1] for o in METHODS[method])}-seed{seed}"  # e.g. tpe-hyperband-seed0
+    name = f"{'-'.join(o.split('=')[1] for o in METHODS[method]) or 'default'}-seed{seed}"  # e.g. tpe-none-seed0
     overrides = [*extra, *METHODS[method], f"study.seed={seed}", f"study.n_trials={max_trials}",
                  f"study.timeout={max_seconds}", f"study.name={name}", f"study.storage={out}/{name}.journal",
                  f"tracking.uri=sqlite:///{out}/mlflow.db", f"tracking.artifact_root={out}/artifacts"]

@@ -22,6 +22,8 @@ COMMANDS = {
     "report": "write the report of the study named by study.name (HTML, PNGs, MLflow)",
     "best": "print the best trial's full config as YAML and as a command line",
     "storage-proxy": "serve study.storage (postgresql://...) to workers as grpc://HOST:PORT",
+    "ablate": "re-train study.name's finalists and one-factor variants of its winner over seeds: which techniques "
+              "mattered",
 }
 
 
@@ -70,6 +72,10 @@ def _run(command: str, overrides: list[str], export: str | None = None) -> int:
         return 0
     if command == "best":
         return commands.best_config(overrides, export_dir=export)
+    if command == "ablate":
+        from searchlab.ablate import ablate
+
+        return ablate(overrides)
     run = {"report": commands.report, "best": commands.best_config, "storage-proxy": commands.storage_proxy}
     return run[command](overrides)
 

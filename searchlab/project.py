@@ -11,18 +11,10 @@ from searchlab.config import USER_CONFIG_ENV
 
 
 @contextlib.contextmanager
-def project(config_dir: str | os.PathLike | None) -> Iterator[None]:
-    """The user's project for the duration of a command: the current folder importable (as with `python -m`) and
-    the config folder searched, in this process and in every process it starts (workers inherit the environment,
-    DDP ranks sys.path). The environment is restored afterwards (the Python API runs commands in a long process)."""
-    saved = {k: os.environ.get(k) for k in (USER_CONFIG_ENV, "PYTHONPATH")}
-    here = os.getcwd()
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    os.environ["PYTHONPATH"] = os.pathsep.join([here, *[p for p in paths if p != here]])
-    if config_dir is not None:
-        os.environ[USER_CONFIG_ENV] = os.path.abspath(config_dir)
+def environment(**values: str) -> Iterator[None]:
+    """os.environ with these values for the duration of the block, restored afterwards (also variables it adds)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -31,3 +23,19 @@ def project(config_dir: str | os.PathLike | None) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def project(config_dir: str | os.PathLike | None) -> Iterator[None]:
+    """The user's project for the duration of a command: the current folder importable (as with `python -m`) and
+    the config folder searched, in this process and in every process it starts (workers inherit the environment,
+    DDP ranks sys.path). The environment is restored afterwards (the Python API runs commands in a long process)."""
+    here = os.getcwd()
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
+    values = {"PYTHONPATH": os.pathsep.join([here, *paths])}
+    if config_dir is not None:
+        values[USER_CONFIG_ENV] = os.path.abspath(config_dir)
+    with environment(**values):
+        yield

@@ -122,6 +122,8 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None,
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"report.dir: cannot create '{folder}': {err.strerror}") from None
+    from searchlab.ablation_view import ablation_lead  # `searchlab ablate`'s verdict leads, when the study has one
+    lead = [*ablation_lead(folder, study, settings.dpi), *lead]
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     maximize = study.direction.name == "MAXIMIZE"

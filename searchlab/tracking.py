@@ -11,13 +11,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import random
 import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from sqlalchemy import event
 
 from searchlab.config import ConfigError, redact
 from searchlab.locks import FileLock
+from searchlab.project import environment
 
 STUDY_ROLE_TAG = "searchlab.role"
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..." and the like
@@ -46,24 +46,9 @@ WEIGHTS_DIR, WEIGHTS_FILE = "weights", "best.pt"
 MODEL_NAME = "model"  # the logged MLflow model's name: runs:/<run id>/model
 
 
-@contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    """These environment variables set for the duration of the block, restored after."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _no_retries() -> contextlib.AbstractContextManager[None]:
+def _no_retries() -> contextlib.AbstractContextManager:
     """MLflow retries HTTP calls for minutes by default; a probe of a wrong URL should fail in seconds."""
-    return _environ(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    return environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
 
 
 class _RetryOnLock:
@@ -271,7 +256,7 @@ class Tracker:
         """What save_weights wrote for the run, or None."""
         if not any(a.path == f"{WEIGHTS_DIR}/{WEIGHTS_FILE}" for a in self.client.list_artifacts(run_id, WEIGHTS_DIR)):
             return None
-        with tempfile.TemporaryDirectory(prefix="searchlab-weights-") as folder, _environ(
+        with tempfile.TemporaryDirectory(prefix="searchlab-weights-") as folder, environment(
                 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):  # a bar per file, in the middle of the study's output
             path = self.client.download_artifacts(run_id, f"{WEIGHTS_DIR}/{WEIGHTS_FILE}", folder)
             return Path(path).read_bytes()

@@ -7,11 +7,13 @@ with its state and reason, next to the finished ones.
 from __future__ import annotations
 
 import math
+import os
 import shlex
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -19,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from searchlab.attrs import MLFLOW_RUN_ID, OVERRIDES, REASON
-from searchlab.config import Composer, format_override
+from searchlab.config import Composer, format_override, user_config_dir
 from searchlab.data import Splits
 from searchlab.faults import heartbeat
 from searchlab.lightning_fit import TrainResult
@@ -52,8 +54,13 @@ def training_overrides(overrides: list[str]) -> list[str]:
 
 
 def train_command(overrides: list[str]) -> str:
-    """The shell command that trains this configuration alone."""
-    return " ".join(["searchlab", "train", *(shlex.quote(o) for o in training_overrides(overrides))])
+    """The shell command that trains this configuration alone (with the --config-dir this command was given, as the
+    user wrote it where it lies under the current folder)."""
+    folder = user_config_dir()
+    flag: list[str] = []
+    if folder is not None:
+        flag = ["--config-dir", os.path.relpath(folder) if folder.is_relative_to(Path.cwd()) else str(folder)]
+    return " ".join(["searchlab", "train", *(shlex.quote(o) for o in [*flag, *training_overrides(overrides)])])
 
 
 class TrialRunner:

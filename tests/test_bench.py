@@ -4,12 +4,15 @@ the benchmark itself (`make bench`) reports them."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 
-from bench.__main__ import main
+from bench.__main__ import main, merge_results
 from bench.devices import UtilizationSampler, device_overrides, pick_device
-from bench.efficiency import METHODS, SearchRun, _best_at
+from bench.efficiency import METHODS as EFFICIENCY_METHODS
+from bench.efficiency import SearchRun, _best_at
+from bench.methods import METHODS, TASKS, MethodsResult, Run, load_runs, methods_markdown, run_one
 from bench.overhead import LOOP, WAYS, OverheadResult, overhead_markdown, run_overhead
 from bench.scaling import ScalingResult, run_scaling, scaling_markdown
 from bench.scaling import available as scaling_available
@@ -39,7 +42,7 @@ def test_efficiency_and_results_file_from_the_command(tmp_path):
                  "--max-seconds", "30", "--targets", "0.3,0.5", "--extra", *TINY]) == 0
     text = (tmp_path / "results.md").read_text()
     assert "Machine:" in text and "to 0.3: searchlab / random **" in text and "to 0.5: searchlab / random **" in text
-    for method in METHODS:
+    for method in EFFICIENCY_METHODS:
         assert f"| 0.3 | {method} | " in text and f"| 0.5 | {method} | " in text
     png = (tmp_path / "efficiency.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
@@ -113,3 +116,50 @@ def test_scaling_smoke_runs_the_command_with_each_number_of_workers(tmp_path):
     result = run_scaling(tmp_path, [1, 2], trials=2, repeats=1, device="cpu", extra=["model.width=32"])
     assert set(result.runs) == {1, 2} and all(whole > 0 and steady > 0 for (whole, steady), in result.runs.values())
     assert "| 2 |" in scaling_markdown(result)
+
+
+def test_methods_smoke_two_seeds_stop_at_the_target_or_the_caps(tmp_path):
+    # Tiny: digits, a 2-epoch 32-wide net, 2 trials per run. 0.3 is reached by the first complete trial (the run
+    # stops there); 0.999 is not, so that run goes to its trial cap.
+    reachable = replace(TASKS["digits"], target=0.3, max_trials=2, max_seconds=60)
+    run = run_one(tmp_path / "a", "digits", reachable, "tpe-sh1", 0, TINY)
+    assert run.reached and 1 <= run.trials <= 2 and run.seconds > 0 and run.trace[-1][1] >= 0.3
+    assert main(["--parts", "methods", "--out", str(tmp_path), "--methods-seeds", "2", "--tasks", "digits",
+                 "--methods", "default,random,tpe", "--methods-max-trials", "2", "--methods-max-seconds", "30",
+                 "--extra", *TINY]) == 0
+    text = (tmp_path / "results.md").read_text()
+    assert "<!-- part:methods -->" in text and "Machine:" in text and "<!-- part:overhead -->" not in text
+    for method in ("default", "random", "tpe"):
+        assert f"| {METHODS[method].label} | " in text
+    assert "| random, no pruning | 0/2 | >=30.0 |" in text  # missed: the CPU cap counts, as a lower bound
+    again = load_runs(tmp_path / "methods-runs.jsonl", max_trials=2, max_seconds=30)  # the table from the raw runs
+    assert len(again.runs) == 6 and again.seeds == [0, 1] and again.of("digits", "tpe")[0].trace
+    png = (tmp_path / "methods.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+
+
+def test_methods_are_override_entries_of_the_study_tables():
+    from searchlab.config import Composer
+
+    for name in ("tpe-hb2", "tpe5-sh1", "tpe-median", "random"):
+        cfg = Composer(list(METHODS[name].overrides)).base
+        sampler, pruner = cfg.study.samplers[cfg.study.sampler], cfg.study.pruners[cfg.study.pruner]
+        assert sampler._target_.startswith("optuna.samplers.") and pruner._target_.startswith("optuna.pruners.")
+    cfg = Composer(list(METHODS["tpe-hb2"].overrides)).base
+    assert cfg.study.pruners[cfg.study.pruner].max_resource == cfg.trainer.max_epochs
+
+
+def test_results_file_keeps_the_parts_not_run():
+    old = merge_results("", "- Run A\n", {"overhead": ["### Overhead A\n"], "methods": ["### Methods A\n"]})
+    new = merge_results(old, "- Run B\n", {"methods": ["### Methods B\n"]})
+    assert "### Overhead A" in new and "- Run A" in new and "### Methods B" in new and "Methods A" not in new
+
+
+def test_methods_summary_counts_misses_as_the_caps():
+    spec = replace(TASKS["digits"], max_trials=10, max_seconds=20.0)
+    runs = [Run("digits", "random", 0, True, 5.0, 4), Run("digits", "random", 1, False, 21.0, 10),
+            Run("digits", "random", 2, False, 19.5, 9), Run("digits", "tpe", 0, True, 2.0, 3)]
+    result = MethodsResult({"digits": spec}, ["random", "tpe"], [0, 1, 2], [], runs)
+    assert result.seconds("digits", "random") == [5.0, 21.0, 20.0] and result.median_is_bound("digits", "random")
+    text = methods_markdown(result, "methods.png")
+    assert "| random, no pruning | 1/3 | >=20.0 |" in text and "| TPE, no pruning | 1/1 | 2.0 |" in text

@@ -83,7 +83,9 @@ def check_budget_and_runs(study: optuna.Study, tracking: MlflowServer, n_trials:
     for trial in finished:
         run = by_number[trial.number]
         assert run.info.status in ("FINISHED", "KILLED") and run.data.tags["optuna.trial.state"] == trial.state.name
-        assert run.data.params == {k: str(v) for k, v in trial.params.items()}
+        # the run's params: the trial's, and the keys a space constraint set instead of drawing them
+        drawn_or_set = {**trial.params, **trial.user_attrs.get("constrained", {})}
+        assert run.data.params == {k: str(v) for k, v in drawn_or_set.items()}
 
 
 def test_three_workers_share_a_study_on_postgres_and_an_mlflow_server(postgres, mlflow_server, tmp_path):

@@ -114,6 +114,7 @@ def test_regression_example_user_module_and_datamodule_with_two_workers(regressi
                      "study.metric=val_rmse", *stores(tmp_path, "diabetes"), cwd=regression_project)
     assert best.returncode == 0, best.stderr
     assert "_target_: diabetes.RegressionModule" in best.stdout
+    assert "searchlab train --config-dir conf data=diabetes module=diabetes" in best.stdout  # re-runs as searched
 
 
 def test_user_module_test_metrics_and_the_template_scheduler_call(regression_project):
@@ -302,7 +303,7 @@ def test_constructor_arguments_it_rejects(tmp_path):
 def test_network_whose_output_does_not_fit_num_outputs(tmp_path):
     line = _bad(tmp_path, {"nets.py": NET_WRONG_OUTPUTS, "conf/model/x.yaml": "_target_: nets.make\n"},
                 "model=x", "search=schedule")
-    assert "one training step on one batch failed" in line
+    assert line.startswith("searchlab: error: model:") and "outputs of shape (13,)" in line and "10 classes" in line
 
 
 def test_module_that_never_logs_the_metric_suggests_what_it_logs(tmp_path):

@@ -51,7 +51,9 @@ def test_study_is_tracked_as_a_parent_run_with_one_child_per_trial(tmp_path, sto
         run = by_number[trial.number]
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["optuna.trial.state"] == trial.state.name
-        assert run.data.params == {k: str(v) for k, v in trial.params.items()}
+        # the run's params: the trial's, and the keys a space constraint set instead of drawing them
+        drawn_or_set = {**trial.params, **trial.user_attrs.get("constrained", {})}
+        assert run.data.params == {k: str(v) for k, v in drawn_or_set.items()}
         if trial.state.name != "COMPLETE":
             assert run.data.tags["optuna.trial.reason"]
             continue

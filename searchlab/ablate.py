@@ -1,0 +1,795 @@
+"""`searchlab ablate study.name=X`: which techniques mattered for study X's winner, and how sure we are.
+
+A study's winner is one noisy run. The ablation re-trains, with the same seeds for every configuration (paired):
+
+1. **Finalists**: the study's `ablate.top_k` best complete trials, each rebuilt from its stored overrides (trial user
+   attr `overrides`, which hold the search's own base overrides; the command's training overrides fill in only keys
+   the trial does not set, as in `searchlab best`). The first is the winner.
+2. **One factor at a time from the winner**, per family of `ablate.variants` whose config key the study searched.
+   The study's trials are the space as the search saw it: a family runs when its key is among their params, and
+   its options are the choices of their distributions. batch_norm: flipped. dropout, weight_decay, l1: set to 0.
+   schedule: constant and every other schedule of the space. optimizer: every other optimizer of the space, with its
+   own keys (lr, momentum, betas...) from its best complete trial in the study, else the winner's lr and the
+   optimizer's defaults (the winner's weight decay is kept: it is a family of its own). batch_size: full batch,
+   stochastic (batch 1, under trainer.limit_train_batches) and every other size of the space. A variant equal to the
+   winner's config, or one that cannot train (batch norm with batch 1), is skipped with the reason.
+   Which config key holds each technique is the table KEYS; variants are Hydra overrides on the winner's.
+
+**Statistics** (per configuration, over the seeds; `ablate.confidence`, default 95%): the mean of the objective (the
+best epoch's value of the study's metric, as the search scores a trial) and of the test metric (`ablate.test_metric`,
+the test split the search never sees) with Student-t intervals, mean +- t(n-1) * sd / sqrt(n). A variant's effect is
+the paired difference variant - winner, seed by seed, with its t-interval: it matters when the interval excludes 0.
+Each finalist's probability of being the best is the fraction of `ablate.bootstrap` paired bootstrap resamples of the
+seeds (the same resampled seeds for every finalist; ties shared) in which its mean objective is the best.
+
+**Storage and resume**: the ablation is an Optuna study of its own, f"{X}.ablation", in the study's storage; each
+(variant, seed) training is one trial, queued with `study.enqueue_trial(user_attrs=...)` naming it (`variant`,
+`family`, `seed`, `overrides`). The trials run through the search's machinery: `study.Budget` (count + ask under the
+storage's cross-process lock) and `study.run_trials` in this process, or `workers.WorkerPool` for workers=N (its
+workers run `searchlab ablate ... ablate.worker=true`), with `workers.DeadWorkers` and the storage heartbeat failing
+and re-queuing the trials of dead workers. Whatever trial a process is handed, it claims a (variant, seed) of the
+plan that no finished or running trial holds, under the same lock, so each pair trains once. Running the command
+again (after Ctrl-C, a crash, or with more seeds or families) queues only the pairs without a finished or running
+trial. States: COMPLETE (also when the training diverged: the best value reached is the result; its test metric is
+then missing); PRUNED when the training raised (recorded with the reason, uses its budget, not retried: it would
+raise again); FAIL when interrupted or its worker was lost (retried by the next run).
+
+**MLflow**: in the study's experiment an `ablation` run (tag searchlab.role=ablation, nested under the study's parent
+run when there is one) holds one child run per training (tags searchlab.variant, searchlab.seed, searchlab.family;
+metric `objective`, the test metrics, per-epoch curves) and, at the end, `ablation.json`, the result dict. The same
+file goes to the study's report folder, where `searchlab report` leads with it (searchlab.ablation_view).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from mlflow.entities import Metric, Param
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from searchlab.attrs import METRIC, MLFLOW_RUN_ID, OVERRIDES, REASON, SURPLUS
+from searchlab.attrs import MLFLOW_PARENT_RUN_ID as PARENT_RUN_ATTR
+from searchlab.budget import Budget
+from searchlab.build import load_data
+from searchlab.config import ConfigError, compose_config, format_override, redact, validate_config
+from searchlab.data import Splits
+from searchlab.devices import cpu_count, detect_gpus, plan_workers
+from searchlab.faults import heartbeat, heartbeat_settings
+from searchlab.lightning_fit import resolve_device
+from searchlab.locks import BudgetLock, NoLock, budget_lock
+from searchlab.report import load_study, write_report
+from searchlab.storage import open_storage
+from searchlab.study import StudyStopped, run_trials
+from searchlab.tracking import STUDY_ROLE_TAG, Tracker
+from searchlab.training import fit
+from searchlab.trial import TrialOutcome, train_command, training_overrides
+from searchlab.workers import DeadWorkers, WorkerPool
+
+# Where each technique lives in the config: the one table to re-point when config keys move.
+# schedule and optimizer are config groups (their own keys are `<group>.*`); the rest are plain keys.
+KEYS = {
+    "batch_norm": "model.batch_norm",
+    "dropout": "model.dropout",
+    "weight_decay": "optimizer.weight_decay",
+    "l1": "module.l1",
+    "schedule": "scheduler",
+    "optimizer": "optimizer",
+    "lr": "optimizer.lr",
+    "batch_size": "data.batch_size",
+}
+CONSTANT_SCHEDULE = "constant"  # the scheduler option of a constant learning rate
+FULL_BATCH = "full"  # data.batch_size of batch gradient descent
+# Family -> words, in the order the verdict lists them.
+LABELS = {"batch_norm": "batch norm", "dropout": "dropout", "weight_decay": "weight decay (L2)", "l1": "L1",
+          "schedule": "learning-rate schedule", "optimizer": "optimizer", "batch_size": "batch-size regime"}
+FINALIST = "finalist"
+ROLE_ABLATION, ROLE_RUN = "ablation", "ablation-run"
+# Overrides of these keys shape the ablation itself, not a training.
+_NOT_TRAINING = ("ablate", "seed")
+EXIT_STUDY_FAILED, EXIT_INTERRUPTED = 1, 130
+
+
+# ---- the plan: configurations and seeds ----
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # "trial-31", "dropout=0", "optimizer=sgd"
+    family: str  # FINALIST or a key of LABELS
+    setting: str  # in words: "off", "0", "sgd", "full batch"; a finalist's "trial 31"
+    overrides: tuple[str, ...]  # training overrides of the configuration, seed left out
+    trial: int | None = None  # a finalist's trial number in the study
+    study_value: float | None = None  # a finalist's value in the study
+
+
+@dataclass
+class Plan:
+    study: str
+    metric: str
+    direction: str
+    test_metric: str
+    seeds: list[int]
+    variants: list[Variant]  # finalists first, the winner first of all
+    winner_settings: dict[str, str] = field(default_factory=dict)  # family -> the winner's setting in words
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {family, variant, reason}
+
+    @property
+    def winner(self) -> Variant:
+        return self.variants[0]
+
+    def pairs(self) -> list[tuple[str, int]]:
+        return [(v.name, s) for v in self.variants for s in self.seeds]
+
+    def variant(self, name: str) -> Variant:
+        return next(v for v in self.variants if v.name == name)
+
+
+def check_settings(settings: DictConfig) -> None:
+    """The `ablate` section, checked before anything is trained or written."""
+    for key, least in (("top_k", 1), ("seeds", 1), ("seed_start", 0), ("bootstrap", 1)):
+        value = settings[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"ablate.{key}: expected an integer >= {least}, got {value!r}")
+    if not (isinstance(settings.confidence, float) and 0 < settings.confidence < 1):
+        raise ConfigError(f"ablate.confidence: expected a level between 0 and 1 (e.g. 0.95), "
+                          f"got {settings.confidence!r}")
+    variants = settings.variants
+    if isinstance(variants, str) or not OmegaConf.is_list(variants):
+        raise ConfigError(f"ablate.variants: expected a list of families (from {', '.join(LABELS)}), got "
+                          f"{variants!r}; e.g. 'ablate.variants=[dropout,optimizer]'")
+    unknown = [v for v in variants if v not in LABELS]
+    if unknown:
+        raise ConfigError(f"ablate.variants: unknown '{unknown[0]}' (choose from {', '.join(LABELS)})")
+    if isinstance(settings.margin, bool) or not isinstance(settings.margin, (int, float)) or settings.margin < 0:
+        raise ConfigError(f"ablate.margin: expected a number >= 0 (in the metric's units), got {settings.margin!r}")
+    if not isinstance(settings.test_metric, str):
+        raise ConfigError(f"ablate.test_metric: expected a metric name or auto, got {settings.test_metric!r}")
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def _changed(overrides: Sequence[str], changes: Mapping[str, Any], drop_prefix: str | None = None) -> tuple[str, ...]:
+    """The overrides with `changes` set (replacing the same keys), and the keys under drop_prefix removed first."""
+    kept = [o for o in overrides if _key(o) not in changes
+            and not (drop_prefix and _key(o).startswith(drop_prefix + "."))]
+    return (*kept, *(format_override(k, v) for k, v in changes.items()))
+
+
+def _trial_overrides(trial: FrozenTrial) -> list[str]:
+    return list(trial.user_attrs.get(OVERRIDES) or [format_override(k, v) for k, v in trial.params.items()])
+
+
+def _training_overrides(overrides: Sequence[str]) -> list[str]:
+    return [o for o in training_overrides(list(overrides)) if _key(o).split(".", 1)[0] not in _NOT_TRAINING]
+
+
+def _words(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _batch_words(value: Any) -> str:
+    return "full batch" if str(value) == FULL_BATCH else "stochastic (1)" if str(value) == "1" else f"batch {value}"
+
+
+def _why_impossible(cfg: DictConfig) -> str | None:
+    """A configuration that cannot train at all (the training would raise at once)."""
+    if OmegaConf.select(cfg, KEYS["batch_norm"]) and str(OmegaConf.select(cfg, KEYS["batch_size"])) == "1":
+        return "impossible: batch norm cannot train on batches of 1"
+    return None
+
+
+def metric_for_test(metric: str, setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "test_" + metric.split("_", 1)[1] if metric.startswith(("val_", "train_")) else "test_" + metric
+
+
+def build_plan(study: optuna.Study, settings: DictConfig, overrides: Sequence[str], metric: str) -> Plan:
+    """The finalists and the one-factor variants of the winner, each a list of training overrides."""
+    check_settings(settings)
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    trials = study.get_trials(deepcopy=False)
+    complete = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value, reverse=maximize)
+    if not complete:
+        raise ConfigError(f"study.name: study '{study.study_name}' has no complete trial yet; run or resume it first")
+    base = _training_overrides(overrides)
+    finalists: list[Variant] = []
+    for trial in complete:
+        own = _trial_overrides(trial)
+        merged = tuple(o for o in base if _key(o) not in {_key(x) for x in own}) + tuple(own)
+        if all(merged != f.overrides for f in finalists):  # two trials of the same config are one finalist
+            finalists.append(Variant(f"trial-{trial.number}", FINALIST, f"trial {trial.number}", merged,
+                                     trial.number, trial.value))
+        if len(finalists) == settings.top_k:
+            break
+    seeds = list(range(settings.seed_start, settings.seed_start + settings.seeds))
+    plan = Plan(study.study_name, metric, study.direction.name.lower(), metric_for_test(metric, settings.test_metric),
+                seeds, finalists)
+    winner = finalists[0]
+    winner_trial = next(t for t in complete if t.number == winner.trial)
+    configs: dict[tuple[str, ...], DictConfig] = {}
+
+    def config(overrides: tuple[str, ...]) -> DictConfig:
+        if overrides not in configs:
+            configs[overrides] = compose_config(list(overrides))
+        return configs[overrides]
+
+    winner_cfg = config(winner.overrides)
+    winner_yaml = OmegaConf.to_yaml(winner_cfg)
+    searched: dict[str, Any] = {}
+    for trial in trials:
+        for key, distribution in trial.distributions.items():
+            searched.setdefault(key, distribution)
+    for family in settings.variants:
+        key = KEYS[family]
+        if key not in searched:
+            plan.skipped.append({"family": family, "variant": family, "reason": f"not searched in the study ({key})"})
+            continue
+        current = winner_trial.params.get(key, OmegaConf.select(winner_cfg, key))
+        plan.winner_settings[family] = _batch_words(current) if family == "batch_size" else _words(current)
+        if family in ("dropout", "weight_decay", "l1") and current == 0:
+            plan.skipped.append({"family": family, "variant": f"{family}=0",
+                                 "reason": f"{LABELS[family]} is already 0 in the winner"})
+            continue
+        for name, setting, changed in _family_variants(family, key, current, searched[key], complete, winner,
+                                                       winner_cfg):
+            try:
+                cfg = config(changed)
+                validate_config(cfg)
+            except ConfigError as err:
+                plan.skipped.append({"family": family, "variant": name, "reason": f"cannot compose: {err}"})
+                continue
+            reason = _why_impossible(cfg)
+            if reason is None and OmegaConf.to_yaml(cfg) == winner_yaml:
+                reason = "same configuration as the winner"
+            if reason:
+                plan.skipped.append({"family": family, "variant": name, "reason": reason})
+            else:
+                plan.variants.append(Variant(name, family, setting, changed))
+    return plan
+
+
+def _family_variants(family: str, key: str, current: Any, distribution: Any, complete: list[FrozenTrial],
+                     winner: Variant, winner_cfg: DictConfig) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(name, setting in words, overrides) of each one-factor change of the winner in this family."""
+    base = winner.overrides
+    if family == "batch_norm":
+        flipped = not bool(current)
+        return [(f"{family}={_words(flipped)}", _words(flipped), _changed(base, {key: flipped}))]
+    if family in ("dropout", "weight_decay", "l1"):
+        return [(f"{family}=0", "0", _changed(base, {key: 0.0}))]
+    choices = list(distribution.choices) if isinstance(distribution, CategoricalDistribution) else []
+    if family == "batch_size":
+        options = [FULL_BATCH, 1, *(c for c in choices if str(c) not in (FULL_BATCH, "1"))]
+        return [(f"{family}={o}", _batch_words(o), _changed(base, {key: o}))
+                for o in options if str(o) != str(current)]
+    # A config group (schedule, optimizer): each other option with its own keys from its best complete trial.
+    options = ([CONSTANT_SCHEDULE] if family == "schedule" else []) + [c for c in choices if c != CONSTANT_SCHEDULE
+                                                                        or family != "schedule"]
+    out = []
+    for option in dict.fromkeys(options):
+        if option == current:
+            continue
+        best = next((t for t in complete if t.params.get(key) == option), None)  # complete is sorted best first
+        own = {k: v for k, v in (best.params if best else {}).items() if k.startswith(key + ".")}
+        if family == "optimizer":  # its own lr (else the winner's); the winner's weight decay, a family of its own
+            own.setdefault(KEYS["lr"], OmegaConf.select(winner_cfg, KEYS["lr"]))
+            own[KEYS["weight_decay"]] = OmegaConf.select(winner_cfg, KEYS["weight_decay"])
+            own = {k: v for k, v in own.items() if v is not None}
+        out.append((f"{family}={option}", str(option), _changed(base, {key: option, **own}, drop_prefix=key)))
+    return out
+
+
+# ---- one training ----
+
+_SPLITS: dict[tuple[str, int, str], Splits] = {}
+
+
+def _train_one(cfg: DictConfig, on_epoch: Callable[[int, dict[str, float]], None] | None = None
+               ) -> tuple[float | None, dict[str, float], str | None]:
+    """Every training of an ablation goes through here: (objective, test metrics, note).
+
+    The objective is the best epoch's value of cfg.study.metric (as the search scores a trial); the note says why
+    training stopped early (divergence), when it did. Resident data are kept on the device per (data config, seed):
+    the seeds of an ablation alternate, and each draws its own split.
+    """
+    node = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "batch_size"}
+    key = (json.dumps(node, sort_keys=True, default=str), cfg.seed, cfg.trainer.accelerator)
+    if key not in _SPLITS:
+        data = load_data(cfg)
+        if not isinstance(data, Splits):  # a LightningDataModule: fit builds it per training
+            key = None
+        else:
+            if len(_SPLITS) >= 16:
+                _SPLITS.pop(next(iter(_SPLITS)))
+            _SPLITS[key] = data.to(resolve_device(cfg.trainer.accelerator))
+
+    def hook(epoch: int, metrics: dict[str, float]) -> None:
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+
+    result = fit(cfg, None if key is None else _SPLITS[key], hook, test=True, metric=cfg.study.metric)
+    return result.best(cfg.study.metric, cfg.study.direction), dict(result.test), result.stop_reason
+
+
+# ---- the runs ----
+
+def _identity(trial: FrozenTrial, by_number: Mapping[int, FrozenTrial]) -> tuple[str, int] | None:
+    """(variant, seed) of a trial; a retry of a lost worker's trial (user attr retry_of) has its original's."""
+    attrs, seen = trial.user_attrs, set()
+    while "variant" not in attrs and attrs.get("retry_of") in by_number and attrs["retry_of"] not in seen:
+        seen.add(attrs["retry_of"])
+        attrs = by_number[attrs["retry_of"]].user_attrs
+    return (attrs["variant"], int(attrs["seed"])) if "variant" in attrs else None
+
+
+_HELD = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
+def queue_missing(study: optuna.Study, plan: Plan) -> tuple[int, int]:
+    """Queues the plan's pairs that no trial holds or waits for; returns (pairs queued, budget for Budget).
+
+    The budget is the study's finished trials plus the plan's pairs not finished yet: the same number in every
+    process of the ablation, whenever it is computed.
+    """
+    trials = study.get_trials(deepcopy=False)
+    by_number = {t.number: t for t in trials}
+    held = {_identity(t, by_number) for t in trials if t.state in (*_HELD, TrialState.WAITING)}
+    finished = {_identity(t, by_number) for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+    queued = 0
+    for name, seed in plan.pairs():
+        if (name, seed) not in held:
+            study.enqueue_trial({}, user_attrs=_attrs(plan.variant(name), seed))
+            queued += 1
+    used = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    return queued, used + sum(p not in finished for p in plan.pairs())
+
+
+def _attrs(variant: Variant, seed: int) -> dict[str, Any]:
+    return {"variant": variant.name, "family": variant.family, "seed": seed,
+            OVERRIDES: [*variant.overrides, f"seed={seed}"]}
+
+
+class AblationRunner:
+    """Runs one (variant, seed) per trial it is handed (the `runner` of study.run_trials)."""
+
+    def __init__(self, study: optuna.Study, plan: Plan, lock: BudgetLock, tracker: Tracker, run_id: str) -> None:
+        self.study, self.plan, self.lock, self.tracker, self.run_id = study, plan, lock, tracker, run_id
+        self.experiment_id = tracker.client.get_run(run_id).info.experiment_id
+        self._configs: dict[tuple[str, ...], DictConfig] = {}
+
+    def run(self, trial: optuna.Trial) -> TrialOutcome:
+        start = time.perf_counter()
+        with heartbeat(trial):
+            return self._run(trial, start)
+
+    def _claim(self, trial: optuna.Trial) -> tuple[Variant, int] | None:
+        """The trial's own (variant, seed) when the plan has it and no other trial holds it, else the first pair
+        of the plan nobody holds (queued ones last); None when every pair is held. Under the budget lock."""
+        trials = self.study.get_trials(deepcopy=False)
+        by_number = {t.number: t for t in trials}
+        taken = {_identity(t, by_number) for t in trials if t.state in _HELD and t.number != trial.number}
+        waiting = {_identity(t, by_number) for t in trials if t.state == TrialState.WAITING}
+        mine = _identity(by_number[trial.number], by_number)
+        pairs = [p for p in self.plan.pairs() if p not in taken]
+        if mine not in pairs:
+            pairs.sort(key=lambda p: p in waiting)
+            mine = pairs[0] if pairs else None
+        if mine is None:
+            return None
+        variant = self.plan.variant(mine[0])
+        for key, value in _attrs(variant, mine[1]).items():
+            trial.set_user_attr(key, value)
+        return variant, mine[1]
+
+    def _run(self, trial: optuna.Trial, start: float) -> TrialOutcome:
+        run_id: str | None = None
+        claim = None
+        params: dict[str, Any] = {}
+        try:
+            with self.lock():
+                claim = self._claim(trial)
+            if claim is None:
+                trial.set_user_attr(SURPLUS, True)
+                return self._finish(trial, None, TrialState.FAIL, None, "not run: every training of the plan is "
+                                    "done or running", {}, params, start)
+            variant, seed = claim
+            params = {"variant": variant.name, "seed": seed}
+            run_id = self._start_run(trial, variant, seed)
+            trial.set_user_attr(MLFLOW_RUN_ID, run_id)
+            cfg = self._config(variant, seed)
+            objective, test, note = _train_one(cfg, lambda epoch, m: self.tracker.log_epoch(run_id, epoch, m))
+        except BaseException as err:
+            interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+            reason = "interrupted" if interrupted else _describe(err)
+            # A training that raises would raise again: PRUNED uses its budget and is not retried. An interrupt is.
+            state = TrialState.PRUNED if claim is not None and not interrupted else TrialState.FAIL
+            outcome = self._finish(trial, run_id, state, None, reason, {}, params, start)
+            if interrupted:
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores SIGINT after one
+                raise KeyboardInterrupt from None
+            return outcome
+        if objective is None:
+            return self._finish(trial, run_id, TrialState.PRUNED, None, f"no finite {self.plan.metric} in any epoch",
+                                test, params, start)
+        if note:
+            trial.set_user_attr("note", note)
+        return self._finish(trial, run_id, TrialState.COMPLETE, objective, None, test, params, start)
+
+    def _config(self, variant: Variant, seed: int) -> DictConfig:
+        if variant.overrides not in self._configs:
+            self._configs[variant.overrides] = compose_config(list(variant.overrides))
+        cfg = self._configs[variant.overrides].copy()
+        OmegaConf.update(cfg, "seed", seed, merge=False)
+        OmegaConf.update(cfg, "study.metric", self.plan.metric, merge=False)
+        OmegaConf.update(cfg, "study.direction", self.plan.direction, merge=False)
+        return cfg
+
+    def _start_run(self, trial: optuna.Trial, variant: Variant, seed: int) -> str:
+        name = f"{variant.name} seed {seed}"
+        run = self.tracker.client.create_run(self.experiment_id, run_name=name, tags={
+            MLFLOW_PARENT_RUN_ID: self.run_id, MLFLOW_RUN_NAME: name, STUDY_ROLE_TAG: ROLE_RUN,
+            "searchlab.variant": variant.name, "searchlab.family": variant.family, "searchlab.seed": str(seed),
+            "optuna.trial.number": str(trial.number), "optuna.trial.state": "RUNNING",
+            "searchlab.command": train_command([*variant.overrides, f"seed={seed}"]),
+        })
+        params = [Param("variant", variant.name), Param("seed", str(seed))]
+        params += [Param(_key(o), o.split("=", 1)[1][:6000]) for o in variant.overrides if "=" in o]
+        self.tracker.client.log_batch(run.info.run_id, params=list({p.key: p for p in params}.values()))
+        return run.info.run_id
+
+    def _finish(self, trial: optuna.Trial, run_id: str | None, state: TrialState, value: float | None,
+                reason: str | None, test: dict[str, float], params: dict[str, Any], start: float) -> TrialOutcome:
+        if reason:
+            trial.set_user_attr(REASON, reason)
+        if test:
+            trial.set_user_attr("test", test)
+        self.study.tell(trial, value, state=state)
+        if run_id is not None:
+            now = int(time.time() * 1000)
+            if test:
+                self.tracker.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in test.items()])
+            # In MLflow a training that raised is FAILED (in Optuna it is PRUNED only to use its budget).
+            self.tracker.end_trial(run_id, "FAIL" if state == TrialState.PRUNED else state.name, value, reason)
+        return TrialOutcome(trial.number, state.name, value, time.perf_counter() - start, reason, params)
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _ablation_run(tracker: Tracker, study: optuna.Study, ablation: str, settings: Mapping[str, Any]) -> str:
+    """The `ablation` MLflow run in the study's experiment (under its parent run when there is one); reopened when
+    the ablation resumes."""
+    experiment_id = tracker.experiment_id(study.study_name)
+    found = tracker.client.search_runs(
+        [experiment_id], max_results=1, order_by=["attributes.start_time ASC"],
+        filter_string=f"tags.`{STUDY_ROLE_TAG}` = '{ROLE_ABLATION}' and tags.`searchlab.ablation_study` = '{ablation}'")
+    if found:
+        run_id = found[0].info.run_id
+        tracker.client.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = {STUDY_ROLE_TAG: ROLE_ABLATION, "searchlab.ablation_study": ablation, "optuna.study_name": ablation}
+    parent = study.user_attrs.get(PARENT_RUN_ATTR)
+    if parent:
+        try:
+            if tracker.client.get_run(parent).info.experiment_id == experiment_id:
+                tags[MLFLOW_PARENT_RUN_ID] = parent
+        except Exception:  # the study was tracked in another store: the ablation run stands alone
+            pass
+    run_id = tracker.client.create_run(experiment_id, run_name="ablation", tags=tags).info.run_id
+    tracker.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in settings.items()])
+    return run_id
+
+
+# ---- the verdict ----
+
+def interval(values: Sequence[float], confidence: float) -> dict[str, Any]:
+    """Mean and Student-t interval (None bounds with fewer than 2 values)."""
+    from scipy import stats  # scikit-learn's dependency
+
+    xs = np.asarray(values, dtype=float)
+    n = len(xs)
+    if n == 0:
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    mean = float(xs.mean())
+    if n < 2:
+        return {"mean": mean, "low": None, "high": None, "n": 1}
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1) * xs.std(ddof=1) / math.sqrt(n))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def p_best(matrix: np.ndarray, maximize: bool, resamples: int, seed: int = 0) -> list[float]:
+    """Per row (a finalist; columns: seeds), the fraction of paired bootstrap resamples of the columns in which its
+    mean is the best (ties shared)."""
+    rows, n = matrix.shape
+    if n == 0:
+        return [1.0 / rows] * rows
+    index = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    means = matrix[:, index].mean(axis=2)  # rows x resamples
+    best = means.max(axis=0) if maximize else means.min(axis=0)
+    ties = np.isclose(means, best, rtol=0, atol=1e-12)
+    return [float(p) for p in (ties / ties.sum(axis=0)).mean(axis=1)]
+
+
+def _verdict(effect: Mapping[str, Any], maximize: bool, margin: float) -> str:
+    """worse/better: the interval excludes 0; no effect: it lies within +-margin; inconclusive: it holds 0 but
+    reaches past the margin (more seeds would tell); undetermined: one seed, no interval; failed: no run."""
+    if effect["n"] == 0:
+        return "failed"
+    if effect["low"] is None:
+        return "undetermined"
+    if effect["low"] > 0:
+        return "better" if maximize else "worse"
+    if effect["high"] < 0:
+        return "worse" if maximize else "better"
+    return "no effect" if -margin <= effect["low"] and effect["high"] <= margin else "inconclusive"
+
+
+def results(study: optuna.Study) -> tuple[dict[tuple[str, int], tuple[float, dict[str, float]]], dict[str, str]]:
+    """(variant, seed) -> (objective, test metrics) of the complete trials (the latest per pair), and variant -> the
+    reason of a training that raised."""
+    trials = study.get_trials(deepcopy=False)
+    by_number = {t.number: t for t in trials}
+    values, errors = {}, {}
+    for trial in trials:
+        pair = _identity(trial, by_number)
+        if pair is None:
+            continue
+        if trial.state == TrialState.COMPLETE:
+            values[pair] = (float(trial.value), dict(trial.user_attrs.get("test", {})))
+        elif trial.state == TrialState.PRUNED:
+            errors[pair[0]] = trial.user_attrs.get(REASON, "failed")
+    return values, errors
+
+
+def summarize(plan: Plan, values: Mapping[tuple[str, int], tuple[float, Mapping[str, float]]],
+              errors: Mapping[str, str], confidence: float, resamples: int, margin: float) -> dict[str, Any]:
+    """The result dict: finalists, effects with intervals, one sentence per technique."""
+    maximize = plan.direction == "maximize"
+
+    def objective(name: str, seed: int) -> float | None:
+        return values[(name, seed)][0] if (name, seed) in values else None
+
+    def test(name: str, seed: int) -> float | None:
+        value = values[(name, seed)][1].get(plan.test_metric) if (name, seed) in values else None
+        return None if value is None or not math.isfinite(value) else float(value)
+
+    finalists = [v for v in plan.variants if v.family == FINALIST]
+    common = [s for s in plan.seeds if all(objective(f.name, s) is not None for f in finalists)]
+    chances = p_best(np.array([[objective(f.name, s) for s in common] for f in finalists], dtype=float).reshape(
+        len(finalists), len(common)), maximize, resamples)
+    rows = []
+    def present(get: Callable[[str, int], float | None], name: str) -> list[float]:
+        return [x for s in plan.seeds if (x := get(name, s)) is not None]
+
+    for finalist, chance in zip(finalists, chances, strict=True):
+        rows.append({
+            "variant": finalist.name, "trial": finalist.trial, "study_value": finalist.study_value,
+            "objective": interval(present(objective, finalist.name), confidence),
+            "test": interval(present(test, finalist.name), confidence),
+            "p_best": chance, "values": {str(s): objective(finalist.name, s) for s in plan.seeds},
+            "overrides": list(finalist.overrides), "error": errors.get(finalist.name)})
+    winner = plan.winner.name
+    effects = []
+    for variant in plan.variants:
+        if variant.family == FINALIST:
+            continue
+
+        def diffs(get: Callable[[str, int], float | None], name: str = variant.name) -> list[float]:
+            return [a - b for s in plan.seeds if (a := get(name, s)) is not None and (b := get(winner, s)) is not None]
+
+        effect = interval(diffs(objective), confidence)
+        effects.append({
+            "family": variant.family, "technique": LABELS[variant.family], "variant": variant.name,
+            "setting": variant.setting, "winner_setting": plan.winner_settings.get(variant.family),
+            "objective": effect, "test": interval(diffs(test), confidence),
+            "verdict": _verdict(effect, maximize, margin),
+            "values": {str(s): objective(variant.name, s) for s in plan.seeds},
+            "overrides": list(variant.overrides), "error": errors.get(variant.name)})
+    result = {
+        "study": plan.study, "ablation_study": f"{plan.study}.ablation", "metric": plan.metric,
+        "test_metric": plan.test_metric, "direction": plan.direction, "confidence": confidence, "margin": margin,
+        "seeds": plan.seeds, "scale": 100.0 if plan.metric.endswith("acc") else 1.0,
+        "winner": {"variant": winner, "trial": plan.winner.trial, "study_value": plan.winner.study_value,
+                   "command": train_command(list(plan.winner.overrides))},
+        "finalists": rows, "effects": effects, "skipped": plan.skipped,
+        "method": (f"mean and {confidence:.0%} Student-t interval over the seeds; effect = paired difference "
+                   f"variant - winner per seed, with its t-interval: it matters when the interval excludes 0, "
+                   f"no measurable effect when it lies within +-{margin:g}, inconclusive otherwise; "
+                   f"P(best) = fraction of {resamples} paired bootstrap resamples of the seeds in which the "
+                   f"finalist's mean {plan.metric} is the best"),
+        "runs": {"planned": len(plan.pairs()), "complete": sum(p in values for p in plan.pairs()),
+                 "failed": sorted({v for v in errors if any(x.name == v for x in plan.variants)})},
+    }
+    result["sentences"] = sentences(result)
+    return result
+
+
+def _signed(value: float | None, scale: float) -> str:
+    if value is None:
+        return "?"
+    return f"{value * scale:+.1f}" if scale != 1 else f"{value:+.4f}"
+
+
+def sentences(result: Mapping[str, Any]) -> list[str]:
+    """One plain sentence per technique: the change, its effect on the objective with the interval, the verdict."""
+    scale = result["scale"]
+    unit = " points" if scale != 1 else ""
+    out = []
+    by_family: dict[str, list[Mapping[str, Any]]] = {}
+    for effect in result["effects"]:
+        by_family.setdefault(effect["family"], []).append(effect)
+    for family, effects in by_family.items():
+        label, was = LABELS[family], effects[0]["winner_setting"]
+
+        def told(e: Mapping[str, Any]) -> str:
+            o = e["objective"]
+            if o["n"] == 0:
+                return f"failed ({(e['error'] or 'no run')[:80]})"
+            if o["low"] is None:
+                return f"{_signed(o['mean'], scale)}{unit} (one seed: no interval)"
+            return f"{_signed(o['mean'], scale)}{unit} [{_signed(o['low'], scale)}, {_signed(o['high'], scale)}]"
+
+        verdicts = [e["verdict"] for e in effects]
+        better = [e["setting"] for e in effects if e["verdict"] == "better"]
+        worse = verdicts.count("worse")
+        if better:
+            words = f"{', '.join(better)} did better than the winner's {was}: the search missed it"
+        elif worse:
+            words = "it matters" + (f" ({worse} of {len(effects)} alternatives worse)" if len(effects) > 1 else "")
+        elif all(v == "no effect" for v in verdicts):
+            words = "no measurable effect"
+        elif "inconclusive" in verdicts:
+            words = f"inconclusive with {len(result['seeds'])} seeds: more would tell"
+        else:
+            words = "not enough seeds or runs to tell"
+        if len(effects) == 1:
+            out.append(f"{label}: {effects[0]['setting']} instead of {was}: {told(effects[0])} — {words}")
+        else:
+            out.append(f"{label}: instead of {was}, " + "; ".join(f"{e['setting']} {told(e)}" for e in effects)
+                       + f" — {words}")
+    return out
+
+
+# ---- the command ----
+
+def report_folder(cfg: DictConfig, study_name: str) -> Path:
+    """Where the study report lives (searchlab.report): the ablation.json goes next to it."""
+    return Path(cfg.report.dir) / re.sub(r"[^A-Za-z0-9._-]+", "_", study_name)
+
+
+def ablate(overrides: Sequence[str]) -> int:
+    """`searchlab ablate`: runs (or resumes) the ablation of study.name and prints, writes and logs its verdict."""
+    begin = time.monotonic()
+    cfg = compose_config(overrides)
+    validate_config(cfg)
+    check_settings(cfg.ablate)
+    resolve_device(cfg.trainer.accelerator)
+    study = load_study(cfg.study.storage, cfg.study.name)
+    metric = study.user_attrs.get(METRIC, cfg.study.metric)
+    plan = build_plan(study, cfg.ablate, overrides, metric)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
+    storage = open_storage(cfg.study.storage, heartbeat_settings(cfg.study, tracker))
+    name = f"{cfg.study.name}.ablation"
+    ablation = optuna.create_study(study_name=name, storage=storage, direction=plan.direction, load_if_exists=True,
+                                   sampler=optuna.samplers.RandomSampler(seed=0), pruner=optuna.pruners.NopPruner())
+    lock = budget_lock(storage, cfg.study.storage, name)
+    settings = {**{f"ablate.{k}": v for k, v in OmegaConf.to_container(cfg.ablate).items() if k != "worker"},
+                "winner_trial": plan.winner.trial, "overrides": redact(" ".join(overrides))}
+    with lock():
+        run_id = _ablation_run(tracker, study, name, settings)
+        ablation.set_user_attr(PARENT_RUN_ATTR, run_id)  # where faults/workers end a lost trial's run
+        ablation.set_user_attr(METRIC, metric)
+    dead = DeadWorkers(ablation, tracker, run_id, trust_missing_pid=not isinstance(lock, NoLock))
+    with lock():
+        dead(ablation.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))  # what a crash left behind
+        queued, n_trials = queue_missing(ablation, plan)
+    budget = Budget(ablation, n_trials, lock, dead)
+    as_worker = bool(cfg.ablate.worker)
+    slots = [] if as_worker else plan_workers(cfg.workers, detect_gpus(cfg.trainer.accelerator), cpu_count(),
+                                                 cfg.trainer.devices)
+    total = len(plan.pairs())
+    if not as_worker:
+        _print_plan(plan, name, total, queued, n_trials - ablation_used(ablation), len(slots))
+    done = [total - (n_trials - ablation_used(ablation))]
+
+    def on_trial(outcome: TrialOutcome) -> None:
+        if outcome.state != "FAIL":
+            done[0] += 1
+        params = outcome.params or _pair_of(ablation, outcome.number)
+        value = f"{outcome.value:.4f}" if outcome.value is not None else "-"
+        print(f"  {done[0]:>4}/{total}  {params.get('variant', '?'):<26} seed {params.get('seed', '?'):<3} "
+              f"{outcome.state:<8} {metric}={value:<8} {outcome.seconds:6.2f}s"
+              + (f"  [{outcome.reason}]" if outcome.reason else ""), flush=True)
+
+    status = "FINISHED"
+    try:
+        if len(slots) > 1:
+            pool = WorkerPool(slots, overrides, budget, cfg.study.max_consecutive_failures)
+            pool.command = [sys.executable, "-m", "searchlab.cli", "ablate", *overrides, "ablate.worker=true"]
+            status = pool.run(on_trial)
+        else:
+            run_trials(budget, AblationRunner(ablation, plan, lock, tracker, run_id), cfg, on_trial)
+    except KeyboardInterrupt:
+        status = "KILLED"
+    except StudyStopped as err:
+        status = "FAILED"
+        print(f"searchlab: ablation stopped: {redact(str(err))}", file=sys.stderr)
+    if as_worker:
+        return {"KILLED": EXIT_INTERRUPTED, "FAILED": EXIT_STUDY_FAILED}.get(status, 0)
+    if status == "KILLED":
+        tracker.client.set_terminated(run_id, status="KILLED")
+        print(f"interrupted: run the same command to resume the ablation of study '{cfg.study.name}' "
+              f"({ablation_used(ablation)} trainings kept)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    values, errors = results(ablation)
+    result = summarize(plan, values, errors, cfg.ablate.confidence, cfg.ablate.bootstrap, cfg.ablate.margin)
+    result["mlflow_run_id"] = run_id
+    result["seconds"] = round(time.monotonic() - begin, 1)
+    _write(result, cfg, study, tracker, run_id, status)
+    return {"FAILED": EXIT_STUDY_FAILED}.get(status, 0)
+
+
+def ablation_used(study: optuna.Study) -> int:
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
+
+
+def _pair_of(study: optuna.Study, number: int) -> dict[str, Any]:
+    trials = study.get_trials(deepcopy=False)
+    by_number = {t.number: t for t in trials}
+    pair = _identity(by_number[number], by_number) if number in by_number else None
+    return {} if pair is None else {"variant": pair[0], "seed": pair[1]}
+
+
+def _print_plan(plan: Plan, name: str, total: int, queued: int, todo: int, workers: int) -> None:
+    value = f"{plan.winner.study_value:.4f}" if plan.winner.study_value is not None else "?"
+    print(f"ablation '{name}': winner trial {plan.winner.trial} ({plan.metric}={value}); "
+          f"{len(plan.variants)} configurations x {len(plan.seeds)} seeds = {total} trainings, {total - todo} done, "
+          f"{todo} to run" + (f" ({queued} queued now)" if queued else "")
+          + (f"; {workers} workers" if workers > 1 else ""), flush=True)
+    for skipped in plan.skipped:
+        print(f"  skipped {skipped['variant']}: {skipped['reason']}")
+
+
+def _write(result: dict[str, Any], cfg: DictConfig, study: optuna.Study, tracker: Tracker, run_id: str,
+           status: str) -> None:
+    """Prints the verdict, writes ablation.json next to the study report, re-writes the report (which leads with
+    it) and logs both to the ablation run."""
+    from searchlab.ablation_view import render_text
+
+    folder = report_folder(cfg, study.study_name)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "ablation.json"
+    path.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    print(render_text(result))
+    tracker.client.log_artifact(run_id, str(path))
+    try:
+        report = write_report(study, cfg, tracker)
+        for name in report.summary.get("plots", []):
+            if name.startswith("ablation"):
+                tracker.client.log_artifact(run_id, str(folder / name))
+        print(f"report: {folder / 'report.html'}; ablation.json; MLflow ablation run {run_id}")
+    except Exception as err:  # the verdict is stored; the report can be made again with `searchlab report`
+        print(f"searchlab: report not written ({type(err).__name__}: {redact(str(err))[:200]}); ablation.json in "
+              f"{folder}; make the report with: searchlab report study.name={study.study_name}", file=sys.stderr)
+    tracker.client.log_metric(run_id, "trainings_complete", result["runs"]["complete"])
+    tracker.client.set_terminated(run_id, status=status)
