@@ -373,7 +373,10 @@ def _check_model_logging(cfg: DictConfig) -> None:
         raise ConfigError(f"tracking.log_models: expected one of {', '.join(_LOG_MODELS)}, got {log_models!r}")
     top_k = OmegaConf.select(cfg, "tracking.top_k", default=1)
     if not _is_positive_int(top_k):
-        raise ConfigError(f"tracking.top_k: expected a positive integer, got {top_k!r}")
+        # tracking.top_k is ${report.top_k} by default: name the key the user set
+        from_report = "tracking" in cfg and OmegaConf.is_interpolation(cfg.tracking, "top_k")
+        key = "report.top_k (tracking.top_k follows it)" if from_report else "tracking.top_k"
+        raise ConfigError(f"{key}: expected a positive integer, got {top_k!r}")
     name = OmegaConf.select(cfg, "tracking.register_model", default=None)
     if name is not None and not (isinstance(name, str) and name.strip()):
         raise ConfigError(f"tracking.register_model: expected a model name or null, got {name!r}")

@@ -47,16 +47,12 @@ def digits_test_inputs() -> torch.Tensor:
 
 
 def load_model(tracking_uri: str, model_uri: str) -> torch.nn.Module:
-    """mlflow.pytorch.load_model of a runs:/ or models:/ URI from this store (those URIs read the tracking URI)."""
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    try:
+    """mlflow.pytorch.load_model of a runs:/ or models:/ URI from this store (those URIs read the tracking URI: set
+    for this call as searchlab.tracking does, over any global an earlier test left, e.g. Lightning's MLFlowLogger)."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(tracking_uri):
         return mlflow.pytorch.load_model(model_uri)
-    finally:
-        if saved is None:
-            del os.environ["MLFLOW_TRACKING_URI"]
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def predictions(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
