@@ -9,7 +9,6 @@ so a step has no host sync.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -17,15 +16,29 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.functional.classification import multiclass_auroc
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 ScheduleFactory = Callable[[torch.optim.Optimizer], Any]
 _PLAIN = (str, int, float, type(None))  # values that are never a Parameter, Module or Buffer
-# A class absent from a small validation split leaves its AUROC undefined (torchmetrics warns and counts it as 0):
-# the per-epoch warning would only clutter the output of a search.
-warnings.filterwarnings("ignore", message=".*No positive samples in targets.*")
-warnings.filterwarnings("ignore", message=".*No negative samples in targets.*")
+
+
+def macro_auroc(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One-vs-rest AUROC averaged over classes, from the Mann-Whitney rank statistic (tied scores share their mean
+    rank): the same values as torchmetrics' multiclass_auroc(average="macro"), which is ~7x slower per epoch on
+    digits (its per-class ROC curves). A class absent from the targets counts 0, as there."""
+    n, classes = scores.shape
+    ordered, order = scores.sort(0)
+    new_group = torch.ones_like(ordered, dtype=torch.bool)
+    new_group[1:] = ordered[1:] != ordered[:-1]
+    group = (new_group.long().cumsum(0) - 1 + torch.arange(classes, device=scores.device) * n).reshape(-1)
+    positions = torch.arange(1, n + 1, dtype=scores.dtype, device=scores.device).unsqueeze(1).expand(n, classes)
+    total = torch.zeros(n * classes, dtype=scores.dtype, device=scores.device).index_add_(0, group,
+                                                                                          positions.reshape(-1))
+    count = torch.zeros_like(total).index_add_(0, group, torch.ones_like(total))
+    ranks = torch.empty_like(scores).scatter_(0, order, (total / count.clamp(min=1))[group].view(n, classes))
+    positive = F.one_hot(targets, classes).to(scores.dtype)
+    n_pos = positive.sum(0)
+    return (((ranks * positive).sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos)).clamp(min=1)).mean()
 
 
 class _Module(pl.LightningModule):
@@ -141,8 +154,7 @@ class Classifier(_Module):
             f"{prefix}_loss": F.cross_entropy(outputs, targets),
             f"{prefix}_acc": hits.sum() / len(targets),
             f"{prefix}_f1": (f1 * present).sum() / present.sum(),
-            f"{prefix}_auroc": multiclass_auroc(outputs.softmax(1), targets, n_classes, average="macro",
-                                                validate_args=False),
+            f"{prefix}_auroc": macro_auroc(outputs.softmax(1), targets),
         }
 
 

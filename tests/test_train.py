@@ -163,3 +163,18 @@ def test_device_choice_with_and_without_cuda():
         resolve_device("gpu", cuda_available=False)
     assert resolve_precision("auto", torch.device("cpu")) == "32-true"
     assert resolve_precision("16-mixed", torch.device("cpu")) == "16-mixed"
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_macro_auroc_equals_torchmetrics(ties):
+    from torchmetrics.functional.classification import multiclass_auroc
+
+    from searchlab.modules import macro_auroc
+
+    generator = torch.Generator().manual_seed(int(ties))
+    scores = torch.randn(300, 7, generator=generator)
+    if ties:
+        scores = (scores * 2).round()  # many tied scores
+    probabilities, targets = scores.softmax(1), torch.randint(0, 7, (300,), generator=generator)
+    expected = multiclass_auroc(probabilities, targets, 7, average="macro")
+    assert float(macro_auroc(probabilities, targets)) == pytest.approx(float(expected), abs=1e-6)
