@@ -11,6 +11,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,6 +83,14 @@ class TensorBatches:
 
     def __len__(self) -> int:
         return self.n_batches
+
+    # Lightning saves a stateful loader's state in checkpoints: a resumed trial draws the batch orders it would have.
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.generator is None else {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.generator is not None and "generator" in state_dict:
+            self.generator.set_state(state_dict["generator"])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n, size = len(self.x), self.batch_size

@@ -21,6 +21,7 @@ from pytorch_lightning.strategies import DDPStrategy, Strategy
 from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from searchlab.build import build_module, data_shape, load_data, module_task
+from searchlab.checkpoints import CheckpointPlan, TrialCheckpoints
 from searchlab.config import ConfigError, metric_direction
 from searchlab.data import Splits, TensorBatches, batch_size_for
 
@@ -160,6 +161,14 @@ class _BestWeights(pl.Callback):
             return
         self.result.weights = Weights.of(module, trainer.current_epoch + 1, value)
 
+    def state_dict(self) -> dict[str, Any]:  # in a trial's checkpoint: a resumed trial keeps its best epoch so far
+        best = self.result.weights
+        return {} if best is None else {"state": best.state, "epoch": best.epoch, "value": best.value}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self.result.weights = Weights(state_dict["state"], int(state_dict["epoch"]), float(state_dict["value"]))
+
 
 def _direction(cfg: DictConfig, metric: str) -> str:
     """The direction the metric is optimized in: study.direction, or from the metric's name when it is auto."""
@@ -212,13 +221,15 @@ def process_group_backend(setting: str, device: torch.device) -> str:
 
 
 def fit_rank(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None = None, test: bool = False,
-             rank: int = 0, world_size: int = 1, metric: str | None = None, probe: bool = False) -> TrainResult:
+             rank: int = 0, world_size: int = 1, metric: str | None = None, probe: bool = False,
+             checkpoint: CheckpointPlan | None = None) -> TrainResult:
     """One training in this process: the whole of it on one device, or one DDP rank's part of it (world_size > 1, in
     a process that searchlab.ddp started and set up as Lightning's externally launched rank).
 
     `splits` are the resident tensors (already on the training device), or None when `data` is a
     LightningDataModule, which is built here. `metric` (default study.metric) is watched for divergence. `probe`
-    trains one batch and validates one batch: the check of a config before a study.
+    trains one batch and validates one batch: the check of a config before a study. `checkpoint`: where the
+    trial's checkpoint is written and whether the training resumes from it (searchlab.checkpoints).
     """
     start = time.perf_counter()
     pl.seed_everything(cfg.seed, verbose=False)
@@ -240,6 +251,9 @@ def fit_rank(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None 
             # check_finite off: a non-finite metric is a diverged run, stopped (and pruned) by _EpochCallback.
             callbacks.append(EarlyStopping(monitor=metric, mode="max" if _direction(cfg, metric) == "maximize"
                                            else "min", patience=patience, check_finite=False))
+        if checkpoint is not None:
+            callbacks.append(TrialCheckpoints(checkpoint, result.history))
+    resume = str(checkpoint.path) if checkpoint is not None and checkpoint.resume and not probe else None
     if world_size > 1:
         strategy: Strategy | str = DDPStrategy(
             process_group_backend=process_group_backend(cfg.trainer.process_group_backend, device),
@@ -261,7 +275,7 @@ def fit_rank(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None 
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
+        enable_checkpointing=any(isinstance(c, TrialCheckpoints) for c in callbacks),
         num_sanity_val_steps=0,
     )
     shape = data_shape(data, task)
@@ -273,9 +287,10 @@ def fit_rank(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None 
         train_batches = TensorBatches(data.x_train, data.y_train, batch_size, shuffle=True, seed=cfg.seed,
                                       rank=rank, world_size=world_size)
         val_batches = TensorBatches(data.x_val, data.y_val, cfg.trainer.eval_batch_size, shuffle=False)
-        trainer.fit(module, train_dataloaders=train_batches, val_dataloaders=val_batches)
+        trainer.fit(module, train_dataloaders=train_batches, val_dataloaders=val_batches, ckpt_path=resume,
+                    weights_only=False)
     else:
-        trainer.fit(module, datamodule=data)
+        trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=False)
     result.ended = _limit_reached(trainer, result, metric)
     if result.weights is not None:  # the best epoch's weights, for testing, logging and export
         module.load_state_dict(result.weights.state)
