@@ -8,8 +8,12 @@ REASON = "reason"  # why a trial was pruned, stopped or failed, in words
 CONSTRAINED = "constrained"  # keys a space constraint set instead of drawing them
 WORKER_PID, WORKER_HOST = "worker.pid", "worker.host"  # the process running it: a dead worker's trial is found
 SURPLUS = "surplus"  # given back unrun: other workers had taken the budget (storages without a lock)
+RETRY_OF = "retry_of"  # the trial this one retries (a dead worker's, an interrupted one) with the same params
+CHECKPOINT_OF = "checkpoint_of"  # the trial number naming the checkpoint folder of this trial and of its retries
+RESUMED_FROM_EPOCH = "resumed_from_epoch"  # this attempt started from its checkpoint of that epoch
+EPOCHS_TRAINED = "epochs_trained"  # epochs this attempt trained (after the one it resumed from)
 # Of one attempt at a trial, not of its configuration: a retried trial starts without them.
-ATTEMPT_ATTRS = (WORKER_PID, WORKER_HOST, MLFLOW_RUN_ID, REASON)
+ATTEMPT_ATTRS = (WORKER_PID, WORKER_HOST, MLFLOW_RUN_ID, REASON, RESUMED_FROM_EPOCH, EPOCHS_TRAINED)
 
 # On a study
 MLFLOW_PARENT_RUN_ID = "mlflow_parent_run_id"  # the study's MLflow parent run

@@ -76,7 +76,7 @@ def checkpoint_root(cfg: DictConfig) -> Path:
 def trial_plan(cfg: DictConfig, key: int, owner: dict[str, Any]) -> CheckpointPlan:
     """The plan of the trial whose first attempt was trial number `key` (its retries share the folder)."""
     return CheckpointPlan(checkpoint_root(cfg) / f"trial-{key}" / CHECKPOINT_FILE, checkpoint_every(cfg),
-                          float(cfg.trainer.get("checkpoint_auto_seconds", 60)), owner=owner)
+                          float(cfg.trainer.get("checkpoint_auto_seconds", 30)), owner=owner)
 
 
 def read_saved(path: Path) -> Saved | None:
@@ -94,7 +94,7 @@ def read_saved(path: Path) -> Saved | None:
 
 def remove(plan: CheckpointPlan | None) -> None:
     """Deletes the trial's checkpoint folder: the trial has finished and will not be resumed."""
-    if plan is not None:
+    if plan is not None and plan.path.parent.exists():
         shutil.rmtree(plan.path.parent, ignore_errors=True)
 
 

@@ -45,17 +45,20 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from searchlab.config import ConfigError, redact
+    from searchlab.interrupts import EXIT_TERMINATED, sigterm_as_interrupt, terminated
     from searchlab.project import project
 
     try:
-        with project(args.config_dir):
-            return _run(args.command, args.overrides, getattr(args, "export", None))
+        with sigterm_as_interrupt(), project(args.config_dir):
+            code = _run(args.command, args.overrides, getattr(args, "export", None))
     except ConfigError as err:
         print(f"searchlab: error: {redact(str(err))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print("terminated (SIGTERM)" if terminated() else "interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    # SIGTERM (a preemption, `kill`, SLURM's --signal=TERM) stops as Ctrl-C does, with the exit code of SIGTERM.
+    return EXIT_TERMINATED if code == EXIT_INTERRUPTED and terminated() else code
 
 
 def _run(command: str, overrides: list[str], export: str | None = None) -> int:

@@ -32,6 +32,7 @@ from searchlab.config import (
 from searchlab.data import Splits
 from searchlab.devices import cpu_count, detect_gpus, plan_workers
 from searchlab.faults import heartbeat_settings
+from searchlab.interrupts import terminated
 from searchlab.lightning_fit import TrainResult, check_devices, resolve_device
 from searchlab.locks import NoLock, budget_lock
 from searchlab.model_out import (
@@ -152,7 +153,9 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
         if not as_worker or budget.done():
             tracker.end_study(parent_run_id, None if best is None else vars(best), state_counts(study), status)
     if status == "KILLED":
-        print(f"interrupted: run the same command to resume study '{cfg.study.name}'", file=sys.stderr)
+        stopped = "terminated (SIGTERM)" if terminated() else "interrupted"
+        print(f"{stopped}: run the same command to resume study '{cfg.study.name}' (a trial with a checkpoint "
+              "resumes from it)", file=sys.stderr)
     counts = state_counts(study)
     print(f"\n{budget_used(study)}/{cfg.study.n_trials} trials in {time.monotonic() - start:.1f}s this run: "
           + ", ".join(f"{n} {state.lower()}" for state, n in counts.items()))

@@ -235,7 +235,7 @@ _POSITIVE_INTS = (
 _FRACTIONS = ("data.val_fraction", "data.test_fraction")
 _RATES = ("model.dropout",)  # in [0, 1)
 _NON_NEGATIVE = ("module.l1", "optimizer.weight_decay")
-_POSITIVE = ("optimizer.lr",)
+_POSITIVE = ("optimizer.lr", "trainer.checkpoint_auto_seconds")
 _SEEDS = ("seed", "study.seed")  # non-negative integers (NumPy and Optuna's samplers refuse negatives)
 _CHOICES = {
     "study.direction": ("auto", "maximize", "minimize"),
@@ -360,6 +360,10 @@ def _check_limits(cfg: DictConfig) -> None:
             raise ConfigError(f"trainer.max_time: {expected} (keys: {', '.join(_TIMEDELTA_KEYS)})")
     elif value is not None:
         raise ConfigError(f"trainer.max_time: {expected}")
+    every = OmegaConf.select(cfg, "trainer.checkpoint_every_n_epochs", default="auto")
+    if every != "auto" and not _is_positive_int(every):
+        raise ConfigError(f"trainer.checkpoint_every_n_epochs: expected auto or a positive integer (epochs), "
+                          f"got {every!r}")
     patience = OmegaConf.select(cfg, "trainer.early_stopping_patience", default=None)
     if patience is not None and not _is_positive_int(patience):
         raise ConfigError(f"trainer.early_stopping_patience: expected a positive integer (epochs) or null, "

@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from lightning_fabric.plugins.environments.lightning import find_free_network_port
 from omegaconf import DictConfig
 
+from searchlab.checkpoints import CheckpointPlan
 from searchlab.data import Splits
 from searchlab.lightning_fit import EpochHook, TrainResult, fit_rank
 
@@ -39,14 +40,14 @@ class _HookInParent:
 
 
 def _rank(rank: int, world_size: int, port: int, cfg: DictConfig, splits: Splits | None, cuda: bool, test: bool,
-          metric: str, to_parent: Any, to_rank0: Any) -> None:
+          metric: str, to_parent: Any, to_rank0: Any, checkpoint: CheckpointPlan | None = None) -> None:
     """One rank's process: the environment Lightning reads for an externally launched rank, then fit_rank."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
                       WORLD_SIZE=str(world_size))
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     hook = _HookInParent(to_parent, to_rank0) if rank == 0 else None
     splits = None if splits is None else splits.to(device)
-    result = fit_rank(cfg, splits, hook, test, rank=rank, world_size=world_size, metric=metric)
+    result = fit_rank(cfg, splits, hook, test, rank=rank, world_size=world_size, metric=metric, checkpoint=checkpoint)
     result.module = None  # the trained module stays in the rank: it need not be pickled back
     if torch.distributed.is_initialized():
         # Every rank leaves the process group together and ends gloo's threads here: left to the exit-time
@@ -58,7 +59,7 @@ def _rank(rank: int, world_size: int, port: int, cfg: DictConfig, splits: Splits
 
 
 def fit_ddp(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None = None, test: bool = False,
-            metric: str | None = None, cuda: bool = False) -> TrainResult:
+            metric: str | None = None, cuda: bool = False, checkpoint: CheckpointPlan | None = None) -> TrainResult:
     """A training over trainer.devices ranks: GPUs 0..devices-1 of the visible ones when `cuda`, else CPU processes.
     `splits` None: each rank builds the LightningDataModule of `data`. Returns rank 0's result (its metrics are those
     of the whole: see searchlab.modules)."""
@@ -67,7 +68,7 @@ def fit_ddp(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None =
     context = mp.get_context("spawn")
     to_parent, to_rank0 = context.Queue(), context.Queue()
     args = (world_size, find_free_network_port(), cfg, None if splits is None else splits.to(torch.device("cpu")),
-            cuda, test, metric or cfg.study.metric, to_parent, to_rank0)
+            cuda, test, metric or cfg.study.metric, to_parent, to_rank0, checkpoint)
     ranks = mp.start_processes(_rank, args=args, nprocs=world_size, join=False, start_method="spawn")
     try:
         while True:

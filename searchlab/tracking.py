@@ -16,7 +16,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,6 +214,19 @@ class Tracker:
         if clock - self._flushed_at.setdefault(run_id, clock) >= self.flush_seconds or len(pending) >= _BATCH:
             self.client.log_batch(run_id, metrics=pending)
             self._pending[run_id], self._flushed_at[run_id] = [], clock
+
+    def resume_trial(self, run_id: str, epoch: int, continues: str | None,
+                     history: Sequence[Mapping[str, float]]) -> None:
+        """A trial resumed from its checkpoint of `epoch`: its new run says so (and which run it continues) and gets
+        the curves of the epochs before, so that it shows the whole training."""
+        now = int(time.time() * 1000)
+        tags = [RunTag("searchlab.resumed_from_epoch", str(epoch))]
+        if continues:
+            tags.append(RunTag("searchlab.continues_run", continues))
+        metrics = [Metric(k, float(v), now, number) for number, values in enumerate(history, 1)
+                   for k, v in values.items()]
+        for start in range(0, max(len(metrics), 1), _BATCH):
+            self.client.log_batch(run_id, metrics=metrics[start:start + _BATCH], tags=tags if start == 0 else [])
 
     def end_trial(self, run_id: str, state: str, value: float | None, reason: str | None) -> None:
         """Final state tag (COMPLETE, PRUNED, FAIL), the objective value and, for pruned or failed, the reason."""

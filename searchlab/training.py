@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from searchlab.build import module_task
+from searchlab.checkpoints import CheckpointPlan
 from searchlab.config import ConfigError
 from searchlab.data import Splits
 from searchlab.ddp import fit_ddp
@@ -23,13 +24,14 @@ _MANY_CLASSES, _FEW = 50, 5
 
 
 def fit(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None = None, test: bool = False,
-        metric: str | None = None) -> TrainResult:
+        metric: str | None = None, checkpoint: CheckpointPlan | None = None) -> TrainResult:
     """Trains cfg on splits (on the training device; None for a LightningDataModule `data`). With trainer.devices > 1
-    the training runs in DDP ranks spawned for this call; on_epoch still runs here, in the caller's process."""
+    the training runs in DDP ranks spawned for this call; on_epoch still runs here, in the caller's process.
+    `checkpoint`: where the trial's checkpoints go and whether it resumes from one (searchlab.checkpoints)."""
     if cfg.trainer.devices > 1:
         cuda = resolve_device(cfg.trainer.accelerator).type == "cuda"
-        return fit_ddp(cfg, splits, on_epoch, test, metric=metric, cuda=cuda)
-    return fit_rank(cfg, splits, on_epoch, test, metric=metric)
+        return fit_ddp(cfg, splits, on_epoch, test, metric=metric, cuda=cuda, checkpoint=checkpoint)
+    return fit_rank(cfg, splits, on_epoch, test, metric=metric, checkpoint=checkpoint)
 
 
 def check_targets(splits: Splits, task: str) -> None:

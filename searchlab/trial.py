@@ -6,6 +6,7 @@ with its state and reason, next to the finished ones.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shlex
@@ -20,10 +21,20 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from searchlab.attrs import MLFLOW_RUN_ID, OVERRIDES, REASON
+from searchlab import checkpoints
+from searchlab.attrs import (
+    CHECKPOINT_OF,
+    EPOCHS_TRAINED,
+    MLFLOW_RUN_ID,
+    OVERRIDES,
+    REASON,
+    RESUMED_FROM_EPOCH,
+    RETRY_OF,
+)
 from searchlab.config import Composer, format_override, user_config_dir
 from searchlab.data import Splits
 from searchlab.faults import heartbeat
+from searchlab.interrupts import terminated
 from searchlab.lightning_fit import TrainResult
 from searchlab.space import SearchSpace
 from searchlab.tracking import Tracker
@@ -88,6 +99,7 @@ class TrialRunner:
     def _run(self, trial: optuna.Trial, start: float) -> TrialOutcome:
         values: dict[str, Any] = {}
         run_id: str | None = None
+        plan: checkpoints.CheckpointPlan | None = None
         try:
             values = self.space.sample(trial, self.use_grid)
             overrides = training_overrides(self.base_overrides + [format_override(k, v) for k, v in values.items()])
@@ -96,15 +108,22 @@ class TrialRunner:
                 self.parent_run_id, trial.number, values, OmegaConf.to_yaml(trial_cfg), train_command(overrides))
             trial.set_user_attr(MLFLOW_RUN_ID, run_id)
             trial.set_user_attr(OVERRIDES, overrides)
-            result, pruned = self._train(trial, run_id, trial_cfg)
+            plan = self._checkpoint_plan(trial, trial_cfg, values, run_id)
+            result, pruned = self._train(trial, run_id, trial_cfg, plan)
         except BaseException as err:  # the trial fails, the study goes on; an interrupt also stops the study
             interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
-            reason = "interrupted" if interrupted else _describe(err)
+            reason = _describe(err)
+            if interrupted:
+                reason = ("terminated (SIGTERM)" if terminated() else "interrupted") + self._requeue(trial, plan)
+            else:
+                checkpoints.remove(plan)
             self._finish(trial, run_id, TrialState.FAIL, None, reason)
             if interrupted:
                 signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores SIGINT after one
                 raise KeyboardInterrupt from None
             return TrialOutcome(trial.number, "FAIL", None, time.perf_counter() - start, reason, values)
+        checkpoints.remove(plan)  # finished: nothing to resume
+        trial.set_user_attr(EPOCHS_TRAINED, len(result.history) - trial.user_attrs.get(RESUMED_FROM_EPOCH, 0))
         value = result.best(self.metric, self.direction)
         if pruned or result.stop_reason:
             # Diverged runs are pruned, not failed: they count toward the budget, and the sampler learns from them.
@@ -120,7 +139,40 @@ class TrialRunner:
         self._finish(trial, run_id, state, value, reason)
         return TrialOutcome(trial.number, state.name, value, time.perf_counter() - start, reason, values)
 
-    def _train(self, trial: optuna.Trial, run_id: str, trial_cfg: DictConfig) -> tuple[TrainResult, bool]:
+    def _checkpoint_plan(self, trial: optuna.Trial, trial_cfg: DictConfig, values: dict[str, Any],
+                         run_id: str) -> checkpoints.CheckpointPlan:
+        """Where this trial's checkpoint lives (one folder per trial and its retries), and whether a checkpoint left
+        by an earlier attempt with the same params is there to resume: then the new run and the pruner get the
+        epochs already trained, and the training goes on from the next one."""
+        key = trial.user_attrs.get(CHECKPOINT_OF)
+        if key is None:
+            key = trial.number
+            trial.set_user_attr(CHECKPOINT_OF, key)
+        owner = {"params": dict(trial.params), "run_id": run_id, "trial": trial.number}
+        plan = checkpoints.trial_plan(trial_cfg, key, owner)
+        saved = checkpoints.read_saved(plan.path)
+        if saved is None or saved.owner.get("params") != owner["params"]:
+            checkpoints.remove(plan)  # none, or another study's under the same name and number
+            return plan
+        trial.set_user_attr(RESUMED_FROM_EPOCH, saved.epoch)
+        self.tracker.resume_trial(run_id, saved.epoch, saved.owner.get("run_id"), saved.history)
+        for epoch, metrics in enumerate(saved.history, 1):  # the pruner sees the epochs trained before
+            if math.isfinite(metrics.get(self.metric, math.nan)):
+                trial.report(metrics[self.metric], epoch)
+        return dataclasses.replace(plan, resume=True)
+
+    def _requeue(self, trial: optuna.Trial, plan: checkpoints.CheckpointPlan | None) -> str:
+        """An interrupted trial with a checkpoint is queued again with its params: the next run of the study resumes
+        it from there. Returns what the reason should add."""
+        saved = None if plan is None else checkpoints.read_saved(plan.path)
+        if saved is None:
+            return ""
+        self.study.enqueue_trial(dict(trial.params), user_attrs={RETRY_OF: trial.number,
+                                                                 CHECKPOINT_OF: trial.user_attrs[CHECKPOINT_OF]})
+        return f"; resumable from its checkpoint of epoch {saved.epoch} (re-queued)"
+
+    def _train(self, trial: optuna.Trial, run_id: str, trial_cfg: DictConfig,
+               plan: checkpoints.CheckpointPlan) -> tuple[TrainResult, bool]:
         """Trains with each epoch tracked and reported; returns the result and whether the pruner stopped it."""
         pruned = False
 
@@ -136,7 +188,7 @@ class TrialRunner:
                 return f"pruned at epoch {epoch}: {self.metric}={value:.4g}"
             return None
 
-        return fit(trial_cfg, self.splits, on_epoch, metric=self.metric), pruned
+        return fit(trial_cfg, self.splits, on_epoch, metric=self.metric, checkpoint=plan), pruned
 
     def _finish(self, trial: optuna.Trial, run_id: str | None, state: TrialState, value: float | None,
                 reason: str | None) -> None:

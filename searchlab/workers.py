@@ -20,9 +20,10 @@ from collections.abc import Callable, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from searchlab.attrs import REASON, WORKER_HOST, WORKER_PID
+from searchlab.attrs import CHECKPOINT_OF, REASON, RETRY_OF, WORKER_HOST, WORKER_PID
 from searchlab.budget import Budget
 from searchlab.devices import WorkerSlot, worker_env
+from searchlab.interrupts import sigterm_as_interrupt, terminated
 from searchlab.tracking import Tracker
 from searchlab.trial import TrialOutcome
 
@@ -75,7 +76,9 @@ class DeadWorkers:
         handle = optuna.Trial(self.study, trial._trial_id)
         handle.set_user_attr(REASON, reason)
         self.study.tell(handle, state=TrialState.FAIL, skip_if_finished=True)
-        self.study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
+        # The retry resumes from the trial's checkpoint when it has one (searchlab.checkpoints).
+        self.study.enqueue_trial(dict(trial.params), user_attrs={
+            RETRY_OF: trial.number, CHECKPOINT_OF: trial.user_attrs.get(CHECKPOINT_OF, trial.number)})
         self.tracker.fail_lost_trial(self.parent_run_id, trial.number, trial.params, reason)
 
 
@@ -119,10 +122,13 @@ class WorkerPool:
         self._seen = {t.number for t in self.budget.study.get_trials(deepcopy=False, states=FINISHED_STATES)}
         if self.budget.done():
             return "FINISHED"
+        with sigterm_as_interrupt():  # `kill <parent>` or a preemption stops the workers as Ctrl-C does
+            return self._run(on_trial)
+
+    def _run(self, on_trial: Callable[[TrialOutcome], None]) -> str:
         procs = {i: self._spawn(i) for i in range(len(self.slots))}
         codes: list[int] = []
         deaths_in_a_row = 0
-        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill <parent>` stops like Ctrl-C
         try:
             while procs:
                 time.sleep(self.poll_seconds)
@@ -151,18 +157,17 @@ class WorkerPool:
             self._stop(list(procs.values()))
             self._report(on_trial)
             return "KILLED"
-        finally:
-            signal.signal(signal.SIGTERM, previous)
         self._report(on_trial)
         if self.budget.done() or all(code == 0 for code in codes):
             return "FINISHED"
-        return "KILLED" if 130 in codes else "FAILED"
+        return "KILLED" if {130, 143} & set(codes) else "FAILED"  # interrupted (Ctrl-C) or terminated (SIGTERM)
 
     def _stop(self, procs: list[subprocess.Popen]) -> None:
-        """Forwards Ctrl-C once; each worker fails its trial ("interrupted") and exits. Stragglers are killed."""
+        """Forwards Ctrl-C (or SIGTERM) once; each worker checkpoints and fails its trial ("interrupted", re-queued
+        when it has a checkpoint) and exits. Stragglers are killed."""
         for proc in procs:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signal.SIGTERM if terminated() else signal.SIGINT)
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         try:
             for proc in procs:
