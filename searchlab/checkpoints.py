@@ -167,7 +167,7 @@ class TrialCheckpoints(pl.callbacks.Checkpoint):
             return
         self.trained_seconds += time.perf_counter() - self._epoch_start
         epoch = len(self.history)
-        if trainer.should_stop:  # pruned, diverged or at a limit: the trial ends now, nothing to resume
+        if trainer.should_stop or epoch >= trainer.max_epochs:  # the trial ends now (pruned, at a limit, done)
             return
         every = self.plan.every
         if every is not None:
