@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-PARTS = ("overhead", "efficiency", "scaling", "methods")
+PARTS = ("overhead", "efficiency", "scaling", "methods", "checkpoints")
 
 
 def machine() -> str:
@@ -70,6 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods-max-seconds", type=float, default=None,
                    help="methods: lower every task's cap in CPU seconds")
     p.add_argument("--methods-threads", type=int, default=1, help="methods: torch threads during the runs (0: leave)")
+    p.add_argument("--checkpoint-repeats", type=int, default=3, help="checkpoints: interleaved repeats per way")
     p.add_argument("--extra", nargs="*", default=[], metavar="key=value",
                    help="overrides for every part (e.g. trainer.max_epochs=5): change the fixed setting (smoke runs)")
     args = p.parse_args(argv)
@@ -136,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
             plot = args.out / "methods.png"  # the runs, one JSON line each, are in methods-runs.jsonl
             methods.plot_methods(result, plot)
             add("methods", methods.methods_markdown(result, plot.name))
+        if "checkpoints" in args.parts:
+            from bench.checkpoints import checkpoints_markdown, run_checkpoints
+
+            for device in devices:
+                rows = run_checkpoints(Path(scratch) / f"checkpoints-{device}", args.checkpoint_repeats, device,
+                                       args.extra)
+                add("checkpoints", checkpoints_markdown(rows))
     results = args.out / "results.md"
     results.write_text(merge_results(results.read_text() if results.is_file() else "", run_line, new))
     print(f"wrote {results}")

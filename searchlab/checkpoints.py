@@ -178,10 +178,14 @@ class TrialCheckpoints(pl.callbacks.Checkpoint):
             due = keep and since >= max(self.plan.auto_seconds, _COST_RATIO * self.write_seconds)
         if not keep:
             return
-        self.snapshot = _on_cpu(trainer._checkpoint_connector.dump_checkpoint(weights_only=False))
-        self.snapshot_epoch = epoch
+        self._snapshot(trainer, epoch)
         if due:
             self._write(trainer)
+
+    def _snapshot(self, trainer: pl.Trainer, epoch: int) -> None:
+        # Lightning's own checkpoint content (what trainer.save_checkpoint writes), kept instead of written.
+        self.snapshot = _on_cpu(trainer._checkpoint_connector.dump_checkpoint(weights_only=False))
+        self.snapshot_epoch = epoch
 
     def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
         """Ctrl-C, SIGTERM (Lightning's SIGTERMException is a SystemExit): the last finished epoch's state is

@@ -18,6 +18,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from servers import MlflowServer, stop, wait_until
 
+from searchlab.checkpoints import CHECKPOINT_FILE, read_saved
 from searchlab.cli import main
 from searchlab.config import ConfigError, compose_config
 from searchlab.faults import GrpcProxyWithHeartbeat, fail_stale_trials, heartbeat, heartbeat_settings
@@ -144,7 +145,8 @@ def test_worker_killed_mid_trial_is_failed_and_retried_by_the_heartbeat(postgres
     url = postgres.create_database("heartbeat")
     n_trials = 4
     overrides = [*study_overrides("lost", url, mlflow_server, n_trials), "trainer.max_epochs=20", "model.width=32",
-                 "study.pruner=none", "study.heartbeat_interval=1", "study.grace_period=3", "study.max_retry=2"]
+                 "study.pruner=none", "study.heartbeat_interval=1", "study.grace_period=3", "study.max_retry=2",
+                 "trainer.checkpoint_every_n_epochs=1", f"tracking.artifact_root={tmp_path}/artifacts"]
     storage = RDBStorage(url)
     # The victim runs "on another machine": only the heartbeat can tell that it died, not a local pid check.
     victim = start_worker(tmp_path / "victim.log", overrides, host="node-b")
@@ -155,7 +157,9 @@ def test_worker_killed_mid_trial_is_failed_and_retried_by_the_heartbeat(postgres
         except KeyError:  # not created yet
             return None
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        return next((t for t in running if t.intermediate_values and "mlflow_run_id" in t.user_attrs), None)
+        return next((t for t in running if "mlflow_run_id" in t.user_attrs and (saved := read_saved(
+            tmp_path / "artifacts" / "lost" / "checkpoints" / f"trial-{t.number}" / CHECKPOINT_FILE)) is not None
+            and saved.epoch >= 2), None)
 
     lost = wait_until(running_mid_trial, "a trial of the victim worker", 90, victim, tmp_path / "victim.log")
     os.kill(victim.pid, signal.SIGKILL)
@@ -174,6 +178,9 @@ def test_worker_killed_mid_trial_is_failed_and_retried_by_the_heartbeat(postgres
     retry = retries[0]
     assert retry.system_attrs["retry_history"] == [lost.number]
     assert retry.params == lost.params and retry.state == TrialState.COMPLETE
+    # ... from the checkpoint the dead worker left: only the remaining epochs are trained again.
+    resumed_from = retry.user_attrs["resumed_from_epoch"]
+    assert resumed_from >= 2 and retry.user_attrs["epochs_trained"] == 20 - resumed_from
     run = MlflowClient(mlflow_server.uri).get_run(lost.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["optuna.trial.state"] == "FAIL"
     assert "no heartbeat for 3s" in run.data.tags["optuna.trial.reason"]
