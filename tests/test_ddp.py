@@ -17,6 +17,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from searchlab.build import load_data
+from searchlab.checkpoints import CHECKPOINT_FILE, CheckpointPlan, read_saved
 from searchlab.config import Composer, ConfigError, validate_config
 from searchlab.data import TensorBatches
 from searchlab.devices import WorkerSlot, plan_workers
@@ -66,6 +67,16 @@ def test_a_decision_on_rank_0_stops_every_rank_at_that_epoch(composer, digits):
     result = fit(composer({"trainer.max_epochs": 5, "trainer.process_group_timeout_s": 60}), digits,
                  lambda epoch, metrics: "pruned at epoch 2" if epoch == 2 else None)
     assert result.stop_reason == "pruned at epoch 2" and len(result.history) == 2
+
+
+def test_rank_0_writes_the_checkpoint_and_every_rank_resumes_from_it(composer, digits, tmp_path):
+    plan = CheckpointPlan(tmp_path / CHECKPOINT_FILE, every=1, auto_seconds=1e9)
+    fit(composer({"trainer.max_epochs": 2}), digits, checkpoint=plan)
+    assert read_saved(plan.path).epoch == 1  # the last epoch is never written: the training ends there
+    seen: list[int] = []
+    result = fit(composer({"trainer.max_epochs": 3}), digits, lambda epoch, metrics: seen.append(epoch),
+                 checkpoint=CheckpointPlan(plan.path, every=1, auto_seconds=1e9, resume=True))
+    assert seen == [2, 3] and len(result.history) == 3
 
 
 def test_a_failing_rank_fails_the_call_and_leaves_no_process(composer, digits):
@@ -126,6 +137,7 @@ _KILLED_MID_TRIAL = """
 import multiprocessing, time
 from searchlab.config import Composer
 from searchlab.build import load_data
+from searchlab.checkpoints import CHECKPOINT_FILE, CheckpointPlan, read_saved
 from searchlab.training import fit
 
 def hold(epoch, metrics):
