@@ -29,8 +29,9 @@ def trial_line(metric: str, outcome: TrialOutcome, best: Best | None) -> str:
     value = "-" if outcome.value is None else f"{outcome.value:.4f}"
     best_text = "-" if best is None else f"{best.value:.4f} (#{best.number})"
     reason = f"  [{outcome.reason}]" if outcome.reason and outcome.state != "COMPLETE" else ""
+    resumed = f"  (resumed from epoch {outcome.resumed_from})" if outcome.resumed_from else ""
     return (f"trial {outcome.number:4d}  {outcome.state:8s}  {metric}={value:7s}  {outcome.seconds:6.2f}s  "
-            f"best {best_text}{reason}")
+            f"best {best_text}{reason}{resumed}")
 
 
 def _clock(seconds: float) -> str:

@@ -49,6 +49,7 @@ class TrialOutcome:
     seconds: float
     reason: str | None
     params: dict[str, Any]
+    resumed_from: int | None = None  # the epoch of the checkpoint this attempt resumed from
 
 
 # Called for a trial that finished COMPLETE, before it is told: (number, run id, result, value) -> whether it kept
@@ -137,7 +138,8 @@ class TrialRunner:
             if self.keep is not None:
                 self.keep(trial.number, run_id, result, value)
         self._finish(trial, run_id, state, value, reason)
-        return TrialOutcome(trial.number, state.name, value, time.perf_counter() - start, reason, values)
+        return TrialOutcome(trial.number, state.name, value, time.perf_counter() - start, reason, values,
+                            trial.user_attrs.get(RESUMED_FROM_EPOCH))
 
     def _checkpoint_plan(self, trial: optuna.Trial, trial_cfg: DictConfig, values: dict[str, Any],
                          run_id: str) -> checkpoints.CheckpointPlan:

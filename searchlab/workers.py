@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from searchlab.attrs import CHECKPOINT_OF, REASON, RETRY_OF, WORKER_HOST, WORKER_PID
+from searchlab.attrs import CHECKPOINT_OF, REASON, RESUMED_FROM_EPOCH, RETRY_OF, WORKER_HOST, WORKER_PID
 from searchlab.budget import Budget
 from searchlab.devices import WorkerSlot, worker_env
 from searchlab.interrupts import sigterm_as_interrupt, terminated
@@ -86,7 +86,7 @@ def outcome_of(trial: FrozenTrial) -> TrialOutcome:
     """A finished trial read from the storage, as the loop that ran it reported it."""
     seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_start else 0.0
     return TrialOutcome(trial.number, trial.state.name, trial.value, seconds, trial.user_attrs.get(REASON),
-                        dict(trial.params))
+                        dict(trial.params), trial.user_attrs.get(RESUMED_FROM_EPOCH))
 
 
 class WorkerPool:

@@ -121,6 +121,7 @@ def test_sigterm_exits_143_and_the_same_command_resumes_the_trial_mid_way(tmp_pa
     assert again.returncode == 0, again.stderr
     study = load_study(tmp_path, "term")
     (retry,) = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert f"(resumed from epoch {retry.user_attrs['resumed_from_epoch']})" in again.stdout
     assert retry.params == stopped.params and retry.user_attrs["retry_of"] == stopped.number
     resumed_from = retry.user_attrs["resumed_from_epoch"]
     assert resumed_from >= 2 and retry.user_attrs["epochs_trained"] == 8 - resumed_from
