@@ -124,7 +124,8 @@ class TrialRunner:
                 raise KeyboardInterrupt from None
             return TrialOutcome(trial.number, "FAIL", None, time.perf_counter() - start, reason, values)
         checkpoints.remove(plan)  # finished: nothing to resume
-        trial.set_user_attr(EPOCHS_TRAINED, len(result.history) - trial.user_attrs.get(RESUMED_FROM_EPOCH, 0))
+        if RESUMED_FROM_EPOCH in trial.user_attrs:  # what the retry trained (a trial from epoch 0: all its epochs)
+            trial.set_user_attr(EPOCHS_TRAINED, len(result.history) - trial.user_attrs[RESUMED_FROM_EPOCH])
         value = result.best(self.metric, self.direction)
         if pruned or result.stop_reason:
             # Diverged runs are pruned, not failed: they count toward the budget, and the sampler learns from them.
@@ -146,10 +147,7 @@ class TrialRunner:
         """Where this trial's checkpoint lives (one folder per trial and its retries), and whether a checkpoint left
         by an earlier attempt with the same params is there to resume: then the new run and the pruner get the
         epochs already trained, and the training goes on from the next one."""
-        key = trial.user_attrs.get(CHECKPOINT_OF)
-        if key is None:
-            key = trial.number
-            trial.set_user_attr(CHECKPOINT_OF, key)
+        key = trial.user_attrs.get(CHECKPOINT_OF, trial.number)  # a retry names its first attempt's folder
         owner = {"params": dict(trial.params), "run_id": run_id, "trial": trial.number}
         plan = checkpoints.trial_plan(trial_cfg, key, owner)
         saved = checkpoints.read_saved(plan.path)
@@ -169,8 +167,8 @@ class TrialRunner:
         saved = None if plan is None else checkpoints.read_saved(plan.path)
         if saved is None:
             return ""
-        self.study.enqueue_trial(dict(trial.params), user_attrs={RETRY_OF: trial.number,
-                                                                 CHECKPOINT_OF: trial.user_attrs[CHECKPOINT_OF]})
+        self.study.enqueue_trial(dict(trial.params), user_attrs={
+            RETRY_OF: trial.number, CHECKPOINT_OF: trial.user_attrs.get(CHECKPOINT_OF, trial.number)})
         return f"; resumable from its checkpoint of epoch {saved.epoch} (re-queued)"
 
     def _train(self, trial: optuna.Trial, run_id: str, trial_cfg: DictConfig,
