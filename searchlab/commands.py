@@ -45,10 +45,27 @@ from searchlab.model_out import (
 )
 from searchlab.objectives import PRUNING_OFF, Objectives, metric_names, metric_setting
 from searchlab.progress import Progress
-from searchlab.report import Report, best_overrides, check_settings, load_study, render_text, write_report
+from searchlab.report import (
+    Report,
+    best_overrides,
+    check_settings,
+    load_study,
+    render_text,
+    with_trial,
+    write_report,
+)
 from searchlab.space import load_space
 from searchlab.storage import open_storage, serve_storage_proxy
-from searchlab.study import StudyStopped, best_trial, make_pruner, make_sampler, open_study, run_trials, state_counts
+from searchlab.study import (
+    StudyStopped,
+    best_trial,
+    check_sampler,
+    make_pruner,
+    make_sampler,
+    open_study,
+    run_trials,
+    state_counts,
+)
 from searchlab.tracking import Tracker
 from searchlab.training import check_targets, fit, preflight
 from searchlab.trial import TrialOutcome, TrialRunner, train_command, training_overrides
@@ -100,6 +117,7 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
                                                  cfg.trainer.devices)
     check_settings(cfg.report)
     space = load_space(composer, fixed)
+    check_sampler(cfg, space)
     sampler, pruner = make_sampler(cfg, space, _worker_index() if as_worker else 0), make_pruner(cfg)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
     storage = open_storage(cfg.study.storage, heartbeat_settings(cfg.study, tracker))
@@ -346,8 +364,6 @@ def front_lines(study: optuna.Study, objectives: Objectives, overrides: list[str
     lines = [f"Pareto front: {len(front)} trial{'s' if len(front) != 1 else ''} that no other trial beats in every "
              f"metric ({objectives.describe()}):"]
     for trial in front:
-        mine = list(trial.user_attrs.get(OVERRIDES, []))
-        keys = {o.lstrip("+~").split("=", 1)[0] for o in mine}
-        chosen = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in keys] + mine
+        chosen = with_trial(overrides, trial.user_attrs.get(OVERRIDES, []))
         lines += [f"# trial {trial.number}: {objectives.format(trial.values)}", train_command(chosen)]
     return lines

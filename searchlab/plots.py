@@ -266,15 +266,16 @@ def _learning_curves(study: optuna.Study, top: Sequence[int], metric: str) -> pl
 
 
 def _pareto(complete: list[FrozenTrial], objectives: Objectives) -> plt.Figure:
-    """The first two metrics of every complete trial, the Pareto front (over all the metrics) joined in order."""
+    """The first two metrics of every complete trial, those of the Pareto front (over all the metrics) in red with
+    their numbers; points, not a line: between two trials of the front there is no trial."""
     fig, ax = _figure(7, 4.5, bottom=0.6, left=0.9)
     front = {t.number for t in complete if not any(objectives.dominates(o.values, t.values) for o in complete)}
     rest = [t for t in complete if t.number not in front]
     best = sorted((t for t in complete if t.number in front), key=lambda t: (t.values[0], t.values[1]))
     ax.scatter([t.values[0] for t in rest], [t.values[1] for t in rest], s=14, color=(0.5, 0.5, 0.5, 0.6),
                label=f"dominated trial ({len(rest)})")
-    ax.plot([t.values[0] for t in best], [t.values[1] for t in best], marker="o", markersize=5, color="C3",
-            label=f"Pareto front ({len(best)})")
+    ax.scatter([t.values[0] for t in best], [t.values[1] for t in best], s=28, color="C3",
+               label=f"Pareto front ({len(best)})")
     for trial in best:
         ax.annotate(f"#{trial.number}", (trial.values[0], trial.values[1]), fontsize="x-small",
                     xytext=(3, 3), textcoords="offset points")

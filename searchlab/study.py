@@ -43,6 +43,20 @@ def make_sampler(cfg: DictConfig, space: SearchSpace, worker: int = 0) -> optuna
                         search_space=space.grid() if cfg.study.sampler == "grid" else None)
 
 
+def check_sampler(cfg: DictConfig, space: SearchSpace) -> None:
+    """With several objectives, draws one trial of the space with a fresh sampler on a throwaway in-memory study:
+    some samplers (CMA-ES) refuse multi-objective studies, which would otherwise fail every trial of the real one."""
+    if not Objectives.of(cfg.study).several:
+        return
+    probe = optuna.create_study(directions=list(Objectives.of(cfg.study).directions), sampler=make_sampler(cfg, space))
+    try:
+        space.sample(probe.ask(), cfg.study.sampler == "grid")
+    except (ValueError, NotImplementedError) as err:
+        raise ConfigError(f"study.sampler: {cfg.study.sampler} cannot sample a study of several metrics "
+                          f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}); "
+                          "choose another, e.g. study.sampler=tpe") from None
+
+
 def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
     """The pruner named by study.pruner, from the study.pruners table; none for several objectives, whatever
     study.pruner says: Optuna cannot prune a multi-objective study (Trial.report raises there, optuna#3450)."""

@@ -43,6 +43,7 @@ def load_study(tmp_path: Path, name: str) -> optuna.Study:
     (["study.metric=[val_acc,widgets]"],
      "study.direction: auto cannot tell whether widgets (study.metric's item 2) should go up or down; give one "
      "direction per metric, e.g. 'study.direction=[auto,maximize]'"),
+    ([SEVERAL, "study.sampler=cmaes"], "study.sampler: cmaes cannot sample a study of several metrics"),
     (["study.metric=[val_acc,val_widgets]", "study.direction=[auto,minimize]"],
      "study.metric: the module never logs 'val_widgets' after a validation epoch"),
 ])
