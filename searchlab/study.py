@@ -84,11 +84,17 @@ def open_study(cfg: DictConfig, objectives: Objectives, storage: BaseStorage,
         study = optuna.create_study(study_name=cfg.study.name, storage=storage, sampler=sampler, pruner=pruner,
                                     direction=objectives.direction, load_if_exists=True)
     existing = [d.name.lower() for d in study.directions]
-    metric = study.user_attrs.get(METRIC)
-    if len(existing) != len(objectives.names):
-        them = metric_setting(metric_names(metric)) if metric is not None else f"{len(existing)} metric(s)"
-        raise ConfigError(f"study.metric: study '{cfg.study.name}' optimizes {them}, not "
-                          f"{metric_setting(objectives.names)}; keep study.metric={them} or choose a new study.name")
+    stored = study.user_attrs.get(METRIC)
+    kept = metric_setting(metric_names(stored)) if stored is not None else None
+
+    def check_metrics() -> None:
+        if len(existing) != len(objectives.names) or (stored is not None and stored != objectives.stored):
+            keep = f"keep study.metric={kept}" if kept else f"keep its {len(existing)} metrics"
+            raise ConfigError(f"study.metric: study '{cfg.study.name}' optimizes {kept or f'{len(existing)} metrics'}, "
+                              f"not {metric_setting(objectives.names)}; {keep} or choose a new study.name")
+
+    if objectives.several or len(existing) > 1:  # names first: another order of the metrics is not a direction
+        check_metrics()
     if not objectives.several and existing[0] != objectives.direction:
         direction = objectives.direction
         raise ConfigError(
@@ -98,9 +104,9 @@ def open_study(cfg: DictConfig, objectives: Objectives, storage: BaseStorage,
         raise ConfigError(
             f"study.direction: study '{cfg.study.name}' was created to {', '.join(existing)} its metrics, this run "
             f"would {objectives.describe()}; keep study.direction=[{','.join(existing)}] or choose a new study.name")
-    if metric is not None and metric != objectives.stored:
-        raise ConfigError(f"study.metric: study '{cfg.study.name}' optimizes {metric_setting(metric_names(metric))}; "
-                          f"keep study.metric={metric_setting(metric_names(metric))} or choose a new study.name")
+    if stored is not None and stored != objectives.stored:
+        raise ConfigError(f"study.metric: study '{cfg.study.name}' optimizes {kept}; keep study.metric={kept} "
+                          "or choose a new study.name")
     return study
 
 

@@ -130,6 +130,7 @@ def test_multi_objective_study_end_to_end(tmp_path, store_overrides, capsys):
     for overrides, message in (
             (["study.metric=val_acc"], "study.metric: study 'pareto' optimizes [val_acc,params], not val_acc"),
             (["study.metric=[val_acc,val_loss]"], "study.metric: study 'pareto' optimizes [val_acc,params]"),
+            (["study.metric=[params,val_acc]"], "optimizes [val_acc,params], not [params,val_acc]"),
             ([SEVERAL, "study.direction=[maximize,maximize]"],
              "study.direction: study 'pareto' was created to maximize, minimize its metrics")):
         assert main([*resume, *overrides]) == 2
