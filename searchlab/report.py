@@ -138,7 +138,7 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None,
     top = ranked[: settings.top_k]
     evaluator = _evaluator(settings)
     importances, importance_note = _importances(study, complete, evaluator, settings.min_complete,
-                                                first_metric(objectives))
+                                                importance_target(objectives))
     rule = importance_rule(settings.min_complete)
     searched = list(dict.fromkeys(k for t in trials for k in t.params))
     slices = [v for v in (plots.make_view(trials, k, k) for k in searched) if v is not None]
@@ -184,10 +184,14 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None,
     return Report(folder, summary, parent, None)
 
 
-def first_metric(objectives: Objectives) -> Callable[[FrozenTrial], float] | None:
-    """Optuna's `target` for views of one value in a multi-objective study (the first metric); None with one metric,
-    where Optuna reads the value itself."""
-    return (lambda trial: trial.values[0]) if objectives.several else None
+def importance_target(objectives: Objectives) -> Callable[[FrozenTrial], float] | None:
+    """Optuna's importance `target` in a multi-objective study: the first metric, negated when it is maximized
+    (PED-ANOVA reads a target as lower-is-better; fANOVA's and MDI's importances do not depend on the sign). None
+    with one metric, where Optuna reads the value and the direction itself."""
+    if not objectives.several:
+        return None
+    sign = -1.0 if objectives.direction == "maximize" else 1.0
+    return lambda trial: sign * trial.values[0]
 
 
 def _pareto_summary(study: optuna.Study, objectives: Objectives) -> dict[str, Any]:
@@ -287,7 +291,9 @@ def _importances(study: optuna.Study, complete: list[FrozenTrial], evaluator: Ba
         values = optuna.importance.get_param_importances(study, evaluator=evaluator, params=params, target=target)
     # Optuna warns once per key ("... parameter `x` ..."): one sentence per kind of warning, naming all its keys.
     keys_by_text: dict[str, list[str]] = {}
-    for message in (str(w.message) for w in caught if "importance" in str(w.message).lower()):
+    # PED-ANOVA warns that a target is read as lower-is-better whenever one is given: importance_target sees to it
+    for message in (str(w.message) for w in caught if "importance" in str(w.message).lower()
+                    and not (target is not None and "low `target` values" in str(w.message))):
         keys_by_text.setdefault(re.sub(r"`[^`]+`", "{}", message), []).extend(re.findall(r"`([^`]+)`", message))
     notes += [text.replace("{}", ", ".join(keys)) if keys else text for text, keys in keys_by_text.items()]
     return {k: float(v) for k, v in values.items()}, "; ".join(notes) or None
