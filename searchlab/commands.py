@@ -74,7 +74,8 @@ from searchlab.workers import WORKER_INDEX_ENV, DeadWorkers, WorkerPool
 
 @dataclass
 class SearchResult:
-    """What `search` ran: the Optuna study, how this run ended (FINISHED, KILLED, FAILED) and the best trial."""
+    """What `search` ran: the Optuna study, how this run ended (FINISHED, KILLED, FAILED) and the best trial (with
+    several objectives, the Pareto front's trial with the best first metric; the front is `study.best_trials`)."""
 
     study: optuna.Study
     status: str
