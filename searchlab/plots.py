@@ -118,7 +118,8 @@ def plotly_figures(study: optuna.Study, importances: Mapping[str, float], slices
         bar = go.Figure(go.Bar(x=[importances[n] for n in names], y=names, orientation="h"))
         bar.update_layout(title="Parameter importances", height=120 + 28 * len(names), xaxis_title="importance")
         figures.append(("Parameter importances", bar))
-    figures.append(("Learning curves", _plotly_curves(study, top, metric)))
+    if not target:  # a multi-objective study's trials report no per-epoch values (their curves are in MLflow)
+        figures.append(("Learning curves", _plotly_curves(study, top, metric)))
     figures.append(("Parallel coordinates",
                     optuna.visualization.plot_parallel_coordinate(study, target_name=metric, **target)))
     if slices:
@@ -211,11 +212,10 @@ def write_pngs(folder: Path, study: optuna.Study, importances: Mapping[str, floa
     drawings = {}
     if objectives is not None and objectives.several:
         drawings["pareto_front.png"] = lambda: _pareto(complete, objectives)
-    drawings |= {
-        "history.png": lambda: _history(complete, study.directions[0].name == "MAXIMIZE", metric),
-        "learning_curves.png": lambda: _learning_curves(study, top, metric),
-        "parallel_coordinates.png": lambda: _parallel(complete, [v.param for v in slices], metric),
-    }
+    drawings["history.png"] = lambda: _history(complete, study.directions[0].name == "MAXIMIZE", metric)
+    if objectives is None or not objectives.several:  # no per-epoch values are reported to a multi-objective study
+        drawings["learning_curves.png"] = lambda: _learning_curves(study, top, metric)
+    drawings["parallel_coordinates.png"] = lambda: _parallel(complete, [v.param for v in slices], metric)
     if importances:
         drawings["importances.png"] = lambda: _importances(importances)
     if slices:

@@ -205,7 +205,9 @@ def _pareto_summary(study: optuna.Study, objectives: Objectives) -> dict[str, An
                          for t in objectives.front(study)],
         "first_metric_note": f"{len(objectives.names)} objectives: the best trial, top trials, importances, "
                              f"techniques, slices and history use the first metric, {objectives.primary}; "
-                             "pruning is off (Optuna cannot prune multi-objective studies)",
+                             "pruning is off (Optuna cannot prune multi-objective studies), so trials report "
+                             "no per-epoch values and there are no learning curves here (each trial's curves are "
+                             "in its MLflow run)",
     }
 
 

@@ -123,6 +123,7 @@ def test_multi_objective_study_end_to_end(tmp_path, store_overrides, capsys):
     assert summary["objectives"] == [{"metric": "val_acc", "direction": "maximize"},
                                      {"metric": "params", "direction": "minimize"}]
     assert summary["best"]["number"] == front[0].number and "pareto_front.png" in summary["plots"]
+    assert "learning_curves.png" not in summary["plots"]  # no per-epoch values reported: no curves to draw
     assert (folder / "pareto_front.png").stat().st_size > 0
 
     # a resumed study keeps its metrics and directions; ablate compares by one metric and refuses
