@@ -22,6 +22,7 @@ from searchlab.build import load_data
 from searchlab.config import Composer, parse_overrides, resolve_direction, validate_config
 from searchlab.lightning_fit import resolve_device
 from searchlab.locks import budget_lock
+from searchlab.objectives import Objectives
 from searchlab.space import load_space
 from searchlab.storage import open_storage
 from searchlab.study import make_pruner, make_sampler, open_study, run_trials
@@ -69,7 +70,7 @@ def run_search(out: Path, method: str, seed: int, targets: list[float], max_tria
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
     storage = open_storage(cfg.study.storage)
     direction = resolve_direction(cfg.study)
-    study = open_study(cfg, direction, storage, make_sampler(cfg, space), make_pruner(cfg))
+    study = open_study(cfg, Objectives.of(cfg.study), storage, make_sampler(cfg, space), make_pruner(cfg))
     budget = Budget(study, cfg.study.n_trials, budget_lock(storage, cfg.study.storage, name))
     runner = TrialRunner(study, cfg, direction, overrides, composer, space, splits, tracker,
                          tracker.study_run(name, {}))

@@ -31,7 +31,8 @@ __all__ = ["ConfigError", "search", "train"]
 
 def search(overrides: Sequence[str] = (), config_dir: str | os.PathLike | None = None) -> optuna.Study:
     """Runs (or resumes) the study the overrides name, as `searchlab search` does (report included), and returns
-    the Optuna study: `study.best_trial`, `study.trials_dataframe()`, ..."""
+    the Optuna study: `study.best_trial`, `study.trials_dataframe()`, ... (with several metrics in study.metric,
+    `study.best_trials` is the Pareto front)."""
     from searchlab import commands
 
     with project(config_dir):

@@ -71,6 +71,7 @@ from searchlab.devices import cpu_count, detect_gpus, plan_workers
 from searchlab.faults import heartbeat, heartbeat_settings
 from searchlab.lightning_fit import resolve_device
 from searchlab.locks import BudgetLock, NoLock, budget_lock
+from searchlab.objectives import Objectives
 from searchlab.report import load_study, write_report
 from searchlab.storage import open_storage
 from searchlab.study import StudyStopped, run_trials
@@ -685,6 +686,11 @@ def ablate(overrides: Sequence[str]) -> int:
     check_settings(cfg.ablate)
     resolve_device(cfg.trainer.accelerator)
     study = load_study(cfg.study.storage, cfg.study.name)
+    if len(study.directions) > 1:  # its trials have no one ranking, so no one winner to ablate
+        names = ", ".join(Objectives.of_study(study, ()).names)
+        raise ConfigError(f"study.metric: study '{cfg.study.name}' optimizes several metrics ({names}), and "
+                          "searchlab ablate ranks trials by one; ablate a study of a single metric (a new "
+                          f"study.name with study.metric={names.split(', ')[0]})")
     metric = study.user_attrs.get(METRIC, cfg.study.metric)
     plan = build_plan(study, cfg.ablate, overrides, metric)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)

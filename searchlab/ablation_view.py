@@ -16,6 +16,7 @@ import optuna
 from matplotlib.figure import Figure
 
 from searchlab.report import Section
+from searchlab.study import best_trial
 
 FOREST_PNG = "ablation_effects.png"
 _COLORS = {"worse": "#c0392b", "better": "#1e8449", "no effect": "#7f8c8d", "inconclusive": "#b7950b",
@@ -174,6 +175,6 @@ def ablation_lead(folder: Path, study: optuna.Study, dpi: int) -> list[Section]:
     if result.get("study") != study.study_name:
         return []
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    fragment, figures = section(result, dpi, study.best_trial.number if complete else None)
+    fragment, figures = section(result, dpi, best_trial(study).number if complete else None)
     return [Section(key="ablation", title=title(result), html=fragment, text=list(result["sentences"]),
                     summary={k: v for k, v in result.items() if k != "seconds"}, pngs=figures)]

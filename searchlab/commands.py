@@ -17,7 +17,7 @@ import optuna
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from searchlab.attrs import METRIC, MLFLOW_PARENT_RUN_ID
+from searchlab.attrs import METRIC, MLFLOW_PARENT_RUN_ID, OVERRIDES
 from searchlab.budget import Budget, budget_used
 from searchlab.build import load_data, module_task
 from searchlab.config import (
@@ -26,7 +26,6 @@ from searchlab.config import (
     compose_config,
     parse_overrides,
     redact,
-    resolve_direction,
     validate_config,
 )
 from searchlab.data import Splits
@@ -45,11 +44,29 @@ from searchlab.model_out import (
     models_to_log,
     module_with_weights,
 )
+from searchlab.objectives import PRUNING_OFF, Objectives, metric_names, metric_setting
 from searchlab.progress import Progress
-from searchlab.report import Report, best_overrides, check_settings, load_study, render_text, write_report
+from searchlab.report import (
+    Report,
+    best_overrides,
+    check_settings,
+    load_study,
+    render_text,
+    with_trial,
+    write_report,
+)
 from searchlab.space import load_space
 from searchlab.storage import open_storage, serve_storage_proxy
-from searchlab.study import StudyStopped, best_trial, make_pruner, make_sampler, open_study, run_trials, state_counts
+from searchlab.study import (
+    StudyStopped,
+    best_trial,
+    check_sampler,
+    make_pruner,
+    make_sampler,
+    open_study,
+    run_trials,
+    state_counts,
+)
 from searchlab.tracking import Tracker
 from searchlab.training import check_targets, fit, preflight
 from searchlab.trial import TrialOutcome, TrialRunner, train_command, training_overrides
@@ -58,7 +75,8 @@ from searchlab.workers import WORKER_INDEX_ENV, DeadWorkers, WorkerPool
 
 @dataclass
 class SearchResult:
-    """What `search` ran: the Optuna study, how this run ended (FINISHED, KILLED, FAILED) and the best trial."""
+    """What `search` ran: the Optuna study, how this run ended (FINISHED, KILLED, FAILED) and the best trial (with
+    several objectives, the Pareto front's trial with the best first metric; the front is `study.best_trials`)."""
 
     study: optuna.Study
     status: str
@@ -80,7 +98,8 @@ def _prepare(overrides: Sequence[str], check: bool = False) -> tuple[Composer, D
     splits = data if isinstance(data, Splits) else None
     if check:
         device = resolve_device(cfg.trainer.accelerator)
-        preflight(cfg, None if splits is None else splits.to(device), cfg.study.metric)
+        objectives = Objectives.of(cfg.study)
+        preflight(cfg, None if splits is None else splits.to(device), objectives.primary, objectives.names[1:])
     elif splits is not None:
         check_targets(splits, module_task(cfg))
     return composer, cfg, fixed, splits
@@ -94,18 +113,21 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
     budget is used up, since other workers may still be running.
     """
     composer, cfg, fixed, splits = _prepare(overrides, check=True)
-    direction = resolve_direction(cfg.study)
+    objectives = Objectives.of(cfg.study)
+    direction = objectives.direction
     slots = [] if as_worker else plan_workers(cfg.workers, detect_gpus(cfg.trainer.accelerator), cpu_count(),
                                                  cfg.trainer.devices)
     check_settings(cfg.report)
     space = load_space(composer, fixed)
+    check_sampler(cfg, space)
     sampler, pruner = make_sampler(cfg, space, _worker_index() if as_worker else 0), make_pruner(cfg)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
     storage = open_storage(cfg.study.storage, heartbeat_settings(cfg.study, tracker))
-    study = open_study(cfg, direction, storage, sampler, pruner)
+    study = open_study(cfg, objectives, storage, sampler, pruner)
     settings = {
         "study.name": cfg.study.name, "study.n_trials": cfg.study.n_trials, "study.timeout": cfg.study.timeout,
-        "study.direction": direction, "study.metric": cfg.study.metric, "study.sampler": cfg.study.sampler,
+        "study.direction": ", ".join(objectives.directions), "study.metric": metric_setting(objectives.names),
+        "study.sampler": cfg.study.sampler,
         "study.pruner": cfg.study.pruner, "study.seed": cfg.study.seed, "study.storage": redact(cfg.study.storage),
         "search": space.source, "overrides": redact(" ".join(overrides)),
     }
@@ -113,20 +135,23 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
     with lock():  # one parent run, however many workers start at once
         parent_run_id = tracker.study_run(cfg.study.name, settings)
         study.set_user_attr(MLFLOW_PARENT_RUN_ID, parent_run_id)
-        study.set_user_attr(METRIC, cfg.study.metric)
+        study.set_user_attr(METRIC, objectives.stored)
     dead = DeadWorkers(study, tracker, parent_run_id, trust_missing_pid=not isinstance(lock, NoLock))
     budget = Budget(study, cfg.study.n_trials, lock, dead)
-    metric = cfg.study.metric
+    metric = objectives.primary
     done_before = budget_used(study)
     chosen = " (auto, from its name)" if cfg.study.direction == "auto" else f" (study.direction={direction})"
-    print(f"study '{cfg.study.name}': {direction} {metric}{chosen}; {done_before}/{cfg.study.n_trials} trials done; "
+    if objectives.several:
+        chosen = f" (Pareto front; {PRUNING_OFF})"
+    print(f"study '{cfg.study.name}': {objectives.describe()}{chosen}; {done_before}/{cfg.study.n_trials} trials done; "
           f"storage "
           f"{redact(cfg.study.storage)}; tracking {redact(cfg.tracking.uri)}; space {space.source}"
           + (f"; {len(slots)} workers" if len(slots) > 1 else ""), flush=True)
     for line in space.describe_constraints():
         print(line, flush=True)
 
-    progress = Progress(metric, cfg.study.n_trials, cfg.study.timeout, done_before, sys.stdout)
+    progress = Progress(metric, cfg.study.n_trials, cfg.study.timeout, done_before, sys.stdout,
+                        others=objectives.names[1:])
 
     def on_trial(outcome: TrialOutcome) -> None:
         progress.trial_finished(outcome, best_trial(study))
@@ -138,7 +163,7 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
             status = WorkerPool(slots, overrides, budget, cfg.study.max_consecutive_failures).run(on_trial)
         else:
             device = resolve_device(cfg.trainer.accelerator)
-            keep = KeepWeights(study, tracker, models_to_log(cfg.tracking), direction)
+            keep = KeepWeights(study, tracker, models_to_log(cfg.tracking, objectives.several), objectives)
             runner = TrialRunner(study, cfg, direction, list(overrides), composer, space,
                                  None if splits is None else splits.to(device), tracker, parent_run_id, keep)
             run_trials(budget, runner, cfg, on_trial)
@@ -161,6 +186,8 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
           + ", ".join(f"{n} {state.lower()}" for state, n in counts.items()))
     if best is None:
         print("no trial completed yet")
+    elif objectives.several:
+        print("\n".join(front_lines(study, objectives, list(overrides))))
     else:
         print(f"best {metric}={best.value:.4f} at trial {best.number}")
         for key, value in best.params.items():
@@ -174,7 +201,7 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
         except Exception as err:  # the study is done and stored: a report can be made again with `report`
             print(f"searchlab: report not written ({type(err).__name__}: {redact(str(err))[:200]}); "
                   f"make it with: searchlab report study.name={cfg.study.name}", file=sys.stderr)
-    return SearchResult(study, status, None if best is None else study.best_trial)
+    return SearchResult(study, status, None if best is None else study.trials[best.number])
 
 
 def _worker_index() -> int:
@@ -218,7 +245,8 @@ def train(overrides: Sequence[str], quiet: bool = False, export_dir: str | None 
     fixed = parse_overrides(overrides)
     folder = None if export_dir is None else check_export_dir(export_dir)
     _, cfg, _, splits = _prepare(overrides)
-    direction = resolve_direction(cfg.study)
+    objectives = Objectives.of(cfg.study)
+    direction = objectives.direction
     data = splits
     splits = None if splits is None else splits.to(resolve_device(cfg.trainer.accelerator))
     tracker = run_id = None
@@ -240,10 +268,13 @@ def train(overrides: Sequence[str], quiet: bool = False, export_dir: str | None 
         if tracker is not None:
             tracker.end_trial(run_id, "FAIL", None, f"{type(err).__name__}: {str(err)[:300]}")
         raise
-    best = result.best(cfg.study.metric, direction)
-    summary = {"best_" + cfg.study.metric: best, "best_epoch": result.best_epoch,
+    best = result.best(objectives.primary, direction)
+    summary = {"best_" + objectives.primary: best, "best_epoch": result.best_epoch,
                **(result.history[-1] if result.history else {}), **result.test, "epochs": len(result.history),
                "seconds": round(result.seconds, 3)}
+    if objectives.several:  # the values a study would give this training (searchlab.objectives)
+        values = objectives.values_of(result)
+        summary["objectives"] = None if values is None else dict(zip(objectives.names, values, strict=True))
     if result.stop_reason:
         summary["stopped"] = result.stop_reason
     if result.ended:
@@ -272,7 +303,8 @@ def _trained_module(cfg: DictConfig, data: Splits | None, result: TrainResult) -
     """The trained module with its best epoch's weights (rebuilt from them after DDP, whose ranks keep theirs),
     and an input example of the data."""
     if result.weights is None:
-        raise ConfigError(f"no epoch gave a finite {cfg.study.metric}: there is no best epoch's model to save")
+        raise ConfigError(f"no epoch gave a finite {Objectives.of(cfg.study).primary}: there is no best epoch's "
+                          "model to save")
     if result.module is None:
         return module_with_weights(cfg, result.weights)
     return result.module, example_input(data if data is not None else load_data(cfg))
@@ -306,7 +338,9 @@ def _print_report(result: Report) -> None:
 
 def best_config(overrides: Sequence[str], export_dir: str | None = None) -> int:
     """Prints the best trial's full config (base overrides + the trial's) as YAML and as a command line;
-    `export_dir` also writes its model (its saved best-epoch weights) there as an MLflow model."""
+    `export_dir` also writes its model (its saved best-epoch weights) there as an MLflow model. A multi-objective
+    study has no one best trial: this lists its Pareto front, each trial's values and command (`export_dir`: the
+    model of the front's trial with the best first metric)."""
     cfg = compose_config(overrides)
     validate_config(cfg)
     folder = None if export_dir is None else check_export_dir(export_dir)
@@ -315,8 +349,25 @@ def best_config(overrides: Sequence[str], export_dir: str | None = None) -> int:
         trial = export_best(study, Tracker(cfg.tracking.uri, cfg.tracking.artifact_root), folder)
         print(f"# model of trial {trial.number}: {folder} (MLflow model; mlflow.pytorch.load_model('{folder}'))")
     top, chosen = best_overrides(study, overrides)
+    if len(study.directions) > 1:
+        objectives = Objectives.of_study(study, metric_names(cfg.study.metric))
+        print(f"# study '{cfg.study.name}': {objectives.describe()}")
+        print("\n".join(front_lines(study, objectives, list(overrides))))
+        return 0
     print(f"# best trial {top.number} of study '{cfg.study.name}': "
           f"{study.user_attrs.get('metric', cfg.study.metric)}={top.value:.4f}")
     print(OmegaConf.to_yaml(compose_config(chosen), resolve=True), end="")
     print(f"# re-run it alone:\n{train_command(chosen)}")
     return 0
+
+
+def front_lines(study: optuna.Study, objectives: Objectives, overrides: list[str]) -> list[str]:
+    """The Pareto front of a multi-objective study, best first metric first: each trial's values and the command
+    that trains it alone (the given overrides, then the trial's)."""
+    front = objectives.front(study)
+    lines = [f"Pareto front: {len(front)} trial{'s' if len(front) != 1 else ''} that no other trial beats in every "
+             f"metric ({objectives.describe()}):"]
+    for trial in front:
+        chosen = with_trial(overrides, trial.user_attrs.get(OVERRIDES, []))
+        lines += [f"# trial {trial.number}: {objectives.format(trial.values)}", train_command(chosen)]
+    return lines

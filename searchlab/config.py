@@ -19,7 +19,7 @@ from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -238,11 +238,11 @@ _NON_NEGATIVE = ("module.l1", "optimizer.weight_decay")
 _POSITIVE = ("optimizer.lr", "trainer.checkpoint_auto_seconds")
 _SEEDS = ("seed", "study.seed")  # non-negative integers (NumPy and Optuna's samplers refuse negatives)
 _CHOICES = {
-    "study.direction": ("auto", "maximize", "minimize"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),
     "trainer.process_group_backend": ("auto", "nccl", "gloo"),
     "trainer.precision": ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"),
 }
+DIRECTIONS = ("auto", "maximize", "minimize")
 # study.direction=auto: a metric whose name holds one of these words (split at _ / . - and digits) is maximized or
 # minimized (a word may end in digits: acc1). A name with none of them needs an explicit study.direction.
 MAXIMIZED_WORDS = ("acc", "accuracy", "f1", "auroc", "auc", "roc", "r2", "precision", "recall", "iou", "dice", "map",
@@ -263,14 +263,44 @@ def metric_direction(metric: str) -> str | None:
 
 
 def resolve_direction(study: DictConfig) -> str:
-    """study.direction, with auto decided from study.metric's name; a name it cannot tell is bad input."""
-    if study.direction != "auto":
-        return study.direction
-    direction = metric_direction(str(study.metric))
-    if direction is None:
-        raise ConfigError(f"study.direction: auto cannot tell whether study.metric={study.metric} should go up or "
-                          "down; set study.direction=maximize or study.direction=minimize")
-    return direction
+    """study.direction, with auto decided from study.metric's name; a name it cannot tell is bad input. With several
+    metrics (searchlab.objectives), the first one's."""
+    from searchlab.objectives import Objectives  # it builds on this module
+
+    return Objectives.of(study).direction
+
+
+def _check_objectives(study: DictConfig) -> None:
+    """study.metric: a name or a list of distinct names; study.direction: auto, maximize, minimize, or a list of them
+    as long as study.metric (one word other than auto cannot stand for several metrics: which would it mean?)."""
+    metric, direction = study.metric, study.direction
+    if isinstance(metric, ListConfig):
+        names = list(metric)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ConfigError(f"study.metric: expected a logged metric's name or a list of names, got "
+                              f"{OmegaConf.to_container(metric)!r}")
+        twice = [n for n in dict.fromkeys(names) if names.count(n) > 1]
+        if twice:
+            raise ConfigError(f"study.metric: {twice[0]} is listed twice; list each metric once")
+    elif not isinstance(metric, str) or not metric:
+        raise ConfigError(f"study.metric: expected the name of a logged metric, got {metric!r}")
+    else:
+        names = [metric]
+    if isinstance(direction, ListConfig):
+        directions = list(direction)
+        wrong = [d for d in directions if d not in DIRECTIONS]
+        if wrong:
+            raise ConfigError(f"study.direction: expected each of {', '.join(DIRECTIONS)}, got {wrong[0]!r}")
+        if len(directions) != len(names):
+            raise ConfigError(f"study.direction: {len(directions)} directions for {len(names)} "
+                              f"metric{'s' if len(names) != 1 else ''} in study.metric; give one per metric "
+                              "(auto decides from the name)")
+    elif direction not in DIRECTIONS:
+        raise ConfigError(f"study.direction: expected one of {', '.join(DIRECTIONS)}, got {direction!r}")
+    elif direction != "auto" and len(names) > 1:
+        raise ConfigError(f"study.direction: one direction ({direction}) for {len(names)} metrics in study.metric; "
+                          f"give one per metric, e.g. 'study.direction=[{','.join([direction] * len(names))}]', "
+                          "or auto")
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -299,8 +329,7 @@ def _check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
     if not isinstance(cfg.study.name, str) or not cfg.study.name:
         raise ConfigError(f"study.name: expected a name, got {cfg.study.name!r} (quote it: study.name=\"'...'\")")
-    if not isinstance(cfg.study.metric, str) or not cfg.study.metric:
-        raise ConfigError(f"study.metric: expected the name of a logged metric, got {cfg.study.metric!r}")
+    _check_objectives(cfg.study)
     timeout = cfg.study.timeout
     if timeout is not None and not (_is_number(timeout) and timeout > 0):
         raise ConfigError(f"study.timeout: expected a positive number of seconds or null, got {timeout!r}")

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from searchlab.checkpoints import CheckpointPlan
 from searchlab.data import Splits
 from searchlab.lightning_fit import EpochHook, TrainResult, fit_rank
+from searchlab.objectives import Objectives
 
 _POLL_S = 0.2  # how often the waiting parent checks that the ranks are still alive
 
@@ -68,7 +69,7 @@ def fit_ddp(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None =
     context = mp.get_context("spawn")
     to_parent, to_rank0 = context.Queue(), context.Queue()
     args = (world_size, find_free_network_port(), cfg, None if splits is None else splits.to(torch.device("cpu")),
-            cuda, test, metric or cfg.study.metric, to_parent, to_rank0, checkpoint)
+            cuda, test, metric or Objectives.of(cfg.study).primary, to_parent, to_rank0, checkpoint)
     ranks = mp.start_processes(_rank, args=args, nprocs=world_size, join=False, start_method="spawn")
     try:
         while True:

@@ -24,6 +24,7 @@ from searchlab.build import build_module, data_shape, load_data, module_task
 from searchlab.checkpoints import CheckpointPlan, TrialCheckpoints
 from searchlab.config import ConfigError, metric_direction
 from searchlab.data import Splits, TensorBatches, batch_size_for
+from searchlab.objectives import EPOCH_SECONDS, PARAMS, Objectives
 
 # Called after each epoch's validation with (epoch number from 1, metrics); returns a reason to stop, or None.
 EpochHook = Callable[[int, dict[str, float]], "str | None"]
@@ -63,10 +64,11 @@ class Weights:
 
 @dataclass
 class TrainResult:
-    """Per-epoch metrics (what the module logged, plus lr); `stop_reason` says why training was stopped before
-    max_epochs (pruned, diverged); `ended` why it ended early on a limit of its own (trainer.max_time, early
-    stopping): a complete training. `weights` are those of the best epoch by study.metric (`best_epoch`), and
-    `module` is the trained LightningModule with them loaded (not sent back from DDP ranks; `weights` are)."""
+    """Per-epoch metrics (what the module logged, plus lr, params and epoch_seconds); `stop_reason` says why
+    training was stopped before max_epochs (pruned, diverged); `ended` why it ended early on a limit of its own
+    (trainer.max_time, early stopping): a complete training. `weights` are those of the best epoch by study.metric
+    (its first metric when it lists several; `best_epoch`), and `module` is the trained LightningModule with them
+    loaded (not sent back from DDP ranks; `weights` are)."""
 
     history: list[dict[str, float]] = field(default_factory=list)
     stop_reason: str | None = None
@@ -118,15 +120,29 @@ def epoch_metrics(trainer: pl.Trainer) -> dict[str, float]:
 
 class _EpochCallback(pl.Callback):
     """After each training epoch (and its validation), reads what the module logged and hands it to the hook; stops
-    the trainer when the hook says so or the training diverged (a non-finite train_loss or objective)."""
+    the trainer when the hook says so or the training diverged (a non-finite train_loss or objective).
+
+    It adds searchlab's own two metrics, always there to be optimized (`study.metric=[val_acc,params]`) unless the
+    module logs its own of the same name: `params`, the module's trainable parameter count (counted once, after the
+    first epoch, when lazy layers have their shapes), and `epoch_seconds`, the wall time of the epoch from its start
+    to the end of its validation."""
 
     def __init__(self, hook: EpochHook | None, result: TrainResult, metric: str) -> None:
         self.hook, self.result, self.metric = hook, result, metric
+        self.params: float | None = None
+        self.epoch_start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.epoch_start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         metrics = epoch_metrics(trainer)
+        if self.params is None:
+            self.params = float(sum(p.numel() for p in module.parameters() if p.requires_grad))
+        metrics.setdefault(PARAMS, self.params)
+        metrics.setdefault(EPOCH_SECONDS, time.perf_counter() - self.epoch_start)
         self.result.history.append(metrics)
         epoch = len(self.result.history)
         reason = None
@@ -171,7 +187,11 @@ class _BestWeights(pl.Callback):
 
 
 def _direction(cfg: DictConfig, metric: str) -> str:
-    """The direction the metric is optimized in: study.direction, or from the metric's name when it is auto."""
+    """The direction the metric is optimized in: study.direction, or from the metric's name when it is auto (one of
+    several objectives: its own direction)."""
+    objectives = Objectives.of(cfg.study)
+    if metric in objectives.names:
+        return objectives.directions[objectives.names.index(metric)]
     direction = cfg.study.direction if cfg.study.direction != "auto" else metric_direction(metric)
     if direction is None:
         raise ConfigError(f"study.direction: auto cannot tell whether {metric} should go up or down; set "
@@ -227,8 +247,8 @@ def fit_rank(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None 
     a process that searchlab.ddp started and set up as Lightning's externally launched rank).
 
     `splits` are the resident tensors (already on the training device), or None when `data` is a
-    LightningDataModule, which is built here. `metric` (default study.metric) is watched for divergence. `probe`
-    trains one batch and validates one batch: the check of a config before a study. `checkpoint`: where the
+    LightningDataModule, which is built here. `metric` (default study.metric, its first) is watched for divergence.
+    `probe` trains one batch and validates one batch: the check of a config before a study. `checkpoint`: where the
     trial's checkpoint is written and whether the training resumes from it (searchlab.checkpoints).
     """
     start = time.perf_counter()
@@ -242,7 +262,7 @@ def fit_rank(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None 
         if world_size > 1 and device.type == "cuda":
             device = torch.device("cuda", rank)
     result = TrainResult()
-    metric = metric or cfg.study.metric
+    metric = metric or Objectives.of(cfg.study).primary
     callbacks: list[pl.Callback] = [_EpochCallback(on_epoch, result, metric)]
     if not probe:
         callbacks.append(_BestWeights(result, metric, _direction(cfg, metric)))

@@ -4,12 +4,14 @@ Every training keeps the weights of its best validation epoch in memory (searchl
 LightningModule's state_dict on each improving epoch) and tests with them. What reaches MLflow:
 
 - A trial that finishes among the k best complete trials of the study so far (k = 1 for tracking.log_models=best,
-  tracking.top_k for top_k) saves those weights to its run's artifacts (weights/best.pt), in the process that ran
-  it: the search itself, a worker of `search workers=N`, or a worker on another machine. A trial in the study's
-  final top k was also in the top k of the trials that finished before it, so every final top-k trial has its
-  weights; the cost is one small artifact per trial that enters the top k, not per trial.
+  tracking.top_k for top_k; with several objectives, a trial that no complete trial dominates) saves those weights
+  to its run's artifacts (weights/best.pt), in the process that ran it: the search itself, a worker of
+  `search workers=N`, or a worker on another machine. A trial in the study's final top k (or front) was also in the
+  top k (or front) of the trials that finished before it, so every final one has its weights; the cost is one
+  small artifact per trial that enters the top k, not per trial.
 - At the end of the study (the `search` parent once the budget is used; `searchlab report` for workers started by
-  hand), each of the final top k trials gets a module built from its config with those weights, logged to its child
+  hand), each of the final top k trials (with several objectives: of the Pareto front, up to tracking.top_k, best
+  first metric first) gets a module built from its config with those weights, logged to its child
   run as the MLflow model `model` (signature, input example; the best one registered when tracking.register_model
   names it). A trial that already has its model is skipped, so a resumed study or a second report logs nothing twice.
 
@@ -36,17 +38,19 @@ from searchlab.build import build_module, data_shape, first_batch, load_data, mo
 from searchlab.config import ConfigError, compose_config
 from searchlab.data import Splits
 from searchlab.lightning_fit import TrainResult, Weights
+from searchlab.objectives import Objectives
 from searchlab.tracking import Tracker, save_model
 
 EXAMPLE_SIZE = 2  # input example rows: a batch of 2 gives the exported model a dynamic batch dimension (batch 1: not)
 
 
-def models_to_log(tracking: DictConfig) -> int:
-    """How many of the best trials get their model logged: tracking.log_models as a count (0 for none)."""
+def models_to_log(tracking: DictConfig, several: bool = False) -> int:
+    """How many of the best trials get their model logged: tracking.log_models as a count (0 for none). A study of
+    several objectives has no one best trial: `best` (and `top_k`) mean its Pareto front, capped at tracking.top_k."""
     choice = OmegaConf.select(tracking, "log_models", default="best")
     if choice == "none":
         return 0
-    return int(OmegaConf.select(tracking, "top_k", default=1)) if choice == "top_k" else 1
+    return int(OmegaConf.select(tracking, "top_k", default=1)) if choice == "top_k" or several else 1
 
 
 def check_export_dir(path: str | Path) -> Path:
@@ -86,18 +90,22 @@ def module_with_weights(cfg: DictConfig, weights: Weights) -> tuple[pl.Lightning
 
 class KeepWeights:
     """Called by a trial that finished COMPLETE, before it is told: saves its best-epoch weights to its run when its
-    value is among the k best of the study's complete trials (see the module's docstring)."""
+    value is among the k best of the study's complete trials (see the module's docstring); with several objectives,
+    when no complete trial dominates its values (it is on the Pareto front so far, so it may be on the final one)."""
 
-    def __init__(self, study: optuna.Study, tracker: Tracker, k: int, direction: str) -> None:
-        self.study, self.tracker, self.k, self.maximize = study, tracker, k, direction == "maximize"
+    def __init__(self, study: optuna.Study, tracker: Tracker, k: int, objectives: Objectives) -> None:
+        self.study, self.tracker, self.k, self.objectives = study, tracker, k, objectives
+        self.maximize = objectives.direction == "maximize"
 
-    def __call__(self, number: int, run_id: str, result: TrainResult, value: float) -> bool:
+    def __call__(self, number: int, run_id: str, result: TrainResult, value: float | list[float]) -> bool:
         if self.k <= 0 or result.weights is None:
             return False
         complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        better = sum(1 for t in complete if t.number != number and t.value is not None
-                     and (t.value > value if self.maximize else t.value < value))
-        if better >= self.k:
+        if isinstance(value, list):
+            if any(self.objectives.dominates(t.values, value) for t in complete if t.number != number and t.values):
+                return False
+        elif sum(1 for t in complete if t.number != number and t.value is not None
+                 and (t.value > value if self.maximize else t.value < value)) >= self.k:
             return False
         try:
             self.tracker.save_weights(run_id, result.weights.to_bytes())
@@ -109,7 +117,9 @@ class KeepWeights:
 
 
 def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
-    """The k best complete trials, best first."""
+    """The k best complete trials, best first; with several objectives, the Pareto front's, best first metric first."""
+    if len(study.directions) > 1:
+        return Objectives.of_study(study, ()).front(study)[:k]
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     return sorted(complete, key=lambda t: (-t.value if maximize else t.value, t.number))[:k]
@@ -133,7 +143,7 @@ def log_study_models(study: optuna.Study, tracking: DictConfig, tracker: Tracker
     """Logs the models of the study's top trials (tracking.log_models) to their runs; returns lines to print."""
     lines = []
     register_as = OmegaConf.select(tracking, "register_model", default=None)
-    for rank, trial in enumerate(top_trials(study, models_to_log(tracking))):
+    for rank, trial in enumerate(top_trials(study, models_to_log(tracking, len(study.directions) > 1))):
         run_id = trial.user_attrs.get(MLFLOW_RUN_ID)
         if run_id is None or tracker.logged_model(run_id) is not None:
             continue

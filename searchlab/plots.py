@@ -27,6 +27,8 @@ from optuna.distributions import CategoricalDistribution  # noqa: E402
 from optuna.trial import FrozenTrial  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
 
+from searchlab.objectives import Objectives  # noqa: E402
+
 _COLS = 3  # panels per row in the slice and technique grids
 _COMPLETE_COLOUR = "#1f77b4"
 _PRUNED_COLOUR = "#d62728"
@@ -82,7 +84,7 @@ def make_view(trials: Sequence[FrozenTrial], param: str, title: str, labels: Map
     pruned_ys = [y for _, y in pruned]
     if not isinstance(distribution, CategoricalDistribution):
         return View(title, param, False, bool(getattr(distribution, "log", False)),
-                    [float(t.params[param]) for t in having], [float(t.value) for t in having], [],
+                    [float(t.params[param]) for t in having], [float(t.values[0]) for t in having], [],
                     pruned_xs=[float(t.params[param]) for t, _ in pruned], pruned_ys=pruned_ys)
     labels = labels or {}
 
@@ -95,15 +97,20 @@ def make_view(trials: Sequence[FrozenTrial], param: str, title: str, labels: Map
     order = list(dict.fromkeys([*(label(c) for c in distribution.choices), *xs, *pruned_xs]))
     stopped = {state: Counter(label(t.params[param]) for t in trials if param in t.params and t.state.name == state)
                for state in ("PRUNED", "FAIL")}
-    return View(title, param, True, False, xs, [float(t.value) for t in having], order, stopped, pruned_xs, pruned_ys)
+    return View(title, param, True, False, xs, [float(t.values[0]) for t in having], order, stopped, pruned_xs,
+                pruned_ys)
 
 
 # ---- plotly (HTML) ----
 
 def plotly_figures(study: optuna.Study, importances: Mapping[str, float], slices: Sequence[View],
-                   techniques: Sequence[View], top: Sequence[int], metric: str) -> list[tuple[str, go.Figure]]:
-    """(title, figure) for each section of the HTML page."""
-    figures = [("Optimization history", optuna.visualization.plot_optimization_history(study, target_name=metric))]
+                   techniques: Sequence[View], top: Sequence[int], metric: str,
+                   objectives: Objectives | None = None) -> list[tuple[str, go.Figure]]:
+    """(title, figure) for each section of the HTML page; with several objectives, of the first metric."""
+    # Optuna's plots of one value need a target in a multi-objective study
+    target = {"target": _first_value} if objectives is not None and objectives.several else {}
+    figures = [("Optimization history",
+                optuna.visualization.plot_optimization_history(study, target_name=metric, **target))]
     if techniques:
         figures.append(("Techniques: the objective by each choice", _plotly_grid(techniques, metric)))
     if importances:
@@ -111,8 +118,10 @@ def plotly_figures(study: optuna.Study, importances: Mapping[str, float], slices
         bar = go.Figure(go.Bar(x=[importances[n] for n in names], y=names, orientation="h"))
         bar.update_layout(title="Parameter importances", height=120 + 28 * len(names), xaxis_title="importance")
         figures.append(("Parameter importances", bar))
-    figures.append(("Learning curves", _plotly_curves(study, top, metric)))
-    figures.append(("Parallel coordinates", optuna.visualization.plot_parallel_coordinate(study, target_name=metric)))
+    if not target:  # a multi-objective study's trials report no per-epoch values (their curves are in MLflow)
+        figures.append(("Learning curves", _plotly_curves(study, top, metric)))
+    figures.append(("Parallel coordinates",
+                    optuna.visualization.plot_parallel_coordinate(study, target_name=metric, **target)))
     if slices:
         figures.append(("Slices: the objective against each searched key", _plotly_grid(slices, metric)))
     return figures
@@ -170,22 +179,43 @@ def _plotly_curves(study: optuna.Study, top: Sequence[int], metric: str) -> go.F
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=style, name=f"{name} ({len(trials)})"))
     for trial in best:
         steps, values = _steps(trial)
-        fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name=f"#{trial.number} ({trial.value:.4g})"))
+        fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers",
+                                 name=f"#{trial.number} ({trial.values[0]:.4g})"))
     fig.update_layout(xaxis_title="epoch", yaxis_title=metric, height=450)
+    return fig
+
+
+def _first_value(trial: FrozenTrial) -> float:
+    return trial.values[0]
+
+
+def pareto_figure(study: optuna.Study, objectives: Objectives) -> go.Figure:
+    """Optuna's Pareto-front plot of a multi-objective study: every complete trial, the front highlighted; of the
+    first two metrics beyond three (Optuna plots two or three)."""
+    if len(objectives.names) <= 3:
+        fig = optuna.visualization.plot_pareto_front(study, target_names=list(objectives.names))
+    else:
+        fig = optuna.visualization.plot_pareto_front(study, targets=lambda t: (t.values[0], t.values[1]),
+                                                     target_names=list(objectives.names[:2]))
+    fig.update_layout(title=f"Pareto front ({objectives.describe()})", height=500)
     return fig
 
 
 # ---- matplotlib (PNG) ----
 
 def write_pngs(folder: Path, study: optuna.Study, importances: Mapping[str, float], slices: Sequence[View],
-               techniques: Sequence[View], top: Sequence[int], metric: str, dpi: int) -> list[str]:
-    """The PNG files, by name, written to `folder`."""
+               techniques: Sequence[View], top: Sequence[int], metric: str, dpi: int,
+               objectives: Objectives | None = None) -> list[str]:
+    """The PNG files, by name, written to `folder`; with several objectives, pareto_front.png first and the others
+    of the first metric."""
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    drawings = {
-        "history.png": lambda: _history(complete, study.direction.name == "MAXIMIZE", metric),
-        "learning_curves.png": lambda: _learning_curves(study, top, metric),
-        "parallel_coordinates.png": lambda: _parallel(complete, [v.param for v in slices], metric),
-    }
+    drawings = {}
+    if objectives is not None and objectives.several:
+        drawings["pareto_front.png"] = lambda: _pareto(complete, objectives)
+    drawings["history.png"] = lambda: _history(complete, study.directions[0].name == "MAXIMIZE", metric)
+    if objectives is None or not objectives.several:  # no per-epoch values are reported to a multi-objective study
+        drawings["learning_curves.png"] = lambda: _learning_curves(study, top, metric)
+    drawings["parallel_coordinates.png"] = lambda: _parallel(complete, [v.param for v in slices], metric)
     if importances:
         drawings["importances.png"] = lambda: _importances(importances)
     if slices:
@@ -209,7 +239,7 @@ def _figure(width: float, height: float, bottom: float, left: float = 0.7) -> tu
 def _history(complete: list[FrozenTrial], maximize: bool, metric: str) -> plt.Figure:
     fig, ax = _figure(8, 4, bottom=0.5)
     numbers = [t.number for t in complete]
-    values = [t.value for t in complete]
+    values = [t.values[0] for t in complete]
     ax.scatter(numbers, values, s=12, label=f"{metric} of a complete trial")
     if values:
         best = np.maximum.accumulate(values) if maximize else np.minimum.accumulate(values)
@@ -227,11 +257,32 @@ def _learning_curves(study: optuna.Study, top: Sequence[int], metric: str) -> pl
         lines = [np.column_stack(_steps(t)) for t in trials]
         ax.add_collection(LineCollection(lines, colors=[colour], linewidths=0.8, label=f"{name} ({len(trials)})"))
     for trial in best:
-        ax.plot(*_steps(trial), marker=".", linewidth=1.6, label=f"#{trial.number} ({trial.value:.4g})")
+        ax.plot(*_steps(trial), marker=".", linewidth=1.6, label=f"#{trial.number} ({trial.values[0]:.4g})")
     ax.autoscale()
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel=metric, title="Learning curves: best trials beside pruned ones")
     ax.legend(fontsize="small", ncols=2)
+    return fig
+
+
+def _pareto(complete: list[FrozenTrial], objectives: Objectives) -> plt.Figure:
+    """The first two metrics of every complete trial, those of the Pareto front (over all the metrics) in red with
+    their numbers; points, not a line: between two trials of the front there is no trial."""
+    fig, ax = _figure(7, 4.5, bottom=0.6, left=0.9)
+    front = {t.number for t in complete if not any(objectives.dominates(o.values, t.values) for o in complete)}
+    rest = [t for t in complete if t.number not in front]
+    best = sorted((t for t in complete if t.number in front), key=lambda t: (t.values[0], t.values[1]))
+    ax.scatter([t.values[0] for t in rest], [t.values[1] for t in rest], s=14, color=(0.5, 0.5, 0.5, 0.6),
+               label=f"dominated trial ({len(rest)})")
+    ax.scatter([t.values[0] for t in best], [t.values[1] for t in best], s=28, color="C3",
+               label=f"Pareto front ({len(best)})")
+    for trial in best:
+        ax.annotate(f"#{trial.number}", (trial.values[0], trial.values[1]), fontsize="x-small",
+                    xytext=(3, 3), textcoords="offset points")
+    (x, dx), (y, dy) = zip(objectives.names[:2], objectives.directions[:2], strict=True)
+    ax.set(xlabel=f"{x} ({dx})", ylabel=f"{y} ({dy})", title="Pareto front"
+           + (" (of the first two metrics' plane)" if len(objectives.names) > 2 else ""))
+    ax.legend(fontsize="small")
     return fig
 
 
@@ -263,7 +314,7 @@ def _parallel(complete: list[FrozenTrial], params: list[str], metric: str) -> pl
                     low, high, value = math.log(low), math.log(high), math.log(value)
                 column.append((value - low) / (high - low) if high > low else 0.5)
         axes_values.append(column)
-    values = np.array([t.value for t in complete], dtype=float)
+    values = np.array([t.values[0] for t in complete], dtype=float)
     span = (values.max() - values.min()) if len(values) else 0.0
     objective = (values - values.min()) / span if span > 0 else np.full(len(values), 0.5)
     points = np.array([*axes_values, objective]).T if complete else np.zeros((0, len(params) + 1))

@@ -12,7 +12,10 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
+
+from searchlab.objectives import format_value
 
 if TYPE_CHECKING:
     from searchlab.study import Best
@@ -24,9 +27,12 @@ _RESET, _CLEAR_LINE = "\x1b[0m", "\r\x1b[K"
 _BAR_WIDTH = 16
 
 
-def trial_line(metric: str, outcome: TrialOutcome, best: Best | None) -> str:
-    """The plain per-trial line (the format of `searchlab search` logs)."""
+def trial_line(metric: str, outcome: TrialOutcome, best: Best | None, others: Sequence[str] = ()) -> str:
+    """The plain per-trial line (the format of `searchlab search` logs). `others`: the names of a multi-objective
+    study's other metrics, whose values follow the first's (`best` is by the first)."""
     value = "-" if outcome.value is None else f"{outcome.value:.4f}"
+    if others and outcome.values:
+        value += "".join(f"  {n}={format_value(v)}" for n, v in zip(others, outcome.values[1:], strict=True))
     best_text = "-" if best is None else f"{best.value:.4f} (#{best.number})"
     reason = f"  [{outcome.reason}]" if outcome.reason and outcome.state != "COMPLETE" else ""
     resumed = f"  (resumed from epoch {outcome.resumed_from})" if outcome.resumed_from else ""
@@ -44,8 +50,8 @@ class Progress:
     """Reports finished trials to `stream`: live when it is a terminal (isatty), plain lines otherwise."""
 
     def __init__(self, metric: str, n_trials: int, timeout: float | None, done_before: int,
-                 stream: TextIO | None = None, refresh_s: float = 1.0) -> None:
-        self.metric, self.n_trials, self.timeout = metric, n_trials, timeout
+                 stream: TextIO | None = None, refresh_s: float = 1.0, others: Sequence[str] = ()) -> None:
+        self.metric, self.n_trials, self.timeout, self.others = metric, n_trials, timeout, tuple(others)
         self.done_before, self.done = done_before, done_before
         self.stream = stream if stream is not None else sys.stdout
         self.live = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -65,7 +71,7 @@ class Progress:
             self.best = best
             if outcome.state in _BUDGET_STATES:
                 self.done += 1
-            line = trial_line(self.metric, outcome, best)
+            line = trial_line(self.metric, outcome, best, self.others)
             if self.live:
                 colour = _COLOURS.get(outcome.state, "")
                 line = line.replace(f"  {outcome.state}", f"  {colour}{outcome.state}{_RESET}", 1)

@@ -14,7 +14,7 @@ import re
 import time
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,8 +28,9 @@ from optuna.importance import BaseImportanceEvaluator, PedAnovaImportanceEvaluat
 from optuna.search_space import intersection_search_space
 from optuna.trial import FrozenTrial, TrialState
 
-from searchlab.attrs import METRIC, MLFLOW_PARENT_RUN_ID
+from searchlab.attrs import MLFLOW_PARENT_RUN_ID, OVERRIDES
 from searchlab.config import ConfigError, redact
+from searchlab.objectives import Objectives, format_value, metric_names
 from searchlab.storage import open_storage
 from searchlab.study import Best, best_trial, state_counts
 from searchlab.tracking import Tracker
@@ -73,12 +74,17 @@ def best_overrides(study: optuna.Study, overrides: Sequence[str]) -> tuple[Best,
     best = best_trial(study)
     if best is None:
         raise ConfigError(f"study.name: study '{study.study_name}' has no complete trial yet; run or resume it first")
+    return best, with_trial(overrides, best.overrides)
+
+
+def with_trial(overrides: Sequence[str], trial_overrides: Sequence[str]) -> list[str]:
+    """The overrides that compose a trial's full config: the given ones, then the trial's (which win)."""
 
     def key(override: str) -> str:
         return override.lstrip("+~").split("=", 1)[0]
 
-    trial_keys = {key(o) for o in best.overrides}
-    return best, [o for o in overrides if key(o) not in trial_keys] + best.overrides
+    trial_keys = {key(o) for o in trial_overrides}
+    return [o for o in overrides if key(o) not in trial_keys] + list(trial_overrides)
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,8 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None,
     start = time.perf_counter()
     settings = cfg.report
     check_settings(settings)
-    metric = study.user_attrs.get(METRIC, cfg.study.metric)
+    objectives = Objectives.of_study(study, metric_names(cfg.study.metric))
+    metric = objectives.primary  # with several objectives, the views that rank by one value use the first
     folder = Path(settings.dir) / re.sub(r"[^A-Za-z0-9._-]+", "_", study.study_name)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -126,11 +133,12 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None,
     lead = [*ablation_lead(folder, study, settings.dpi), *lead]
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    maximize = study.direction.name == "MAXIMIZE"
-    ranked = sorted(complete, key=lambda t: t.value, reverse=maximize)
+    maximize = objectives.direction == "maximize"
+    ranked = sorted(complete, key=lambda t: t.values[0], reverse=maximize)
     top = ranked[: settings.top_k]
     evaluator = _evaluator(settings)
-    importances, importance_note = _importances(study, complete, evaluator, settings.min_complete)
+    importances, importance_note = _importances(study, complete, evaluator, settings.min_complete,
+                                                importance_target(objectives))
     rule = importance_rule(settings.min_complete)
     searched = list(dict.fromkeys(k for t in trials for k in t.params))
     slices = [v for v in (plots.make_view(trials, k, k) for k in searched) if v is not None]
@@ -142,7 +150,7 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None,
             techniques.append(view)
     best = best_trial(study)
     summary = {
-        "study": study.study_name, "direction": study.direction.name.lower(), "metric": metric,
+        "study": study.study_name, "direction": objectives.direction, "metric": metric,
         "counts": {**state_counts(study), "total": len(trials)},
         "best": None if best is None else {"number": best.number, "value": best.value, "params": best.params,
                                            "command": train_command(best.overrides)},
@@ -153,12 +161,15 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None,
         "lead": [{"key": section.key, "title": section.title, "text": list(section.text)} for section in lead],
         **{section.key: section.summary for section in lead},
     }
+    if objectives.several:
+        summary.update(_pareto_summary(study, objectives))
     top_numbers = [t.number for t in top]
     summary["plots"] = [*_save_pngs(folder, lead, settings.dpi),
                         *plots.write_pngs(folder, study, importances, slices, techniques, top_numbers, metric,
-                                          settings.dpi)]
-    figures = plots.plotly_figures(study, importances, slices, techniques, top_numbers, metric)
-    (folder / "report.html").write_text(_html(summary, figures, lead), encoding="utf-8")
+                                          settings.dpi, objectives)]
+    figures = plots.plotly_figures(study, importances, slices, techniques, top_numbers, metric, objectives)
+    pareto = plots.pareto_figure(study, objectives) if objectives.several else None
+    (folder / "report.html").write_text(_html(summary, figures, lead, pareto), encoding="utf-8")
     summary["seconds"] = round(time.perf_counter() - start, 3)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     parent = study.user_attrs.get(MLFLOW_PARENT_RUN_ID)
@@ -171,6 +182,33 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None,
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return Report(folder, summary, None, f"cannot log to MLflow run {parent}: {redact(reason)[:200]}")
     return Report(folder, summary, parent, None)
+
+
+def importance_target(objectives: Objectives) -> Callable[[FrozenTrial], float] | None:
+    """Optuna's importance `target` in a multi-objective study: the first metric, negated when it is maximized
+    (PED-ANOVA reads a target as lower-is-better; fANOVA's and MDI's importances do not depend on the sign). None
+    with one metric, where Optuna reads the value and the direction itself."""
+    if not objectives.several:
+        return None
+    sign = -1.0 if objectives.direction == "maximize" else 1.0
+    return lambda trial: sign * trial.values[0]
+
+
+def _pareto_summary(study: optuna.Study, objectives: Objectives) -> dict[str, Any]:
+    """summary.json's keys for several objectives: each metric's direction, the front, and which metric the views of
+    one value use."""
+    return {
+        "objectives": [{"metric": n, "direction": d} for n, d in zip(objectives.names, objectives.directions,
+                                                                     strict=True)],
+        "pareto_front": [{"number": t.number, "values": dict(zip(objectives.names, t.values, strict=True)),
+                          "params": dict(t.params), "command": train_command(list(t.user_attrs.get(OVERRIDES, [])))}
+                         for t in objectives.front(study)],
+        "first_metric_note": f"{len(objectives.names)} objectives: the best trial, top trials, importances, "
+                             f"techniques, slices and history use the first metric, {objectives.primary}; "
+                             "pruning is off (Optuna cannot prune multi-objective studies), so trials report "
+                             "no per-epoch values and there are no learning curves here (each trial's curves are "
+                             "in its MLflow run)",
+    }
 
 
 def _evaluator(settings: DictConfig) -> BaseImportanceEvaluator:
@@ -227,7 +265,8 @@ def rankable(complete: Sequence[FrozenTrial], min_complete: int) -> tuple[list[s
 
 
 def _importances(study: optuna.Study, complete: list[FrozenTrial], evaluator: BaseImportanceEvaluator,
-                 min_complete: int) -> tuple[dict[str, float], str | None]:
+                 min_complete: int, target: Callable[[FrozenTrial], float] | None = None
+                 ) -> tuple[dict[str, float], str | None]:
     """Importances of the keys `rankable` admits and, when there are none or some keys are left out, why, in words."""
     if len(complete) < min_complete:
         trials = f"{len(complete)} complete trial{'s' if len(complete) != 1 else ''}"
@@ -251,10 +290,12 @@ def _importances(study: optuna.Study, complete: list[FrozenTrial], evaluator: Ba
         return {}, "; ".join(notes)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        values = optuna.importance.get_param_importances(study, evaluator=evaluator, params=params)
+        values = optuna.importance.get_param_importances(study, evaluator=evaluator, params=params, target=target)
     # Optuna warns once per key ("... parameter `x` ..."): one sentence per kind of warning, naming all its keys.
     keys_by_text: dict[str, list[str]] = {}
-    for message in (str(w.message) for w in caught if "importance" in str(w.message).lower()):
+    # PED-ANOVA warns that a target is read as lower-is-better whenever one is given: importance_target sees to it
+    for message in (str(w.message) for w in caught if "importance" in str(w.message).lower()
+                    and not (target is not None and "low `target` values" in str(w.message))):
         keys_by_text.setdefault(re.sub(r"`[^`]+`", "{}", message), []).extend(re.findall(r"`([^`]+)`", message))
     notes += [text.replace("{}", ", ".join(keys)) if keys else text for text, keys in keys_by_text.items()]
     return {k: float(v) for k, v in values.items()}, "; ".join(notes) or None
@@ -262,7 +303,10 @@ def _importances(study: optuna.Study, complete: list[FrozenTrial], evaluator: Ba
 
 def _trial_row(trial: FrozenTrial) -> dict[str, Any]:
     seconds = trial.duration.total_seconds() if trial.duration else None
-    return {"number": trial.number, "value": trial.value, "seconds": seconds, "params": dict(trial.params)}
+    row = {"number": trial.number, "value": trial.values[0], "seconds": seconds, "params": dict(trial.params)}
+    if len(trial.values) > 1:  # several objectives: `value` is the first metric's
+        row["values"] = list(trial.values)
+    return row
 
 
 def _technique_summary(view: View, maximize: bool) -> dict[str, Any]:
@@ -297,6 +341,9 @@ def render_text(summary: Mapping[str, Any], limit: int = 5) -> str:
     for section in summary.get("lead", ()):
         lines += section["text"]
     best = summary["best"]
+    for row in summary.get("pareto_front", ())[:limit]:
+        lines.append(f"Pareto front #{row['number']}: "
+                     + " ".join(f"{k}={format_value(v)}" for k, v in row["values"].items()))
     if best:
         lines.append(f"best {summary['metric']}={best['value']:.4f} at trial {best['number']}: {best['command']}")
     for row in summary["top_trials"][:limit]:
@@ -308,6 +355,11 @@ def render_text(summary: Mapping[str, Any], limit: int = 5) -> str:
     if summary["importances"]["note"]:
         lines.append(f"importance: {summary['importances']['note']}")
     return "\n".join(lines)
+
+
+def _count_or_value(value: float) -> float | int:
+    """A count (params) shown as an integer, not as 1.217e+04."""
+    return int(value) if float(value).is_integer() else value
 
 
 def _short(value: Any) -> str:
@@ -332,12 +384,15 @@ def _stopped(choice: Mapping[str, Any]) -> str:
     return "".join(f", {choice[k]} {k}" for k in ("pruned", "failed") if choice[k])
 
 
-def _html(summary: Mapping[str, Any], figures: list[tuple[str, Any]], lead: Sequence[Section] = ()) -> str:
+def _html(summary: Mapping[str, Any], figures: list[tuple[str, Any]], lead: Sequence[Section] = (),
+          pareto: Any = None) -> str:
     """One self-contained page: plotly.js embedded once (with the first figure), no CDN, no external CSS; the lead
-    sections first."""
+    sections first. `pareto`: the Pareto-front figure of a multi-objective study, shown with the front's table."""
     counts, best, metric = summary["counts"], summary["best"], summary["metric"]
+    aim = ", ".join(f"{o['direction']} {o['metric']}" for o in summary.get("objectives", ())) or \
+        f"{summary['direction']} {metric}"
     parts = [f"<h1>Study {html.escape(summary['study'])}</h1>",
-             f"<p>{summary['direction']} {html.escape(metric)}; generated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>"]
+             f"<p>{html.escape(aim)}; generated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>"]
     plotly_js = True  # embedded with the first figure on the page, wherever it is
 
     def figure_html(figure: Any) -> str:
@@ -349,8 +404,18 @@ def _html(summary: Mapping[str, Any], figures: list[tuple[str, Any]], lead: Sequ
         parts += [f"<h2>{html.escape(section.title)}</h2>", section.html]
         parts += [f"<h3>{html.escape(title)}</h3>{figure_html(figure)}" for title, figure in section.figures]
     parts.append(_table(["state", "trials"], [[s.lower(), n] for s, n in counts.items()]))
+    if "pareto_front" in summary:
+        front = summary["pareto_front"]
+        names = [o["metric"] for o in summary["objectives"]]
+        parts += [f"<h2>Pareto front: {len(front)} trial{'s' if len(front) != 1 else ''} that no other trial beats "
+                  f"in every metric</h2>", f"<p class=note>{html.escape(summary['first_metric_note'])}.</p>",
+                  _table(["trial", *names, "command"], [[r["number"], *map(_count_or_value, r["values"].values()),
+                                                         r["command"]] for r in front])]
+        if pareto is not None:
+            parts.append(figure_html(pareto))
     if best:
-        parts += [f"<h2>Best: {html.escape(metric)}={best['value']:.4f} at trial {best['number']}</h2>",
+        first = " (the first metric)" if "pareto_front" in summary else ""
+        parts += [f"<h2>Best: {html.escape(metric)}={best['value']:.4f}{first} at trial {best['number']}</h2>",
                   f"<pre>{html.escape(best['command'])}</pre>"]
     else:
         parts.append("<h2>No complete trial yet</h2>")

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from searchlab.attrs import METRIC, OVERRIDES
 from searchlab.budget import Budget
 from searchlab.config import ConfigError
+from searchlab.objectives import Objectives, metric_names, metric_setting
 from searchlab.space import SearchSpace
 from searchlab.trial import TrialOutcome, TrialRunner
 
@@ -42,8 +43,25 @@ def make_sampler(cfg: DictConfig, space: SearchSpace, worker: int = 0) -> optuna
                         search_space=space.grid() if cfg.study.sampler == "grid" else None)
 
 
+def check_sampler(cfg: DictConfig, space: SearchSpace) -> None:
+    """With several objectives, draws one trial of the space with a fresh sampler on a throwaway in-memory study:
+    some samplers (CMA-ES) refuse multi-objective studies, which would otherwise fail every trial of the real one."""
+    if not Objectives.of(cfg.study).several:
+        return
+    probe = optuna.create_study(directions=list(Objectives.of(cfg.study).directions), sampler=make_sampler(cfg, space))
+    try:
+        space.sample(probe.ask(), cfg.study.sampler == "grid")
+    except (ValueError, NotImplementedError) as err:
+        raise ConfigError(f"study.sampler: {cfg.study.sampler} cannot sample a study of several metrics "
+                          f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}); "
+                          "choose another, e.g. study.sampler=tpe") from None
+
+
 def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
-    """The pruner named by study.pruner, from the study.pruners table."""
+    """The pruner named by study.pruner, from the study.pruners table; none for several objectives, whatever
+    study.pruner says: Optuna cannot prune a multi-objective study (Trial.report raises there, optuna#3450)."""
+    if Objectives.of(cfg.study).several:
+        return optuna.pruners.NopPruner()
     return _instantiate(cfg.study.pruners[cfg.study.pruner])
 
 
@@ -56,29 +74,52 @@ def _instantiate(entry: DictConfig, **extra: Any) -> Any:
     return cls(**settings)
 
 
-def open_study(cfg: DictConfig, direction: str, storage: BaseStorage, sampler: optuna.samplers.BaseSampler,
-               pruner: optuna.pruners.BasePruner) -> optuna.Study:
-    """Creates the study, or loads it by name to resume; a resumed study must keep its direction and metric."""
-    study = optuna.create_study(study_name=cfg.study.name, storage=storage, sampler=sampler, pruner=pruner,
-                                direction=direction, load_if_exists=True)
-    existing = study.direction.name.lower()
-    if existing != direction:
+def open_study(cfg: DictConfig, objectives: Objectives, storage: BaseStorage,
+               sampler: optuna.samplers.BaseSampler, pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    """Creates the study, or loads it by name to resume; a resumed study must keep its metrics and directions."""
+    if objectives.several:
+        study = optuna.create_study(study_name=cfg.study.name, storage=storage, sampler=sampler, pruner=pruner,
+                                    directions=list(objectives.directions), load_if_exists=True)
+    else:
+        study = optuna.create_study(study_name=cfg.study.name, storage=storage, sampler=sampler, pruner=pruner,
+                                    direction=objectives.direction, load_if_exists=True)
+    existing = [d.name.lower() for d in study.directions]
+    stored = study.user_attrs.get(METRIC)
+    kept = metric_setting(metric_names(stored)) if stored is not None else None
+
+    def check_metrics() -> None:
+        if len(existing) != len(objectives.names) or (stored is not None and stored != objectives.stored):
+            keep = f"keep study.metric={kept}" if kept else f"keep its {len(existing)} metrics"
+            raise ConfigError(f"study.metric: study '{cfg.study.name}' optimizes {kept or f'{len(existing)} metrics'}, "
+                              f"not {metric_setting(objectives.names)}; {keep} or choose a new study.name")
+
+    if objectives.several or len(existing) > 1:  # names first: another order of the metrics is not a direction
+        check_metrics()
+    if not objectives.several and existing[0] != objectives.direction:
+        direction = objectives.direction
         raise ConfigError(
-            f"study.direction: study '{cfg.study.name}' was created to {existing} its metric, this run would "
-            f"{direction} {cfg.study.metric}; keep study.direction={existing} or choose a new study.name")
-    metric = study.user_attrs.get(METRIC)
-    if metric is not None and metric != cfg.study.metric:
-        raise ConfigError(f"study.metric: study '{cfg.study.name}' optimizes {metric}; keep study.metric={metric} "
+            f"study.direction: study '{cfg.study.name}' was created to {existing[0]} its metric, this run would "
+            f"{direction} {objectives.primary}; keep study.direction={existing[0]} or choose a new study.name")
+    if tuple(existing) != objectives.directions:
+        raise ConfigError(
+            f"study.direction: study '{cfg.study.name}' was created to {', '.join(existing)} its metrics, this run "
+            f"would {objectives.describe()}; keep study.direction=[{','.join(existing)}] or choose a new study.name")
+    if stored is not None and stored != objectives.stored:
+        raise ConfigError(f"study.metric: study '{cfg.study.name}' optimizes {kept}; keep study.metric={kept} "
                           "or choose a new study.name")
     return study
 
 
 @dataclass(frozen=True)
 class Best:
+    """The best complete trial; with several objectives the one of the Pareto front with the best first metric
+    (`value` is that metric's, `values` all of them)."""
+
     number: int
     value: float
     params: dict[str, Any]
     overrides: list[str]
+    values: tuple[float, ...] = ()
 
 
 def best_trial(study: optuna.Study) -> Best | None:
@@ -86,6 +127,10 @@ def best_trial(study: optuna.Study) -> Best | None:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         return None
+    if len(study.directions) > 1:
+        trial = Objectives.of_study(study, ()).front(study)[0]
+        return Best(trial.number, trial.values[0], dict(trial.params), list(trial.user_attrs.get(OVERRIDES, [])),
+                    tuple(trial.values))
     trial = study.best_trial
     return Best(trial.number, trial.value, dict(trial.params), list(trial.user_attrs.get(OVERRIDES, [])))
 

@@ -7,6 +7,7 @@ imports the other's caller.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -63,10 +64,11 @@ def _check_outputs(module: torch.nn.Module, splits: Splits, task: str) -> None:
                           f"data has {expected} {what}; build its last layer with the num_outputs argument")
 
 
-def preflight(cfg: DictConfig, splits: Splits | None, metric: str) -> dict[str, float]:
+def preflight(cfg: DictConfig, splits: Splits | None, metric: str, also: Sequence[str] = ()) -> dict[str, float]:
     """Builds everything and trains one batch and validates one batch on one device, before any store is written:
-    a module that does not log `metric`, a network whose output does not fit the data, or a `_target_` that does not
-    build is bad input found now, not in every trial. Returns the metrics logged."""
+    a module that does not log `metric` (nor the other objectives `also`), a network whose output does not fit the
+    data, or a `_target_` that does not build is bad input found now, not in every trial. Returns the metrics
+    logged."""
     task = module_task(cfg)
     if splits is not None:
         check_targets(splits, task)
@@ -85,10 +87,11 @@ def preflight(cfg: DictConfig, splits: Splits | None, metric: str) -> dict[str, 
     if splits is not None and task and result.module is not None:
         _check_outputs(result.module, splits, task)
     logged = result.history[-1] if result.history else {}
-    if metric not in logged:
-        names = sorted(k for k in logged if k != "lr")
-        near = difflib.get_close_matches(metric, names, n=1)
-        hint = f"; did you mean study.metric={near[0]}?" if near else ""
-        raise ConfigError(f"study.metric: the module never logs '{metric}' after a validation epoch (it logs "
-                          f"{', '.join(names) or 'nothing'}){hint}")
+    for name in (metric, *also):
+        if name not in logged:
+            names = sorted(k for k in logged if k != "lr")
+            near = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean study.metric={near[0]}?" if near else ""
+            raise ConfigError(f"study.metric: the module never logs '{name}' after a validation epoch (it logs "
+                              f"{', '.join(names) or 'nothing'}){hint}")
     return logged

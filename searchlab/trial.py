@@ -36,6 +36,7 @@ from searchlab.data import Splits
 from searchlab.faults import heartbeat
 from searchlab.interrupts import terminated
 from searchlab.lightning_fit import TrainResult
+from searchlab.objectives import Objectives, first_value
 from searchlab.space import SearchSpace
 from searchlab.tracking import Tracker
 from searchlab.training import fit
@@ -45,16 +46,17 @@ from searchlab.training import fit
 class TrialOutcome:
     number: int
     state: str  # COMPLETE, PRUNED or FAIL
-    value: float | None
+    value: float | None  # with several objectives, the first metric's
     seconds: float
     reason: str | None
     params: dict[str, Any]
     resumed_from: int | None = None  # the epoch of the checkpoint this attempt resumed from
+    values: tuple[float, ...] | None = None  # with several objectives, all of them
 
 
-# Called for a trial that finished COMPLETE, before it is told: (number, run id, result, value) -> whether it kept
-# the trial's weights (searchlab.model_out.KeepWeights).
-KeepModel = Callable[[int, str, TrainResult, float], bool]
+# Called for a trial that finished COMPLETE, before it is told: (number, run id, result, value or values) -> whether
+# it kept the trial's weights (searchlab.model_out.KeepWeights).
+KeepModel = Callable[[int, str, TrainResult, "float | list[float]"], bool]
 
 # Overrides of these keys shape the study, not the training: the re-run command leaves them out.
 _STUDY_ONLY = ("study", "tracking", "search", "workers", "report")
@@ -86,7 +88,8 @@ class TrialRunner:
         self.study, self.cfg, self.base_overrides = study, cfg, base_overrides
         self.composer, self.space, self.splits = composer, space, splits
         self.tracker, self.parent_run_id, self.keep = tracker, parent_run_id, keep
-        self.metric, self.direction = cfg.study.metric, direction
+        self.objectives = Objectives.of(cfg.study)
+        self.metric, self.direction = self.objectives.primary, direction
         self.use_grid = cfg.study.sampler == "grid"
 
     def run(self, trial: optuna.Trial | None = None) -> TrialOutcome:
@@ -126,21 +129,23 @@ class TrialRunner:
         checkpoints.remove(plan)  # finished: nothing to resume
         if RESUMED_FROM_EPOCH in trial.user_attrs:  # what the retry trained (a trial from epoch 0: all its epochs)
             trial.set_user_attr(EPOCHS_TRAINED, len(result.history) - trial.user_attrs[RESUMED_FROM_EPOCH])
-        value = result.best(self.metric, self.direction)
+        value = self.objectives.values_of(result)
         if pruned or result.stop_reason:
             # Diverged runs are pruned, not failed: they count toward the budget, and the sampler learns from them.
             state, reason, value = TrialState.PRUNED, result.stop_reason, None
         elif value is None:
             state = TrialState.FAIL
-            reason = f"no finite {self.metric} in any epoch" + (f" ({result.ended})" if result.ended else "")
+            reason = (f"no finite {', '.join(self.objectives.names)} in any epoch"
+                      + (f" ({result.ended})" if result.ended else ""))
         else:
             # A limit of its own (trainer.max_time, early stopping) ends a trial complete, with the reason.
             state, reason = TrialState.COMPLETE, result.ended
             if self.keep is not None:
                 self.keep(trial.number, run_id, result, value)
         self._finish(trial, run_id, state, value, reason)
-        return TrialOutcome(trial.number, state.name, value, time.perf_counter() - start, reason, values,
-                            trial.user_attrs.get(RESUMED_FROM_EPOCH))
+        several = tuple(value) if isinstance(value, list) else None
+        return TrialOutcome(trial.number, state.name, first_value(value), time.perf_counter() - start, reason, values,
+                            trial.user_attrs.get(RESUMED_FROM_EPOCH), several)
 
     def _checkpoint_plan(self, trial: optuna.Trial, trial_cfg: DictConfig, values: dict[str, Any],
                          run_id: str) -> checkpoints.CheckpointPlan:
@@ -157,7 +162,7 @@ class TrialRunner:
         trial.set_user_attr(RESUMED_FROM_EPOCH, saved.epoch)
         self.tracker.resume_trial(run_id, saved.epoch, saved.owner.get("run_id"), saved.history)
         for epoch, metrics in enumerate(saved.history, 1):  # the pruner sees the epochs trained before
-            if math.isfinite(metrics.get(self.metric, math.nan)):
+            if not self.objectives.several and math.isfinite(metrics.get(self.metric, math.nan)):
                 trial.report(metrics[self.metric], epoch)
         return dataclasses.replace(plan, resume=True)
 
@@ -179,6 +184,8 @@ class TrialRunner:
         def on_epoch(epoch: int, metrics: dict[str, float]) -> str | None:
             nonlocal pruned
             self.tracker.log_epoch(run_id, epoch, metrics)
+            if self.objectives.several:
+                return None  # no pruning: Trial.report raises in a multi-objective study (optuna#3450)
             value = metrics.get(self.metric, math.nan)
             if not math.isfinite(value):
                 return None  # the trainer stops a diverged run itself
@@ -190,14 +197,17 @@ class TrialRunner:
 
         return fit(trial_cfg, self.splits, on_epoch, metric=self.metric, checkpoint=plan), pruned
 
-    def _finish(self, trial: optuna.Trial, run_id: str | None, state: TrialState, value: float | None,
-                reason: str | None) -> None:
+    def _finish(self, trial: optuna.Trial, run_id: str | None, state: TrialState,
+                value: float | list[float] | None, reason: str | None) -> None:
         if reason:
             trial.set_user_attr(REASON, reason)
         self.study.tell(trial, value, state=state)
         if run_id is None:  # failed or interrupted before its run was made: every finished trial has one
             run_id = self.tracker.start_trial(self.parent_run_id, trial.number, trial.params, "", "")
-        self.tracker.end_trial(run_id, state.name, value, reason)
+        if isinstance(value, list):  # several objectives: each as objective.<metric>; `objective` is the first
+            self.tracker.log_epoch(run_id, 0, {f"objective.{n}": v for n, v in zip(self.objectives.names, value,
+                                                                                    strict=True)})
+        self.tracker.end_trial(run_id, state.name, first_value(value), reason)
 
 
 def _describe(err: BaseException) -> str:

@@ -85,8 +85,10 @@ class DeadWorkers:
 def outcome_of(trial: FrozenTrial) -> TrialOutcome:
     """A finished trial read from the storage, as the loop that ran it reported it."""
     seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_start else 0.0
-    return TrialOutcome(trial.number, trial.state.name, trial.value, seconds, trial.user_attrs.get(REASON),
-                        dict(trial.params), trial.user_attrs.get(RESUMED_FROM_EPOCH))
+    several = tuple(trial.values) if trial.values and len(trial.values) > 1 else None  # a multi-objective study
+    return TrialOutcome(trial.number, trial.state.name, trial.values[0] if trial.values else None, seconds,
+                        trial.user_attrs.get(REASON), dict(trial.params), trial.user_attrs.get(RESUMED_FROM_EPOCH),
+                        several)
 
 
 class WorkerPool:
