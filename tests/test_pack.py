@@ -1,0 +1,197 @@
+"""Packed trials (searchlab.pack): every member trains as it would alone.
+
+Tolerance: float32 on the CPU; packed and lone runs take the same batches from the same initial weights, and differ
+only in the order of floating-point operations (batched matmuls, fused multiply-adds in torch's optimizers). Per-epoch
+metrics agree within 1e-5 relative (1e-6 absolute) after 3 epochs; learning rates agree exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from searchlab.build import load_data
+from searchlab.config import Composer
+from searchlab.optim import Adam, AdamW
+from searchlab.pack import PackedTraining, can_pack, pack_mismatch
+from searchlab.pack_optim import PackedOptimizer, optimizer_family, read_hyper
+from searchlab.training import fit
+
+REL, ABS = 1e-5, 1e-6
+# Small and quick: digits, a 2x32 MLP, 3 epochs of at most 6 steps.
+BASE = ["trainer.max_epochs=3", "trainer.limit_train_batches=6", "model.width=32", "study.metric=val_loss"]
+
+
+@pytest.fixture(scope="module")
+def composer() -> Composer:
+    return Composer(BASE)
+
+
+@pytest.fixture(scope="module")
+def digits(composer: Composer):
+    return load_data(composer.base)
+
+
+def _same(packed: list[dict[str, float]], alone: list[dict[str, float]]) -> None:
+    assert len(packed) == len(alone)
+    for p, a in zip(packed, alone, strict=True):
+        assert set(p) == set(a)
+        for key in a:
+            assert p[key] == pytest.approx(a[key], rel=REL, abs=ABS), key
+
+
+def _member_values(optimizer: str) -> list[dict]:
+    """Three members that differ in every number the optimizer has (lr, weight decay, momentum, betas, alpha)."""
+    members = [{"optimizer.lr": lr, "optimizer.weight_decay": wd, "module.l1": l1}
+               for lr, wd, l1 in ((0.01, 0.0, 0.0), (0.003, 1e-3, 1e-4), (0.03, 1e-4, 0.0))]
+    for member, (momentum, beta1, alpha) in zip(members, ((0.9, 0.9, 0.99), (0.5, 0.8, 0.9), (0.0, 0.95, 0.95)),
+                                                strict=True):
+        if optimizer in ("momentum", "nesterov"):
+            member["optimizer.momentum"] = max(momentum, 0.3)  # nesterov needs momentum > 0
+        if optimizer == "rmsprop":
+            member.update({"optimizer.momentum": momentum, "optimizer.alpha": alpha})
+        if optimizer in ("adam", "adamw"):
+            member["optimizer.beta1"] = beta1
+    return members
+
+
+def _check_against_alone(composer: Composer, digits, choices: dict, members: list[dict]) -> PackedTraining:
+    cfgs = [composer({**choices, **m}) for m in members]
+    pack = PackedTraining(cfgs, digits)
+    results = pack.fit()
+    for cfg, result in zip(cfgs, results, strict=True):
+        alone = fit(cfg, digits)
+        _same(result.history, alone.history)
+        assert result.stop_reason == alone.stop_reason
+        assert result.best_epoch == alone.best_epoch
+    return pack
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov", "rmsprop", "adam", "adamw"])
+def test_each_optimizer_matches_alone(composer: Composer, digits, optimizer: str) -> None:
+    _check_against_alone(composer, digits, {"optimizer": optimizer}, _member_values(optimizer))
+
+
+# Each schedule with another optimizer, so that onecycle also cycles RMSprop's momentum, plateau sees Adam's loss.
+@pytest.mark.parametrize(("scheduler", "optimizer"), [
+    ("step", "sgd"), ("exponential", "momentum"), ("cosine", "nesterov"), ("onecycle", "rmsprop"),
+    ("plateau", "adam"), ("warmup_cosine", "adamw"), ("onecycle", "adam")])
+def test_each_schedule_matches_alone(composer: Composer, digits, scheduler: str, optimizer: str) -> None:
+    members = _member_values(optimizer)[:2]
+    extra = {"step": {"scheduler.step_size": 1}, "plateau": {"scheduler.patience": 0},
+             "warmup_cosine": {"scheduler.warmup_epochs": 1}}.get(scheduler, {})
+    _check_against_alone(composer, digits, {"optimizer": optimizer, "scheduler": scheduler, **extra}, members)
+
+
+def test_batch_norm_members_keep_their_own_statistics(composer: Composer, digits) -> None:
+    pack = _check_against_alone(composer, digits, {"optimizer": "momentum", "model.batch_norm": True},
+                                _member_values("momentum")[:2])
+    states = [pack.member_state(i) for i in range(2)]
+    assert not torch.equal(states[0]["1.running_mean"], states[1]["1.running_mean"])
+
+
+def test_member_state_loads_into_its_own_network(composer: Composer, digits) -> None:
+    """A member's weights as its lone network names them (dropout layers and all), for export and `train`."""
+    cfgs = [composer({"model.dropout": d}) for d in (0.0, 0.3)]
+    pack = PackedTraining(cfgs, digits)
+    pack.fit()
+    from searchlab.build import build_network
+    for i, cfg in enumerate(cfgs):
+        build_network(cfg, pack.shape).load_state_dict(pack.member_state(i))
+        assert pack.members[i].result.weights is not None
+
+
+def test_pruned_member_keeps_its_weights_and_the_others_match_alone(composer: Composer, digits) -> None:
+    cfgs = [composer({"optimizer": "adam", **m}) for m in _member_values("adam")]
+    pack = PackedTraining(cfgs, digits)
+    at_stop: dict[str, torch.Tensor] = {}
+
+    def prune(member: int, epoch: int, metrics: dict[str, float]) -> str | None:
+        if member == 1 and epoch == 1:
+            at_stop.update(pack.member_state(1))
+            return "pruned at epoch 1"
+        return None
+
+    results = pack.fit(prune)
+    assert results[1].stop_reason == "pruned at epoch 1" and len(results[1].history) == 1
+    assert all(torch.equal(at_stop[k], v) for k, v in pack.member_state(1).items())
+    _same(results[1].history, fit(cfgs[1], digits).history[:1])
+    for i in (0, 2):
+        assert results[i].stop_reason is None
+        _same(results[i].history, fit(cfgs[i], digits).history)
+    assert len(pack.active) == 2  # the pruned member left the pack
+
+
+def test_diverged_member_ends_alone(composer: Composer, digits) -> None:
+    members = [{"optimizer.lr": 0.05}, {"optimizer.lr": 1e6}, {"optimizer.lr": 0.01}]
+    cfgs = [composer({"optimizer": "sgd", **m}) for m in members]
+    results = PackedTraining(cfgs, digits).fit()
+    alone = [fit(cfg, digits) for cfg in cfgs]
+    assert results[1].stop_reason is not None and results[1].stop_reason.startswith("diverged")
+    assert results[1].stop_reason == alone[1].stop_reason
+    for i in (0, 2):
+        assert results[i].stop_reason is None
+        _same(results[i].history, alone[i].history)
+        assert all(math.isfinite(v) for m in results[i].history for v in m.values())
+
+
+@pytest.mark.parametrize(("cls", "settings"), [
+    (torch.optim.SGD, {"lr": [0.1, 0.01, 0.05], "momentum": [0.9, 0.0, 0.5], "weight_decay": [0.0, 1e-2, 1e-4]}),
+    (torch.optim.SGD, {"lr": [0.1, 0.01, 0.05], "momentum": [0.9, 0.5, 0.2], "nesterov": [True] * 3,
+                       "dampening": [0.0] * 3}),
+    (torch.optim.RMSprop, {"lr": [1e-3, 1e-2, 3e-3], "alpha": [0.99, 0.9, 0.5], "momentum": [0.0, 0.9, 0.5],
+                           "weight_decay": [0.0, 1e-2, 1e-4]}),
+    (Adam, {"lr": [1e-3, 1e-2, 3e-3], "beta1": [0.9, 0.5, 0.99], "beta2": [0.999, 0.9, 0.99],
+            "weight_decay": [0.0, 1e-2, 1e-4]}),
+    (AdamW, {"lr": [1e-3, 1e-2, 3e-3], "beta1": [0.9, 0.5, 0.99], "weight_decay": [0.0, 1e-1, 1e-2]}),
+])
+def test_packed_optimizer_steps_as_torch_optim(cls: type, settings: dict) -> None:
+    """Member by member against the torch optimizer, on gradients from 1e-8 to 1 (where Adam amplifies noise)."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 4, 5, generator=generator)
+    alone = [nn.Parameter(start[i].clone()) for i in range(3)]
+    optimizers = [cls([p], **{k: v[i] for k, v in settings.items()}) for i, p in enumerate(alone)]
+    family, flags = optimizer_family(optimizers[0])
+    packed = start.clone()
+    stepper = PackedOptimizer(family, flags, [packed])
+    stepper.set_hyper([read_hyper(o, family) for o in optimizers], packed)
+    for _ in range(30):
+        grad = torch.randn(3, 4, 5, generator=generator) * 10.0 ** torch.randint(-8, 1, (3, 1, 1), generator=generator)
+        for i, p in enumerate(alone):
+            p.grad = grad[i].clone()
+            optimizers[i].step()
+        stepper.step([packed], [grad])
+    for i, p in enumerate(alone):
+        torch.testing.assert_close(packed[i], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+class ItemNet(nn.Module):
+    """A network with data-dependent control flow, which vmap cannot vectorize."""
+
+    def __init__(self, input_shape: list[int], num_outputs: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(math.prod(input_shape), num_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        return self.linear(x) if x.sum().item() > 0 else -self.linear(x)
+
+
+def test_refusals_name_the_reason(composer: Composer, digits) -> None:
+    assert can_pack(composer({}), digits) is None
+    assert can_pack(composer({"model": "cnn", "model.width": 4, "model.batch_norm": True}), digits) is None
+    item = composer({})
+    item.model = OmegaConf.create({"_target_": f"{__name__}.ItemNet"})
+    reason = can_pack(item, digits)
+    assert reason is not None and ".item()" in reason and "\n" not in reason
+    assert "DDP" in can_pack(composer({"trainer.devices": 2}), digits)
+    assert "not Adagrad" in can_pack(composer({"optimizer": "sgd", "optimizer._target_": "torch.optim.Adagrad"}),
+                                     digits)
+    assert "module" in can_pack(composer({"module._target_": "pytorch_lightning.LightningModule"}), digits)
+    assert pack_mismatch([composer({}), composer({"optimizer.lr": 0.1})]) is None
+    assert "model.width" in pack_mismatch([composer({}), composer({"model.width": 16})])
+    assert "optimizer._target_" in pack_mismatch([composer({}), composer({"optimizer": "sgd"})])
