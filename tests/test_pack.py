@@ -2,7 +2,8 @@
 
 Tolerance: float32 on the CPU; packed and lone runs take the same batches from the same initial weights, and differ
 only in the order of floating-point operations (batched matmuls, fused multiply-adds in torch's optimizers). Per-epoch
-metrics agree within 1e-5 relative (1e-6 absolute) after 3 epochs; learning rates agree exactly.
+losses agree within 1e-5 relative after 3 epochs, learning rates exactly; accuracy, F1 and AUROC, which move in
+steps when two nearly equal scores swap, within one flipped prediction (see DISCRETE).
 """
 
 from __future__ import annotations
@@ -22,8 +23,20 @@ from searchlab.pack_optim import PackedOptimizer, optimizer_family, read_hyper
 from searchlab.training import fit
 
 REL, ABS = 1e-5, 1e-6
+# Metrics of orderings and argmaxes move in steps when two nearly equal scores swap: one flipped val prediction is
+# 1/360 of val_acc; one swapped pair of scores moves val_auroc by ~1e-5.
+DISCRETE = {"val_acc": 3e-3, "val_f1": 3e-3, "val_auroc": 1e-4}
 # Small and quick: digits, a 2x32 MLP, 3 epochs of at most 6 steps.
 BASE = ["trainer.max_epochs=3", "trainer.limit_train_batches=6", "model.width=32", "study.metric=val_loss"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: these tiny matmuls gain nothing from two, and lose much on a loaded shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +54,15 @@ def _same(packed: list[dict[str, float]], alone: list[dict[str, float]]) -> None
     for p, a in zip(packed, alone, strict=True):
         assert set(p) == set(a)
         for key in a:
-            assert p[key] == pytest.approx(a[key], rel=REL, abs=ABS), key
+            assert p[key] == pytest.approx(a[key], rel=REL, abs=DISCRETE.get(key, ABS)), key
 
 
 def _member_values(optimizer: str) -> list[dict]:
     """Three members that differ in every number the optimizer has (lr, weight decay, momentum, betas, alpha)."""
+    # Learning rates that train steadily: in a chaotic regime (RMSprop at lr 0.03 here) any float noise grows.
+    lrs = (0.05, 0.02, 0.1) if optimizer in ("sgd", "momentum", "nesterov") else (0.003, 0.001, 0.01)
     members = [{"optimizer.lr": lr, "optimizer.weight_decay": wd, "module.l1": l1}
-               for lr, wd, l1 in ((0.01, 0.0, 0.0), (0.003, 1e-3, 1e-4), (0.03, 1e-4, 0.0))]
+               for lr, wd, l1 in zip(lrs, (0.0, 1e-3, 1e-4), (0.0, 1e-4, 0.0), strict=True)]
     for member, (momentum, beta1, alpha) in zip(members, ((0.9, 0.9, 0.99), (0.5, 0.8, 0.9), (0.0, 0.95, 0.95)),
                                                 strict=True):
         if optimizer in ("momentum", "nesterov"):
@@ -91,7 +106,7 @@ def test_batch_norm_members_keep_their_own_statistics(composer: Composer, digits
     pack = _check_against_alone(composer, digits, {"optimizer": "momentum", "model.batch_norm": True},
                                 _member_values("momentum")[:2])
     states = [pack.member_state(i) for i in range(2)]
-    assert not torch.equal(states[0]["1.running_mean"], states[1]["1.running_mean"])
+    assert not torch.equal(states[0]["2.running_mean"], states[1]["2.running_mean"])
 
 
 def test_member_state_loads_into_its_own_network(composer: Composer, digits) -> None:
@@ -170,7 +185,7 @@ def test_packed_optimizer_steps_as_torch_optim(cls: type, settings: dict) -> Non
 
 
 class ItemNet(nn.Module):
-    """A network with data-dependent control flow, which vmap cannot vectorize."""
+    """A network whose control flow depends on its weights' values, which vmap cannot vectorize."""
 
     def __init__(self, input_shape: list[int], num_outputs: int) -> None:
         super().__init__()
@@ -178,7 +193,7 @@ class ItemNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
-        return self.linear(x) if x.sum().item() > 0 else -self.linear(x)
+        return self.linear(x) if self.linear.weight.sum().item() > 0 else -self.linear(x)
 
 
 def test_refusals_name_the_reason(composer: Composer, digits) -> None:
