@@ -29,8 +29,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from searchlab.build import (DataShape, build_network, data_shape, module_task, optimizer_factory, resolve_target,
-                             schedule_factory)
+from searchlab.build import (
+    DataShape,
+    build_network,
+    data_shape,
+    module_task,
+    optimizer_factory,
+    resolve_target,
+    schedule_factory,
+)
 from searchlab.data import Splits, TensorBatches, batch_size_for
 from searchlab.lightning_fit import TrainResult, Weights, _direction, resolve_precision
 from searchlab.modules import _Module
