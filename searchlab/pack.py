@@ -16,7 +16,6 @@ not from the stream it would draw from alone, so its metrics match alone only in
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +26,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import functional_call, vmap
 
 from searchlab.build import (
     DataShape,
@@ -212,7 +211,7 @@ class PackedTraining:
             raise ValueError("members differ in their optimizer family or flags, which a pack shares")
         self.family, flags = families[0]
         self._build(cfgs)
-        self.optimizer = PackedOptimizer(self.family, flags, list(self.params.values()))
+        self.optimizer = PackedOptimizer(self.family, flags, self.flat)
         self._refresh_hyper()
         self.loss_module = self.module_class(net=nn.Identity(), optimizer=None)
         self.active = list(range(len(cfgs)))  # member indices still in the pack, in row order
@@ -221,41 +220,37 @@ class PackedTraining:
     # --- building ---------------------------------------------------------------------------------------------
 
     def _build(self, cfgs: Sequence[DictConfig]) -> None:
+        """Each member's lone network (its config, its seed: its initial weights) laid out as one row of a flat
+        [K, P] tensor; its buffers (BatchNorm statistics) and dropout rates stacked per name."""
         template = _seeded_network(_structure_cfg(cfgs), self.shape)
         slots = _replace_dropout(template)
-        names = [n for n, _ in template.named_parameters()]
-        buffer_names = [n for n, _ in template.named_buffers() if not n.endswith(".p") or
-                        not isinstance(template.get_submodule(n.rpartition(".")[0]), PackedDropout)]
-        members = []
-        self.rates: list[list[float]] = []
+        drop_names = [f"{n}.p" if n else "p" for n, m in template.named_modules() if isinstance(m, PackedDropout)]
+        shapes = [p.shape for p in template.parameters()]
+        self.param_names = [n for n, _ in template.named_parameters()]
+        self.param_shapes = shapes
+        self.buffer_names = [n for n, _ in template.named_buffers() if n not in drop_names]
+        rows, member_buffers, self.rates, self.lone_names = [], [], [], []
+        built: dict[str, nn.Module] = {}  # members with the same network config and seed start from the same weights
         for cfg in cfgs:
-            alone = _seeded_network(cfg, self.shape).to(self.device)
-            own = list(alone.parameters())
-            if [p.shape for p in own] != [p.shape for _, p in template.named_parameters()]:
+            key = OmegaConf.to_yaml(cfg.model) + f"seed={cfg.seed}"
+            alone = built.get(key) or built.setdefault(key, _seeded_network(cfg, self.shape))
+            if [p.shape for p in alone.parameters()] != shapes:
                 raise ValueError("members' networks differ in their parameters' shapes, which a pack shares")
             rates = _dropout_rates(alone)
             if len(rates) not in (0, slots):
                 raise ValueError("members' networks differ in their dropout layers, which a pack shares")
             self.rates.append(rates or [0.0] * slots)
-            copy_ = copy.deepcopy(template).to(self.device)
-            with torch.no_grad():
-                for (_, p), q in zip(copy_.named_parameters(), own, strict=True):
-                    p.copy_(q)
-                for name, b in zip(buffer_names, [b for _, b in alone.named_buffers()], strict=True):
-                    copy_.get_buffer(name).copy_(b)
-            drops = [m for m in copy_.modules() if isinstance(m, PackedDropout)]
-            for module, rate in zip(drops, self.rates[-1], strict=True):
-                module.p.fill_(rate)
-            members.append(copy_)
-        self.param_names = names
-        self.lone_buffer_names = buffer_names
-        params, buffers = stack_module_state(members)
-        self.params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        self.buffers = buffers
+            rows.append(torch.cat([p.detach().reshape(-1) for p in alone.parameters()]))
+            member_buffers.append([b.detach() for _, b in alone.named_buffers()])
+            self.lone_names.append(([n for n, _ in alone.named_parameters()], [n for n, _ in alone.named_buffers()]))
+        self.flat = torch.stack(rows).to(self.device)
+        self.buffers = {name: torch.stack([m[i] for m in member_buffers]).to(self.device)
+                        for i, name in enumerate(self.buffer_names)}
+        for j, name in enumerate(drop_names):
+            self.buffers[name] = torch.tensor([r[j] for r in self.rates], device=self.device)
         self.template = template.to("meta")
-        self.dropout = slots > 0 and any(r > 0 for rates in self.rates for r in rates)
-        ndims = [p.dim() for p in self.params.values()]
-        self.penalized = [n for n, d in zip(self.params, ndims, strict=True) if d > 2]  # weights, stacked
+        self.dropout = any(r > 0 for rates in self.rates for r in rates)
+        self._views()
 
         def loss_of(p: dict, b: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
@@ -269,10 +264,20 @@ class PackedTraining:
         self._loss = vmap(loss_of, in_dims=(0, 0, None, None), randomness=randomness)
         self._output = vmap(output_of, in_dims=(0, 0, None), randomness=randomness)
 
+    def _views(self) -> None:
+        """The members' parameters as [K, *shape] views of the flat rows: the network reads them, autograd gives
+        their gradients, and the optimizer updates the flat rows in place underneath."""
+        self.params, offset = {}, 0
+        for name, shape in zip(self.param_names, self.param_shapes, strict=True):
+            size = shape.numel()
+            self.params[name] = self.flat[:, offset:offset + size].view(len(self.flat), *shape).requires_grad_(True)
+            offset += size
+        self.penalized = [n for n, shape in zip(self.param_names, self.param_shapes, strict=True) if len(shape) > 1]
+
     def _refresh_hyper(self) -> None:
         self.optimizer.set_hyper([read_hyper(self.members[i].optimizer, self.family)
                                   for i in getattr(self, "active", range(len(self.members)))],
-                                 next(iter(self.params.values())))
+                                 self.flat)
 
     # --- training ---------------------------------------------------------------------------------------------
 
@@ -289,7 +294,7 @@ class PackedTraining:
         self.template.train()
         sums = torch.zeros(len(self.active), device=self.device)
         count = 0
-        names = list(self.params)
+        views = list(self.params.values())
         for i, (x, y) in enumerate(self.train_batches):
             if i >= self.steps_per_epoch:
                 break
@@ -300,8 +305,8 @@ class PackedTraining:
             total = losses if penalty is None else losses + penalty
             # A diverged member's NaN stays its own: its rows get no gradient, the others' sum stays finite.
             total = torch.where(torch.isfinite(total), total, torch.zeros_like(total)).sum()
-            grads = torch.autograd.grad(total, [self.params[n] for n in names])
-            self.optimizer.step([self.params[n].data for n in names], grads)
+            grads = torch.autograd.grad(total, views)
+            self.optimizer.step(self.flat, torch.cat([g.reshape(len(g), -1) for g in grads], dim=1))
             if any([self.members[m].step_schedule("step") for m in self.active]):
                 self._refresh_hyper()
         if any([self.members[m].step_schedule("epoch") for m in self.active]):
@@ -370,8 +375,9 @@ class PackedTraining:
         if not keep:
             return
         index = torch.tensor(keep, device=self.device)
-        self.params = {k: v.detach().index_select(0, index).requires_grad_(True) for k, v in self.params.items()}
+        self.flat = self.flat.index_select(0, index)
         self.buffers = {k: v.index_select(0, index) for k, v in self.buffers.items()}
+        self._views()
         self.optimizer.keep(index)
 
     def fit(self, on_epoch: MemberHook | None = None) -> list[TrainResult]:
@@ -392,11 +398,9 @@ class PackedTraining:
             assert state is not None
             return state
         row = self.active.index(member)
-        alone = build_network(self.members[member].cfg, self.shape)
-        names = [n for n, _ in alone.named_parameters()] + [n for n, _ in alone.named_buffers()]
-        values = [self.params[n][row] for n in self.param_names] + [self.buffers[n][row]
-                                                                    for n in self.lone_buffer_names]
-        return {n: v.detach().to("cpu", copy=True) for n, v in zip(names, values, strict=True)}
+        param_names, buffer_names = self.lone_names[member]
+        values = [v[row] for v in self.params.values()] + [self.buffers[n][row] for n in self.buffer_names]
+        return {n: v.detach().to("cpu", copy=True) for n, v in zip(param_names + buffer_names, values, strict=True)}
 
     def _keep_best(self, member: int, row: int, metrics: dict[str, float]) -> None:
         """As lightning_fit's _BestWeights: a copy of the module's state_dict ("net." keys) on an improving epoch."""

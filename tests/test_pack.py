@@ -171,17 +171,17 @@ def test_packed_optimizer_steps_as_torch_optim(cls: type, settings: dict) -> Non
     alone = [nn.Parameter(start[i].clone()) for i in range(3)]
     optimizers = [cls([p], **{k: v[i] for k, v in settings.items()}) for i, p in enumerate(alone)]
     family, flags = optimizer_family(optimizers[0])
-    packed = start.clone()
-    stepper = PackedOptimizer(family, flags, [packed])
+    packed = start.clone().view(3, -1)  # the members' flat rows
+    stepper = PackedOptimizer(family, flags, packed)
     stepper.set_hyper([read_hyper(o, family) for o in optimizers], packed)
     for _ in range(30):
         grad = torch.randn(3, 4, 5, generator=generator) * 10.0 ** torch.randint(-8, 1, (3, 1, 1), generator=generator)
         for i, p in enumerate(alone):
             p.grad = grad[i].clone()
             optimizers[i].step()
-        stepper.step([packed], [grad])
+        stepper.step(packed, grad.view(3, -1))
     for i, p in enumerate(alone):
-        torch.testing.assert_close(packed[i], p.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(packed[i].view_as(p), p.detach(), rtol=1e-5, atol=1e-6)
 
 
 class ItemNet(nn.Module):
