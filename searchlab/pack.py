@@ -267,10 +267,12 @@ class PackedTraining:
     def _views(self) -> None:
         """The members' parameters as [K, *shape] views of the flat rows: the network reads them, autograd gives
         their gradients, and the optimizer updates the flat rows in place underneath."""
-        self.params, offset = {}, 0
+        self.params, self.grad_views, offset = {}, [], 0
+        self.grad = torch.empty_like(self.flat)
         for name, shape in zip(self.param_names, self.param_shapes, strict=True):
             size = shape.numel()
             self.params[name] = self.flat[:, offset:offset + size].view(len(self.flat), *shape).requires_grad_(True)
+            self.grad_views.append(self.grad[:, offset:offset + size].view(len(self.flat), *shape))
             offset += size
         self.penalized = [n for n, shape in zip(self.param_names, self.param_shapes, strict=True) if len(shape) > 1]
 
@@ -306,7 +308,8 @@ class PackedTraining:
             # A diverged member's NaN stays its own: its rows get no gradient, the others' sum stays finite.
             total = torch.where(torch.isfinite(total), total, torch.zeros_like(total)).sum()
             grads = torch.autograd.grad(total, views)
-            self.optimizer.step(self.flat, torch.cat([g.reshape(len(g), -1) for g in grads], dim=1))
+            torch._foreach_copy_(self.grad_views, grads)  # into the flat gradient rows, one pass
+            self.optimizer.step(self.flat, self.grad)
             if any([self.members[m].step_schedule("step") for m in self.active]):
                 self._refresh_hyper()
         if any([self.members[m].step_schedule("epoch") for m in self.active]):

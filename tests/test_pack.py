@@ -210,3 +210,15 @@ def test_refusals_name_the_reason(composer: Composer, digits) -> None:
     assert pack_mismatch([composer({}), composer({"optimizer.lr": 0.1})]) is None
     assert "model.width" in pack_mismatch([composer({}), composer({"model.width": 16})])
     assert "optimizer._target_" in pack_mismatch([composer({}), composer({"optimizer": "sgd"})])
+
+
+def test_bench_packing_part_smoke() -> None:
+    """`python -m bench --parts packing` at a tiny size: every way timed, the table well-formed (no timing checks)."""
+    from bench.packing import packing_markdown, run_packing
+
+    result = run_packing("digits", [1, 2], repeats=1, extra=["model.width=16", "trainer.max_epochs=1",
+                                                              "trainer.limit_train_batches=2"], threads=1)
+    assert set(result.seconds) == {"plain", "lightning", "pack 1", "pack 2"}
+    assert all(len(v) == 1 and v[0] > 0 for v in result.seconds.values())
+    text = packing_markdown(result)
+    assert "| (c) pack K=2 |" in text and "| (a) plain PyTorch loop, one trial |" in text
