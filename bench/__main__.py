@@ -153,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_packing(setting, chosen, args.packing_repeats, "cpu", args.extra,
                                      args.packing_threads or None)
                 add("packing", packing_markdown(result))
+            from bench.packing import mlp_paths, mlp_paths_markdown
+
+            paths = mlp_paths(ks, args.packing_repeats, threads=args.packing_threads or None)
+            add("packing", mlp_paths_markdown(paths))
     results = args.out / "results.md"
     results.write_text(merge_results(results.read_text() if results.is_file() else "", run_line, new))
     print(f"wrote {results}")

@@ -111,6 +111,63 @@ def run_packing(setting: str = "digits", ks: list[int] | None = None, repeats: i
     return result
 
 
+def mlp_paths(ks: list[int], repeats: int = 3, steps: int = 30, threads: int | None = 1) -> dict[str, dict[int, float]]:
+    """ms per member of one forward + backward of the digits MLP (2x256, batch 64) by the engine's general path,
+    vmap over functional_call, and by hand-written batched matmuls (one GEMM for the shared input's first layer, then
+    baddbmm): the measurement behind keeping vmap as the only path. Interleaved repeats, medians."""
+    import torch.nn.functional as F
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from searchlab.networks import MLP
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    times: dict[str, dict[int, list[float]]] = {"vmap": {k: [] for k in ks}, "bmm": {k: [] for k in ks}}
+    try:
+        for _ in range(repeats):
+            for k in ks:
+                params, buffers = stack_module_state([MLP((1, 8, 8), 10) for _ in range(k)])
+                params = {n: v.detach().requires_grad_(True) for n, v in params.items()}
+                template = MLP((1, 8, 8), 10).to("meta")
+                loss = vmap(lambda p, b, x, y, t=template: F.cross_entropy(functional_call(t, (p, b), (x,)), y),
+                            in_dims=(0, 0, None, None))
+                w = [params[f"{i}.weight"] for i in (1, 3, 5)]
+                b = [params[f"{i}.bias"] for i in (1, 3, 5)]
+                targets = y.repeat(k)
+
+                def by_bmm(k: int = k, w: list = w, b: list = b, targets: torch.Tensor = targets) -> torch.Tensor:
+                    flat = x.flatten(1)
+                    h = torch.addmm(b[0].reshape(-1), flat, w[0].reshape(-1, flat.shape[1]).t())
+                    h = h.view(len(flat), k, -1).transpose(0, 1).relu()
+                    h = torch.baddbmm(b[1].unsqueeze(1), h, w[1].transpose(1, 2)).relu()
+                    out = torch.baddbmm(b[2].unsqueeze(1), h, w[2].transpose(1, 2))
+                    return F.cross_entropy(out.reshape(-1, out.shape[-1]), targets, reduction="none").view(k, -1)
+
+                ways = {"vmap": lambda loss=loss, params=params, buffers=buffers: loss(params, buffers, x, y),
+                        "bmm": lambda by_bmm=by_bmm: by_bmm().mean(1)}
+                for name, forward in ways.items():
+                    for _ in range(3):
+                        torch.autograd.grad(forward().sum(), list(params.values()))
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        torch.autograd.grad(forward().sum(), list(params.values()))
+                    times[name][k].append((time.perf_counter() - start) / steps / k * 1e3)
+    finally:
+        torch.set_num_threads(before)
+    return {name: {k: statistics.median(v) for k, v in by_k.items()} for name, by_k in times.items()}
+
+
+def mlp_paths_markdown(paths: dict[str, dict[int, float]]) -> str:
+    ks = list(paths["vmap"])
+    lines = ["#### vmap or hand-written batched matmuls (digits MLP 2x256, forward + backward, ms per member)", "",
+             "| path | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for name, label in (("vmap", "vmap(functional_call) (the engine)"), ("bmm", "addmm + baddbmm by hand")):
+        lines.append(f"| {label} | " + " | ".join(f"{paths[name][k]:.2f}" for k in ks) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()

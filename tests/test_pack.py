@@ -222,3 +222,15 @@ def test_bench_packing_part_smoke() -> None:
     assert all(len(v) == 1 and v[0] > 0 for v in result.seconds.values())
     text = packing_markdown(result)
     assert "| (c) pack K=2 |" in text and "| (a) plain PyTorch loop, one trial |" in text
+
+
+def test_regressor_members_match_alone(composer: Composer, digits) -> None:
+    _check_against_alone(composer, digits, {"module": "regressor", "optimizer": "adam"}, _member_values("adam")[:2])
+
+
+def test_mlp_paths_measure_both_ways() -> None:
+    from bench.packing import mlp_paths, mlp_paths_markdown
+
+    paths = mlp_paths([1, 2], repeats=1, steps=1)
+    assert all(paths[name][k] > 0 for name in ("vmap", "bmm") for k in (1, 2))
+    assert "| K=1 | K=2 |" in mlp_paths_markdown(paths)
