@@ -74,9 +74,10 @@ def _member_values(optimizer: str) -> list[dict]:
     return members
 
 
-def _check_against_alone(composer: Composer, digits, choices: dict, members: list[dict]) -> PackedTraining:
+def _check_against_alone(composer: Composer, digits, choices: dict, members: list[dict],
+                         path: str = "auto") -> PackedTraining:
     cfgs = [composer({**choices, **m}) for m in members]
-    pack = PackedTraining(cfgs, digits)
+    pack = PackedTraining(cfgs, digits, path=path)
     results = pack.fit()
     for cfg, result in zip(cfgs, results, strict=True):
         alone = fit(cfg, digits)
@@ -89,6 +90,14 @@ def _check_against_alone(composer: Composer, digits, choices: dict, members: lis
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov", "rmsprop", "adam", "adamw"])
 def test_each_optimizer_matches_alone(composer: Composer, digits, optimizer: str) -> None:
     _check_against_alone(composer, digits, {"optimizer": optimizer}, _member_values(optimizer))
+
+
+def test_the_general_vmap_path_matches_alone_too(composer: Composer, digits) -> None:
+    """The MLP trains by batched matmuls by default; vmap over functional_call, every other network's path, is
+    held to the same standard on it."""
+    assert _check_against_alone(composer, digits, {"optimizer": "adam"}, _member_values("adam")).path == "mlp"
+    assert _check_against_alone(composer, digits, {"optimizer": "adam"}, _member_values("adam"),
+                                path="vmap").path == "vmap"
 
 
 # Each schedule with another optimizer, so that onecycle also cycles RMSprop's momentum, plateau sees Adam's loss.
@@ -105,6 +114,7 @@ def test_each_schedule_matches_alone(composer: Composer, digits, scheduler: str,
 def test_batch_norm_members_keep_their_own_statistics(composer: Composer, digits) -> None:
     pack = _check_against_alone(composer, digits, {"optimizer": "momentum", "model.batch_norm": True},
                                 _member_values("momentum")[:2])
+    assert pack.path == "vmap"
     states = [pack.member_state(i) for i in range(2)]
     assert not torch.equal(states[0]["2.running_mean"], states[1]["2.running_mean"])
 
