@@ -2,7 +2,8 @@
 
 A small network leaves the machine idle between its tiny matmuls and pays per-step framework cost; K members in one
 process share one stream of batches, one forward (torch.func.vmap over functional_call on the members' stacked
-parameters), one backward of their summed losses and one vectorized optimizer step (searchlab.pack_optim). Each
+parameters; searchlab's MLP by batched matmuls), one backward of their summed losses and one optimizer step
+over the members' flat parameter rows (searchlab.pack_optim: torch's fused kernels per member). Each
 member still trains exactly as alone: the same initial weights (its network built from its own config and seed), the
 same batches (TensorBatches with the same seed), its own optimizer state and schedule, its own BatchNorm running
 statistics, its own L1 strength and dropout rate; it is validated, stopped (pruned, diverged) and reported on its
@@ -212,7 +213,13 @@ class PackedTraining:
         self.metric = metric or cfg.study.metric
         self.direction = _direction(cfg, self.metric)
         self.epochs = int(cfg.trainer.max_epochs)
-        self.bf16 = resolve_precision(cfg.trainer.precision, self.device) == "bf16-mixed"
+        precision = resolve_precision(cfg.trainer.precision, self.device)
+        if precision not in ("32-true", "32", "bf16-mixed"):
+            raise ValueError(f"trainer.precision={precision}: packed trials train in 32-true or bf16-mixed")
+        self.bf16 = precision == "bf16-mixed"
+        for key in ("trainer.max_time", "trainer.early_stopping_patience"):
+            if OmegaConf.select(cfg, key, default=None) is not None:
+                raise ValueError(f"{key}: not implemented for packed trials yet (a member would ignore it)")
         self.eval_batch_size = int(cfg.trainer.eval_batch_size)
         batch_size = batch_size_for(cfg.data.batch_size, len(self.splits.x_train))
         if OmegaConf.select(cfg, "model.batch_norm", default=False) and batch_size == 1:
@@ -228,12 +235,12 @@ class PackedTraining:
         if any(f != families[0] for f in families):
             raise ValueError("members differ in their optimizer family or flags, which a pack shares")
         self.family, flags = families[0]
+        self.loss_module = self.module_class(net=nn.Identity(), optimizer=None)  # its loss and epoch_metrics
+        self.active = list(range(len(cfgs)))  # member indices still in the pack, in row order
+        self.epoch = 0
         self._build(cfgs, path)
         self.optimizer = PackedOptimizer(self.family, flags, self.flat)
         self._refresh_hyper()
-        self.loss_module = self.module_class(net=nn.Identity(), optimizer=None)
-        self.active = list(range(len(cfgs)))  # member indices still in the pack, in row order
-        self.epoch = 0
 
     # --- building ---------------------------------------------------------------------------------------------
 
@@ -328,7 +335,7 @@ class PackedTraining:
 
     def _refresh_hyper(self) -> None:
         self.optimizer.set_hyper([read_hyper(self.members[i].optimizer, self.family)
-                                  for i in getattr(self, "active", range(len(self.members)))],
+                                  for i in self.active],
                                  self.flat)
 
     # --- training ---------------------------------------------------------------------------------------------
@@ -467,10 +474,13 @@ class PackedTraining:
         result.weights = Weights(state, self.epoch, value)
 
 
-def can_pack(cfg: DictConfig, splits: Splits) -> str | None:
+def can_pack(cfg: DictConfig, splits: Splits | None) -> str | None:
     """Why cfg cannot train in a pack (one line), or None: builds a pack of two copies and trains it on one batch,
     so a network torch.func cannot vectorize, an optimizer the pack does not implement, or a user's module is found
-    before the first trial."""
+    before the first trial. `splits` None (a LightningDataModule `data`) cannot be packed: the members' one shared
+    batch stream is TensorBatches over resident tensors."""
+    if splits is None:
+        return "data: packed trials need in-memory data (data=digits, synthetic, npz or a function returning Splits)"
     probe = cfg.copy()
     OmegaConf.update(probe, "trainer.limit_train_batches", 1, merge=False)
     OmegaConf.update(probe, "trainer.max_epochs", 1, merge=False)

@@ -223,6 +223,9 @@ def test_refusals_name_the_reason(composer: Composer, digits) -> None:
     reason = can_pack(item, digits)
     assert reason is not None and ".item()" in reason and "\n" not in reason
     assert "DDP" in can_pack(composer({"trainer.devices": 2}), digits)
+    assert "in-memory data" in can_pack(composer({}), None)
+    assert "max_time" in can_pack(composer({"trainer.max_time": "00:00:10:00"}), digits)
+    assert "precision" in can_pack(composer({"trainer.precision": "16-mixed"}), digits)
     assert "not Adagrad" in can_pack(composer({"optimizer": "sgd", "optimizer._target_": "torch.optim.Adagrad"}),
                                      digits)
     assert "module" in can_pack(composer({"module._target_": "pytorch_lightning.LightningModule"}), digits)
