@@ -62,7 +62,9 @@ def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
-def _per_member(key: str, value: Any) -> bool:
+def varies_per_member(key: str, value: Any) -> bool:
+    """Whether members of one pack may set this dotted config key to different values (the sampler samples it per
+    member); every other key is shared by the pack (fixed for the members after the first)."""
     if key in _PER_MEMBER_KEYS:
         return True
     return (key.startswith(_PER_MEMBER_PREFIXES) and key not in _SHARED_LEAVES and not key.endswith("._target_")
@@ -76,7 +78,7 @@ def pack_mismatch(cfgs: Sequence[DictConfig]) -> str | None:
         other = _leaves(OmegaConf.to_container(cfg, resolve=True))
         for key in sorted(set(first) | set(other)):
             a, b = first.get(key, "<unset>"), other.get(key, "<unset>")
-            if a != b and not (_per_member(key, a) and _per_member(key, b)):
+            if a != b and not (varies_per_member(key, a) and varies_per_member(key, b)):
                 return f"members 0 and {i} differ in {key} ({a} vs {b}), which a pack shares"
     return None
 

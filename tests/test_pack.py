@@ -18,7 +18,7 @@ from torch import nn
 from searchlab.build import load_data
 from searchlab.config import Composer
 from searchlab.optim import Adam, AdamW
-from searchlab.pack import PackedTraining, can_pack, pack_mismatch
+from searchlab.pack import PackedTraining, can_pack, pack_mismatch, varies_per_member
 from searchlab.pack_optim import PackedOptimizer, optimizer_family, read_hyper
 from searchlab.training import fit
 
@@ -230,6 +230,9 @@ def test_refusals_name_the_reason(composer: Composer, digits) -> None:
                                      digits)
     assert "module" in can_pack(composer({"module._target_": "pytorch_lightning.LightningModule"}), digits)
     assert pack_mismatch([composer({}), composer({"optimizer.lr": 0.1})]) is None
+    assert varies_per_member("optimizer.lr", 0.1) and varies_per_member("model.dropout", 0.2)
+    assert not varies_per_member("model.width", 64) and not varies_per_member("optimizer.nesterov", True)
+    assert not varies_per_member("data.batch_size", 32) and not varies_per_member("optimizer._target_", "x.Y")
     assert "model.width" in pack_mismatch([composer({}), composer({"model.width": 16})])
     assert "optimizer._target_" in pack_mismatch([composer({}), composer({"optimizer": "sgd"})])
 
