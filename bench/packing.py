@@ -115,8 +115,8 @@ def run_packing(setting: str = "digits", ks: list[int] | None = None, repeats: i
 
 def mlp_paths(ks: list[int], repeats: int = 3, steps: int = 30, threads: int | None = 1) -> dict[str, dict[int, float]]:
     """ms per member of one forward + backward of the digits MLP (2x256, batch 64) by the engine's general path,
-    vmap over functional_call, and by hand-written batched matmuls (one GEMM for the shared input's first layer, then
-    baddbmm): the measurement behind keeping vmap as the only path. Interleaved repeats, medians."""
+    vmap over functional_call, and by the batched matmuls (baddbmm) PackedTraining uses for searchlab's MLP: the
+    measurement behind that special case. Interleaved repeats, medians."""
     import torch.nn.functional as F
     from torch.func import functional_call, stack_module_state, vmap
 
@@ -140,12 +140,11 @@ def mlp_paths(ks: list[int], repeats: int = 3, steps: int = 30, threads: int | N
                 targets = y.repeat(k)
 
                 def by_bmm(k: int = k, w: list = w, b: list = b, targets: torch.Tensor = targets) -> torch.Tensor:
-                    flat = x.flatten(1)
-                    h = torch.addmm(b[0].reshape(-1), flat, w[0].reshape(-1, flat.shape[1]).t())
-                    h = h.view(len(flat), k, -1).transpose(0, 1).relu()
-                    h = torch.baddbmm(b[1].unsqueeze(1), h, w[1].transpose(1, 2)).relu()
-                    out = torch.baddbmm(b[2].unsqueeze(1), h, w[2].transpose(1, 2))
-                    return F.cross_entropy(out.reshape(-1, out.shape[-1]), targets, reduction="none").view(k, -1)
+                    h = x.flatten(1).expand(k, -1, -1)  # as PackedTraining._mlp_forward
+                    for i in range(3):
+                        h = torch.baddbmm(b[i].unsqueeze(1), h, w[i].transpose(1, 2))
+                        h = h.relu() if i < 2 else h
+                    return F.cross_entropy(h.reshape(-1, h.shape[-1]), targets, reduction="none").view(k, -1)
 
                 ways = {"vmap": lambda loss=loss, params=params, buffers=buffers: loss(params, buffers, x, y),
                         "bmm": lambda by_bmm=by_bmm: by_bmm().mean(1)}
@@ -165,7 +164,8 @@ def mlp_paths_markdown(paths: dict[str, dict[int, float]]) -> str:
     ks = list(paths["vmap"])
     lines = ["#### vmap or hand-written batched matmuls (digits MLP 2x256, forward + backward, ms per member)", "",
              "| path | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-    for name, label in (("vmap", "vmap(functional_call) (the engine)"), ("bmm", "addmm + baddbmm by hand")):
+    for name, label in (("vmap", "vmap(functional_call): every other network's path"),
+                        ("bmm", "baddbmm by hand: the MLP's path")):
         lines.append(f"| {label} | " + " | ".join(f"{paths[name][k]:.2f}" for k in ks) + " |")
     return "\n".join(lines) + "\n"
 
