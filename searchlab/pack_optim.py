@@ -1,12 +1,15 @@
-"""The optimizer steps of a pack: SGD (momentum, Nesterov), RMSprop, Adam and AdamW over stacked parameters, every
-hyperparameter a tensor with one value per member.
+"""The optimizer steps of a pack: SGD (momentum, Nesterov), RMSprop, Adam and AdamW on the members' flat parameter
+rows, each member with its own hyperparameters.
 
 Each member must get exactly the step torch.optim would give it alone, schedules included. So the hyperparameters
 are not copied from the config: each member keeps a real torch optimizer of the trial's own class over one dummy
-parameter (`Member`), its real schedule steps that optimizer, and the pack reads lr, momentum, betas... back from its
-param_groups. A OneCycleLR that cycles momentum or beta1, a ReduceLROnPlateau fed the member's own val_loss, a
-searchlab.optim.Adam with beta1/beta2 as two keys: all come out as alone, with no closed form to keep in step with
-torch. The update formulas follow torch's single-tensor (CPU default) implementations line by line.
+parameter (searchlab.pack's `_Member`), its real schedule steps that optimizer, and the pack reads lr, momentum,
+betas... back from its param_groups. A OneCycleLR that cycles momentum or beta1, a ReduceLROnPlateau fed the
+member's own val_loss, a searchlab.optim.Adam with beta1/beta2 as two keys: all come out as alone, with no closed
+form to keep in step with torch. The updates are torch's own: its fused kernels (the `fused=True` implementation of
+the same formulas) for Adam, AdamW and SGD; RMSprop's single-tensor formula line by line. They differ from the
+default for-loop implementation a lone trial runs on a CPU only in rounding (tests/test_pack.py: 1e-5 relative over
+30 steps, gradients from 1e-8 to 1).
 """
 
 from __future__ import annotations
