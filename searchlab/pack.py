@@ -284,7 +284,7 @@ class PackedTraining:
         self.dropout = any(r > 0 for rates in self.rates for r in rates)
         self._views()
 
-        def loss_of(p: dict, b: dict, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def loss_of(p: dict, b: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 return self.loss_module.loss(functional_call(self.template, (p, b), (x,)), y)
 
