@@ -4,7 +4,9 @@
                               [--seeds 5] [--max-trials 60] [--max-seconds 60] [--targets 0.975,0.985]
                               [--workers 1,2,4] [--scaling-trials 24] [--scaling-repeats 2]
                               [--methods-seeds 5] [--tasks digits,synthetic-hard] [--methods default,random,tpe]
-                              [--methods-max-trials N] [--methods-max-seconds S] [--out bench]
+                              [--methods-max-trials N] [--methods-max-seconds S] [--packing-ks 1,2,4,8,16,32]
+                              [--packing-settings digits,signals] [--packing-repeats 3] [--packing-threads 1]
+                              [--out bench]
     make bench BENCH_ARGS="--seeds 3 --max-seconds 40"
     make bench BENCH_ARGS="--parts methods --methods-seeds 3 --methods default,random,tpe"
 
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-PARTS = ("overhead", "efficiency", "scaling", "methods", "checkpoints")
+PARTS = ("overhead", "efficiency", "scaling", "methods", "checkpoints", "packing")
 
 
 def machine() -> str:
@@ -71,6 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="methods: lower every task's cap in CPU seconds")
     p.add_argument("--methods-threads", type=int, default=1, help="methods: torch threads during the runs (0: leave)")
     p.add_argument("--checkpoint-repeats", type=int, default=3, help="checkpoints: interleaved repeats per way")
+    p.add_argument("--packing-ks", default="1,2,4,8,16,32", help="packing: pack sizes K (digits)")
+    p.add_argument("--packing-settings", default="digits,signals",
+                   help="packing: digits (MLP 2x256) and/or signals (examples/signals' Net1D, K up to 8)")
+    p.add_argument("--packing-repeats", type=int, default=3, help="packing: interleaved repeats")
+    p.add_argument("--packing-threads", type=int, default=1,
+                   help="packing: torch threads for every way (0: leave torch's default)")
     p.add_argument("--extra", nargs="*", default=[], metavar="key=value",
                    help="overrides for every part (e.g. trainer.max_epochs=5): change the fixed setting (smoke runs)")
     args = p.parse_args(argv)
@@ -144,6 +152,19 @@ def main(argv: list[str] | None = None) -> int:
                 rows = run_checkpoints(Path(scratch) / f"checkpoints-{device}", args.checkpoint_repeats, device,
                                        args.extra)
                 add("checkpoints", checkpoints_markdown(rows))
+        if "packing" in args.parts:
+            from bench.packing import packing_markdown, run_packing
+
+            ks = [int(k) for k in args.packing_ks.split(",") if k.strip()]
+            for setting in [s.strip() for s in args.packing_settings.split(",") if s.strip()]:
+                chosen = ks if setting == "digits" else [k for k in ks if k <= 8]
+                result = run_packing(setting, chosen, args.packing_repeats, "cpu", args.extra,
+                                     args.packing_threads or None)
+                add("packing", packing_markdown(result))
+            from bench.packing import mlp_paths, mlp_paths_markdown
+
+            paths = mlp_paths(ks, args.packing_repeats, threads=args.packing_threads or None)
+            add("packing", mlp_paths_markdown(paths))
     results = args.out / "results.md"
     results.write_text(merge_results(results.read_text() if results.is_file() else "", run_line, new))
     print(f"wrote {results}")

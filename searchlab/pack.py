@@ -1,0 +1,495 @@
+"""Packed trials: K configurations that share their computation's shape trained at once, as one vectorized model.
+
+A small network leaves the machine idle between its tiny matmuls and pays per-step framework cost; K members in one
+process share one stream of batches, one forward (torch.func.vmap over functional_call on the members' stacked
+parameters; searchlab's MLP by batched matmuls), one backward of their summed losses and one optimizer step
+over the members' flat parameter rows (searchlab.pack_optim: torch's fused kernels per member). Each
+member still trains exactly as alone: the same initial weights (its network built from its own config and seed), the
+same batches (TensorBatches with the same seed), its own optimizer state and schedule, its own BatchNorm running
+statistics, its own L1 strength and dropout rate; it is validated, stopped (pruned, diverged) and reported on its
+own. A stopped member leaves the pack at the end of the epoch, so it stops costing compute.
+
+What members may differ in: numbers under optimizer and scheduler (lr, weight decay, momentum, betas, alpha, schedule
+values), module.l1 and model.dropout. Everything else must be equal (`pack_mismatch`). Dropout is the one thing not
+reproduced draw for draw: a member's dropout masks come from the pack's random stream (vmap randomness="different"),
+not from the stream it would draw from alone, so its metrics match alone only in distribution.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.func import functional_call, vmap
+
+from searchlab.build import (
+    DataShape,
+    build_network,
+    data_shape,
+    module_task,
+    optimizer_factory,
+    resolve_target,
+    schedule_factory,
+)
+from searchlab.data import Splits, TensorBatches, batch_size_for
+from searchlab.lightning_fit import TrainResult, Weights, _direction, resolve_precision
+from searchlab.modules import _Module
+from searchlab.pack_optim import PackedOptimizer, optimizer_family, read_hyper
+
+# Called after each epoch with (member index, epoch from 1, metrics); returns a reason to stop that member, or None.
+MemberHook = Callable[[int, int, dict[str, float]], "str | None"]
+
+# Leaves that members may set differently: numbers under these prefixes (not _target_, flags or Lightning settings).
+_PER_MEMBER_PREFIXES = ("optimizer.", "scheduler.")
+_PER_MEMBER_KEYS = ("module.l1", "model.dropout")
+_SHARED_LEAVES = ("optimizer.nesterov", "scheduler.interval", "scheduler.monitor", "scheduler.frequency")
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def varies_per_member(key: str, value: Any) -> bool:
+    """Whether members of one pack may set this dotted config key to different values (the sampler samples it per
+    member); every other key is shared by the pack (fixed for the members after the first)."""
+    if key in _PER_MEMBER_KEYS:
+        return True
+    return (key.startswith(_PER_MEMBER_PREFIXES) and key not in _SHARED_LEAVES and not key.endswith("._target_")
+            and isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def pack_mismatch(cfgs: Sequence[DictConfig]) -> str | None:
+    """The first key that members of a pack must share but do not (one line), or None when they can be packed."""
+    first = _leaves(OmegaConf.to_container(cfgs[0], resolve=True))
+    for i, cfg in enumerate(cfgs[1:], start=1):
+        other = _leaves(OmegaConf.to_container(cfg, resolve=True))
+        for key in sorted(set(first) | set(other)):
+            a, b = first.get(key, "<unset>"), other.get(key, "<unset>")
+            if a != b and not (varies_per_member(key, a) and varies_per_member(key, b)):
+                return f"members 0 and {i} differ in {key} ({a} vs {b}), which a pack shares"
+    return None
+
+
+class PackedDropout(nn.Module):
+    """Dropout whose rate is a buffer, so each member of a pack drops at its own rate under vmap (rate 0: the
+    identity, as a member without dropout)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.register_buffer("p", torch.tensor(float(p)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = 1 - self.p
+        return x * (torch.rand_like(x) < keep).to(x.dtype) / keep.clamp(min=1e-12)
+
+
+def _replace_dropout(module: nn.Module) -> int:
+    """Swaps every nn.Dropout in place for a PackedDropout; returns how many there were."""
+    count = 0
+    for name, child in module.named_children():
+        if type(child) is nn.Dropout:
+            setattr(module, name, PackedDropout(child.p))
+            count += 1
+        else:
+            count += _replace_dropout(child)
+    return count
+
+
+def _dropout_rates(network: nn.Module) -> list[float]:
+    return [float(m.p) for m in network.modules() if type(m) is nn.Dropout]
+
+
+def _mlp_layers(template: nn.Module) -> list[tuple[str, str, str | None]] | None:
+    """(weight, bias, dropout-rate buffer) names per Linear layer when the template is searchlab's MLP without batch
+    norm (its layers: Flatten, then Linear, ReLU, optional Dropout per hidden layer, then Linear); else None."""
+    from searchlab.networks import MLP
+
+    if type(template) is not MLP or any(isinstance(m, nn.BatchNorm1d) for m in template):
+        return None
+    layers: list[tuple[str, str, str | None]] = []
+    for name, module in template.named_children():
+        if isinstance(module, nn.Linear):
+            layers.append((f"{name}.weight", f"{name}.bias", None))
+        elif isinstance(module, PackedDropout):
+            layers[-1] = (*layers[-1][:2], f"{name}.p")
+    return layers
+
+
+def _seeded_network(cfg: DictConfig, shape: DataShape) -> nn.Module:
+    """The member's network with the weights a lone trial starts from: fit_rank seeds everything, then builds."""
+    pl.seed_everything(cfg.seed, verbose=False)
+    return build_network(cfg, shape)
+
+
+def _structure_cfg(cfgs: Sequence[DictConfig]) -> DictConfig:
+    """Member 0's config with the largest dropout of the pack, so the template network holds every Dropout layer a
+    member may need (networks build Dropout only for a rate above 0)."""
+    cfg = cfgs[0].copy()
+    rates = [OmegaConf.select(c, "model.dropout", default=None) for c in cfgs]
+    if all(isinstance(r, (int, float)) for r in rates) and max(rates) > 0:
+        OmegaConf.update(cfg, "model.dropout", max(rates), merge=False)
+    return cfg
+
+
+def _module_class(cfg: DictConfig) -> type[_Module]:
+    target = resolve_target(cfg.module, "module")
+    if not (isinstance(target, type) and issubclass(target, _Module)):
+        raise ValueError(f"module: packed trials train searchlab's classifier and regressor, not {cfg.module._target_} "
+                         "(a module of your own trains one trial at a time)")
+    return target
+
+
+class _Member:
+    """What one member keeps for itself: its config, a real optimizer over one dummy parameter driven by its real
+    schedule (the source of its lr, momentum, betas each step), its result."""
+
+    def __init__(self, cfg: DictConfig, epochs: int, steps_per_epoch: int) -> None:
+        self.cfg = cfg
+        self.optimizer = optimizer_factory(cfg)([nn.Parameter(torch.zeros(1))])
+        self.schedule = schedule_factory(cfg, SimpleNamespace(max_epochs=epochs,
+                                                              estimated_stepping_batches=steps_per_epoch * epochs))
+        self.interval = "epoch"
+        self.scheduler = None
+        if self.schedule is not None:
+            self.scheduler = self.schedule(self.optimizer)
+            self.optimizer.step()  # no gradient, no change: only so torch's schedule sees its optimizer in use
+            self.interval = self.schedule.lightning.get("interval", "epoch")
+        self.result = TrainResult()
+        self.l1 = float(OmegaConf.select(cfg, "module.l1", default=0.0) or 0.0)
+        self.final_state: dict[str, torch.Tensor] | None = None
+
+    @property
+    def plateau(self) -> bool:
+        return isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+    def step_schedule(self, interval: str, metrics: dict[str, float] | None = None) -> bool:
+        """Steps the schedule when it runs at this interval, in Lightning's order: a step schedule after each
+        optimizer step, an epoch schedule after the epoch's last step (before validation), a plateau schedule after
+        validation with the member's own metric (`metrics` given). True when it stepped."""
+        if self.scheduler is None or self.interval != interval or self.plateau != (metrics is not None):
+            return False
+        if metrics is not None:
+            self.scheduler.step(metrics[self.schedule.lightning.get("monitor", "val_loss")])
+        else:
+            self.scheduler.step()
+        return True
+
+
+class PackedTraining:
+    """K configurations trained as one vectorized model on resident Splits (see the module's docstring).
+
+    `run_epoch()` trains the members still in the pack one epoch, validates each and returns their metrics;
+    `stop(member, reason)` takes a member out (its weights stay as they are); `fit(on_epoch)` runs all epochs and
+    returns one TrainResult per member, as searchlab.lightning_fit.fit_rank returns for a lone trial.
+    """
+
+    def __init__(self, cfgs: Sequence[DictConfig], splits: Splits, metric: str | None = None,
+                 path: str = "auto") -> None:
+        if not cfgs:
+            raise ValueError("a pack needs at least one member")
+        mismatch = pack_mismatch(cfgs)
+        if mismatch:
+            raise ValueError(mismatch)
+        cfg = cfgs[0]
+        if cfg.trainer.devices > 1:
+            raise ValueError("trainer.devices > 1 (DDP) trains one trial at a time; packed trials run on one device")
+        self.module_class = _module_class(cfg)
+        self.task = module_task(cfg)
+        self.splits = splits.for_task(self.task)
+        self.device = self.splits.x_train.device
+        self.metric = metric or cfg.study.metric
+        self.direction = _direction(cfg, self.metric)
+        self.epochs = int(cfg.trainer.max_epochs)
+        precision = resolve_precision(cfg.trainer.precision, self.device)
+        if precision not in ("32-true", "32", "bf16-mixed"):
+            raise ValueError(f"trainer.precision={precision}: packed trials train in 32-true or bf16-mixed")
+        self.bf16 = precision == "bf16-mixed"
+        for key in ("trainer.max_time", "trainer.early_stopping_patience"):
+            if OmegaConf.select(cfg, key, default=None) is not None:
+                raise ValueError(f"{key}: not implemented for packed trials yet (a member would ignore it)")
+        self.eval_batch_size = int(cfg.trainer.eval_batch_size)
+        batch_size = batch_size_for(cfg.data.batch_size, len(self.splits.x_train))
+        if OmegaConf.select(cfg, "model.batch_norm", default=False) and batch_size == 1:
+            raise ValueError("model.batch_norm=true needs data.batch_size > 1: BatchNorm cannot train on one sample")
+        self.train_batches = TensorBatches(self.splits.x_train, self.splits.y_train, batch_size, shuffle=True,
+                                           seed=cfg.seed)
+        limit = cfg.trainer.limit_train_batches
+        n = len(self.train_batches)
+        self.steps_per_epoch = min(n, int(limit)) if isinstance(limit, int) else int(n * float(limit))
+        self.shape = data_shape(self.splits, self.task)
+        self.members = [_Member(c, self.epochs, self.steps_per_epoch) for c in cfgs]
+        families = [optimizer_family(m.optimizer) for m in self.members]
+        if any(f != families[0] for f in families):
+            raise ValueError("members differ in their optimizer family or flags, which a pack shares")
+        self.family, flags = families[0]
+        self.loss_module = self.module_class(net=nn.Identity(), optimizer=None)  # its loss and epoch_metrics
+        self.active = list(range(len(cfgs)))  # member indices still in the pack, in row order
+        self.epoch = 0
+        self._build(cfgs, path)
+        self.optimizer = PackedOptimizer(self.family, flags, self.flat)
+        self._refresh_hyper()
+
+    # --- building ---------------------------------------------------------------------------------------------
+
+    def _build(self, cfgs: Sequence[DictConfig], path: str) -> None:
+        """Each member's lone network (its config, its seed: its initial weights) laid out as one row of a flat
+        [K, P] tensor; its buffers (BatchNorm statistics) and dropout rates stacked per name. `path`: "vmap" (any
+        network), "mlp" (searchlab's MLP without batch norm, by batched matmuls) or "auto" (mlp where it applies)."""
+        template = _seeded_network(_structure_cfg(cfgs), self.shape)
+        slots = _replace_dropout(template)
+        self.mlp_layers = _mlp_layers(template) if path in ("auto", "mlp") else None
+        if path == "mlp" and self.mlp_layers is None:
+            raise ValueError("path='mlp' needs searchlab.networks.MLP without batch norm")
+        self.path = "mlp" if self.mlp_layers is not None else "vmap"
+        drop_names = [f"{n}.p" if n else "p" for n, m in template.named_modules() if isinstance(m, PackedDropout)]
+        shapes = [p.shape for p in template.parameters()]
+        self.param_names = [n for n, _ in template.named_parameters()]
+        self.param_shapes = shapes
+        self.buffer_names = [n for n, _ in template.named_buffers() if n not in drop_names]
+        rows, member_buffers, self.rates, self.lone_names = [], [], [], []
+        built: dict[str, nn.Module] = {}  # members with the same network config and seed start from the same weights
+        for cfg in cfgs:
+            key = OmegaConf.to_yaml(cfg.model) + f"seed={cfg.seed}"
+            alone = built.get(key) or built.setdefault(key, _seeded_network(cfg, self.shape))
+            if [p.shape for p in alone.parameters()] != shapes:
+                raise ValueError("members' networks differ in their parameters' shapes, which a pack shares")
+            rates = _dropout_rates(alone)
+            if len(rates) not in (0, slots):
+                raise ValueError("members' networks differ in their dropout layers, which a pack shares")
+            self.rates.append(rates or [0.0] * slots)
+            rows.append(torch.cat([p.detach().reshape(-1) for p in alone.parameters()]))
+            member_buffers.append([b.detach() for _, b in alone.named_buffers()])
+            self.lone_names.append(([n for n, _ in alone.named_parameters()], [n for n, _ in alone.named_buffers()]))
+        self.flat = torch.stack(rows).to(self.device)
+        self.buffers = {name: torch.stack([m[i] for m in member_buffers]).to(self.device)
+                        for i, name in enumerate(self.buffer_names)}
+        for j, name in enumerate(drop_names):
+            self.buffers[name] = torch.tensor([r[j] for r in self.rates], device=self.device)
+        self.template = template.to("meta")
+        self.dropout = any(r > 0 for rates in self.rates for r in rates)
+        self._views()
+
+        def loss_of(p: dict, b: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                return self.loss_module.loss(functional_call(self.template, (p, b), (x,)), y)
+
+        def output_of(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                return functional_call(self.template, (p, b), (x,)).float()
+
+        randomness = "different" if self.dropout else "error"
+        self._loss = vmap(loss_of, in_dims=(0, 0, None, None), randomness=randomness)
+        self._output = vmap(output_of, in_dims=(0, 0, None), randomness=randomness)
+        if self.path == "mlp":
+            self._loss, self._output = self._mlp_loss, self._mlp_output
+
+    def _mlp_forward(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        """searchlab's MLP for all members by batched matmuls: [K, N, outputs]. Measured against vmap (bench
+        part packing): the same arithmetic without vmap's per-call cost (~2 ms a step here, which dominates small
+        packs)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            h = x.flatten(1).expand(len(self.flat), -1, -1)
+            for i, (weight, bias, rate) in enumerate(self.mlp_layers):
+                h = torch.baddbmm(self.params[bias].unsqueeze(1), h, self.params[weight].transpose(1, 2))
+                if i < len(self.mlp_layers) - 1:
+                    h = h.relu()
+                    if rate is not None and training and self.dropout:
+                        keep = (1 - self.buffers[rate]).view(-1, 1, 1)
+                        h = h * (torch.rand_like(h) < keep).to(h.dtype) / keep.clamp(min=1e-12)
+            return h
+
+    def _mlp_loss(self, params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = self._mlp_forward(x, training=True)
+        if self.task == "classification":
+            k, n, classes = out.shape
+            return F.cross_entropy(out.reshape(k * n, classes), y.repeat(k), reduction="none").view(k, n).mean(1)
+        return vmap(self.loss_module.loss, in_dims=(0, None))(out, y)
+
+    def _mlp_output(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
+        return self._mlp_forward(x, training=False).float()
+
+    def _views(self) -> None:
+        """The members' parameters as [K, *shape] views of the flat rows: the network reads them, autograd gives
+        their gradients, and the optimizer updates the flat rows in place underneath."""
+        self.params, self.grad_views, offset = {}, [], 0
+        self.grad = torch.empty_like(self.flat)
+        for name, shape in zip(self.param_names, self.param_shapes, strict=True):
+            size = shape.numel()
+            self.params[name] = self.flat[:, offset:offset + size].view(len(self.flat), *shape).requires_grad_(True)
+            self.grad_views.append(self.grad[:, offset:offset + size].view(len(self.flat), *shape))
+            offset += size
+        self.penalized = [n for n, shape in zip(self.param_names, self.param_shapes, strict=True) if len(shape) > 1]
+
+    def _refresh_hyper(self) -> None:
+        self.optimizer.set_hyper([read_hyper(self.members[i].optimizer, self.family)
+                                  for i in self.active],
+                                 self.flat)
+
+    # --- training ---------------------------------------------------------------------------------------------
+
+    def _l1(self) -> torch.Tensor | None:
+        l1 = [self.members[i].l1 for i in self.active]
+        if not any(l1):
+            return None
+        strength = torch.tensor(l1, dtype=torch.float32, device=self.device)
+        penalty = sum(self.params[n].abs().flatten(1).sum(1) for n in self.penalized)
+        return strength * penalty
+
+    def _train_epoch(self) -> torch.Tensor:
+        """One epoch of steps; returns each row's summed data loss times samples (the lone train_loss sum)."""
+        self.template.train()
+        sums = torch.zeros(len(self.active), device=self.device)
+        count = 0
+        views = list(self.params.values())
+        for i, (x, y) in enumerate(self.train_batches):
+            if i >= self.steps_per_epoch:
+                break
+            losses = self._loss(self.params, self.buffers, x, y)
+            sums += losses.detach().float() * len(y)
+            count += len(y)
+            penalty = self._l1()
+            total = losses if penalty is None else losses + penalty
+            # A diverged member's NaN stays its own: its rows get no gradient, the others' sum stays finite.
+            total = torch.where(torch.isfinite(total), total, torch.zeros_like(total)).sum()
+            grads = torch.autograd.grad(total, views)
+            torch._foreach_copy_(self.grad_views, grads)  # into the flat gradient rows, one pass
+            self.optimizer.step(self.flat, self.grad)
+            if any([self.members[m].step_schedule("step") for m in self.active]):
+                self._refresh_hyper()
+        if any([self.members[m].step_schedule("epoch") for m in self.active]):
+            self._refresh_hyper()
+        return sums / max(count, 1)
+
+    @torch.no_grad()
+    def _validate(self) -> list[dict[str, float]]:
+        self.template.eval()
+        x, y = self.splits.x_val, self.splits.y_val
+        outputs = torch.cat([self._output(self.params, self.buffers, x[i:i + self.eval_batch_size])
+                             for i in range(0, len(x), self.eval_batch_size)], dim=1)
+        metrics = [self.loss_module.epoch_metrics("val", outputs[row], y) for row in range(len(self.active))]
+        names = list(metrics[0])
+        values = torch.stack([torch.stack([m[k].float() for k in names]) for m in metrics]).tolist()
+        return [dict(zip(names, row, strict=True)) for row in values]
+
+    def run_epoch(self, on_epoch: MemberHook | None = None) -> dict[int, dict[str, float]]:
+        """Trains and validates the members still in the pack for one epoch; returns {member: metrics} (with
+        train_loss and lr, as a lone trial's history). A member that diverged (non-finite train_loss or metric), or
+        that `on_epoch` says to stop, leaves the pack with that reason."""
+        start = time.perf_counter()
+        self.epoch += 1
+        train = self._train_epoch().tolist()
+        validated = self._validate()
+        out: dict[int, dict[str, float]] = {}
+        for row, member_index in enumerate(list(self.active)):
+            member = self.members[member_index]
+            metrics = {**validated[row], "train_loss": train[row], "lr": member.optimizer.param_groups[0]["lr"]}
+            member.result.history.append(metrics)
+            out[member_index] = metrics
+            self._keep_best(member_index, row, metrics)
+            reason = None
+            for key in ("train_loss", self.metric):
+                if key in metrics and not math.isfinite(metrics[key]):
+                    reason = f"diverged: {key} is {metrics[key]} at epoch {self.epoch}"
+                    break
+            if on_epoch is not None:
+                reason = on_epoch(member_index, self.epoch, metrics) or reason
+            if reason:
+                self.stop(member_index, reason)
+            else:
+                member.step_schedule("epoch", metrics)
+        self._refresh_hyper_if_rows()
+        elapsed = time.perf_counter() - start
+        for member_index in out:  # the epoch's time split evenly among the members that trained in it
+            self.members[member_index].result.seconds += elapsed / len(out)
+        return out
+
+    def _refresh_hyper_if_rows(self) -> None:
+        if self.active:
+            self._refresh_hyper()
+
+    def stop(self, member: int, reason: str) -> None:
+        """Takes a member out of the pack: its weights stay those of its last epoch, its result keeps `reason`;
+        the pack shrinks so that it costs nothing further."""
+        if member not in self.active:
+            return
+        m = self.members[member]
+        m.final_state = self.member_state(member)
+        if not m.result.stop_reason:
+            m.result.stop_reason = reason
+        row = self.active.index(member)
+        keep = [r for r in range(len(self.active)) if r != row]
+        self.active.pop(row)
+        if not keep:
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.flat = self.flat.index_select(0, index)
+        self.buffers = {k: v.index_select(0, index) for k, v in self.buffers.items()}
+        self._views()
+        self.optimizer.keep(index)
+
+    def fit(self, on_epoch: MemberHook | None = None) -> list[TrainResult]:
+        """All epochs (or until every member has stopped); one TrainResult per member, in config order."""
+        while self.epoch < self.epochs and self.active:
+            self.run_epoch(on_epoch)
+        for member in list(self.active):
+            self.members[member].final_state = self.member_state(member)
+        return [m.result for m in self.members]
+
+    # --- members' weights -------------------------------------------------------------------------------------
+
+    def member_state(self, member: int) -> dict[str, torch.Tensor]:
+        """The member's network state_dict as its lone network names it (CPU copies): its own weights, to load into
+        build_network(cfg) of its own config."""
+        if member not in self.active:
+            state = self.members[member].final_state
+            assert state is not None
+            return state
+        row = self.active.index(member)
+        param_names, buffer_names = self.lone_names[member]
+        values = [v[row] for v in self.params.values()] + [self.buffers[n][row] for n in self.buffer_names]
+        return {n: v.detach().to("cpu", copy=True) for n, v in zip(param_names + buffer_names, values, strict=True)}
+
+    def _keep_best(self, member: int, row: int, metrics: dict[str, float]) -> None:
+        """As lightning_fit's _BestWeights: a copy of the module's state_dict ("net." keys) on an improving epoch."""
+        value = metrics.get(self.metric)
+        result = self.members[member].result
+        best = result.weights
+        if value is None or not math.isfinite(value) or (best is not None and (
+                value <= best.value if self.direction == "maximize" else value >= best.value)):
+            return
+        state = {f"net.{k}": v for k, v in self.member_state(member).items()}
+        result.weights = Weights(state, self.epoch, value)
+
+
+def can_pack(cfg: DictConfig, splits: Splits | None) -> str | None:
+    """Why cfg cannot train in a pack (one line), or None: builds a pack of two copies and trains it on one batch,
+    so a network torch.func cannot vectorize, an optimizer the pack does not implement, or a user's module is found
+    before the first trial. `splits` None (a LightningDataModule `data`) cannot be packed: the members' one shared
+    batch stream is TensorBatches over resident tensors."""
+    if splits is None:
+        return "data: packed trials need in-memory data (data=digits, synthetic, npz or a function returning Splits)"
+    probe = cfg.copy()
+    OmegaConf.update(probe, "trainer.limit_train_batches", 1, merge=False)
+    OmegaConf.update(probe, "trainer.max_epochs", 1, merge=False)
+    try:
+        pack = PackedTraining([probe, probe.copy()], splits)
+        pack.run_epoch()
+    except Exception as err:  # the reason is the answer
+        text = str(err).strip().splitlines()
+        return f"{type(err).__name__}: {text[0] if text else ''}"
+    return None

@@ -1,0 +1,124 @@
+"""The optimizer steps of a pack: SGD (momentum, Nesterov), RMSprop, Adam and AdamW on the members' flat parameter
+rows, each member with its own hyperparameters.
+
+Each member must get exactly the step torch.optim would give it alone, schedules included. So the hyperparameters
+are not copied from the config: each member keeps a real torch optimizer of the trial's own class over one dummy
+parameter (searchlab.pack's `_Member`), its real schedule steps that optimizer, and the pack reads lr, momentum,
+betas... back from its param_groups. A OneCycleLR that cycles momentum or beta1, a ReduceLROnPlateau fed the
+member's own val_loss, a searchlab.optim.Adam with beta1/beta2 as two keys: all come out as alone, with no closed
+form to keep in step with torch. The updates are torch's own: its fused kernels (the `fused=True` implementation of
+the same formulas) for Adam, AdamW and SGD; RMSprop's single-tensor formula line by line. They differ from the
+default for-loop implementation a lone trial runs on a CPU only in rounding (tests/test_pack.py: 1e-5 relative over
+30 steps, gradients from 1e-8 to 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+# What each family reads from a member's param_groups[0] each time its schedule may have changed them.
+_HYPER = {
+    "sgd": ("lr", "weight_decay", "momentum", "dampening"),
+    "rmsprop": ("lr", "weight_decay", "alpha", "eps", "momentum"),
+    "adam": ("lr", "weight_decay", "beta1", "beta2", "eps"),
+}
+
+
+def optimizer_family(optimizer: torch.optim.Optimizer) -> tuple[str, dict[str, Any]]:
+    """(family, flags shared by the pack) of a member's real optimizer; ValueError with the reason when the pack
+    cannot reproduce it."""
+    group = optimizer.param_groups[0]
+    name = type(optimizer).__name__
+    for flag in ("maximize", "amsgrad", "centered", "differentiable", "capturable"):
+        if group.get(flag):
+            raise ValueError(f"optimizer: {name} with {flag}=True is not implemented for packed trials")
+    if isinstance(optimizer, torch.optim.SGD):
+        return "sgd", {"nesterov": bool(group["nesterov"])}
+    if isinstance(optimizer, torch.optim.RMSprop):
+        return "rmsprop", {}
+    if isinstance(optimizer, torch.optim.Adam):  # AdamW is Adam with decoupled_weight_decay in torch 2.13
+        return "adam", {"decoupled": bool(group.get("decoupled_weight_decay", False))}
+    raise ValueError(f"optimizer: packed trials implement SGD, RMSprop, Adam and AdamW, not {name}")
+
+
+def read_hyper(optimizer: torch.optim.Optimizer, family: str) -> dict[str, float]:
+    """The member's current hyperparameters (after its schedule's changes)."""
+    group = optimizer.param_groups[0]
+    values = {k: float(group[k]) for k in _HYPER[family] if k in group}
+    if family == "adam":
+        values["beta1"], values["beta2"] = (float(b) for b in group["betas"])
+    return values
+
+
+class PackedOptimizer:
+    """The family's update on the members' flat parameters (one row of a [K, P] tensor per member).
+
+    Adam, AdamW and SGD run torch's own fused CPU/GPU kernels (`torch._fused_adam_`, `_fused_adamw_`, `_fused_sgd_`,
+    what `fused=True` runs) once per member on its row, with its scalars: one pass over memory instead of the ~15 of
+    an elementwise update with per-member hyperparameter tensors, measured 25x faster for 8 members of a 2x256 MLP.
+    RMSprop, which torch has no fused kernel for, runs its single-tensor formula on the whole [K, P] at once.
+    """
+
+    def __init__(self, family: str, flags: dict[str, Any], flat: torch.Tensor) -> None:
+        self.family, self.flags = family, flags
+        self.steps = 0
+        self._host: dict[str, list[float]] = {}
+        self.hyper: dict[str, torch.Tensor] = {}
+        names = {"sgd": ("momentum_buffer",), "rmsprop": ("square_avg", "momentum_buffer"),
+                 "adam": ("exp_avg", "exp_avg_sq")}[family]
+        self.state = {name: torch.zeros_like(flat) for name in names}
+        # Adam's step count, a float tensor as torch keeps it for its fused kernels; the members step together.
+        self.step_count = torch.zeros((), dtype=torch.float32, device=flat.device)
+
+    def set_hyper(self, members: Sequence[dict[str, float]], like: torch.Tensor) -> None:
+        """The members' current hyperparameters: Python floats for the fused kernels; [K, 1] tensors for RMSprop."""
+        self._host = {k: [m[k] for m in members] for k in members[0]}
+        if self.family == "rmsprop":
+            # Derived values in Python floats, as torch computes them before they meet a tensor: 1 - alpha in
+            # float32 is not float32(1 - alpha).
+            self._host["1-alpha"] = [1 - v for v in self._host["alpha"]]
+            self.hyper = {k: torch.tensor(v, dtype=like.dtype, device=like.device).view(-1, 1)
+                          for k, v in self._host.items()}
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Only the members at `index` (shrinking the pack): their rows of every buffer."""
+        kept = index.tolist()
+        self.state = {k: v.index_select(0, index) for k, v in self.state.items()}
+        self._host = {k: [v[i] for i in kept] for k, v in self._host.items()}
+        self.hyper = {k: v.index_select(0, index) for k, v in self.hyper.items()}
+
+    @torch.no_grad()
+    def step(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
+        self.steps += 1
+        self.step_count += 1  # torch increments it before its fused kernel, which reads it
+        h = self._host
+        if self.family == "rmsprop":
+            self._rmsprop(flat, grad)
+            return
+        for k in range(len(flat)):
+            if self.family == "adam":
+                fused = torch._fused_adamw_ if self.flags["decoupled"] else torch._fused_adam_
+                fused([flat[k]], [grad[k]], [self.state["exp_avg"][k]], [self.state["exp_avg_sq"][k]], [],
+                      [self.step_count], amsgrad=False, lr=h["lr"][k], beta1=h["beta1"][k], beta2=h["beta2"][k],
+                      weight_decay=h["weight_decay"][k], eps=h["eps"][k], maximize=False, grad_scale=None,
+                      found_inf=None)
+            else:
+                momentum = h["momentum"][k]
+                torch._fused_sgd_([flat[k]], [grad[k]], [self.state["momentum_buffer"][k]] if momentum else [],
+                                  weight_decay=h["weight_decay"][k], momentum=momentum, lr=h["lr"][k],
+                                  dampening=h["dampening"][k], nesterov=self.flags["nesterov"], maximize=False,
+                                  is_first_step=self.steps == 1, grad_scale=None, found_inf=None)
+
+    def _rmsprop(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
+        """torch's single-tensor RMSprop (not centered) with [K, 1] hyperparameters."""
+        h = self.hyper
+        d = grad + h["weight_decay"] * flat if any(self._host["weight_decay"]) else grad
+        square = self.state["square_avg"]
+        square.mul_(h["alpha"]).add_(h["1-alpha"] * d * d)
+        avg = square.sqrt().add_(h["eps"])
+        buf = self.state["momentum_buffer"]  # momentum 0 leaves buf = d / avg: torch's plain update
+        buf.mul_(h["momentum"]).add_(d / avg)
+        flat.sub_(h["lr"] * buf)
