@@ -47,9 +47,10 @@ test: install system
 e2e: install system
 	$(BIN)/python -m pytest -m e2e $(ARGS)
 
-# Benchmarks (never part of `make test`): overhead and search efficiency; writes bench/results.md and the plot.
-# ~25 min on a 2-core machine with the defaults, plus 1.5-3 h for part "methods" (issue 12's sampler/pruner comparison);
-# smaller: make bench BENCH_ARGS="--seeds 3 --max-seconds 40" or BENCH_ARGS="--parts methods --methods-seeds 2"
+# Benchmarks (never part of `make test`): overhead, search efficiency, scaling, the sampler/pruner comparison
+# (methods), the cost of checkpoints and packed trials; writes bench/results.md and the plots.
+# ~45 min on a 2-core machine with the defaults, plus 1.5-3 h for part "methods" (issue 12's sampler/pruner comparison);
+# smaller: make bench BENCH_ARGS="--parts overhead,checkpoints,packing" or BENCH_ARGS="--parts methods --methods-seeds 2"
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
