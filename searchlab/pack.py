@@ -42,6 +42,7 @@ from searchlab.build import (
 from searchlab.data import Splits, TensorBatches, batch_size_for
 from searchlab.lightning_fit import TrainResult, Weights, _direction, resolve_precision
 from searchlab.modules import _Module
+from searchlab.objectives import EPOCH_SECONDS, PARAMS
 from searchlab.pack_optim import PackedOptimizer, optimizer_family, read_hyper
 
 # Called after each epoch with (member index, epoch from 1, metrics); returns a reason to stop that member, or None.
@@ -394,10 +395,13 @@ class PackedTraining:
         self.epoch += 1
         train = self._train_epoch().tolist()
         validated = self._validate()
+        # The two metrics every epoch has (searchlab.objectives): a member's share of the pack's epoch time.
+        always = {PARAMS: float(self.flat.shape[1]), EPOCH_SECONDS: (time.perf_counter() - start) / len(self.active)}
         out: dict[int, dict[str, float]] = {}
         for row, member_index in enumerate(list(self.active)):
             member = self.members[member_index]
-            metrics = {**validated[row], "train_loss": train[row], "lr": member.optimizer.param_groups[0]["lr"]}
+            metrics = {**validated[row], "train_loss": train[row], "lr": member.optimizer.param_groups[0]["lr"],
+                       **always}
             member.result.history.append(metrics)
             out[member_index] = metrics
             self._keep_best(member_index, row, metrics)
