@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from searchlab.attrs import MLFLOW_RUN_ID, OVERRIDES, REASON
@@ -26,7 +26,7 @@ from searchlab.data import Splits
 from searchlab.faults import heartbeat
 from searchlab.lightning_fit import TrainResult
 from searchlab.space import SearchSpace
-from searchlab.tracking import Tracker
+from searchlab.tracking import Tracker, config_yaml
 from searchlab.training import fit
 
 
@@ -93,7 +93,7 @@ class TrialRunner:
             overrides = training_overrides(self.base_overrides + [format_override(k, v) for k, v in values.items()])
             trial_cfg = self.composer(values)
             run_id = self.tracker.start_trial(
-                self.parent_run_id, trial.number, values, OmegaConf.to_yaml(trial_cfg), train_command(overrides))
+                self.parent_run_id, trial.number, values, config_yaml(trial_cfg), train_command(overrides))
             trial.set_user_attr(MLFLOW_RUN_ID, run_id)
             trial.set_user_attr(OVERRIDES, overrides)
             result, pruned = self._train(trial, run_id, trial_cfg)
