@@ -340,8 +340,6 @@ def run_overhead(out: Path, configs: int = 4, repeats: int = 5, device: str = "c
                 tracker = Tracker(f"sqlite:///{out}/mlflow-before.db", cfg.tracking.artifact_root, 0.0)
             finally:
                 searchlab.tracking._sqlite_without_fsync_per_commit = real
-            # ...and every MLflow write made in the trial's thread, as then (no writer thread)
-            tracker._write = lambda run_id, method, *args, **kwargs: getattr(tracker.client, method)(*args, **kwargs)
         else:
             tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
         study = optuna.create_study(study_name=name, storage=open_storage(cfg.study.storage),

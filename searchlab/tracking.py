@@ -4,26 +4,17 @@ Written on MlflowClient with explicit run ids, never MLflow's global active run:
 logs only at trial end through the active run and makes no parent run (optuna#5148), so it cannot show a live,
 nested study. Per-epoch metrics are buffered and written in one `log_batch` every `tracking.flush_seconds` and at
 the trial's end: a write to the SQLite store costs ~4-8 ms (more on a busy disk), a 10-epoch trial ~0.3 s.
-
-A study trial's writes other than creating its run (params, config, epoch metrics, final state) leave the trial's
-critical path: one writer thread per process makes them in order (see _Writer). Any other call on `Tracker.client`
-waits for them first, so this process always reads what it wrote; they are also flushed at exit (atexit), and
-nothing a finished trial wrote is lost to a Ctrl-C, which ends the study through `end_study`.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import math
-import os
-import queue
 import random
 import shutil
 import sqlite3
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -98,75 +89,6 @@ def _retry_on_lock(call: Callable[[], Any], attempts: int) -> Any:
     raise AssertionError("unreachable")
 
 
-class _Writer:
-    """The process's MLflow writes that need not wait, made in submission order by one daemon thread.
-
-    Creating a trial's run stays synchronous (the run id is needed at once); what follows it for a study trial
-    (params, config.yaml, epoch metrics, final state) is queued here, ~18 ms a trial off its critical path on this
-    machine's SQLite store. One thread keeps a run's writes in order (set_terminated after the last metrics). A
-    failed write is raised by the next `flush`, in the caller's thread, not dropped.
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[Callable[[], Any]] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._error: BaseException | None = None
-
-    def submit(self, call: Callable[[], Any]) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="searchlab-mlflow-writer", daemon=True)
-                self._thread.start()
-        self._queue.put(call)
-
-    def flush(self) -> None:
-        """Waits until every submitted write is made; raises the first write that failed since the last flush."""
-        if self._thread is not None:
-            self._queue.join()
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-
-    def _loop(self) -> None:
-        while True:
-            call = self._queue.get()
-            try:
-                call()
-            except BaseException as err:  # kept for the next flush, which raises it where the caller can see it
-                self._error = self._error or err
-            finally:
-                self._queue.task_done()
-
-    def _forget_thread(self) -> None:
-        """In a forked child the thread does not exist (nor does the parent's queue): start afresh."""
-        self._queue, self._thread, self._lock, self._error = queue.Queue(), None, threading.Lock(), None
-
-
-_WRITER = _Writer()
-atexit.register(_WRITER.flush)  # atexit runs while daemon threads still do: the queue drains before the exit
-os.register_at_fork(after_in_child=_WRITER._forget_thread)
-
-
-class _Ordered:
-    """The tracker's client as callers see it: every call first waits for the queued writes, so it reads what this
-    process wrote and its own writes land after them."""
-
-    def __init__(self, client: Any, writer: _Writer) -> None:
-        self._client, self._writer = client, writer
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._client, name)
-        if not callable(method):
-            return method
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            self._writer.flush()
-            return method(*args, **kwargs)
-
-        return call
-
-
 class _ConfigDumper(getattr(yaml, "CDumper", yaml.Dumper)):  # type: ignore[misc]  # PyYAML without libyaml
     """OmegaConf's YAML dumper (its quoting of strings that read as bools or numbers) on libyaml's C emitter."""
 
@@ -231,9 +153,6 @@ class Tracker:
         except Exception as err:  # any failure to open the store is the user's URL or server
             reason = redact(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
             raise ConfigError(f"tracking.uri: cannot open {redact(uri)}: {reason[:200]}") from None
-        self._store = self.client  # the writer thread's way in; callers go through the ordered client
-        self.client = _Ordered(self._store, _WRITER)
-        self._queued: set[str] = set()  # study trials' run ids whose writes go through the writer thread
         if artifact_root:
             try:
                 Path(artifact_root).mkdir(parents=True, exist_ok=True)
@@ -286,27 +205,14 @@ class Tracker:
         """The trial's child run, created when the trial starts, with its params, config and re-run command."""
         if parent_run_id not in self._experiment_of:
             self._experiment_of[parent_run_id] = self.client.get_run(parent_run_id).info.experiment_id
-        run_id = self.client.create_run(self._experiment_of[parent_run_id], run_name=f"trial-{number}", tags={
+        run = self.client.create_run(self._experiment_of[parent_run_id], run_name=f"trial-{number}", tags={
             MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: f"trial-{number}", STUDY_ROLE_TAG: "trial",
             "optuna.trial.number": str(number), "optuna.trial.state": "RUNNING", "searchlab.command": command,
-        }).info.run_id
-        self._queued.add(run_id)
-        self._write(run_id, "log_batch", run_id, params=[Param(k, _text(v)) for k, v in params.items()])
+        })
+        self.client.log_batch(run.info.run_id, params=[Param(k, _text(v)) for k, v in params.items()])
         if config_yaml:
-            self._write(run_id, "log_text", run_id, config_yaml, "config.yaml")
-        return run_id
-
-    def _write(self, run_id: str, method: str, *args: Any, **kwargs: Any) -> None:
-        """A write for the run: queued on the writer thread for a study trial's run, else made now."""
-        if run_id in self._queued:
-            call = getattr(self._store, method)
-            _WRITER.submit(lambda: call(*args, **kwargs))
-        else:
-            getattr(self.client, method)(*args, **kwargs)
-
-    def flush(self) -> None:
-        """Waits for this process's queued MLflow writes (raises one that failed)."""
-        _WRITER.flush()
+            self.client.log_text(run.info.run_id, config_yaml, "config.yaml")
+        return run.info.run_id
 
     def fail_lost_trial(self, parent_run_id: str, number: int, params: Mapping[str, Any], reason: str) -> None:
         """The child run of a trial whose worker died, FAILED with the reason; created if the worker died first."""
@@ -315,7 +221,6 @@ class Tracker:
             f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and tags.`optuna.trial.number` = '{number}'"))
         run_id = found[0].info.run_id if found else self.start_trial(parent_run_id, number, params, "", "")
         self.end_trial(run_id, "FAIL", None, reason)
-        self.flush()  # the lost trial's run shows FAILED once this returns
 
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
         """Buffered: the run's live curves in the UI lag by up to tracking.flush_seconds."""
@@ -324,7 +229,7 @@ class Tracker:
         pending += [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
         clock = time.monotonic()
         if clock - self._flushed_at.setdefault(run_id, clock) >= self.flush_seconds or len(pending) >= _BATCH:
-            self._write(run_id, "log_batch", run_id, metrics=pending)
+            self.client.log_batch(run_id, metrics=pending)
             self._pending[run_id], self._flushed_at[run_id] = [], clock
 
     def end_trial(self, run_id: str, state: str, value: float | None, reason: str | None) -> None:
@@ -336,9 +241,8 @@ class Tracker:
         self._flushed_at.pop(run_id, None)
         if value is not None:
             metrics.append(Metric("objective", value, int(time.time() * 1000), 0))
-        self._write(run_id, "log_batch", run_id, metrics=metrics, tags=tags)
-        self._write(run_id, "set_terminated", run_id, status=_FINAL_STATUS[state])
-        self._queued.discard(run_id)
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        self.client.set_terminated(run_id, status=_FINAL_STATUS[state])
 
     def end_study(self, run_id: str, best: Mapping[str, Any] | None, counts: Mapping[str, int],
                   status: str = "FINISHED") -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from searchlab.cli import main
@@ -61,33 +59,6 @@ def test_the_command_refuses_a_bad_flush_interval_before_writing(tmp_path, store
     assert main(["search", "tracking.flush_seconds=-5", *store_overrides]) == 2
     assert "tracking.flush_seconds" in capsys.readouterr().err
     assert not (tmp_path / "optuna.journal").exists()
-
-
-def test_a_study_trials_writes_queue_and_every_read_waits_for_them(tmp_path):
-    """Params, config, epoch metrics and the final state go through the writer thread; the tracker's own reads, and
-    another client's after flush, see all of them, in order (FINISHED after the last metrics)."""
-    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "artifacts"), flush_seconds=0)
-    run_id = _trial(tracker)
-    for epoch in (1, 2, 3):
-        tracker.log_epoch(run_id, epoch, {"val_acc": 0.5 + epoch / 10})
-    tracker.end_trial(run_id, "COMPLETE", 0.8, None)
-    tracker.flush()
-    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.params == {"optimizer.lr": "0.01"}
-    assert run.data.tags["optuna.trial.state"] == "COMPLETE" and run.data.metrics["objective"] == 0.8
-    assert _steps(tracker, run_id) == [1, 2, 3]
-    assert tracker.client.download_artifacts(run_id, "config.yaml", str(tmp_path))
-
-
-def test_a_failed_queued_write_is_raised_by_the_next_flush(tmp_path):
-    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", None)
-    run_id = _trial(tracker)
-    tracker.end_trial(run_id, "COMPLETE", 0.8, None)
-    tracker._queued.add("no-such-run")
-    tracker.end_trial("no-such-run", "COMPLETE", 0.8, None)
-    with pytest.raises(MlflowException):
-        tracker.flush()
-    tracker.flush()  # raised once
 
 
 @pytest.mark.parametrize("values", [{}, {"optimizer": "adamw", "optimizer.lr": 0.003}])
