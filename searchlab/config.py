@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import pickle
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -193,7 +194,8 @@ class Composer:
         choices = tuple(f"{k}={v}" for k, v in values.items() if k in self.groups)
         if choices not in self._by_choices:
             self._by_choices[choices] = compose_config(self.base_overrides + list(choices))
-        cfg = self._by_choices[choices].copy()
+        # A pickle round trip: the same deep copy as DictConfig.copy() (flags, types, parents), ~2x cheaper.
+        cfg = pickle.loads(pickle.dumps(self._by_choices[choices]))
         for key, value in values.items():
             if key not in self.groups:
                 if not has_key(cfg, key):

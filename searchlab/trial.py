@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from searchlab import checkpoints
@@ -38,7 +38,7 @@ from searchlab.interrupts import terminated
 from searchlab.lightning_fit import TrainResult
 from searchlab.objectives import Objectives, first_value
 from searchlab.space import SearchSpace
-from searchlab.tracking import Tracker
+from searchlab.tracking import Tracker, config_yaml
 from searchlab.training import fit
 
 
@@ -109,7 +109,7 @@ class TrialRunner:
             overrides = training_overrides(self.base_overrides + [format_override(k, v) for k, v in values.items()])
             trial_cfg = self.composer(values)
             run_id = self.tracker.start_trial(
-                self.parent_run_id, trial.number, values, OmegaConf.to_yaml(trial_cfg), train_command(overrides))
+                self.parent_run_id, trial.number, values, config_yaml(trial_cfg), train_command(overrides))
             trial.set_user_attr(MLFLOW_RUN_ID, run_id)
             trial.set_user_attr(OVERRIDES, overrides)
             plan = self._checkpoint_plan(trial, trial_cfg, values, run_id)

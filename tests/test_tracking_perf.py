@@ -6,10 +6,11 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+from omegaconf import OmegaConf
 
 from searchlab.cli import main
-from searchlab.config import ConfigError
-from searchlab.tracking import Tracker
+from searchlab.config import Composer, ConfigError
+from searchlab.tracking import Tracker, config_yaml
 
 
 def _trial(tracker: Tracker) -> str:
@@ -58,3 +59,11 @@ def test_the_command_refuses_a_bad_flush_interval_before_writing(tmp_path, store
     assert main(["search", "tracking.flush_seconds=-5", *store_overrides]) == 2
     assert "tracking.flush_seconds" in capsys.readouterr().err
     assert not (tmp_path / "optuna.journal").exists()
+
+
+@pytest.mark.parametrize("values", [{}, {"optimizer": "adamw", "optimizer.lr": 0.003}])
+def test_config_yaml_is_omegaconfs_text(values):
+    cfg = Composer([])(values)
+    OmegaConf.update(cfg, "study.name", "true", merge=False)  # strings that read as bools or numbers stay quoted
+    OmegaConf.update(cfg, "tracking.uri", "1e3", merge=False)
+    assert config_yaml(cfg) == OmegaConf.to_yaml(cfg)
