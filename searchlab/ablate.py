@@ -61,7 +61,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from searchlab.attrs import METRIC, MLFLOW_RUN_ID, OVERRIDES, REASON, SURPLUS
+from searchlab.attrs import METRIC, MLFLOW_RUN_ID, OVERRIDES, REASON, RETRY_OF, SURPLUS
 from searchlab.attrs import MLFLOW_PARENT_RUN_ID as PARENT_RUN_ATTR
 from searchlab.budget import Budget
 from searchlab.build import load_data
@@ -335,9 +335,9 @@ def _train_one(cfg: DictConfig, on_epoch: Callable[[int, dict[str, float]], None
 def _identity(trial: FrozenTrial, by_number: Mapping[int, FrozenTrial]) -> tuple[str, int] | None:
     """(variant, seed) of a trial; a retry of a lost worker's trial (user attr retry_of) has its original's."""
     attrs, seen = trial.user_attrs, set()
-    while "variant" not in attrs and attrs.get("retry_of") in by_number and attrs["retry_of"] not in seen:
-        seen.add(attrs["retry_of"])
-        attrs = by_number[attrs["retry_of"]].user_attrs
+    while "variant" not in attrs and attrs.get(RETRY_OF) in by_number and attrs[RETRY_OF] not in seen:
+        seen.add(attrs[RETRY_OF])
+        attrs = by_number[attrs[RETRY_OF]].user_attrs
     return (attrs["variant"], int(attrs["seed"])) if "variant" in attrs else None
 
 

@@ -1,6 +1,13 @@
 """The names of the user attrs searchlab keeps on Optuna trials and studies: one place, so every room (the trial,
 the budget, fault recovery, the report, ablation) reads and writes the same keys."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from optuna.trial import BaseTrial
+
 # On a trial
 MLFLOW_RUN_ID = "mlflow_run_id"  # the trial's MLflow child run
 OVERRIDES = "overrides"  # the training overrides that re-run the trial alone (`searchlab train ...`)
@@ -18,3 +25,13 @@ ATTEMPT_ATTRS = (WORKER_PID, WORKER_HOST, MLFLOW_RUN_ID, REASON, RESUMED_FROM_EP
 # On a study
 MLFLOW_PARENT_RUN_ID = "mlflow_parent_run_id"  # the study's MLflow parent run
 METRIC = "metric"  # study.metric the study optimizes (a resumed study must keep it)
+
+
+def checkpoint_of(trial: BaseTrial) -> int:
+    """The trial number naming the checkpoint folder of `trial`: its first attempt's, shared by all its retries."""
+    return trial.user_attrs.get(CHECKPOINT_OF, trial.number)
+
+
+def retry_attrs(trial: BaseTrial) -> dict[str, Any]:
+    """The user attrs a re-queued retry of `trial` starts with: the trial it retries and the checkpoint it resumes."""
+    return {RETRY_OF: trial.number, CHECKPOINT_OF: checkpoint_of(trial)}

@@ -28,7 +28,7 @@ from optuna.storages import GrpcStorageProxy, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread  # what Study.optimize uses
 from optuna.trial import FrozenTrial, TrialState
 
-from searchlab.attrs import ATTEMPT_ATTRS, CHECKPOINT_OF, MLFLOW_PARENT_RUN_ID
+from searchlab.attrs import ATTEMPT_ATTRS, CHECKPOINT_OF, MLFLOW_PARENT_RUN_ID, checkpoint_of
 from searchlab.config import ConfigError
 from searchlab.tracking import Tracker
 
@@ -68,7 +68,7 @@ class RetryAndEndRun:
         retry = copy.deepcopy(trial)
         retry.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in _ATTEMPT_ATTRS}
         # ... and it resumes from the lost trial's checkpoint when it has one (searchlab.checkpoints).
-        retry.user_attrs[CHECKPOINT_OF] = trial.user_attrs.get(CHECKPOINT_OF, trial.number)
+        retry.user_attrs[CHECKPOINT_OF] = checkpoint_of(trial)
         self.retry(study, retry)  # first: the budget matters more than the run's status
         retries = len(RetryHeartbeatStaleTrialCallback.retry_history(trial)) + 1
         retried = self.max_retry is None or retries <= self.max_retry

@@ -23,13 +23,13 @@ from optuna.trial import TrialState
 
 from searchlab import checkpoints
 from searchlab.attrs import (
-    CHECKPOINT_OF,
     EPOCHS_TRAINED,
     MLFLOW_RUN_ID,
     OVERRIDES,
     REASON,
     RESUMED_FROM_EPOCH,
-    RETRY_OF,
+    checkpoint_of,
+    retry_attrs,
 )
 from searchlab.config import Composer, format_override, user_config_dir
 from searchlab.data import Splits
@@ -112,7 +112,7 @@ class TrialRunner:
                 self.parent_run_id, trial.number, values, config_yaml(trial_cfg), train_command(overrides))
             trial.set_user_attr(MLFLOW_RUN_ID, run_id)
             trial.set_user_attr(OVERRIDES, overrides)
-            plan = self._checkpoint_plan(trial, trial_cfg, values, run_id)
+            plan = self._checkpoint_plan(trial, trial_cfg, run_id)
             result, pruned = self._train(trial, run_id, trial_cfg, plan)
         except BaseException as err:  # the trial fails, the study goes on; an interrupt also stops the study
             interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
@@ -147,14 +147,12 @@ class TrialRunner:
         return TrialOutcome(trial.number, state.name, first_value(value), time.perf_counter() - start, reason, values,
                             trial.user_attrs.get(RESUMED_FROM_EPOCH), several)
 
-    def _checkpoint_plan(self, trial: optuna.Trial, trial_cfg: DictConfig, values: dict[str, Any],
-                         run_id: str) -> checkpoints.CheckpointPlan:
+    def _checkpoint_plan(self, trial: optuna.Trial, trial_cfg: DictConfig, run_id: str) -> checkpoints.CheckpointPlan:
         """Where this trial's checkpoint lives (one folder per trial and its retries), and whether a checkpoint left
         by an earlier attempt with the same params is there to resume: then the new run and the pruner get the
         epochs already trained, and the training goes on from the next one."""
-        key = trial.user_attrs.get(CHECKPOINT_OF, trial.number)  # a retry names its first attempt's folder
         owner = {"params": dict(trial.params), "run_id": run_id, "trial": trial.number}
-        plan = checkpoints.trial_plan(trial_cfg, key, owner)
+        plan = checkpoints.trial_plan(trial_cfg, checkpoint_of(trial), owner)
         saved = checkpoints.read_saved(plan.path)
         if saved is None or saved.owner.get("params") != owner["params"]:
             checkpoints.remove(plan)  # none, or another study's under the same name and number
@@ -172,8 +170,7 @@ class TrialRunner:
         saved = None if plan is None else checkpoints.read_saved(plan.path)
         if saved is None:
             return ""
-        self.study.enqueue_trial(dict(trial.params), user_attrs={
-            RETRY_OF: trial.number, CHECKPOINT_OF: trial.user_attrs.get(CHECKPOINT_OF, trial.number)})
+        self.study.enqueue_trial(dict(trial.params), user_attrs=retry_attrs(trial))
         return f"; resumable from its checkpoint of epoch {saved.epoch} (re-queued)"
 
     def _train(self, trial: optuna.Trial, run_id: str, trial_cfg: DictConfig,

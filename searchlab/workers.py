@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from searchlab.attrs import CHECKPOINT_OF, REASON, RESUMED_FROM_EPOCH, RETRY_OF, WORKER_HOST, WORKER_PID
+from searchlab.attrs import REASON, RESUMED_FROM_EPOCH, WORKER_HOST, WORKER_PID, retry_attrs
 from searchlab.budget import Budget
 from searchlab.devices import WorkerSlot, worker_env
 from searchlab.interrupts import sigterm_as_interrupt, terminated
@@ -77,8 +77,7 @@ class DeadWorkers:
         handle.set_user_attr(REASON, reason)
         self.study.tell(handle, state=TrialState.FAIL, skip_if_finished=True)
         # The retry resumes from the trial's checkpoint when it has one (searchlab.checkpoints).
-        self.study.enqueue_trial(dict(trial.params), user_attrs={
-            RETRY_OF: trial.number, CHECKPOINT_OF: trial.user_attrs.get(CHECKPOINT_OF, trial.number)})
+        self.study.enqueue_trial(dict(trial.params), user_attrs=retry_attrs(trial))
         self.tracker.fail_lost_trial(self.parent_run_id, trial.number, trial.params, reason)
 
 
