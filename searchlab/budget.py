@@ -44,11 +44,11 @@ class Budget:
         recovered = len(self.recover(running))
         return budget_used(self.study), len(running) - recovered
 
-    def reserve(self, deadline: float | None = None) -> optuna.Trial | None:
+    def reserve(self, deadline: float | None = None, wait: bool = True) -> optuna.Trial | None:
         """The next trial, marked with this process; None once the budget is used up or the deadline passed.
 
-        While the rest of the budget is reserved by trials running elsewhere, waits: one of them may fail and
-        free its share.
+        While the rest of the budget is reserved by trials running elsewhere, waits (unless `wait` is False: the
+        further members of a pack): one of them may fail and free its share.
         """
         while deadline is None or time.monotonic() < deadline:
             with self.lock():
@@ -61,6 +61,8 @@ class Budget:
                         trial.set_user_attr(WORKER_PID, os.getpid())
                         trial.set_user_attr(WORKER_HOST, socket.gethostname())
                         return trial
+            if not wait:
+                return None
             time.sleep(self.poll_seconds)
         return None
 

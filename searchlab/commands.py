@@ -45,6 +45,7 @@ from searchlab.model_out import (
     module_with_weights,
 )
 from searchlab.objectives import PRUNING_OFF, Objectives, metric_names, metric_setting
+from searchlab.pack_trials import check_pack
 from searchlab.progress import Progress
 from searchlab.report import (
     Report,
@@ -120,6 +121,7 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
     check_settings(cfg.report)
     space = load_space(composer, fixed)
     check_sampler(cfg, space)
+    check_pack(cfg, None if splits is None else splits.to(resolve_device(cfg.trainer.accelerator)), space, composer)
     sampler, pruner = make_sampler(cfg, space, _worker_index() if as_worker else 0), make_pruner(cfg)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
     storage = open_storage(cfg.study.storage, heartbeat_settings(cfg.study, tracker))
@@ -127,7 +129,7 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
     settings = {
         "study.name": cfg.study.name, "study.n_trials": cfg.study.n_trials, "study.timeout": cfg.study.timeout,
         "study.direction": ", ".join(objectives.directions), "study.metric": metric_setting(objectives.names),
-        "study.sampler": cfg.study.sampler,
+        "study.sampler": cfg.study.sampler, "study.pack": cfg.study.pack,
         "study.pruner": cfg.study.pruner, "study.seed": cfg.study.seed, "study.storage": redact(cfg.study.storage),
         "search": space.source, "overrides": redact(" ".join(overrides)),
     }

@@ -230,7 +230,7 @@ def format_override(key: str, value: Any) -> str:
 # Keys holding counts or durations: a wrong type or a non-positive value is bad input, caught before any trial.
 # Keys of a group entry (model, data, ...) are checked only where the entry has them: a user's entry has its own.
 _POSITIVE_INTS = (
-    "study.n_trials", "study.max_consecutive_failures", "trainer.max_epochs", "trainer.eval_batch_size",
+    "study.n_trials", "study.pack", "study.max_consecutive_failures", "trainer.max_epochs", "trainer.eval_batch_size",
     "trainer.devices", "trainer.process_group_timeout_s",
     "model.width", "model.depth", "data.size", "data.features", "data.informative", "data.classes",
 )

@@ -149,7 +149,8 @@ def _structure_cfg(cfgs: Sequence[DictConfig]) -> DictConfig:
 
 def _module_class(cfg: DictConfig) -> type[_Module]:
     target = resolve_target(cfg.module, "module")
-    if not (isinstance(target, type) and issubclass(target, _Module)):
+    # searchlab's own classes only: a subclass may override its steps, which the pack would silently skip.
+    if not (isinstance(target, type) and issubclass(target, _Module) and target.__module__ == _Module.__module__):
         raise ValueError(f"module: packed trials train searchlab's classifier and regressor, not {cfg.module._target_} "
                          "(a module of your own trains one trial at a time)")
     return target

@@ -24,6 +24,7 @@ from searchlab.attrs import METRIC, OVERRIDES
 from searchlab.budget import Budget
 from searchlab.config import ConfigError
 from searchlab.objectives import Objectives, metric_names, metric_setting
+from searchlab.pack_trials import PackRunner
 from searchlab.space import SearchSpace
 from searchlab.trial import TrialOutcome, TrialRunner
 
@@ -141,13 +142,21 @@ def run_trials(budget: Budget, runner: TrialRunner, cfg: DictConfig,
     reached; asks for the next trial the moment the last one ends."""
     deadline = None if cfg.study.timeout is None else time.monotonic() + cfg.study.timeout
     failures_in_a_row = 0
-    while (trial := budget.reserve(deadline)) is not None:
-        outcome = runner.run(trial)
-        on_trial(outcome)
-        failures_in_a_row = failures_in_a_row + 1 if outcome.state == "FAIL" else 0
+    packer = PackRunner(runner, cfg.study.pack) if cfg.study.pack > 1 else None
+
+    def next_outcomes() -> list[TrialOutcome]:
+        if packer is not None:  # study.pack: K trials trained at once, each told as a trial (searchlab.pack_trials)
+            return packer.run(budget, deadline)
+        trial = budget.reserve(deadline)
+        return [] if trial is None else [runner.run(trial)]
+
+    while outcomes := next_outcomes():
+        for outcome in outcomes:
+            on_trial(outcome)
+            failures_in_a_row = failures_in_a_row + 1 if outcome.state == "FAIL" else 0
         if failures_in_a_row >= cfg.study.max_consecutive_failures:
             raise StudyStopped(
-                f"{failures_in_a_row} trials failed in a row (last: {outcome.reason}); "
+                f"{failures_in_a_row} trials failed in a row (last: {outcomes[-1].reason}); "
                 f"stopping the study (study.max_consecutive_failures={cfg.study.max_consecutive_failures})")
 
 

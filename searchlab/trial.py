@@ -103,29 +103,56 @@ class TrialRunner:
     def _run(self, trial: optuna.Trial, start: float) -> TrialOutcome:
         values: dict[str, Any] = {}
         run_id: str | None = None
-        plan: checkpoints.CheckpointPlan | None = None
         try:
             values = self.space.sample(trial, self.use_grid)
-            overrides = training_overrides(self.base_overrides + [format_override(k, v) for k, v in values.items()])
-            trial_cfg = self.composer(values)
-            run_id = self.tracker.start_trial(
-                self.parent_run_id, trial.number, values, config_yaml(trial_cfg), train_command(overrides))
-            trial.set_user_attr(MLFLOW_RUN_ID, run_id)
-            trial.set_user_attr(OVERRIDES, overrides)
-            plan = self._checkpoint_plan(trial, trial_cfg, run_id)
-            result, pruned = self._train(trial, run_id, trial_cfg, plan)
+            trial_cfg, run_id = self.start(trial, values)
         except BaseException as err:  # the trial fails, the study goes on; an interrupt also stops the study
-            interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
-            reason = _describe(err)
-            if interrupted:
-                reason = ("terminated (SIGTERM)" if terminated() else "interrupted") + self._requeue(trial, plan)
-            else:
-                checkpoints.remove(plan)
-            self._finish(trial, run_id, TrialState.FAIL, None, reason)
-            if interrupted:
-                signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores SIGINT after one
-                raise KeyboardInterrupt from None
-            return TrialOutcome(trial.number, "FAIL", None, time.perf_counter() - start, reason, values)
+            return self.fail(trial, run_id, err, start, values)
+        return self.train(trial, values, trial_cfg, run_id, start)
+
+    def train(self, trial: optuna.Trial, values: dict[str, Any], trial_cfg: DictConfig, run_id: str,
+              start: float) -> TrialOutcome:
+        """Trains a started trial alone (resuming its checkpoint when an earlier attempt left one) and tells it."""
+        plan: checkpoints.CheckpointPlan | None = None
+        try:
+            plan = self._checkpoint_plan(trial, trial_cfg, run_id)
+            reporter = EpochReporter(trial, run_id, self.tracker, self.objectives)
+            result = fit(trial_cfg, self.splits, reporter, metric=self.metric, checkpoint=plan)
+        except BaseException as err:
+            return self.fail(trial, run_id, err, start, values, plan)
+        return self.conclude(trial, run_id, result, reporter.pruned, time.perf_counter() - start, values, plan)
+
+    def start(self, trial: optuna.Trial, values: dict[str, Any]) -> tuple[DictConfig, str]:
+        """The trial's config from its sampled values, and its MLflow run (started; the trial's user attrs name
+        it and the overrides that re-run it)."""
+        overrides = training_overrides(self.base_overrides + [format_override(k, v) for k, v in values.items()])
+        trial_cfg = self.composer(values)
+        run_id = self.tracker.start_trial(
+            self.parent_run_id, trial.number, values, config_yaml(trial_cfg), train_command(overrides))
+        trial.set_user_attr(MLFLOW_RUN_ID, run_id)
+        trial.set_user_attr(OVERRIDES, overrides)
+        return trial_cfg, run_id
+
+    def fail(self, trial: optuna.Trial, run_id: str | None, err: BaseException, start: float,
+             values: dict[str, Any], plan: checkpoints.CheckpointPlan | None = None) -> TrialOutcome:
+        """Tells the trial FAIL with the error as its reason; an interrupt (Ctrl-C, SIGTERM) re-queues a trial
+        with a checkpoint and is raised again as KeyboardInterrupt, to stop the study."""
+        interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+        reason = _describe(err)
+        if interrupted:
+            reason = ("terminated (SIGTERM)" if terminated() else "interrupted") + self._requeue(trial, plan)
+        else:
+            checkpoints.remove(plan)
+        self._finish(trial, run_id, TrialState.FAIL, None, reason)
+        if interrupted:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores SIGINT after one
+            raise KeyboardInterrupt from None
+        return TrialOutcome(trial.number, "FAIL", None, time.perf_counter() - start, reason, values)
+
+    def conclude(self, trial: optuna.Trial, run_id: str, result: TrainResult, pruned: bool, seconds: float,
+                 values: dict[str, Any], plan: checkpoints.CheckpointPlan | None = None) -> TrialOutcome:
+        """Tells a trained trial: PRUNED (by the pruner, or diverged), FAIL without a finite value, else COMPLETE
+        (its weights kept when they may be logged)."""
         checkpoints.remove(plan)  # finished: nothing to resume
         if RESUMED_FROM_EPOCH in trial.user_attrs:  # what the retry trained (a trial from epoch 0: all its epochs)
             trial.set_user_attr(EPOCHS_TRAINED, len(result.history) - trial.user_attrs[RESUMED_FROM_EPOCH])
@@ -144,7 +171,7 @@ class TrialRunner:
                 self.keep(trial.number, run_id, result, value)
         self._finish(trial, run_id, state, value, reason)
         several = tuple(value) if isinstance(value, list) else None
-        return TrialOutcome(trial.number, state.name, first_value(value), time.perf_counter() - start, reason, values,
+        return TrialOutcome(trial.number, state.name, first_value(value), seconds, reason, values,
                             trial.user_attrs.get(RESUMED_FROM_EPOCH), several)
 
     def _checkpoint_plan(self, trial: optuna.Trial, trial_cfg: DictConfig, run_id: str) -> checkpoints.CheckpointPlan:
@@ -173,27 +200,6 @@ class TrialRunner:
         self.study.enqueue_trial(dict(trial.params), user_attrs=retry_attrs(trial))
         return f"; resumable from its checkpoint of epoch {saved.epoch} (re-queued)"
 
-    def _train(self, trial: optuna.Trial, run_id: str, trial_cfg: DictConfig,
-               plan: checkpoints.CheckpointPlan) -> tuple[TrainResult, bool]:
-        """Trains with each epoch tracked and reported; returns the result and whether the pruner stopped it."""
-        pruned = False
-
-        def on_epoch(epoch: int, metrics: dict[str, float]) -> str | None:
-            nonlocal pruned
-            self.tracker.log_epoch(run_id, epoch, metrics)
-            if self.objectives.several:
-                return None  # no pruning: Trial.report raises in a multi-objective study (optuna#3450)
-            value = metrics.get(self.metric, math.nan)
-            if not math.isfinite(value):
-                return None  # the trainer stops a diverged run itself
-            trial.report(value, epoch)
-            if trial.should_prune():
-                pruned = True
-                return f"pruned at epoch {epoch}: {self.metric}={value:.4g}"
-            return None
-
-        return fit(trial_cfg, self.splits, on_epoch, metric=self.metric, checkpoint=plan), pruned
-
     def _finish(self, trial: optuna.Trial, run_id: str | None, state: TrialState,
                 value: float | list[float] | None, reason: str | None) -> None:
         if reason:
@@ -205,6 +211,29 @@ class TrialRunner:
             self.tracker.log_epoch(run_id, 0, {f"objective.{n}": v for n, v in zip(self.objectives.names, value,
                                                                                     strict=True)})
         self.tracker.end_trial(run_id, state.name, first_value(value), reason)
+
+
+class EpochReporter:
+    """The per-epoch hook of one trial: logs the epoch to its MLflow run and reports its value to the pruner; returns
+    the reason to stop when the pruner says so (`pruned` then stays True)."""
+
+    def __init__(self, trial: optuna.Trial, run_id: str, tracker: Tracker, objectives: Objectives) -> None:
+        self.trial, self.run_id, self.tracker, self.objectives = trial, run_id, tracker, objectives
+        self.pruned = False
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> str | None:
+        self.tracker.log_epoch(self.run_id, epoch, metrics)
+        if self.objectives.several:
+            return None  # no pruning: Trial.report raises in a multi-objective study (optuna#3450)
+        metric = self.objectives.primary
+        value = metrics.get(metric, math.nan)
+        if not math.isfinite(value):
+            return None  # the trainer stops a diverged run itself
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            self.pruned = True
+            return f"pruned at epoch {epoch}: {metric}={value:.4g}"
+        return None
 
 
 def _describe(err: BaseException) -> str:

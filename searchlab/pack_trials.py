@@ -1,0 +1,203 @@
+"""study.pack=K: K trials of the study trained at once as one packed model (searchlab.pack), each still its own
+Optuna trial, MLflow run and progress line.
+
+The first member is asked and sampled as any trial. The other K-1 are asked with the keys a pack must share (group
+choices, batch size, width, depth, batch norm: everything `varies_per_member` says no to) fixed to the first's
+values, by Optuna's PartialFixedSampler around the study's own sampler: TPE still picks their learning rates, weight
+decays, momentums, dropout and L1 strengths, with constant liar for the members still running. Each member reports
+every epoch to its own trial and is pruned on its own (it leaves the pack, which shrinks); each is told on its own.
+The budget reserves every member as it reserves a trial, so n_trials, several workers and the dead-worker retry
+count members exactly as trials.
+
+Packed members are not checkpointed (packing is for trials of seconds to minutes; a long trial gains nothing from
+it): an interrupted pack fails its members, which a later run samples anew; a worker killed mid-pack has every
+member re-queued with its params, as any lost trial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+from searchlab.budget import Budget
+from searchlab.config import Composer, ConfigError
+from searchlab.data import Splits
+from searchlab.faults import heartbeat
+from searchlab.pack import PackedTraining, can_pack, pack_mismatch, varies_per_member
+from searchlab.space import SearchSpace
+from searchlab.trial import EpochReporter, TrialOutcome, TrialRunner
+
+
+def shared_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The params every member of a pack takes from its first member."""
+    return {key: value for key, value in params.items() if not varies_per_member(key, value)}
+
+
+@contextlib.contextmanager
+def fixed_sampler(study: optuna.Study, fixed: dict[str, Any]) -> Iterator[None]:
+    """While the block runs, the study's sampler draws with `fixed` params fixed. Optuna reads study.sampler both
+    when a trial is asked (relative sampling) and at each suggest, so asking and sampling both happen inside."""
+    base = study.sampler
+    study.sampler = optuna.samplers.PartialFixedSampler(fixed, base)
+    try:
+        yield
+    finally:
+        study.sampler = base
+
+
+def check_pack(cfg: DictConfig, splits: Splits | None, space: SearchSpace, composer: Composer) -> None:
+    """Refuses study.pack > 1, before the first trial, where a pack cannot train: DDP, a grid search, an explicit
+    checkpoint period, or a configuration the pack cannot vectorize, probed for the base config and for each value
+    of every shared choice the space draws from (optimizer, schedule, network, batch size...)."""
+    size = cfg.study.pack
+    if size == 1:
+        return
+    if cfg.trainer.devices > 1:
+        raise ConfigError(f"study.pack={size}: a pack trains on one device; trainer.devices={cfg.trainer.devices} "
+                          "(DDP) trains one trial at a time: set study.pack=1")
+    if cfg.study.sampler == "grid":
+        raise ConfigError(f"study.pack={size}: a grid search runs each grid point once, packing would draw "
+                          "members off the grid; set study.pack=1 with study.sampler=grid")
+    every = OmegaConf.select(cfg, "trainer.checkpoint_every_n_epochs", default="auto")
+    if every not in ("auto", None):
+        raise ConfigError(f"study.pack={size}: packed trials are not checkpointed; set "
+                          "trainer.checkpoint_every_n_epochs=auto, or study.pack=1 for trials long enough to need it")
+    probes: list[tuple[str, DictConfig]] = [("the base config", cfg)]
+    for param, choice in _code_choices(space, cfg, composer):
+        probes.append((f"{param}={choice}", composer({param: choice})))
+    for label, probe in probes:
+        reason = can_pack(probe, splits)
+        if reason is not None:
+            raise ConfigError(f"study.pack={size}: {label} cannot be packed ({reason}); set study.pack=1")
+
+
+def _code_choices(space: SearchSpace, cfg: DictConfig, composer: Composer) -> list[tuple[str, Any]]:
+    """(key, value) of the space's choices that change which code trains: each option of a config group
+    (optimizer=..., model=...; a user's own class among them) and each flag other than the base config's
+    (model.batch_norm=true). Numbers (widths, batch sizes) change only sizes, so they are not probed: each probe
+    costs ~0.2 s."""
+    found = []
+    for param, _ in space.walk():
+        for choice in param.choices:
+            flag = isinstance(choice, bool) and choice != OmegaConf.select(cfg, param.name, default=None)
+            if param.name in composer.groups or flag:
+                found.append((param.name, choice))
+    return found
+
+
+@dataclass
+class _Member:
+    trial: optuna.Trial
+    values: dict[str, Any]
+    cfg: DictConfig
+    run_id: str
+
+
+class PackRunner:
+    """Runs the study's trials K at a time through one TrialRunner (its config cache, data, tracker, model keeper)."""
+
+    def __init__(self, runner: TrialRunner, size: int) -> None:
+        self.runner, self.size = runner, size
+        self.warned = False
+        self.prep = 0.0
+
+    def run(self, budget: Budget, deadline: float | None) -> list[TrialOutcome]:
+        """One pack: reserves up to K trials (the first waits for budget as any trial; the others take only what is
+        free now), trains them and tells each; [] once the budget is used up or the deadline passed."""
+        start = time.perf_counter()
+        first = budget.reserve(deadline)
+        if first is None:
+            return []
+        outcomes: list[TrialOutcome] = []
+        members: list[_Member] = []
+        with contextlib.ExitStack() as beats:
+            try:
+                beats.enter_context(heartbeat(first))
+                self._start(first, members, outcomes, start)
+                if members:
+                    with fixed_sampler(self.runner.study, shared_params(members[0].trial.params)):
+                        while len(members) + len(outcomes) < self.size:
+                            trial = budget.reserve(deadline, wait=False)
+                            if trial is None:
+                                break
+                            beats.enter_context(heartbeat(trial))
+                            self._start(trial, members, outcomes, start)
+                # Asking and starting the members, shared evenly in their seconds.
+                self.prep = (time.perf_counter() - start) / max(len(members), 1)
+                for group in _groups(members):
+                    outcomes += self._train(group, members, start)
+            except BaseException as err:  # an interrupt: every member not yet told fails, then the study stops
+                for member in members:
+                    with contextlib.suppress(KeyboardInterrupt):
+                        self.runner.fail(member.trial, member.run_id, err, start, member.values)
+                raise
+        return outcomes
+
+    def _start(self, trial: optuna.Trial, members: list[_Member], outcomes: list[TrialOutcome], start: float) -> None:
+        values: dict[str, Any] = {}
+        run_id: str | None = None
+        try:
+            values = self.runner.space.sample(trial, self.runner.use_grid)
+            cfg, run_id = self.runner.start(trial, values)
+        except BaseException as err:  # fails this member; an interrupt is raised again, for the others
+            outcomes.append(self.runner.fail(trial, run_id, err, start, values))
+            return
+        members.append(_Member(trial, values, cfg, run_id))
+
+    def _train(self, group: list[_Member], untold: list[_Member], start: float) -> list[TrialOutcome]:
+        """Trains one group of members that can share a pack (alone when it is one) and tells each, taking it off
+        `untold` as it is told."""
+
+        def alone(member: _Member) -> TrialOutcome:
+            untold.remove(member)  # train() tells it whatever happens, an interrupt included
+            return self.runner.train(member.trial, member.values, member.cfg, member.run_id, start)
+
+        if len(group) == 1:
+            return [alone(group[0])]
+        try:
+            pack = PackedTraining([m.cfg for m in group], self.runner.splits, self.runner.metric)
+        except ValueError as err:  # a combination check_pack's probes did not cover: these members go one by one
+            self._warn(group, err)
+            return [alone(m) for m in group]
+        group_start = time.perf_counter()
+        reporters = [EpochReporter(m.trial, m.run_id, self.runner.tracker, self.runner.objectives) for m in group]
+        try:
+            results = pack.fit(lambda member, epoch, metrics: reporters[member](epoch, metrics))
+        except Exception as err:  # the pack's error fails each of its members, with the reason (an interrupt is
+            # not caught here: run() fails every untold member)
+            for m in group:
+                untold.remove(m)
+            return [self.runner.fail(m.trial, m.run_id, err, start, m.values) for m in group]
+        for m in group:
+            untold.remove(m)
+        # Each member's seconds: its share of the epochs it trained in, plus an equal share of the rest.
+        rest = self.prep + (time.perf_counter() - group_start - sum(r.seconds for r in results)) / len(group)
+        return [self.runner.conclude(m.trial, m.run_id, result, reporter.pruned, result.seconds + rest, m.values)
+                for m, result, reporter in zip(group, results, reporters, strict=True)]
+
+    def _warn(self, group: list[_Member], err: Exception) -> None:
+        if not self.warned:
+            numbers = ", ".join(str(m.trial.number) for m in group)
+            print(f"searchlab: study.pack: trials {numbers} train one at a time: {str(err).splitlines()[0]}",
+                  file=sys.stderr, flush=True)
+            self.warned = True
+
+
+def _groups(members: list[_Member]) -> list[list[_Member]]:
+    """Members in packs of configs that can share one (a re-queued trial's params may differ in a shared key from
+    the first member's), in order; most often one group of all."""
+    groups: list[list[_Member]] = []
+    for member in members:
+        group = next((g for g in groups if pack_mismatch([g[0].cfg, member.cfg]) is None), None)
+        if group is None:
+            groups.append([member])
+        else:
+            group.append(member)
+    return groups
