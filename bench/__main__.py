@@ -161,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_packing(setting, chosen, args.packing_repeats, "cpu", args.extra,
                                      args.packing_threads or None)
                 add("packing", packing_markdown(result))
+            from bench.packing import run_study_packing, study_packing_markdown
+            study_ks = sorted({1, *[k for k in ks if k in (8, 16)]})
+            add("packing", study_packing_markdown(run_study_packing(study_ks, ["none", "hyperband"],
+                                                                    threads=args.packing_threads or None,
+                                                                    repeats=args.packing_repeats)))
             from bench.packing import mlp_paths, mlp_paths_markdown
 
             paths = mlp_paths(ks, args.packing_repeats, threads=args.packing_threads or None)

@@ -9,14 +9,22 @@ machine's noise hits all alike; figures are medians; process start-up is exclude
 
 Settings: issue 5's digits MLP (2x256, batch 64, 10 epochs, no pruning) and the own-code example's network
 (examples/signals: Net1D, a 1-D CNN with batch norm and dropout, on its generated signals).
+
+`run_study_packing` then measures the whole study loop, `searchlab search` in this process with its journal file and
+MLflow store, `study.pack=K` against `study.pack=1`, with and without pruning (Hyperband): seconds per trial from the
+first trial's start to the last trial's end (Optuna's timestamps), so start-up, preflight and the report are out and
+every trial's fixed cost (MLflow run, Optuna writes, config) is in.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -200,4 +208,97 @@ def packing_markdown(r: PackingResult) -> str:
     best = min((w for w in r.seconds if w.startswith("pack")), key=r.median)
     lines.append(f"- path: {r.path}; fastest per trial: {best} ({r.median(best):.4f} s); load average at the end "
                  f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())}.")
+    return "\n".join(lines) + "\n"
+
+
+# The study the loop measure runs: the digits setting with the sampler free in what a pack lets members differ in.
+STUDY_SPACE = """\
+optimizer.lr: {low: 1.0e-4, high: 1.0e-2, log: true}
+optimizer.weight_decay: {low: 1.0e-6, high: 1.0e-2, log: true}
+optimizer.beta1: {low: 0.8, high: 0.95}
+module.l1: {low: 1.0e-7, high: 1.0e-4, log: true}
+"""
+
+
+@dataclass
+class StudyPackingResult:
+    ks: list[int]
+    pruners: list[str]
+    n_trials: int
+    overrides: list[str]
+    seconds: dict[tuple[str, int], list[float]] = field(default_factory=dict)  # (pruner, K) -> s/trial per repeat
+    epochs: dict[tuple[str, int], list[float]] = field(default_factory=dict)  # mean epochs trained per trial
+
+    def median(self, pruner: str, k: int) -> float:
+        return statistics.median(self.seconds[(pruner, k)])
+
+
+def _study_seconds(folder: Path, name: str) -> tuple[float, float]:
+    """(seconds per finished trial from the first start to the last end, mean epochs per trial) of a study."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name=name,
+                              storage=JournalStorage(JournalFileBackend(str(folder / "optuna.journal"))))
+    done = [t for t in study.trials if t.state.is_finished() and t.datetime_complete is not None]
+    span = max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)
+    epochs = [len(t.intermediate_values) for t in done]
+    return span.total_seconds() / len(done), statistics.mean(epochs)
+
+
+def run_study_packing(ks: list[int] | None = None, pruners: list[str] | None = None, n_trials: int = 16,
+                      repeats: int = 2, threads: int | None = 1, extra: list[str] | None = None) -> StudyPackingResult:
+    """`searchlab search` of the digits setting with study.pack=K, per pruner, interleaved per repeat."""
+    from searchlab.cli import main
+
+    ks, pruners = ks or [1, 8], pruners or ["none", "hyperband"]
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    base = [*DIGITS, f"study.n_trials={n_trials}", "tracking.log_models=none",
+            "search=packbench", *(extra or [])]
+    result = StudyPackingResult(ks, pruners, n_trials, base)
+    runs = [(pruner, k) for pruner in pruners for k in ks]
+    with tempfile.TemporaryDirectory() as tmp:
+        conf = Path(tmp) / "conf"
+        (conf / "search").mkdir(parents=True)
+        (conf / "search" / "packbench.yaml").write_text(STUDY_SPACE)
+        try:
+            for r in range(repeats + 1):  # the first round warms up (imports, first compositions), unrecorded
+                for pruner, k in runs[r % len(runs):] + runs[:r % len(runs)]:
+                    folder = Path(tmp) / f"{pruner}-{k}-{r}"
+                    stores = [f"study.storage={folder}/optuna.journal", f"tracking.uri=sqlite:///{folder}/mlflow.db",
+                              f"tracking.artifact_root={folder}/artifacts", f"report.dir={folder}/reports"]
+                    args = ["search", "--config-dir", str(conf), *base, f"study.pruner={pruner}",
+                            f"study.pack={k}", f"study.name=pack{k}", f"study.seed={r}", *stores]
+                    with contextlib.redirect_stdout(io.StringIO()):
+                        code = main(args)
+                    if code != 0:
+                        raise SystemExit(f"bench packing: searchlab {' '.join(args)} exited {code}")
+                    if r:
+                        seconds, epochs = _study_seconds(folder, f"pack{k}")
+                        result.seconds.setdefault((pruner, k), []).append(seconds)
+                        result.epochs.setdefault((pruner, k), []).append(epochs)
+        finally:
+            torch.set_num_threads(before)
+    return result
+
+
+def study_packing_markdown(r: StudyPackingResult) -> str:
+    lines = [f"### Packing in the study loop: `searchlab search study.pack=K` (digits MLP 2x256, {r.n_trials} trials, "
+             f"{len(next(iter(r.seconds.values())))} interleaved repeats; medians)", "",
+             f"Setting: `{' '.join(r.overrides)}`; space: optimizer.lr, weight_decay, beta1, module.l1 (what members "
+             "may differ in). Seconds per trial from the first trial's start to the last trial's end: each trial's "
+             "fixed cost (MLflow run, Optuna writes) in, start-up and report out.", "",
+             "| pruner | K | s/trial | trials/hour | × K=1 trials/hour | mean epochs per trial |",
+             "|---|---|---|---|---|---|"]
+    for pruner in r.pruners:
+        one = r.median(pruner, r.ks[0])
+        for k in r.ks:
+            s = r.median(pruner, k)
+            lines.append(f"| {pruner} | {k} | {s:.3f} | {3600 / s:.0f} | {one / s:.2f} | "
+                         f"{statistics.median(r.epochs[(pruner, k)]):.1f} |")
+    lines.append("")
+    lines.append(f"- load average at the end {' / '.join(f'{x:.1f}' for x in os.getloadavg())}.")
     return "\n".join(lines) + "\n"

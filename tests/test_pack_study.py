@@ -146,7 +146,10 @@ def test_a_sigkilled_packing_worker_has_all_its_members_retried(tmp_path, store_
     assert proc.returncode == 0, err
     study = load_study(tmp_path, "killed")
     lost = [t for t in study.trials if t.state.name == "FAIL" and "died mid-trial" in t.user_attrs.get("reason", "")]
-    assert len(lost) >= 1
+    # Every member the killed worker was training is lost and retried: at least 2 (3 running over 2 workers).
+    assert {t.number for t in lost} == {t.number for t in study.trials
+                                        if t.user_attrs.get("worker.pid") == pid and t.state.name == "FAIL"}
+    assert len(lost) >= 2
     for trial in lost:
         retries = [t for t in study.trials if t.user_attrs.get(RETRY_OF) == trial.number]
         assert len(retries) == 1 and retries[0].params == trial.params and retries[0].state.name in FINISHED
