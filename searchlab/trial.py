@@ -38,6 +38,7 @@ from searchlab.interrupts import terminated
 from searchlab.lightning_fit import TrainResult
 from searchlab.objectives import Objectives, first_value
 from searchlab.space import SearchSpace
+from searchlab.storage import one_sync
 from searchlab.tracking import Tracker, config_yaml
 from searchlab.training import fit
 
@@ -97,7 +98,9 @@ class TrialRunner:
         terminated."""
         start = time.perf_counter()
         trial = self.study.ask() if trial is None else trial
-        with heartbeat(trial):  # lets other workers see this one is alive (RDB and grpc:// storages; see faults)
+        # The heartbeat lets other workers see this one is alive (RDB and grpc:// storages; see faults); the trial's
+        # ~20 journal writes are fsynced once, at its end (storage.JournalFile).
+        with heartbeat(trial), one_sync(self.study._storage):
             return self._run(trial, start)
 
     def _run(self, trial: optuna.Trial, start: float) -> TrialOutcome:
