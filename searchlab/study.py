@@ -142,7 +142,8 @@ def run_trials(budget: Budget, runner: TrialRunner, cfg: DictConfig,
     reached; asks for the next trial the moment the last one ends."""
     deadline = None if cfg.study.timeout is None else time.monotonic() + cfg.study.timeout
     failures_in_a_row = 0
-    packer = PackRunner(runner, cfg.study.pack) if cfg.study.pack > 1 else None
+    # Packs of the search's trials; `searchlab ablate` (its own runner) trains one (variant, seed) at a time.
+    packer = PackRunner(runner, cfg.study.pack) if cfg.study.pack > 1 and isinstance(runner, TrialRunner) else None
 
     def next_outcomes() -> list[TrialOutcome]:
         if packer is not None:  # study.pack: K trials trained at once, each told as a trial (searchlab.pack_trials)
