@@ -32,7 +32,6 @@ from searchlab.data import Splits
 from searchlab.faults import heartbeat
 from searchlab.pack import PackedTraining, can_pack, pack_mismatch, varies_per_member
 from searchlab.space import SearchSpace
-from searchlab.storage import one_sync
 from searchlab.trial import EpochReporter, TrialOutcome, TrialRunner
 
 
@@ -118,7 +117,7 @@ class PackRunner:
             return []
         outcomes: list[TrialOutcome] = []
         members: list[_Member] = []
-        with contextlib.ExitStack() as beats, one_sync(self.runner.study._storage):  # see TrialRunner.run
+        with contextlib.ExitStack() as beats:
             try:
                 beats.enter_context(heartbeat(first))
                 self._start(first, members, outcomes, start)

@@ -26,6 +26,7 @@ from searchlab.config import ConfigError
 from searchlab.objectives import Objectives, metric_names, metric_setting
 from searchlab.pack_trials import PackRunner
 from searchlab.space import SearchSpace
+from searchlab.storage import one_sync
 from searchlab.trial import TrialOutcome, TrialRunner
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -146,10 +147,12 @@ def run_trials(budget: Budget, runner: TrialRunner, cfg: DictConfig,
     packer = PackRunner(runner, cfg.study.pack) if cfg.study.pack > 1 and isinstance(runner, TrialRunner) else None
 
     def next_outcomes() -> list[TrialOutcome]:
-        if packer is not None:  # study.pack: K trials trained at once, each told as a trial (searchlab.pack_trials)
-            return packer.run(budget, deadline)
-        trial = budget.reserve(deadline)
-        return [] if trial is None else [runner.run(trial)]
+        # A trial's (or a pack's) ~20 journal writes, from its ask to its tell, fsynced once (storage.JournalFile).
+        with one_sync(budget.study._storage):
+            if packer is not None:  # study.pack: K trials trained at once, each told as a trial (pack_trials)
+                return packer.run(budget, deadline)
+            trial = budget.reserve(deadline)
+            return [] if trial is None else [runner.run(trial)]
 
     while outcomes := next_outcomes():
         for outcome in outcomes:

@@ -97,11 +97,10 @@ class TrialRunner:
         """One trial (asked here unless given) to tell; whatever happens after ask, the trial is told and its run
         terminated."""
         start = time.perf_counter()
-        trial = self.study.ask() if trial is None else trial
-        # The heartbeat lets other workers see this one is alive (RDB and grpc:// storages; see faults); the trial's
-        # ~20 journal writes are fsynced once, at its end (storage.JournalFile).
-        with heartbeat(trial), one_sync(self.study._storage):
-            return self._run(trial, start)
+        with one_sync(self.study._storage):  # its journal writes fsynced once, at its end (also in run_trials)
+            trial = self.study.ask() if trial is None else trial
+            with heartbeat(trial):  # lets other workers see this one is alive (RDB and grpc:// storages; see faults)
+                return self._run(trial, start)
 
     def _run(self, trial: optuna.Trial, start: float) -> TrialOutcome:
         values: dict[str, Any] = {}
