@@ -138,6 +138,25 @@ def test_methods_smoke_two_seeds_stop_at_the_target_or_the_caps(tmp_path):
     assert png.startswith(b"\x89PNG") and len(png) > 5000
 
 
+def test_signals_task_makes_its_data_with_the_example_script_once_and_searches_its_net(tmp_path, monkeypatch):
+    import sys
+
+    import numpy as np
+
+    import bench.methods
+
+    monkeypatch.setattr(bench.methods, "SIGNALS_N", 200)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # prepare makes examples/signals importable
+    path = tmp_path / "data" / "signals-200.npz"
+    assert TASKS["signals"].prepare(tmp_path / "data") == (f"data.path={path}",)
+    with np.load(path) as arrays:
+        assert arrays["x_train"].shape == (120, 128) and arrays["x_val"].shape == (40, 128)
+    made = path.stat().st_mtime_ns
+    task = replace(TASKS["signals"], target=0.0, max_trials=2, max_seconds=60)  # the first complete trial reaches it
+    run = run_one(tmp_path, "signals", task, "random", 0, ["trainer.max_epochs=1"])
+    assert run.reached and run.trials == 1 and path.stat().st_mtime_ns == made
+
+
 def test_methods_are_override_entries_of_the_study_tables():
     from searchlab.config import Composer
 
