@@ -166,6 +166,11 @@ def test_methods_are_override_entries_of_the_study_tables():
         assert sampler._target_.startswith("optuna.samplers.") and pruner._target_.startswith("optuna.pruners.")
     cfg = Composer(list(METHODS["tpe-hb2"].overrides)).base
     assert cfg.study.pruners[cfg.study.pruner].max_resource == cfg.trainer.max_epochs
+    # the packed default: the default's sampler and pruner entries, then study.pack (and K times the trial cap)
+    for k in (4, 8):
+        packed = METHODS[f"tpe5-sh1-pack{k}"]
+        assert packed.overrides == (*METHODS["tpe5-sh1"].overrides, f"study.pack={k}") and packed.max_trials_factor == k
+        assert Composer(list(packed.overrides)).base.study.pack == k and "study.pack=" in packed.describe()
 
 
 def test_results_file_keeps_the_parts_not_run():
@@ -182,3 +187,14 @@ def test_methods_summary_counts_misses_as_the_caps():
     assert result.seconds("digits", "random") == [5.0, 21.0, 20.0] and result.median_is_bound("digits", "random")
     text = methods_markdown(result, "methods.png")
     assert "| random, no pruning | 1/3 | >=20.0 |" in text and "| TPE, no pruning | 1/1 | 2.0 |" in text
+
+
+def test_methods_trace_of_a_pack_reads_each_member_at_the_check_that_saw_it():
+    import optuna
+
+    from bench.methods import _result
+
+    trials = [optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=v) for v in (0.1, 0.3, 0.2, 0.9)]
+    # two packs of two: the checks saw 2 finished trials at 1.5 CPU s, then 4 at 3.0
+    run = _result(Run("digits", "tpe5-sh1-pack4", 0), trials, trials[0].datetime_start, 0.8, {2: 1.5, 4: 3.0})
+    assert [cpu for cpu, _ in run.trace] == [1.5, 1.5, 3.0, 3.0] and run.reached and run.seconds == 3.0
