@@ -258,21 +258,57 @@ def make(input_shape, num_outputs):
 NOT_CALLABLE = "NET = 3\n"
 
 
-def _bad(tmp_path: Path, files: dict[str, str], *args: str) -> str:
-    """Runs a search in a project with these files; asserts the bad-input contract; returns the error line."""
-    project = tmp_path / "project"
-    (project / "conf").mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (project / name).parent.mkdir(parents=True, exist_ok=True)
-        (project / name).write_text(text)
-    result = searchlab("search", "-cd", "conf", *args, *TINY, *stores(tmp_path, "bad"), cwd=project)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert result.stdout == "" and "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
+def _bad_contract(tmp_path: Path, code: int, out: str, err: str) -> str:
+    """Asserts the bad-input contract (exit 2, one `searchlab: error:` line, nothing written); returns that line."""
+    assert code == 2, out + err
+    assert out == "" and "Traceback" not in err
+    lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("searchlab: error: "), lines
     assert not (tmp_path / "optuna.journal").exists() or not load_names(tmp_path)
     assert not (tmp_path / "artifacts").exists()
     return lines[0]
+
+
+@pytest.fixture
+def bad(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """bad(files, *args): `searchlab search -cd conf ARGS` in a project folder with these files; asserts the bad-input
+    contract and returns the error line. Run in this process, from that folder (a fresh `searchlab` process imports
+    torch and Lightning again: seconds each on a shared machine); the folder's sys.path entry, the modules imported
+    from it, Hydra's state and the data cache are undone afterwards. command=True runs the real command in its own
+    process instead (once: test_target_that_does_not_import_is_named_with_a_near_name)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from searchlab import build
+    from searchlab.cli import main
+
+    def run(files: dict[str, str], *args: str, command: bool = False) -> str:
+        project = tmp_path / "project"
+        (project / "conf").mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
+            (project / name).write_text(text)
+        argv = ["search", "-cd", "conf", *args, *TINY, *stores(tmp_path, "bad")]
+        if command:
+            result = searchlab(*argv, cwd=project)
+            return _bad_contract(tmp_path, result.returncode, result.stdout, result.stderr)
+        monkeypatch.chdir(project)
+        # A fresh process has no data cached: this one's cache is keyed by the config's text, data.path=x.npz
+        # relative to the folder, so an earlier test's x.npz would be taken for this one's.
+        monkeypatch.setattr(build, "_splits_cache", {})
+        path, modules = list(sys.path), set(sys.modules)
+        GlobalHydra.instance().clear()
+        try:
+            code = main(argv)
+        finally:
+            sys.path[:] = path
+            for name in set(sys.modules) - modules:  # e.g. the project's nets.py: the next project has its own
+                if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(tmp_path)):
+                    del sys.modules[name]
+            GlobalHydra.instance().clear()
+        out, err = capsys.readouterr()
+        return _bad_contract(tmp_path, code, out, err)
+
+    return run
 
 
 def load_names(root: Path) -> list[str]:
@@ -280,53 +316,53 @@ def load_names(root: Path) -> list[str]:
     return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
 
 
-def test_target_that_does_not_import_is_named_with_a_near_name(tmp_path):
-    line = _bad(tmp_path, {"nets.py": NET_WRONG_OUTPUTS, "conf/model/x.yaml": "_target_: nets.mkae\n"}, "model=x")
+def test_target_that_does_not_import_is_named_with_a_near_name(bad):
+    line = bad({"nets.py": NET_WRONG_OUTPUTS, "conf/model/x.yaml": "_target_: nets.mkae\n"}, "model=x", command=True)
     assert "model._target_" in line and "did you mean 'nets.make'" in line
 
 
-def test_target_module_that_does_not_exist(tmp_path):
-    line = _bad(tmp_path, {"conf/model/x.yaml": "_target_: nowhere.Net\n"}, "model=x")
+def test_target_module_that_does_not_exist(bad):
+    line = bad({"conf/model/x.yaml": "_target_: nowhere.Net\n"}, "model=x")
     assert "model._target_" in line and "nowhere" in line
 
 
-def test_target_that_is_not_callable(tmp_path):
-    line = _bad(tmp_path, {"nets.py": NOT_CALLABLE, "conf/model/x.yaml": "_target_: nets.NET\n"}, "model=x")
+def test_target_that_is_not_callable(bad):
+    line = bad({"nets.py": NOT_CALLABLE, "conf/model/x.yaml": "_target_: nets.NET\n"}, "model=x")
     assert "model._target_" in line and "not a class or function" in line
 
 
-def test_constructor_arguments_it_rejects(tmp_path):
-    line = _bad(tmp_path, {"conf/model/x.yaml": "_target_: searchlab.networks.MLP\nwidht: 3\n"}, "model=x")
+def test_constructor_arguments_it_rejects(bad):
+    line = bad({"conf/model/x.yaml": "_target_: searchlab.networks.MLP\nwidht: 3\n"}, "model=x")
     assert "model:" in line and "widht" in line and "did you mean 'model.width'" in line
 
 
-def test_network_whose_output_does_not_fit_num_outputs(tmp_path):
-    line = _bad(tmp_path, {"nets.py": NET_WRONG_OUTPUTS, "conf/model/x.yaml": "_target_: nets.make\n"},
-                "model=x", "search=schedule")
+def test_network_whose_output_does_not_fit_num_outputs(bad):
+    line = bad({"nets.py": NET_WRONG_OUTPUTS, "conf/model/x.yaml": "_target_: nets.make\n"}, "model=x",
+               "search=schedule")
     assert line.startswith("searchlab: error: model:") and "outputs of shape (13,)" in line and "10 classes" in line
 
 
-def test_module_that_never_logs_the_metric_suggests_what_it_logs(tmp_path):
-    line = _bad(tmp_path, {"mymod.py": MODULE_LOGGING.format(names='"val_accuracy"'),
-                           "conf/module/mine.yaml": "_target_: mymod.Mine\n"}, "module=mine", "search=schedule")
+def test_module_that_never_logs_the_metric_suggests_what_it_logs(bad):
+    line = bad({"mymod.py": MODULE_LOGGING.format(names='"val_accuracy"'),
+                "conf/module/mine.yaml": "_target_: mymod.Mine\n"}, "module=mine", "search=schedule")
     assert "study.metric" in line and "never logs 'val_acc'" in line and "study.metric=val_accuracy" in line
 
 
-def test_builtin_metric_misspelt(tmp_path):
-    line = _bad(tmp_path, {}, "study.metric=val_acx", "study.direction=maximize")
+def test_builtin_metric_misspelt(bad):
+    line = bad({}, "study.metric=val_acx", "study.direction=maximize")
     assert "did you mean study.metric=val_acc" in line
 
 
-def test_cnn_on_data_that_is_not_image_shaped(tmp_path):
-    line = _bad(tmp_path, {}, "model=cnn", "data=synthetic")
+def test_cnn_on_data_that_is_not_image_shaped(bad):
+    line = bad({}, "model=cnn", "data=synthetic")
     assert line.startswith("searchlab: error: model:") and "image-shaped" in line
 
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04truncated"], ids=["empty", "truncated"])
-def test_empty_or_truncated_npz(tmp_path, content):
+def test_empty_or_truncated_npz(bad, tmp_path, content):
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / "x.npz").write_bytes(content)
-    line = _bad(tmp_path, {}, "data=npz", "data.path=x.npz")
+    line = bad({}, "data=npz", "data.path=x.npz")
     assert "data.path" in line and "x.npz" in line
 
 
@@ -336,15 +372,15 @@ def _npz(path: Path, y: np.ndarray) -> None:
     np.savez(path, x_train=x, y_train=y, x_val=x[:20], y_val=y[:20])
 
 
-def test_float_targets_given_to_the_classifier(tmp_path):
+def test_float_targets_given_to_the_classifier(bad, tmp_path):
     _npz(tmp_path / "project" / "x.npz", np.random.default_rng(0).normal(size=100))
-    line = _bad(tmp_path, {}, "data=npz", "data.path=x.npz")
+    line = bad({}, "data=npz", "data.path=x.npz")
     assert "module=regressor" in line and "floats" in line
 
 
-def test_integer_labels_that_look_like_a_regression_target(tmp_path):
+def test_integer_labels_that_look_like_a_regression_target(bad, tmp_path):
     _npz(tmp_path / "project" / "x.npz", np.arange(300) % 150)  # 150 classes, 2 samples each
-    line = _bad(tmp_path, {}, "data=npz", "data.path=x.npz")
+    line = bad({}, "data=npz", "data.path=x.npz")
     assert "module=regressor" in line and "150 classes" in line
 
 
