@@ -1,9 +1,13 @@
 """The user's own code: networks, LightningModules, DataModules and metrics from a project folder of their own, run
 as a user runs them (the `searchlab` command from that folder, --config-dir), plus the regressor, direction=auto,
-the Python API and the bad inputs that only a built network, module or dataset can reveal."""
+the Python API and the bad inputs that only a built network, module or dataset can reveal.
+
+The examples' searches with workers, their DDP training, the Python API script and one bad input run as real
+processes; the other commands run the CLI's main() in this process, from the project folder (in_process)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -11,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +42,50 @@ def searchlab(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] |
     """The `searchlab` command as a user runs it, from `cwd` (its own project folder)."""
     return subprocess.run([sys.executable, "-m", "searchlab.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+@contextlib.contextmanager
+def _from_folder(cwd: Path) -> Iterator[None]:
+    """This process as a fresh `searchlab` process started in `cwd` would be, for the block: cwd the current folder,
+    no data cached, no Hydra state; afterwards the folder, sys.path, the modules imported from the folder (e.g. a
+    project's nets.py: the next project has its own), Hydra's state and the data cache are as before."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from searchlab import build
+
+    here, path, modules, cache = os.getcwd(), list(sys.path), set(sys.modules), build._splits_cache
+    os.chdir(cwd)
+    # The data cache is keyed by the config's text: data.path=x.npz, relative to the folder, would be an earlier
+    # test's x.npz.
+    build._splits_cache = {}
+    GlobalHydra.instance().clear()
+    try:
+        yield
+    finally:
+        os.chdir(here)
+        sys.path[:] = path
+        build._splits_cache = cache
+        for name in set(sys.modules) - modules:
+            if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(cwd)):
+                del sys.modules[name]
+        GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def in_process(capsys: pytest.CaptureFixture[str]):
+    """in_process(*args, cwd=folder): `searchlab ARGS` from that folder, run by the CLI's main() in this process (a
+    fresh process imports torch and Lightning again: seconds each on a shared 2-core machine); a CompletedProcess.
+    The examples' searches with workers, their DDP training and the Python API still run as real processes."""
+    from searchlab.cli import main
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        with _from_folder(cwd):
+            code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["searchlab", *args], code, out, err)
+
+    return run
 
 
 def load(root: Path, name: str) -> optuna.Study:
@@ -88,11 +137,11 @@ def test_signals_example_user_network_with_two_workers(signals_project, tmp_path
     assert len(runs) == 4 and all("val_f1" in r.data.metrics and "val_auroc" in r.data.metrics for r in runs)
 
 
-def test_signals_network_beats_the_builtin_mlp(signals_project):
+def test_signals_network_beats_the_builtin_mlp(signals_project, in_process):
     """The example's point: the user's 1-D CNN finds the pattern wherever it is; the MLP on raw samples cannot."""
     common = ["data=npz", "data.path=signals.npz", "trainer.max_epochs=6", "optimizer.lr=0.003"]
-    net1d = searchlab("train", "-cd", "conf", "model=net1d", "model.channels=16", *common, cwd=signals_project)
-    mlp = searchlab("train", *common, cwd=signals_project)
+    net1d = in_process("train", "-cd", "conf", "model=net1d", "model.channels=16", *common, cwd=signals_project)
+    mlp = in_process("train", *common, cwd=signals_project)
     assert net1d.returncode == 0 and mlp.returncode == 0, net1d.stderr + mlp.stderr
     assert metrics_line(net1d.stdout)["best_val_acc"] > metrics_line(mlp.stdout)["best_val_acc"] + 0.1
 
@@ -117,10 +166,10 @@ def test_regression_example_user_module_and_datamodule_with_two_workers(regressi
     assert "searchlab train --config-dir conf data=diabetes module=diabetes" in best.stdout  # re-runs as searched
 
 
-def test_user_module_test_metrics_and_the_template_scheduler_call(regression_project):
+def test_user_module_test_metrics_and_the_template_scheduler_call(regression_project, in_process):
     """`searchlab train` with the user's module: its test_step runs on the DataModule's test split; its
     configure_optimizers calls scheduler(optimizer=...) as lightning-hydra-template does."""
-    result = searchlab("train", "-cd", "conf", "data=diabetes", "module=diabetes", "study.metric=val_rmse",
+    result = in_process("train", "-cd", "conf", "data=diabetes", "module=diabetes", "study.metric=val_rmse",
                        "scheduler=cosine", "trainer.max_epochs=3", cwd=regression_project)
     assert result.returncode == 0, result.stderr
     metrics = metrics_line(result.stdout)
@@ -139,11 +188,11 @@ def test_ddp_ranks_import_the_users_network(signals_project):
 
 # --- --config-dir ------------------------------------------------------------------------------------------------
 
-def test_config_dir_option_replaces_a_builtin_option_and_keeps_the_others(tmp_path):
+def test_config_dir_option_replaces_a_builtin_option_and_keeps_the_others(tmp_path, in_process):
     conf = tmp_path / "conf" / "model"
     conf.mkdir(parents=True)
     (conf / "mlp.yaml").write_text("_target_: searchlab.networks.MLP\nwidth: 7\ndepth: 1\n")
-    best = searchlab("train", "-cd", "conf", "trainer.max_epochs=1", cwd=tmp_path)
+    best = in_process("train", "-cd", "conf", "trainer.max_epochs=1", cwd=tmp_path)
     assert best.returncode == 0, best.stderr
     shown = subprocess.run([sys.executable, "-c", textwrap.dedent("""
         import os
@@ -163,13 +212,13 @@ def test_config_dir_that_does_not_exist_is_one_line(tmp_path):
 
 # --- the regressor and npz targets ---------------------------------------------------------------------------------
 
-def test_builtin_regressor_on_float_npz_targets_with_standardize(tmp_path):
+def test_builtin_regressor_on_float_npz_targets_with_standardize(tmp_path, in_process):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 5)) * [1, 10, 100, 1, 1]
     y = np.stack([x @ [1, 0.1, 0.01, 0, 0], x[:, 3] - x[:, 4]], axis=1) + rng.normal(scale=0.1, size=(300, 2))
     np.savez(tmp_path / "reg.npz", x_train=x[:200], y_train=y[:200], x_val=x[200:250], y_val=y[200:250],
              x_test=x[250:], y_test=y[250:])
-    result = searchlab("train", "module=regressor", "data=npz", "data.path=reg.npz", "data.standardize=true",
+    result = in_process("train", "module=regressor", "data=npz", "data.path=reg.npz", "data.standardize=true",
                        "study.metric=val_rmse", "trainer.max_epochs=15", "optimizer.lr=0.01", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = metrics_line(result.stdout)
@@ -195,22 +244,22 @@ def test_direction_auto_word_tables_do_not_overlap():
     assert not set(MAXIMIZED_WORDS) & set(MINIMIZED_WORDS)
 
 
-def test_direction_auto_on_an_unknown_name_asks_for_an_explicit_direction(tmp_path):
+def test_direction_auto_on_an_unknown_name_asks_for_an_explicit_direction(tmp_path, in_process):
     project = tmp_path / "p"
     (project / "conf" / "module").mkdir(parents=True)
     (project / "mymod.py").write_text(MODULE_LOGGING.format(names='"val_wobble"'))
     (project / "conf" / "module" / "mine.yaml").write_text("_target_: mymod.Mine\n")
     args = ["search", "-cd", "conf", "module=mine", "search=schedule", "study.metric=val_wobble", *TINY,
             *stores(tmp_path, "w")]
-    refused = searchlab(*args, cwd=project)
+    refused = in_process(*args, cwd=project)
     assert refused.returncode == 2 and "study.direction=maximize" in refused.stderr, refused.stderr
-    chosen = searchlab(*args, "study.direction=minimize", "study.n_trials=1", cwd=project)
+    chosen = in_process(*args, "study.direction=minimize", "study.n_trials=1", cwd=project)
     assert chosen.returncode == 0, chosen.stderr
     assert "minimize val_wobble (study.direction=minimize)" in chosen.stdout.splitlines()[0]
 
 
-def test_val_loss_with_auto_direction_minimizes_and_picks_the_lowest(tmp_path):
-    result = searchlab("search", "study.metric=val_loss", "search=schedule", "optimizer=adam", *TINY,
+def test_val_loss_with_auto_direction_minimizes_and_picks_the_lowest(tmp_path, in_process):
+    result = in_process("search", "study.metric=val_loss", "search=schedule", "optimizer=adam", *TINY,
                        *stores(tmp_path, "loss"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     study = load(tmp_path, "loss")
@@ -270,16 +319,10 @@ def _bad_contract(tmp_path: Path, code: int, out: str, err: str) -> str:
 
 
 @pytest.fixture
-def bad(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    """bad(files, *args): `searchlab search -cd conf ARGS` in a project folder with these files; asserts the bad-input
-    contract and returns the error line. Run in this process, from that folder (a fresh `searchlab` process imports
-    torch and Lightning again: seconds each on a shared machine); the folder's sys.path entry, the modules imported
-    from it, Hydra's state and the data cache are undone afterwards. command=True runs the real command in its own
-    process instead (once: test_target_that_does_not_import_is_named_with_a_near_name)."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from searchlab import build
-    from searchlab.cli import main
+def bad(tmp_path: Path, in_process):
+    """bad(files, *args): `searchlab search -cd conf ARGS` in a project folder with these files, in this process
+    (in_process); asserts the bad-input contract and returns the error line. command=True runs the real command in
+    its own process instead (once: test_target_that_does_not_import_is_named_with_a_near_name)."""
 
     def run(files: dict[str, str], *args: str, command: bool = False) -> str:
         project = tmp_path / "project"
@@ -288,25 +331,8 @@ def bad(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
             (project / name).parent.mkdir(parents=True, exist_ok=True)
             (project / name).write_text(text)
         argv = ["search", "-cd", "conf", *args, *TINY, *stores(tmp_path, "bad")]
-        if command:
-            result = searchlab(*argv, cwd=project)
-            return _bad_contract(tmp_path, result.returncode, result.stdout, result.stderr)
-        monkeypatch.chdir(project)
-        # A fresh process has no data cached: this one's cache is keyed by the config's text, data.path=x.npz
-        # relative to the folder, so an earlier test's x.npz would be taken for this one's.
-        monkeypatch.setattr(build, "_splits_cache", {})
-        path, modules = list(sys.path), set(sys.modules)
-        GlobalHydra.instance().clear()
-        try:
-            code = main(argv)
-        finally:
-            sys.path[:] = path
-            for name in set(sys.modules) - modules:  # e.g. the project's nets.py: the next project has its own
-                if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(tmp_path)):
-                    del sys.modules[name]
-            GlobalHydra.instance().clear()
-        out, err = capsys.readouterr()
-        return _bad_contract(tmp_path, code, out, err)
+        result = (searchlab if command else in_process)(*argv, cwd=project)
+        return _bad_contract(tmp_path, result.returncode, result.stdout, result.stderr)
 
     return run
 
@@ -433,7 +459,7 @@ def test_python_api_from_a_plain_script(signals_project, tmp_path):
 
 # --- the README's contract example, as written -------------------------------------------------------------------
 
-def test_readme_contract_example_runs_as_written(tmp_path):
+def test_readme_contract_example_runs_as_written(tmp_path, in_process):
     readme = (REPO / "README.md").read_text()
     example = readme.split("<!-- contract-example -->", 1)[1].split("<!-- /contract-example -->", 1)[0]
     blocks = re.findall(r"```(\w+)\n(.*?)```", example, flags=re.S)
@@ -450,7 +476,7 @@ def test_readme_contract_example_runs_as_written(tmp_path):
     (command,) = [text.strip() for language, text in blocks if language == "shell"]
     words = command.split()
     assert words[:2] == ["searchlab", "search"]
-    result = searchlab(*words[1:], "trainer.max_epochs=2", "study.n_trials=3", "report.min_complete=2",
+    result = in_process(*words[1:], "trainer.max_epochs=2", "study.n_trials=3", "report.min_complete=2",
                        *stores(tmp_path, "tiny"), cwd=project)
     assert result.returncode == 0, result.stderr
     study = load(tmp_path, "tiny")
