@@ -2,8 +2,8 @@
 as a user runs them (the `searchlab` command from that folder, --config-dir), plus the regressor, direction=auto,
 the Python API and the bad inputs that only a built network, module or dataset can reveal.
 
-The examples' searches with workers, their DDP training, the Python API script and one bad input run as real
-processes; the other commands run the CLI's main() in this process, from the project folder (in_process)."""
+The examples' workers, their DDP ranks, the Python API script and one bad input run as real processes; the commands
+themselves run the CLI's main() in this process, from the project folder (in_process)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def _from_folder(cwd: Path) -> Iterator[None]:
 def in_process(capsys: pytest.CaptureFixture[str]):
     """in_process(*args, cwd=folder): `searchlab ARGS` from that folder, run by the CLI's main() in this process (a
     fresh process imports torch and Lightning again: seconds each on a shared 2-core machine); a CompletedProcess.
-    The examples' searches with workers, their DDP training and the Python API still run as real processes."""
+    A search with workers=N still starts its N workers as processes of their own."""
     from searchlab.cli import main
 
     def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -117,11 +117,12 @@ def regression_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # --- the examples, end to end from their own folders -------------------------------------------------------------
 
-def test_signals_example_user_network_with_two_workers(signals_project, tmp_path):
-    """The README's signals command, with workers=2: each worker imports signals.Net1D from the project folder."""
-    result = searchlab("search", "--config-dir", "conf", "model=net1d", "search=net1d", "data=npz",
-                       "data.path=signals.npz", "workers=2", "model.channels=8", *TINY,
-                       *stores(tmp_path, "signals"), cwd=signals_project)
+def test_signals_example_user_network_with_two_workers(signals_project, tmp_path, in_process):
+    """The README's signals command, with workers=2: each worker (a process of its own; the parent runs in this one)
+    imports signals.Net1D from the project folder."""
+    result = in_process("search", "--config-dir", "conf", "model=net1d", "search=net1d", "data=npz",
+                        "data.path=signals.npz", "workers=2", "model.channels=8", *TINY, "tracking.log_models=none",
+                        *stores(tmp_path, "signals"), cwd=signals_project)
     assert result.returncode == 0, result.stderr
     assert "maximize val_acc" in result.stdout.splitlines()[0]
     study = load(tmp_path, "signals")
@@ -146,10 +147,12 @@ def test_signals_network_beats_the_builtin_mlp(signals_project, in_process):
     assert metrics_line(net1d.stdout)["best_val_acc"] > metrics_line(mlp.stdout)["best_val_acc"] + 0.1
 
 
-def test_regression_example_user_module_and_datamodule_with_two_workers(regression_project, tmp_path):
-    result = searchlab("search", "--config-dir", "conf", "data=diabetes", "module=diabetes", "search=diabetes",
-                       "study.metric=val_rmse", "workers=2", "trainer.max_epochs=3", "study.n_trials=4",
-                       "report.min_complete=2", *stores(tmp_path, "diabetes"), cwd=regression_project)
+def test_regression_example_user_module_and_datamodule_with_two_workers(regression_project, tmp_path, in_process):
+    """workers=2: the workers are processes of their own, the parent runs in this one."""
+    result = in_process("search", "--config-dir", "conf", "data=diabetes", "module=diabetes", "search=diabetes",
+                        "study.metric=val_rmse", "workers=2", "trainer.max_epochs=3", "study.n_trials=4",
+                        "report.min_complete=2", "tracking.log_models=none", *stores(tmp_path, "diabetes"),
+                        cwd=regression_project)
     assert result.returncode == 0, result.stderr
     assert "minimize val_rmse" in result.stdout.splitlines()[0]
     study = load(tmp_path, "diabetes")
@@ -159,8 +162,8 @@ def test_regression_example_user_module_and_datamodule_with_two_workers(regressi
     # the objective is the best epoch's val_rmse: the lowest reported value
     for trial in complete:
         assert trial.value == pytest.approx(min(trial.intermediate_values.values()))
-    best = searchlab("best", "-cd", "conf", "data=diabetes", "module=diabetes", "search=diabetes",
-                     "study.metric=val_rmse", *stores(tmp_path, "diabetes"), cwd=regression_project)
+    best = in_process("best", "-cd", "conf", "data=diabetes", "module=diabetes", "search=diabetes",
+                      "study.metric=val_rmse", *stores(tmp_path, "diabetes"), cwd=regression_project)
     assert best.returncode == 0, best.stderr
     assert "_target_: diabetes.RegressionModule" in best.stdout
     assert "searchlab train --config-dir conf data=diabetes module=diabetes" in best.stdout  # re-runs as searched
