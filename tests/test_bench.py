@@ -113,7 +113,10 @@ def test_scaling_section_from_a_result():
 
 @pytest.mark.skipif(not scaling_available(), reason="needs `workers=` in the config (the workers branch)")
 def test_scaling_smoke_runs_the_command_with_each_number_of_workers(tmp_path):
-    result = run_scaling(tmp_path, [1, 2], trials=2, repeats=1, device="cpu", extra=["model.width=32"])
+    # No model logged at the study's end (a cold torch.export in each fresh process), the report kept in tmp_path
+    # (bench.scaling leaves report.dir at its default, the checkout's mlruns/).
+    extra = ["model.width=32", "tracking.log_models=none", f"report.dir={tmp_path}/reports"]
+    result = run_scaling(tmp_path, [1, 2], trials=2, repeats=1, device="cpu", extra=extra)
     assert set(result.runs) == {1, 2} and all(whole > 0 and steady > 0 for (whole, steady), in result.runs.values())
     assert "| 2 |" in scaling_markdown(result)
 
@@ -121,12 +124,14 @@ def test_scaling_smoke_runs_the_command_with_each_number_of_workers(tmp_path):
 def test_methods_smoke_two_seeds_stop_at_the_target_or_the_caps(tmp_path):
     # Tiny: digits, a 2-epoch 32-wide net, 2 trials per run. 0.3 is reached by the first complete trial (the run
     # stops there); 0.999 is not, so that run goes to its trial cap.
+    # No model logged at a study's end (the table and the plot are what this checks).
+    tiny = [*TINY, "tracking.log_models=none"]
     reachable = replace(TASKS["digits"], target=0.3, max_trials=2, max_seconds=60)
-    run = run_one(tmp_path / "a", "digits", reachable, "tpe-sh1", 0, TINY)
+    run = run_one(tmp_path / "a", "digits", reachable, "tpe-sh1", 0, tiny)
     assert run.reached and 1 <= run.trials <= 2 and run.seconds > 0 and run.trace[-1][1] >= 0.3
     assert main(["--parts", "methods", "--out", str(tmp_path), "--methods-seeds", "2", "--tasks", "digits",
                  "--methods", "default,random,tpe", "--methods-max-trials", "2", "--methods-max-seconds", "30",
-                 "--extra", *TINY]) == 0
+                 "--extra", *tiny]) == 0
     text = (tmp_path / "results.md").read_text()
     assert "<!-- part:methods -->" in text and "Machine:" in text and "<!-- part:overhead -->" not in text
     for method in ("default", "random", "tpe"):

@@ -24,8 +24,9 @@ from searchlab.lightning_fit import fit_rank
 SMALL = ["trainer.max_epochs=4", "trainer.limit_train_batches=8", "data.batch_size=32", "model.width=32",
          "model.dropout=0.3", "model.batch_norm=true", "optimizer=adam", "scheduler=cosine"]
 # Slow enough epochs to stop a search mid-trial (~0.1-0.5 s an epoch here), checkpointed every epoch.
+# No model is logged at the study's end (none of these tests reads one: test_model_out does).
 LONG = ["study.pruner=none", "trainer.max_epochs=8", "data.batch_size=16", "model.width=32",
-        "model.batch_norm=false", "trainer.checkpoint_every_n_epochs=1"]
+        "model.batch_norm=false", "trainer.checkpoint_every_n_epochs=1", "tracking.log_models=none"]
 
 
 def interrupt_at(epoch: int):
@@ -103,7 +104,7 @@ def wait_for_checkpoint(folder: Path, epoch: int, proc: subprocess.Popen, timeou
         time.sleep(0.05)
 
 
-def test_sigterm_exits_143_and_the_same_command_resumes_the_trial_mid_way(tmp_path, store_overrides):
+def test_sigterm_exits_143_and_the_same_command_resumes_the_trial_mid_way(tmp_path, store_overrides, capsys):
     command = [SEARCHLAB, "search", "study.name=term", "study.n_trials=1", *LONG, *store_overrides]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -118,11 +119,17 @@ def test_sigterm_exits_143_and_the_same_command_resumes_the_trial_mid_way(tmp_pa
     assert stopped.state.name == "FAIL" and "resumable from its checkpoint of epoch" in stopped.user_attrs["reason"]
     assert queued.state.name == "WAITING" and queued.system_attrs["fixed_params"] == stopped.params  # taken next
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr
+    # The same command again, in this process: the part that needs a process of its own (SIGTERM) is done, and a
+    # fresh one would import torch and Lightning again (seconds on a shared 2-core machine).
+    from searchlab.cli import main
+
+    capsys.readouterr()
+    code = main(command[1:])
+    out, err = capsys.readouterr()
+    assert code == 0, err
     study = load_study(tmp_path, "term")
     (retry,) = [t for t in study.trials if t.state.name == "COMPLETE"]
-    assert f"(resumed from epoch {retry.user_attrs['resumed_from_epoch']})" in again.stdout
+    assert f"(resumed from epoch {retry.user_attrs['resumed_from_epoch']})" in out
     assert retry.params == stopped.params and retry.user_attrs["retry_of"] == stopped.number
     resumed_from = retry.user_attrs["resumed_from_epoch"]
     assert resumed_from >= 2 and retry.user_attrs["epochs_trained"] == 8 - resumed_from

@@ -19,7 +19,7 @@ def get_json(url: str) -> dict:
 
 
 def test_dashboard_serves_the_study_and_its_trials_from_the_journal_file(tmp_path):
-    run_tiny_study(tmp_path, "dashboard-study")
+    run_tiny_study(tmp_path, "dashboard-study", "tracking.log_models=none")  # the dashboard shows no MLflow model
     journal = tmp_path / "optuna.journal"
     study = optuna.load_study(study_name="dashboard-study", storage=JournalStorage(JournalFileBackend(str(journal))))
 

@@ -51,10 +51,19 @@ def test_ranks_take_disjoint_equal_shards_of_one_shuffled_order():
         TensorBatches(x, y, batch_size=2, shuffle=False, rank=0, world_size=2)
 
 
-def test_ddp_trains_to_completion_with_metrics_of_the_whole(composer, digits):
-    cfg = composer({"trainer.max_epochs": 3})
+@pytest.fixture(scope="module")
+def trained(composer, digits, tmp_path_factory):
+    """One 3-epoch DDP training, checkpointed every epoch: read by the two tests below (each DDP fit spawns its
+    ranks, which import torch and Lightning again: seconds each on a shared 2-core machine)."""
+    plan = CheckpointPlan(tmp_path_factory.mktemp("ddp") / CHECKPOINT_FILE, every=1, auto_seconds=1e9)
     seen: list[int] = []
-    result = fit(cfg, digits, lambda epoch, metrics: seen.append(epoch))
+    result = fit(composer({"trainer.max_epochs": 3}), digits, lambda epoch, metrics: seen.append(epoch),
+                 checkpoint=plan)
+    return {"result": result, "seen": seen, "plan": plan}
+
+
+def test_ddp_trains_to_completion_with_metrics_of_the_whole(trained):
+    result, seen = trained["result"], trained["seen"]
     assert seen == [1, 2, 3] and len(result.history) == 3 and result.stop_reason is None
     assert all(math.isfinite(v) for m in result.history for v in m.values())
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
@@ -69,14 +78,13 @@ def test_a_decision_on_rank_0_stops_every_rank_at_that_epoch(composer, digits):
     assert result.stop_reason == "pruned at epoch 2" and len(result.history) == 2
 
 
-def test_rank_0_writes_the_checkpoint_and_every_rank_resumes_from_it(composer, digits, tmp_path):
-    plan = CheckpointPlan(tmp_path / CHECKPOINT_FILE, every=1, auto_seconds=1e9)
-    fit(composer({"trainer.max_epochs": 2}), digits, checkpoint=plan)
-    assert read_saved(plan.path).epoch == 1  # the last epoch is never written: the training ends there
+def test_rank_0_writes_the_checkpoint_and_every_rank_resumes_from_it(composer, digits, trained):
+    plan = trained["plan"]
+    assert read_saved(plan.path).epoch == 2  # the last epoch (3) is never written: the training ends there
     seen: list[int] = []
-    result = fit(composer({"trainer.max_epochs": 3}), digits, lambda epoch, metrics: seen.append(epoch),
+    result = fit(composer({"trainer.max_epochs": 4}), digits, lambda epoch, metrics: seen.append(epoch),
                  checkpoint=CheckpointPlan(plan.path, every=1, auto_seconds=1e9, resume=True))
-    assert seen == [2, 3] and len(result.history) == 3
+    assert seen == [3, 4] and len(result.history) == 4
 
 
 def test_a_failing_rank_fails_the_call_and_leaves_no_process(composer, digits):

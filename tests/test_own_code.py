@@ -1,9 +1,13 @@
 """The user's own code: networks, LightningModules, DataModules and metrics from a project folder of their own, run
 as a user runs them (the `searchlab` command from that folder, --config-dir), plus the regressor, direction=auto,
-the Python API and the bad inputs that only a built network, module or dataset can reveal."""
+the Python API and the bad inputs that only a built network, module or dataset can reveal.
+
+The examples' workers, their DDP ranks, the Python API script and one bad input run as real processes; the commands
+themselves run the CLI's main() in this process, from the project folder (in_process)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -11,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +42,50 @@ def searchlab(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] |
     """The `searchlab` command as a user runs it, from `cwd` (its own project folder)."""
     return subprocess.run([sys.executable, "-m", "searchlab.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+@contextlib.contextmanager
+def _from_folder(cwd: Path) -> Iterator[None]:
+    """This process as a fresh `searchlab` process started in `cwd` would be, for the block: cwd the current folder,
+    no data cached, no Hydra state; afterwards the folder, sys.path, the modules imported from the folder (e.g. a
+    project's nets.py: the next project has its own), Hydra's state and the data cache are as before."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from searchlab import build
+
+    here, path, modules, cache = os.getcwd(), list(sys.path), set(sys.modules), build._splits_cache
+    os.chdir(cwd)
+    # The data cache is keyed by the config's text: data.path=x.npz, relative to the folder, would be an earlier
+    # test's x.npz.
+    build._splits_cache = {}
+    GlobalHydra.instance().clear()
+    try:
+        yield
+    finally:
+        os.chdir(here)
+        sys.path[:] = path
+        build._splits_cache = cache
+        for name in set(sys.modules) - modules:
+            if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(cwd)):
+                del sys.modules[name]
+        GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def in_process(capsys: pytest.CaptureFixture[str]):
+    """in_process(*args, cwd=folder): `searchlab ARGS` from that folder, run by the CLI's main() in this process (a
+    fresh process imports torch and Lightning again: seconds each on a shared 2-core machine); a CompletedProcess.
+    A search with workers=N still starts its N workers as processes of their own."""
+    from searchlab.cli import main
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        with _from_folder(cwd):
+            code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["searchlab", *args], code, out, err)
+
+    return run
 
 
 def load(root: Path, name: str) -> optuna.Study:
@@ -68,11 +117,12 @@ def regression_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # --- the examples, end to end from their own folders -------------------------------------------------------------
 
-def test_signals_example_user_network_with_two_workers(signals_project, tmp_path):
-    """The README's signals command, with workers=2: each worker imports signals.Net1D from the project folder."""
-    result = searchlab("search", "--config-dir", "conf", "model=net1d", "search=net1d", "data=npz",
-                       "data.path=signals.npz", "workers=2", "model.channels=8", *TINY,
-                       *stores(tmp_path, "signals"), cwd=signals_project)
+def test_signals_example_user_network_with_two_workers(signals_project, tmp_path, in_process):
+    """The README's signals command, with workers=2: each worker (a process of its own; the parent runs in this one)
+    imports signals.Net1D from the project folder."""
+    result = in_process("search", "--config-dir", "conf", "model=net1d", "search=net1d", "data=npz",
+                        "data.path=signals.npz", "workers=2", "model.channels=8", *TINY, "tracking.log_models=none",
+                        *stores(tmp_path, "signals"), cwd=signals_project)
     assert result.returncode == 0, result.stderr
     assert "maximize val_acc" in result.stdout.splitlines()[0]
     study = load(tmp_path, "signals")
@@ -88,19 +138,21 @@ def test_signals_example_user_network_with_two_workers(signals_project, tmp_path
     assert len(runs) == 4 and all("val_f1" in r.data.metrics and "val_auroc" in r.data.metrics for r in runs)
 
 
-def test_signals_network_beats_the_builtin_mlp(signals_project):
+def test_signals_network_beats_the_builtin_mlp(signals_project, in_process):
     """The example's point: the user's 1-D CNN finds the pattern wherever it is; the MLP on raw samples cannot."""
     common = ["data=npz", "data.path=signals.npz", "trainer.max_epochs=6", "optimizer.lr=0.003"]
-    net1d = searchlab("train", "-cd", "conf", "model=net1d", "model.channels=16", *common, cwd=signals_project)
-    mlp = searchlab("train", *common, cwd=signals_project)
+    net1d = in_process("train", "-cd", "conf", "model=net1d", "model.channels=16", *common, cwd=signals_project)
+    mlp = in_process("train", *common, cwd=signals_project)
     assert net1d.returncode == 0 and mlp.returncode == 0, net1d.stderr + mlp.stderr
     assert metrics_line(net1d.stdout)["best_val_acc"] > metrics_line(mlp.stdout)["best_val_acc"] + 0.1
 
 
-def test_regression_example_user_module_and_datamodule_with_two_workers(regression_project, tmp_path):
-    result = searchlab("search", "--config-dir", "conf", "data=diabetes", "module=diabetes", "search=diabetes",
-                       "study.metric=val_rmse", "workers=2", "trainer.max_epochs=3", "study.n_trials=4",
-                       "report.min_complete=2", *stores(tmp_path, "diabetes"), cwd=regression_project)
+def test_regression_example_user_module_and_datamodule_with_two_workers(regression_project, tmp_path, in_process):
+    """workers=2: the workers are processes of their own, the parent runs in this one."""
+    result = in_process("search", "--config-dir", "conf", "data=diabetes", "module=diabetes", "search=diabetes",
+                        "study.metric=val_rmse", "workers=2", "trainer.max_epochs=3", "study.n_trials=4",
+                        "report.min_complete=2", "tracking.log_models=none", *stores(tmp_path, "diabetes"),
+                        cwd=regression_project)
     assert result.returncode == 0, result.stderr
     assert "minimize val_rmse" in result.stdout.splitlines()[0]
     study = load(tmp_path, "diabetes")
@@ -110,17 +162,17 @@ def test_regression_example_user_module_and_datamodule_with_two_workers(regressi
     # the objective is the best epoch's val_rmse: the lowest reported value
     for trial in complete:
         assert trial.value == pytest.approx(min(trial.intermediate_values.values()))
-    best = searchlab("best", "-cd", "conf", "data=diabetes", "module=diabetes", "search=diabetes",
-                     "study.metric=val_rmse", *stores(tmp_path, "diabetes"), cwd=regression_project)
+    best = in_process("best", "-cd", "conf", "data=diabetes", "module=diabetes", "search=diabetes",
+                      "study.metric=val_rmse", *stores(tmp_path, "diabetes"), cwd=regression_project)
     assert best.returncode == 0, best.stderr
     assert "_target_: diabetes.RegressionModule" in best.stdout
     assert "searchlab train --config-dir conf data=diabetes module=diabetes" in best.stdout  # re-runs as searched
 
 
-def test_user_module_test_metrics_and_the_template_scheduler_call(regression_project):
+def test_user_module_test_metrics_and_the_template_scheduler_call(regression_project, in_process):
     """`searchlab train` with the user's module: its test_step runs on the DataModule's test split; its
     configure_optimizers calls scheduler(optimizer=...) as lightning-hydra-template does."""
-    result = searchlab("train", "-cd", "conf", "data=diabetes", "module=diabetes", "study.metric=val_rmse",
+    result = in_process("train", "-cd", "conf", "data=diabetes", "module=diabetes", "study.metric=val_rmse",
                        "scheduler=cosine", "trainer.max_epochs=3", cwd=regression_project)
     assert result.returncode == 0, result.stderr
     metrics = metrics_line(result.stdout)
@@ -139,11 +191,11 @@ def test_ddp_ranks_import_the_users_network(signals_project):
 
 # --- --config-dir ------------------------------------------------------------------------------------------------
 
-def test_config_dir_option_replaces_a_builtin_option_and_keeps_the_others(tmp_path):
+def test_config_dir_option_replaces_a_builtin_option_and_keeps_the_others(tmp_path, in_process):
     conf = tmp_path / "conf" / "model"
     conf.mkdir(parents=True)
     (conf / "mlp.yaml").write_text("_target_: searchlab.networks.MLP\nwidth: 7\ndepth: 1\n")
-    best = searchlab("train", "-cd", "conf", "trainer.max_epochs=1", cwd=tmp_path)
+    best = in_process("train", "-cd", "conf", "trainer.max_epochs=1", cwd=tmp_path)
     assert best.returncode == 0, best.stderr
     shown = subprocess.run([sys.executable, "-c", textwrap.dedent("""
         import os
@@ -163,13 +215,13 @@ def test_config_dir_that_does_not_exist_is_one_line(tmp_path):
 
 # --- the regressor and npz targets ---------------------------------------------------------------------------------
 
-def test_builtin_regressor_on_float_npz_targets_with_standardize(tmp_path):
+def test_builtin_regressor_on_float_npz_targets_with_standardize(tmp_path, in_process):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 5)) * [1, 10, 100, 1, 1]
     y = np.stack([x @ [1, 0.1, 0.01, 0, 0], x[:, 3] - x[:, 4]], axis=1) + rng.normal(scale=0.1, size=(300, 2))
     np.savez(tmp_path / "reg.npz", x_train=x[:200], y_train=y[:200], x_val=x[200:250], y_val=y[200:250],
              x_test=x[250:], y_test=y[250:])
-    result = searchlab("train", "module=regressor", "data=npz", "data.path=reg.npz", "data.standardize=true",
+    result = in_process("train", "module=regressor", "data=npz", "data.path=reg.npz", "data.standardize=true",
                        "study.metric=val_rmse", "trainer.max_epochs=15", "optimizer.lr=0.01", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = metrics_line(result.stdout)
@@ -195,22 +247,22 @@ def test_direction_auto_word_tables_do_not_overlap():
     assert not set(MAXIMIZED_WORDS) & set(MINIMIZED_WORDS)
 
 
-def test_direction_auto_on_an_unknown_name_asks_for_an_explicit_direction(tmp_path):
+def test_direction_auto_on_an_unknown_name_asks_for_an_explicit_direction(tmp_path, in_process):
     project = tmp_path / "p"
     (project / "conf" / "module").mkdir(parents=True)
     (project / "mymod.py").write_text(MODULE_LOGGING.format(names='"val_wobble"'))
     (project / "conf" / "module" / "mine.yaml").write_text("_target_: mymod.Mine\n")
     args = ["search", "-cd", "conf", "module=mine", "search=schedule", "study.metric=val_wobble", *TINY,
             *stores(tmp_path, "w")]
-    refused = searchlab(*args, cwd=project)
+    refused = in_process(*args, cwd=project)
     assert refused.returncode == 2 and "study.direction=maximize" in refused.stderr, refused.stderr
-    chosen = searchlab(*args, "study.direction=minimize", "study.n_trials=1", cwd=project)
+    chosen = in_process(*args, "study.direction=minimize", "study.n_trials=1", cwd=project)
     assert chosen.returncode == 0, chosen.stderr
     assert "minimize val_wobble (study.direction=minimize)" in chosen.stdout.splitlines()[0]
 
 
-def test_val_loss_with_auto_direction_minimizes_and_picks_the_lowest(tmp_path):
-    result = searchlab("search", "study.metric=val_loss", "search=schedule", "optimizer=adam", *TINY,
+def test_val_loss_with_auto_direction_minimizes_and_picks_the_lowest(tmp_path, in_process):
+    result = in_process("search", "study.metric=val_loss", "search=schedule", "optimizer=adam", *TINY,
                        *stores(tmp_path, "loss"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     study = load(tmp_path, "loss")
@@ -258,21 +310,34 @@ def make(input_shape, num_outputs):
 NOT_CALLABLE = "NET = 3\n"
 
 
-def _bad(tmp_path: Path, files: dict[str, str], *args: str) -> str:
-    """Runs a search in a project with these files; asserts the bad-input contract; returns the error line."""
-    project = tmp_path / "project"
-    (project / "conf").mkdir(parents=True, exist_ok=True)
-    for name, text in files.items():
-        (project / name).parent.mkdir(parents=True, exist_ok=True)
-        (project / name).write_text(text)
-    result = searchlab("search", "-cd", "conf", *args, *TINY, *stores(tmp_path, "bad"), cwd=project)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert result.stdout == "" and "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
+def _bad_contract(tmp_path: Path, code: int, out: str, err: str) -> str:
+    """Asserts the bad-input contract (exit 2, one `searchlab: error:` line, nothing written); returns that line."""
+    assert code == 2, out + err
+    assert out == "" and "Traceback" not in err
+    lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("searchlab: error: "), lines
     assert not (tmp_path / "optuna.journal").exists() or not load_names(tmp_path)
     assert not (tmp_path / "artifacts").exists()
     return lines[0]
+
+
+@pytest.fixture
+def bad(tmp_path: Path, in_process):
+    """bad(files, *args): `searchlab search -cd conf ARGS` in a project folder with these files, in this process
+    (in_process); asserts the bad-input contract and returns the error line. command=True runs the real command in
+    its own process instead (once: test_target_that_does_not_import_is_named_with_a_near_name)."""
+
+    def run(files: dict[str, str], *args: str, command: bool = False) -> str:
+        project = tmp_path / "project"
+        (project / "conf").mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
+            (project / name).write_text(text)
+        argv = ["search", "-cd", "conf", *args, *TINY, *stores(tmp_path, "bad")]
+        result = (searchlab if command else in_process)(*argv, cwd=project)
+        return _bad_contract(tmp_path, result.returncode, result.stdout, result.stderr)
+
+    return run
 
 
 def load_names(root: Path) -> list[str]:
@@ -280,53 +345,53 @@ def load_names(root: Path) -> list[str]:
     return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
 
 
-def test_target_that_does_not_import_is_named_with_a_near_name(tmp_path):
-    line = _bad(tmp_path, {"nets.py": NET_WRONG_OUTPUTS, "conf/model/x.yaml": "_target_: nets.mkae\n"}, "model=x")
+def test_target_that_does_not_import_is_named_with_a_near_name(bad):
+    line = bad({"nets.py": NET_WRONG_OUTPUTS, "conf/model/x.yaml": "_target_: nets.mkae\n"}, "model=x", command=True)
     assert "model._target_" in line and "did you mean 'nets.make'" in line
 
 
-def test_target_module_that_does_not_exist(tmp_path):
-    line = _bad(tmp_path, {"conf/model/x.yaml": "_target_: nowhere.Net\n"}, "model=x")
+def test_target_module_that_does_not_exist(bad):
+    line = bad({"conf/model/x.yaml": "_target_: nowhere.Net\n"}, "model=x")
     assert "model._target_" in line and "nowhere" in line
 
 
-def test_target_that_is_not_callable(tmp_path):
-    line = _bad(tmp_path, {"nets.py": NOT_CALLABLE, "conf/model/x.yaml": "_target_: nets.NET\n"}, "model=x")
+def test_target_that_is_not_callable(bad):
+    line = bad({"nets.py": NOT_CALLABLE, "conf/model/x.yaml": "_target_: nets.NET\n"}, "model=x")
     assert "model._target_" in line and "not a class or function" in line
 
 
-def test_constructor_arguments_it_rejects(tmp_path):
-    line = _bad(tmp_path, {"conf/model/x.yaml": "_target_: searchlab.networks.MLP\nwidht: 3\n"}, "model=x")
+def test_constructor_arguments_it_rejects(bad):
+    line = bad({"conf/model/x.yaml": "_target_: searchlab.networks.MLP\nwidht: 3\n"}, "model=x")
     assert "model:" in line and "widht" in line and "did you mean 'model.width'" in line
 
 
-def test_network_whose_output_does_not_fit_num_outputs(tmp_path):
-    line = _bad(tmp_path, {"nets.py": NET_WRONG_OUTPUTS, "conf/model/x.yaml": "_target_: nets.make\n"},
-                "model=x", "search=schedule")
+def test_network_whose_output_does_not_fit_num_outputs(bad):
+    line = bad({"nets.py": NET_WRONG_OUTPUTS, "conf/model/x.yaml": "_target_: nets.make\n"}, "model=x",
+               "search=schedule")
     assert line.startswith("searchlab: error: model:") and "outputs of shape (13,)" in line and "10 classes" in line
 
 
-def test_module_that_never_logs_the_metric_suggests_what_it_logs(tmp_path):
-    line = _bad(tmp_path, {"mymod.py": MODULE_LOGGING.format(names='"val_accuracy"'),
-                           "conf/module/mine.yaml": "_target_: mymod.Mine\n"}, "module=mine", "search=schedule")
+def test_module_that_never_logs_the_metric_suggests_what_it_logs(bad):
+    line = bad({"mymod.py": MODULE_LOGGING.format(names='"val_accuracy"'),
+                "conf/module/mine.yaml": "_target_: mymod.Mine\n"}, "module=mine", "search=schedule")
     assert "study.metric" in line and "never logs 'val_acc'" in line and "study.metric=val_accuracy" in line
 
 
-def test_builtin_metric_misspelt(tmp_path):
-    line = _bad(tmp_path, {}, "study.metric=val_acx", "study.direction=maximize")
+def test_builtin_metric_misspelt(bad):
+    line = bad({}, "study.metric=val_acx", "study.direction=maximize")
     assert "did you mean study.metric=val_acc" in line
 
 
-def test_cnn_on_data_that_is_not_image_shaped(tmp_path):
-    line = _bad(tmp_path, {}, "model=cnn", "data=synthetic")
+def test_cnn_on_data_that_is_not_image_shaped(bad):
+    line = bad({}, "model=cnn", "data=synthetic")
     assert line.startswith("searchlab: error: model:") and "image-shaped" in line
 
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04truncated"], ids=["empty", "truncated"])
-def test_empty_or_truncated_npz(tmp_path, content):
+def test_empty_or_truncated_npz(bad, tmp_path, content):
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / "x.npz").write_bytes(content)
-    line = _bad(tmp_path, {}, "data=npz", "data.path=x.npz")
+    line = bad({}, "data=npz", "data.path=x.npz")
     assert "data.path" in line and "x.npz" in line
 
 
@@ -336,15 +401,15 @@ def _npz(path: Path, y: np.ndarray) -> None:
     np.savez(path, x_train=x, y_train=y, x_val=x[:20], y_val=y[:20])
 
 
-def test_float_targets_given_to_the_classifier(tmp_path):
+def test_float_targets_given_to_the_classifier(bad, tmp_path):
     _npz(tmp_path / "project" / "x.npz", np.random.default_rng(0).normal(size=100))
-    line = _bad(tmp_path, {}, "data=npz", "data.path=x.npz")
+    line = bad({}, "data=npz", "data.path=x.npz")
     assert "module=regressor" in line and "floats" in line
 
 
-def test_integer_labels_that_look_like_a_regression_target(tmp_path):
+def test_integer_labels_that_look_like_a_regression_target(bad, tmp_path):
     _npz(tmp_path / "project" / "x.npz", np.arange(300) % 150)  # 150 classes, 2 samples each
-    line = _bad(tmp_path, {}, "data=npz", "data.path=x.npz")
+    line = bad({}, "data=npz", "data.path=x.npz")
     assert "module=regressor" in line and "150 classes" in line
 
 
@@ -397,7 +462,7 @@ def test_python_api_from_a_plain_script(signals_project, tmp_path):
 
 # --- the README's contract example, as written -------------------------------------------------------------------
 
-def test_readme_contract_example_runs_as_written(tmp_path):
+def test_readme_contract_example_runs_as_written(tmp_path, in_process):
     readme = (REPO / "README.md").read_text()
     example = readme.split("<!-- contract-example -->", 1)[1].split("<!-- /contract-example -->", 1)[0]
     blocks = re.findall(r"```(\w+)\n(.*?)```", example, flags=re.S)
@@ -414,7 +479,7 @@ def test_readme_contract_example_runs_as_written(tmp_path):
     (command,) = [text.strip() for language, text in blocks if language == "shell"]
     words = command.split()
     assert words[:2] == ["searchlab", "search"]
-    result = searchlab(*words[1:], "trainer.max_epochs=2", "study.n_trials=3", "report.min_complete=2",
+    result = in_process(*words[1:], "trainer.max_epochs=2", "study.n_trials=3", "report.min_complete=2",
                        *stores(tmp_path, "tiny"), cwd=project)
     assert result.returncode == 0, result.stderr
     study = load(tmp_path, "tiny")

@@ -21,10 +21,12 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_STUDY = ["trainer.max_epochs=2", "model.width=32", "study.n_trials=3"]
 
 
-def run_tiny_study(store: Path, name: str) -> None:
-    """`searchlab search` of a 3-trial study into the stores under `store`; in-process, sharing the suite's imports."""
+def run_tiny_study(store: Path, name: str, *extra: str) -> None:
+    """`searchlab search` of a 3-trial study into the stores under `store` (its report too, not the checkout's
+    mlruns/); in-process, sharing the suite's imports. `extra`: more overrides."""
     code = main(["search", f"study.name={name}", *TINY_STUDY, f"study.storage={store}/optuna.journal",
-                 f"tracking.uri=sqlite:///{store}/mlflow.db", f"tracking.artifact_root={store}/artifacts"])
+                 f"tracking.uri=sqlite:///{store}/mlflow.db", f"tracking.artifact_root={store}/artifacts",
+                 f"report.dir={store}/reports", *extra])
     assert code == 0, f"searchlab search exited with {code}"
 
 
