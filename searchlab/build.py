@@ -13,6 +13,7 @@ import difflib
 import functools
 import importlib
 import inspect
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -176,6 +177,17 @@ def module_task(cfg: DictConfig) -> str:
 _splits_cache: dict[str, Splits] = {}
 
 
+def _files_key(node: DictConfig) -> str:
+    """Which files the entry's relative paths name from here, and their versions: the same text names another file
+    from another folder, or a rewritten one, in a long process (the Python API, tests)."""
+    found = []
+    for value in OmegaConf.to_container(node, resolve=True).values():
+        if isinstance(value, str) and os.path.isfile(value):
+            stat = os.stat(value)
+            found.append(f"{os.path.abspath(value)}:{stat.st_mtime_ns}:{stat.st_size}")
+    return ";".join(found)
+
+
 def load_data(cfg: DictConfig) -> Splits | pl.LightningDataModule:
     """The `data` entry built: resident Splits (cached per process: every trial of a study shares them), or a
     LightningDataModule (built per training, since data.batch_size may change per trial)."""
@@ -187,7 +199,7 @@ def load_data(cfg: DictConfig) -> Splits | pl.LightningDataModule:
             raise ConfigError("data.batch_size: 'full' needs in-memory data (data=npz or a function returning "
                               "Splits); give a LightningDataModule a number")
         return build(cfg.data if "batch_size" in accepted(target, offered) else node, "data", seed=cfg.seed)
-    key = OmegaConf.to_yaml(node) + f"seed={cfg.seed}"
+    key = OmegaConf.to_yaml(node) + f"seed={cfg.seed}" + _files_key(node)
     if key not in _splits_cache:
         splits = build(node, "data", seed=cfg.seed)
         if not isinstance(splits, Splits):

@@ -139,6 +139,25 @@ def test_npz_data_with_images_and_without_test(composer, tmp_path):
     assert len(fit(cfg, splits, test=True).history) == 3
 
 
+def test_the_same_relative_path_from_another_folder_or_rewritten_loads_that_file(composer, tmp_path, monkeypatch):
+    """The data cache (one dataset per process) knows which file a relative data.path names from here, and its
+    version: a long process (the Python API) that changes folder, or a rewritten file, gets the file's own data."""
+    def write(folder, rows: int) -> None:
+        folder.mkdir(exist_ok=True)
+        np.savez(folder / "d.npz", x_train=np.zeros((rows, 3)), y_train=np.arange(rows) % 2,
+                 x_val=np.zeros((4, 3)), y_val=np.arange(4) % 2)
+
+    write(tmp_path / "a", 8)
+    write(tmp_path / "b", 12)
+    cfg = composer({"data": "npz", "data.path": "d.npz"})
+    monkeypatch.chdir(tmp_path / "a")
+    assert len(load_data(cfg).x_train) == 8
+    monkeypatch.chdir(tmp_path / "b")
+    assert len(load_data(cfg).x_train) == 12
+    write(tmp_path / "b", 20)
+    assert len(load_data(cfg).x_train) == 20
+
+
 def test_npz_missing_arrays_are_named(composer, tmp_path):
     path = tmp_path / "bad.npz"
     np.savez(path, x_train=np.zeros((4, 2)), y_train=np.zeros(4, dtype=int))
