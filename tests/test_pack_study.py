@@ -118,15 +118,18 @@ def test_pruned_members_leave_the_pack_and_the_rest_finish(tmp_path, store_overr
 
 
 def test_two_packing_workers_use_the_exact_budget(tmp_path, store_overrides, user_dir: Path) -> None:
+    """Packs of 4 from two workers on a budget of 10: however the packs fall between the workers (a worker that
+    starts later may find the budget gone: start-up is most of this test), exactly 10 trials finish, none twice."""
     result = subprocess.run(
         [SEARCHLAB, "search", "--config-dir", str(user_dir), "search=packtest", "workers=2", "study.pack=4",
-         "study.name=two", "study.n_trials=10", "study.pruner=none", "tracking.log_models=none", *SMALL,
-         *store_overrides], capture_output=True, text=True, timeout=600)
+         "study.name=two", "study.n_trials=10", "study.pruner=none", "tracking.log_models=none",
+         "trainer.max_epochs=6", "data.batch_size=16", "model.depth=1", *store_overrides],
+        capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+    assert "2 workers" in result.stdout.splitlines()[0]
     study = load_study(tmp_path, "two")
-    assert len([t for t in study.trials if t.state.name in FINISHED]) == 10  # not 16
+    assert len([t for t in study.trials if t.state.name in FINISHED]) == 10  # not 12 or 16
     assert {t.state.name for t in study.trials} <= set(FINISHED)
-    assert len({t.user_attrs["worker.pid"] for t in study.trials}) == 2
     assert_one_run_per_trial(tmp_path, "two", study)
 
 
