@@ -121,7 +121,7 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
     check_settings(cfg.report)
     space = load_space(composer, fixed)
     check_sampler(cfg, space)
-    check_pack(cfg, None if splits is None else splits.to(resolve_device(cfg.trainer.accelerator)), space, composer)
+    check_pack(cfg, splits, space, composer)
     sampler, pruner = make_sampler(cfg, space, _worker_index() if as_worker else 0), make_pruner(cfg)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
     storage = open_storage(cfg.study.storage, heartbeat_settings(cfg.study, tracker))

@@ -30,6 +30,7 @@ from searchlab.budget import Budget
 from searchlab.config import Composer, ConfigError
 from searchlab.data import Splits
 from searchlab.faults import heartbeat
+from searchlab.lightning_fit import resolve_device
 from searchlab.pack import PackedTraining, can_pack, pack_mismatch, varies_per_member
 from searchlab.space import SearchSpace
 from searchlab.trial import EpochReporter, TrialOutcome, TrialRunner
@@ -69,6 +70,8 @@ def check_pack(cfg: DictConfig, splits: Splits | None, space: SearchSpace, compo
     if every not in ("auto", None):
         raise ConfigError(f"study.pack={size}: packed trials are not checkpointed; set "
                           "trainer.checkpoint_every_n_epochs=auto, or study.pack=1 for trials long enough to need it")
+    if splits is not None:  # the probes train where the trials will (here, after the early returns: a copy to a GPU)
+        splits = splits.to(resolve_device(cfg.trainer.accelerator))
     probes: list[tuple[str, DictConfig]] = [("the base config", cfg)]
     for param, choice in _code_choices(space, cfg, composer):
         probes.append((f"{param}={choice}", composer({param: choice})))
@@ -106,7 +109,6 @@ class PackRunner:
     def __init__(self, runner: TrialRunner, size: int) -> None:
         self.runner, self.size = runner, size
         self.warned = False
-        self.prep = 0.0
 
     def run(self, budget: Budget, deadline: float | None) -> list[TrialOutcome]:
         """One pack: reserves up to K trials (the first waits for budget as any trial; the others take only what is
@@ -130,9 +132,9 @@ class PackRunner:
                             beats.enter_context(heartbeat(trial))
                             self._start(trial, members, outcomes, start)
                 # Asking and starting the members, shared evenly in their seconds.
-                self.prep = (time.perf_counter() - start) / max(len(members), 1)
+                prep = (time.perf_counter() - start) / max(len(members), 1)
                 for group in _groups(members):
-                    outcomes += self._train(group, members, start)
+                    outcomes += self._train(group, members, start, prep)
             except BaseException as err:  # an interrupt: every member not yet told fails, then the study stops
                 for member in members:
                     with contextlib.suppress(KeyboardInterrupt):
@@ -151,9 +153,9 @@ class PackRunner:
             return
         members.append(_Member(trial, values, cfg, run_id))
 
-    def _train(self, group: list[_Member], untold: list[_Member], start: float) -> list[TrialOutcome]:
+    def _train(self, group: list[_Member], untold: list[_Member], start: float, prep: float) -> list[TrialOutcome]:
         """Trains one group of members that can share a pack (alone when it is one) and tells each, taking it off
-        `untold` as it is told."""
+        `untold` as it is told; `prep` is each member's share of asking and starting the pack."""
 
         def alone(member: _Member) -> TrialOutcome:
             untold.remove(member)  # train() tells it whatever happens, an interrupt included
@@ -178,7 +180,7 @@ class PackRunner:
         for m in group:
             untold.remove(m)
         # Each member's seconds: its share of the epochs it trained in, plus an equal share of the rest.
-        rest = self.prep + (time.perf_counter() - group_start - sum(r.seconds for r in results)) / len(group)
+        rest = prep + (time.perf_counter() - group_start - sum(r.seconds for r in results)) / len(group)
         return [self.runner.conclude(m.trial, m.run_id, result, reporter.pruned, result.seconds + rest, m.values)
                 for m, result, reporter in zip(group, results, reporters, strict=True)]
 
