@@ -238,7 +238,6 @@ _FRACTIONS = ("data.val_fraction", "data.test_fraction")
 _RATES = ("model.dropout",)  # in [0, 1)
 _NON_NEGATIVE = ("module.l1", "optimizer.weight_decay")
 _POSITIVE = ("optimizer.lr", "trainer.checkpoint_auto_seconds")
-_SEEDS = ("seed", "study.seed")  # non-negative integers (NumPy and Optuna's samplers refuse negatives)
 _CHOICES = {
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda"),
     "trainer.process_group_backend": ("auto", "nccl", "gloo"),
@@ -329,12 +328,7 @@ def _check_values(cfg: DictConfig) -> None:
     for key, value in each(_POSITIVE_INTS):
         if not _is_positive_int(value):
             raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
-    if not isinstance(cfg.study.name, str) or not cfg.study.name:
-        raise ConfigError(f"study.name: expected a name, got {cfg.study.name!r} (quote it: study.name=\"'...'\")")
-    _check_objectives(cfg.study)
-    timeout = cfg.study.timeout
-    if timeout is not None and not (_is_number(timeout) and timeout > 0):
-        raise ConfigError(f"study.timeout: expected a positive number of seconds or null, got {timeout!r}")
+    validate_study(cfg)
     limit = cfg.trainer.limit_train_batches
     if limit is not None and not _is_positive_int(limit):
         raise ConfigError(f"trainer.limit_train_batches: expected a positive integer or null, got {limit!r}")
@@ -344,12 +338,6 @@ def _check_values(cfg: DictConfig) -> None:
     for key, allowed in _CHOICES.items():
         if OmegaConf.select(cfg, key) not in allowed:
             raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {OmegaConf.select(cfg, key)!r}")
-    for key, table in (("study.sampler", "study.samplers"), ("study.pruner", "study.pruners")):
-        names = list(OmegaConf.select(cfg, table))
-        if OmegaConf.select(cfg, key) not in names:
-            near = difflib.get_close_matches(str(OmegaConf.select(cfg, key)), names, n=1)
-            hint = f"did you mean {near[0]}? " if near else ""
-            raise ConfigError(f"{key}: unknown '{OmegaConf.select(cfg, key)}' ({hint}choose from {', '.join(names)})")
     for key, value in each(_FRACTIONS):
         if not (_is_number(value) and 0 < value < 1):
             raise ConfigError(f"{key}: expected a fraction between 0 and 1, got {value!r}")
@@ -362,12 +350,37 @@ def _check_values(cfg: DictConfig) -> None:
     for key, value in each(_NON_NEGATIVE):
         if not (_is_number(value) and value >= 0):
             raise ConfigError(f"{key}: expected a non-negative number, got {value!r}")
-    for key in _SEEDS:
-        value = OmegaConf.select(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ConfigError(f"{key}: expected a non-negative integer, got {value!r}")
+    _check_seed(cfg, "seed")
     _check_limits(cfg)
+
+
+def validate_study(cfg: DictConfig) -> None:
+    """The checks of study.* and tracking.* alone: a search's, and those of searchlab's Hydra sweeper, whose app
+    has its own config."""
+    for key in ("study.n_trials", "study.pack", "study.max_consecutive_failures"):
+        if not _is_positive_int(OmegaConf.select(cfg, key)):
+            raise ConfigError(f"{key}: expected a positive integer, got {OmegaConf.select(cfg, key)!r}")
+    if not isinstance(cfg.study.name, str) or not cfg.study.name:
+        raise ConfigError(f"study.name: expected a name, got {cfg.study.name!r} (quote it: study.name=\"'...'\")")
+    _check_objectives(cfg.study)
+    timeout = cfg.study.timeout
+    if timeout is not None and not (_is_number(timeout) and timeout > 0):
+        raise ConfigError(f"study.timeout: expected a positive number of seconds or null, got {timeout!r}")
+    for key, table in (("study.sampler", "study.samplers"), ("study.pruner", "study.pruners")):
+        names = list(OmegaConf.select(cfg, table))
+        if OmegaConf.select(cfg, key) not in names:
+            near = difflib.get_close_matches(str(OmegaConf.select(cfg, key)), names, n=1)
+            hint = f"did you mean {near[0]}? " if near else ""
+            raise ConfigError(f"{key}: unknown '{OmegaConf.select(cfg, key)}' ({hint}choose from {', '.join(names)})")
+    _check_seed(cfg, "study.seed")
     _check_model_logging(cfg)
+
+
+def _check_seed(cfg: DictConfig, key: str) -> None:
+    """A non-negative integer: NumPy and Optuna's samplers refuse negative seeds."""
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{key}: expected a non-negative integer, got {value!r}")
 
 
 # Lightning's Trainer(max_time=...) takes "DD:HH:MM:SS" or a dict of datetime.timedelta's keywords.

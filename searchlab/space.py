@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import optuna
 from hydra import compose
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from searchlab.attrs import CONSTRAINED
 from searchlab.config import Composer, ConfigError, validate_config
@@ -446,9 +446,12 @@ def _parse_group(
     return Param(name=name, choices=tuple(branches), branches=branches)
 
 
-def check_keys(space: SearchSpace, composer: Composer) -> None:
+def check_keys(space: SearchSpace, composer: Composer,
+               validate: Callable[[DictConfig], None] = validate_config) -> None:
     """Every searched key must exist in the config its conditions compose, and its extreme values (or each
-    choice) must pass the config's own checks: a width of 0 or a text lr fails here, not in a trial."""
+    choice) must pass the config's own checks: a width of 0 or a text lr fails here, not in a trial. `composer` is
+    anything that composes a config from values (the Hydra sweeper's composes the user's app; `validate` its
+    checks)."""
     for param, conditions in space.walk():
         if param.name in composer.groups:
             continue
@@ -459,13 +462,13 @@ def check_keys(space: SearchSpace, composer: Composer) -> None:
             except ConfigError:
                 raise ConfigError(f"{space.source}: '{param.name}' is not a key of the config{when}") from None
             try:
-                validate_config(cfg)
+                validate(cfg)
             except ConfigError as err:
                 raise ConfigError(
                     f"{space.source}: '{param.name}' value {value!r} is not allowed{when}: {err}") from None
     if space.fixed:  # keys a constraint fixed for every trial: they left the space, but the trials still set them
         try:
-            validate_config(composer(dict(space.fixed)))
+            validate(composer(dict(space.fixed)))
         except ConfigError as err:
             raise ConfigError(f"{space.source}: {CONSTRAINTS_KEY} fixes {_pairs(space.fixed)}: {err}") from None
 

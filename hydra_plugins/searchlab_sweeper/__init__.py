@@ -1,0 +1,1 @@
+"""searchlab's Hydra sweeper plugin: `hydra/sweeper=searchlab` (see searchlab_sweeper.py)."""

@@ -1,0 +1,185 @@
+"""The job side of searchlab's Hydra sweeper (`hydra/sweeper=searchlab`): the Lightning callback that ties one job of
+the user's `@hydra.main` app to its Optuna trial and its MLflow child run.
+
+The sweeper adds the callback to every job through an override of the app's callbacks group (`hydra.sweeper.
+callbacks_key`, default `callbacks`, where lightning-hydra-template's `instantiate_callbacks` reads them), e.g.
+`+callbacks.searchlab._target_=searchlab.hydra.TrialCallback +callbacks.searchlab.trial=3 ...`. So the job learns
+its trial from its own config, not from process state, and any launcher whose jobs reach the study's storage and
+the MLflow store works. An app that does not instantiate callbacks from config adds `trial_callback()` to its list.
+
+After each training epoch (and its validation) the callback logs every metric the module logged to the trial's
+MLflow run, reports `study.metric` to the trial and stops the training when the pruner says so; the sweeper then
+tells the trial PRUNED, whatever the job returns (the reason is in the trial's user attr `searchlab.pruned`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import optuna
+
+TARGET = "searchlab.hydra.TrialCallback"
+ENTRY = "searchlab"  # the callback's entry in the app's callbacks group: callbacks.searchlab
+PRUNED = "searchlab.pruned"  # trial user attr: why the callback stopped the training ("pruned at epoch 3: ...")
+EPOCHS = "searchlab.epochs"  # trial user attr: epochs the callback saw (0 or absent: it never ran)
+
+
+def _callback_bases() -> tuple[type, ...]:
+    """Lightning's Callback of each installed package: `lightning.pytorch` and `pytorch_lightning` are two copies of
+    the same classes, and each package's Trainer accepts only callbacks of its own Callback class. The hooks used
+    here have the same names and arguments in both."""
+    bases: list[type] = []
+    for package in ("lightning.pytorch", "pytorch_lightning"):
+        try:
+            module = __import__(package, fromlist=["Callback"])
+        except ImportError:
+            continue
+        bases.append(module.Callback)
+    if not bases:
+        raise ImportError("searchlab.hydra.TrialCallback needs lightning or pytorch-lightning installed")
+    return tuple(bases)
+
+
+# One storage and one tracker per URL and process: with Hydra's basic launcher every job runs in the sweeper's
+# process, and opening an MLflow store costs ~0.1-1 s.
+_storages: dict[str, Any] = {}
+_trackers: dict[str, Any] = {}
+
+
+def _storage(url: str) -> Any:
+    from searchlab.storage import open_storage
+
+    if url not in _storages:
+        _storages[url] = open_storage(url)  # no heartbeat here: the sweeper's process keeps the trial's
+    return _storages[url]
+
+
+def _tracker(uri: str) -> Any:
+    from searchlab.tracking import Tracker
+
+    if uri not in _trackers:
+        _trackers[uri] = Tracker(uri, None, flush_seconds=0)  # each epoch written at once: the job may end any time
+    return _trackers[uri]
+
+
+class TrialCallback(*_callback_bases()):  # type: ignore[misc]
+    """Reports one job's epochs to its trial and MLflow run, and prunes it. Without a trial (the app run alone, not
+    by the sweeper) it does nothing, so an app may keep it in its callbacks."""
+
+    def __init__(self, storage: str | None = None, study: str | None = None, trial: int | None = None,
+                 run_id: str | None = None, metric: str | Sequence[str] | None = None,
+                 tracking_uri: str | None = None, pruner: Any = None) -> None:
+        super().__init__()
+        self.storage_url, self.study_name, self.number = storage, study, trial
+        self.run_id, self.tracking_uri = run_id, tracking_uri
+        names = [metric] if isinstance(metric, str) else list(metric or [])
+        self.metric = names[0] if names else None
+        self.several = len(names) > 1  # Optuna cannot prune a multi-objective study (Trial.report raises)
+        self.pruner = _pruner(pruner)
+        self.trial: optuna.Trial | None = None
+        self.epochs = 0
+
+    @property
+    def active(self) -> bool:
+        return self.storage_url is not None and self.study_name is not None and self.number is not None
+
+    def _open(self) -> optuna.Trial:
+        if self.trial is None:
+            storage = _storage(self.storage_url)
+            # RandomSampler: the job never samples; loading TPE would only cost time.
+            study = optuna.load_study(study_name=self.study_name, storage=storage, pruner=self.pruner,
+                                      sampler=optuna.samplers.RandomSampler())
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, int(self.number))
+            self.trial = optuna.Trial(study, trial_id)
+        return self.trial
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """After the epoch's validation: log, report, decide. Under DDP rank 0 decides and every rank stops."""
+        if not self.active or trainer.sanity_checking:
+            return
+        reason = None
+        if trainer.is_global_zero:
+            reason = self._epoch(trainer, trainer.current_epoch + 1)
+        reason = trainer.strategy.broadcast(reason, src=0)
+        if reason:
+            trainer.should_stop = True
+
+    def _epoch(self, trainer: Any, epoch: int) -> str | None:
+        from searchlab.lightning_fit import epoch_metrics
+
+        metrics = epoch_metrics(trainer)
+        if self.run_id and self.tracking_uri:
+            _tracker(self.tracking_uri).log_epoch(self.run_id, epoch, metrics)
+        trial = self._open()
+        self.epochs += 1
+        trial.set_user_attr(EPOCHS, self.epochs)
+        value = metrics.get(self.metric, math.nan) if self.metric else math.nan
+        if self.several or not math.isfinite(value):
+            return None
+        trial.report(value, epoch)
+        if not trial.should_prune():
+            return None
+        reason = f"pruned at epoch {epoch}: {self.metric}={value:.4g}"
+        trial.set_user_attr(PRUNED, reason)
+        return reason
+
+
+def _pruner(spec: Any) -> optuna.pruners.BasePruner:
+    """The study's pruner: Hydra instantiated it already (a nested `_target_`), or its mapping, or none."""
+    if spec is None:
+        return optuna.pruners.NopPruner()
+    if isinstance(spec, optuna.pruners.BasePruner):
+        return spec
+    from hydra.utils import instantiate
+
+    return instantiate(dict(spec) if isinstance(spec, Mapping) else spec)
+
+
+def trial_callback() -> TrialCallback:
+    """The callback of the running job's trial, for an app that builds its Trainer's callbacks in code:
+    `Trainer(callbacks=[..., searchlab.hydra.trial_callback()])`. It reads the job's own overrides (Hydra's
+    `hydra.overrides.task`, where the sweeper put the callback's settings); outside a searchlab sweep it returns a
+    callback that does nothing."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return TrialCallback()
+    return TrialCallback(**settings_from_overrides(list(HydraConfig.get().overrides.task)))
+
+
+def settings_from_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """The callback's arguments among a job's overrides (those `callback_overrides` made), or {}."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(list(overrides))}
+    prefix = next((k[: -len("_target_")] for k, v in parsed.items()
+                   if k.endswith(f"{ENTRY}._target_") and v == TARGET), None)
+    if prefix is None:
+        return {}
+    return {k[len(prefix):]: v for k, v in parsed.items() if k.startswith(prefix) and k != f"{prefix}_target_"}
+
+
+def callback_overrides(key: str, settings: Mapping[str, Any]) -> list[str]:
+    """The overrides that add the callback with these arguments to a job: `+KEY.searchlab._target_=...` and one
+    `+KEY.searchlab.NAME=VALUE` per argument, each value quoted as Hydra's override grammar reads it back."""
+    entry = f"{key}.{ENTRY}"
+    return [f"+{entry}._target_={TARGET}", *(f"+{entry}.{name}={override_value(value)}"
+                                             for name, value in settings.items())]
+
+
+def override_value(value: Any) -> str:
+    """A Python value as Hydra's override grammar writes it: strings quoted (so `:` and `/` in URLs stay text),
+    lists and mappings element by element."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
