@@ -19,12 +19,15 @@ RETRY_OF = "retry_of"  # the trial this one retries (a dead worker's, an interru
 CHECKPOINT_OF = "checkpoint_of"  # the trial number naming the checkpoint folder of this trial and of its retries
 RESUMED_FROM_EPOCH = "resumed_from_epoch"  # this attempt started from its checkpoint of that epoch
 EPOCHS_TRAINED = "epochs_trained"  # epochs this attempt trained (after the one it resumed from)
+PRUNED_BY_CALLBACK = "searchlab.pruned"  # the Hydra sweeper's job was stopped by the pruner: why, in words
+EPOCHS_REPORTED = "searchlab.epochs"  # epochs searchlab.hydra.TrialCallback saw in the sweeper's job
 # Of one attempt at a trial, not of its configuration: a retried trial starts without them.
 ATTEMPT_ATTRS = (WORKER_PID, WORKER_HOST, MLFLOW_RUN_ID, REASON, RESUMED_FROM_EPOCH, EPOCHS_TRAINED)
 
 # On a study
 MLFLOW_PARENT_RUN_ID = "mlflow_parent_run_id"  # the study's MLflow parent run
 METRIC = "metric"  # study.metric the study optimizes (a resumed study must keep it)
+APP_COMMAND = "app_command"  # a Hydra sweeper's study: the command (the app, its fixed overrides) re-running a trial
 
 
 def checkpoint_of(trial: BaseTrial) -> int:

@@ -17,7 +17,7 @@ import optuna
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from searchlab.attrs import METRIC, MLFLOW_PARENT_RUN_ID, OVERRIDES
+from searchlab.attrs import APP_COMMAND, METRIC, MLFLOW_PARENT_RUN_ID, OVERRIDES
 from searchlab.budget import Budget, budget_used
 from searchlab.build import load_data, module_task
 from searchlab.config import (
@@ -347,6 +347,14 @@ def best_config(overrides: Sequence[str], export_dir: str | None = None) -> int:
     validate_config(cfg)
     folder = None if export_dir is None else check_export_dir(export_dir)
     study = load_study(cfg.study.storage, cfg.study.name)
+    if APP_COMMAND in study.user_attrs:  # a study of the Hydra sweeper: its trials are jobs of the user's app
+        if folder is not None:
+            raise ConfigError("--export: a study of searchlab's Hydra sweeper keeps no model weights (its app trains "
+                              "them); re-run the best trial with the command `searchlab best` prints")
+        from searchlab.hydra import app_best_lines  # it loads Lightning (its callback's base classes)
+
+        print("\n".join(app_best_lines(study)))
+        return 0
     if folder is not None:
         trial = export_best(study, Tracker(cfg.tracking.uri, cfg.tracking.artifact_root), folder)
         print(f"# model of trial {trial.number}: {folder} (MLflow model; mlflow.pytorch.load_model('{folder}'))")

@@ -10,20 +10,22 @@ the MLflow store works. An app that does not instantiate callbacks from config a
 After each training epoch (and its validation) the callback logs every metric the module logged to the trial's
 MLflow run, reports `study.metric` to the trial and stops the training when the pruner says so; the sweeper then
 tells the trial PRUNED, whatever the job returns (the reason is in the trial's user attr `searchlab.pruned`).
+`searchlab best` on a sweeper's study prints the app's own command with the best trial's values.
 """
 
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
 
+from searchlab.attrs import APP_COMMAND, EPOCHS_REPORTED, OVERRIDES, PRUNED_BY_CALLBACK
+
 TARGET = "searchlab.hydra.TrialCallback"
 ENTRY = "searchlab"  # the callback's entry in the app's callbacks group: callbacks.searchlab
-PRUNED = "searchlab.pruned"  # trial user attr: why the callback stopped the training ("pruned at epoch 3: ...")
-EPOCHS = "searchlab.epochs"  # trial user attr: epochs the callback saw (0 or absent: it never ran)
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -114,7 +116,7 @@ class TrialCallback(*_callback_bases()):  # type: ignore[misc]
             _tracker(self.tracking_uri).log_epoch(self.run_id, epoch, metrics)
         trial = self._open()
         self.epochs += 1
-        trial.set_user_attr(EPOCHS, self.epochs)
+        trial.set_user_attr(EPOCHS_REPORTED, self.epochs)
         value = metrics.get(self.metric, math.nan) if self.metric else math.nan
         if self.several or not math.isfinite(value):
             return None
@@ -122,7 +124,7 @@ class TrialCallback(*_callback_bases()):  # type: ignore[misc]
         if not trial.should_prune():
             return None
         reason = f"pruned at epoch {epoch}: {self.metric}={value:.4g}"
-        trial.set_user_attr(PRUNED, reason)
+        trial.set_user_attr(PRUNED_BY_CALLBACK, reason)
         return reason
 
 
@@ -183,3 +185,32 @@ def override_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(override_value(v) for v in value) + "]"
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def rerun_command(command: Sequence[str], overrides: Sequence[str]) -> str:
+    """The shell command that runs the app once with a trial's values."""
+    return shlex.join([*command, *overrides])
+
+
+def app_best_lines(study: optuna.Study) -> list[str]:
+    """`searchlab best` on a study of the Hydra sweeper: the best trial (with several metrics, the Pareto front) and
+    the command that re-runs the app with its values."""
+    from searchlab.objectives import Objectives, metric_names
+    from searchlab.study import best_trial
+
+    command = list(study.user_attrs[APP_COMMAND])
+    names = metric_names(study.user_attrs.get("metric", "value"))
+    if len(study.directions) > 1:
+        objectives = Objectives.of_study(study, names)
+        lines = [f"# study '{study.study_name}': Pareto front ({objectives.describe()})"]
+        for trial in objectives.front(study):
+            lines += [f"# trial {trial.number}: {objectives.format(trial.values)}",
+                      rerun_command(command, trial.user_attrs.get(OVERRIDES, []))]
+        return lines
+    best = best_trial(study)
+    if best is None:
+        return [f"# study '{study.study_name}': no trial completed yet"]
+    return [f"# best trial {best.number} of study '{study.study_name}': value={best.value:.4f} "
+            f"(what the app returned; study.metric {', '.join(names)})", *(f"#   {k} = {v}" for k, v in
+                                                                            best.params.items()),
+            "# re-run it alone:", rerun_command(command, best.overrides)]

@@ -33,13 +33,21 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
+from searchlab.attrs import (
+    APP_COMMAND,
+    EPOCHS_REPORTED,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_ID,
+    OVERRIDES,
+    PRUNED_BY_CALLBACK,
+    REASON,
+)
 from searchlab.attrs import METRIC as METRIC_ATTR
-from searchlab.attrs import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_ID, OVERRIDES, REASON
 from searchlab.budget import Budget, budget_used
 from searchlab.config import ConfigError, format_override, redact
 from searchlab.devices import cpu_count, detect_gpus, plan_workers, worker_count
 from searchlab.faults import heartbeat, heartbeat_settings
-from searchlab.hydra import EPOCHS, PRUNED, callback_overrides
+from searchlab.hydra import callback_overrides, rerun_command
 from searchlab.locks import NoLock, budget_lock
 from searchlab.objectives import Objectives, first_value, metric_setting
 from searchlab.progress import Progress
@@ -59,27 +67,19 @@ from searchlab.tracking import Tracker
 from searchlab.trial import TrialOutcome
 from searchlab.workers import DeadWorkers, WorkerPool
 
-from ._settings import PREFIX, AppComposer, SweepSettings, read_settings
+from ._settings import PREFIX, AppComposer, SweepSettings
 
-APP_COMMAND = "hydra.app_command"  # study user attr: the command (app + its fixed overrides) that re-runs a trial
 OUTPUT_DIR_TAG = "searchlab.output_dir"  # MLflow tag of a trial's run: the job's Hydra output folder
-EXIT_BAD_INPUT = 2  # as searchlab's CLI
-
-
-def sweep(sweeper: Any, arguments: list[str]) -> list[JobReturn]:
-    """Runs the study; bad input is one line on stderr and exit code 2, before any store is written."""
-    try:
-        return Sweep(sweeper, arguments).run()
-    except ConfigError as err:
-        print(f"searchlab: error: {redact(str(err))}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_BAD_INPUT)
 
 
 class Sweep:
-    def __init__(self, sweeper: Any, arguments: list[str]) -> None:
+    """One run of the sweeper (the parent, a worker of it, or the only process): the study, its tracking, the
+    loop."""
+
+    def __init__(self, sweeper: Any, settings: SweepSettings) -> None:
         self.sweeper, self.launcher, self.master = sweeper, sweeper.launcher, sweeper.config
         self.loader = sweeper.hydra_context.config_loader
-        self.settings: SweepSettings = read_settings(sweeper.settings, arguments, self.loader, self.master)
+        self.settings = settings
         self.cfg = self.settings.cfg
         if self.cfg.study.pack != 1:
             raise ConfigError(f"{PREFIX}.study.pack: packed trials need searchlab's own training; the sweeper runs "
@@ -230,10 +230,6 @@ class AppWorkers(WorkerPool):
         return super()._spawn(index)
 
 
-def rerun_command(command: Sequence[str], overrides: Sequence[str]) -> str:
-    return shlex.join([*command, *overrides])
-
-
 class JobWork:
     """What one trial trains under the sweeper: one job of the app. `run(trial)` samples the trial's values, starts
     its MLflow run, launches the job with them and the callback's settings, and tells the trial what came back."""
@@ -330,8 +326,8 @@ class JobWork:
                 shutil.move(str(log), Path(output_dir) / "output.log")
         self._tell_about_callback(frozen)
         value: float | list[float] | None = None
-        if frozen.user_attrs.get(PRUNED):
-            state, reason = TrialState.PRUNED, frozen.user_attrs[PRUNED]
+        if frozen.user_attrs.get(PRUNED_BY_CALLBACK):
+            state, reason = TrialState.PRUNED, frozen.user_attrs[PRUNED_BY_CALLBACK]
         elif ret.status != JobStatus.COMPLETED:
             state, reason = TrialState.FAIL, f"the job raised {_describe(ret._return_value)}"
         else:
@@ -362,7 +358,7 @@ class JobWork:
         if self.told_about_callback:
             return
         self.told_about_callback = True
-        if frozen.user_attrs.get(EPOCHS):
+        if frozen.user_attrs.get(EPOCHS_REPORTED):
             return
         key = self.sweep.settings.callbacks_key
         print(f"note: trial {frozen.number}'s job reported no epoch, so trials are neither pruned nor plotted per "

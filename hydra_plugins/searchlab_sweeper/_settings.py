@@ -21,7 +21,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from searchlab.config import ConfigError, has_key, validate_study
 from searchlab.devices import worker_count
-from searchlab.report import check_settings
 from searchlab.space import CONSTRAINTS_KEY, SearchSpace, check_keys, parse_space
 
 from .searchlab_sweeper import sweeper_defaults
@@ -56,7 +55,6 @@ def read_settings(settings: Mapping[str, Any], arguments: Sequence[str], config_
     with _named():
         validate_study(cfg)
         worker_count(cfg.workers, [])
-        check_settings(cfg.report)
     key = settings["callbacks_key"]
     if not isinstance(key, str) or not key:
         raise ConfigError(f"{PREFIX}.callbacks_key: expected the app's config key of its Trainer callbacks "
@@ -73,6 +71,10 @@ def read_settings(settings: Mapping[str, Any], arguments: Sequence[str], config_
         raise ConfigError(f"{source}: the space is empty (every key in it is fixed on the command line or by a "
                           "constraint)")
     check_keys(space, composer, validate=_composes)
+    from searchlab.report import check_settings  # last: it imports the tracking and training modules
+
+    with _named():
+        check_settings(cfg.report)
     return SweepSettings(cfg, space, key, worker, list(arguments), fixed)
 
 

@@ -13,6 +13,7 @@ whose `_target_` entries its Trainer gets as callbacks (where the sweeper adds s
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
+
+EXIT_BAD_INPUT = 2  # as searchlab's CLI
 
 # Two interpolations of searchlab's defaults point at its own config's keys; under hydra.sweeper they must point at
 # the app's (its trainer, when it has one) and at the sweeper's own report settings.
@@ -81,6 +84,17 @@ class SearchlabSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> Any:
-        from ._impl import sweep
+        """Checks every setting (one line on stderr and exit code 2 for bad input, before any store is written),
+        then runs the study."""
+        from searchlab.config import ConfigError, redact
 
-        return sweep(self, arguments)
+        try:
+            from ._settings import read_settings  # light: a bad setting is told before the training modules load
+
+            settings = read_settings(self.settings, arguments, self.hydra_context.config_loader, self.config)
+            from ._impl import Sweep
+
+            return Sweep(self, settings).run()
+        except ConfigError as err:
+            print(f"searchlab: error: {redact(str(err))}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_BAD_INPUT)
