@@ -106,7 +106,7 @@ def test_two_workers_take_the_exact_budget_prune_trials_log_curves_and_best_reru
 ])
 def test_a_failing_job_fails_its_trial_and_the_study_stops_after_failures_in_a_row(app, setting, reason):
     result = sweep(app, setting, "hydra.sweeper.study.n_trials=4", "hydra.sweeper.study.max_consecutive_failures=2",
-                   "trainer.max_epochs=1", "hydra.sweeper.workers=1")
+                   "trainer.max_epochs=1", "hydra.sweeper.workers=1", "hydra.sweeper.study.pruner=none")
     assert result.returncode == 1, result.stdout + result.stderr
     lines = trial_lines(result.stdout)
     assert len(lines) == 2 and all(" FAIL " in line and reason in line for line in lines), result.stdout
