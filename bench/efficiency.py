@@ -1,6 +1,6 @@
 """Part 2 — search efficiency: wall time and trials until the best validation accuracy first reaches each target.
 
-Each method is a real study through searchlab's own path (config, space, sampler/pruner tables, TrialRunner,
+Each method is a real study through searchlab's own path (config, space, sampler/pruner tables, SearchWork,
 run_trials), differing only in study.sampler / study.pruner; study.seed varies the sampler's seed. A run stops
 when the highest target is reached, or at its trial cap or time cap ("not reached" counts as the cap). Seeds run in
 the outer loop and methods in the inner one, so the shared machine's load drifts over all methods alike. Set-up
@@ -19,15 +19,16 @@ from pathlib import Path
 
 from searchlab.budget import Budget
 from searchlab.build import load_data
-from searchlab.config import Composer, parse_overrides, resolve_direction, validate_config
+from searchlab.config import Composer, parse_overrides, validate_config
 from searchlab.lightning_fit import resolve_device
 from searchlab.locks import budget_lock
 from searchlab.objectives import Objectives
+from searchlab.search_work import SearchWork
 from searchlab.space import load_space
 from searchlab.storage import open_storage
 from searchlab.study import make_pruner, make_sampler, open_study, run_trials
 from searchlab.tracking import Tracker
-from searchlab.trial import TrialOutcome, TrialRunner
+from searchlab.trial import TrialOutcome
 
 METHODS: dict[str, list[str]] = {
     "searchlab default (conf as shipped)": [],  # conf/study/default.yaml's sampler and pruner, whatever they are
@@ -69,11 +70,9 @@ def run_search(out: Path, method: str, seed: int, targets: list[float], max_tria
     space = load_space(composer, parse_overrides(overrides))
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
     storage = open_storage(cfg.study.storage)
-    direction = resolve_direction(cfg.study)
     study = open_study(cfg, Objectives.of(cfg.study), storage, make_sampler(cfg, space), make_pruner(cfg))
     budget = Budget(study, cfg.study.n_trials, budget_lock(storage, cfg.study.storage, name))
-    runner = TrialRunner(study, cfg, direction, overrides, composer, space, splits, tracker,
-                         tracker.study_run(name, {}))
+    work = SearchWork(study, cfg, overrides, composer, space, splits, tracker, tracker.study_run(name, {}))
     run = SearchRun(method, seed)
     best: float | None = None
     start = time.perf_counter()
@@ -92,7 +91,8 @@ def run_search(out: Path, method: str, seed: int, targets: list[float], max_tria
             raise _Reached
 
     try:
-        run_trials(budget, runner, cfg, on_trial)
+        run_trials(budget, work, on_trial, timeout=cfg.study.timeout,
+                   max_consecutive_failures=cfg.study.max_consecutive_failures)
     except _Reached:
         pass
     run.seconds = time.perf_counter() - start

@@ -3,7 +3,7 @@
 (a) plain: a hand-written PyTorch loop on device-resident tensors, no framework, no tracking — the limit.
 (b) usual: the wiring of Optuna's and Lightning's own examples — DataLoader over a TensorDataset, Lightning's
     MLFlowLogger with per-step `self.log`, a pruning callback, Optuna on SQLite, `study.optimize`.
-(c) searchlab: TrialRunner.run(), the whole trial path (Hydra compose, Optuna journal, MLflow child run, Lightning).
+(c) searchlab: run_trial(SearchWork), the whole trial path (Hydra compose, Optuna journal, MLflow child run, Lightning).
 
 Each configuration is enqueued (`study.enqueue_trial`) so (b) and (c) train exactly the configs (a) trains. Every
 repeat runs each config by each way back to back (the order rotates per repeat), so the shared machine's noise hits
@@ -34,6 +34,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.loops.fit_loop import _FitLoop
 from torch.utils.data import DataLoader, TensorDataset
 
+import searchlab.search_work
 import searchlab.tracking
 import searchlab.trial
 from bench.devices import UtilizationSampler, device_overrides, gpu_utilization_reader
@@ -41,11 +42,11 @@ from bench.timing import PartTimer
 from searchlab.build import DataShape, build_network, load_data, optimizer_factory, schedule_factory
 from searchlab.config import Composer
 from searchlab.data import Splits
+from searchlab.search_work import SearchWork
 from searchlab.space import SearchSpace, parse_space
 from searchlab.storage import open_storage
 from searchlab.study import make_pruner, make_sampler
 from searchlab.tracking import Tracker
-from searchlab.trial import TrialRunner
 
 # The issue's fixed setting: digits MLP 2x256, batch 64, 10 epochs, no pruning.
 BASE = ["trainer.max_epochs=10", "data.batch_size=64", "model.width=256", "model.depth=2", "model.batch_norm=false",
@@ -222,10 +223,10 @@ class Usual:
 LOOP = "loop"  # the part holding Lightning's training and validation steps; everything else is fixed cost
 
 
-def instrument(timer: PartTimer, runner: TrialRunner) -> None:
+def instrument(timer: PartTimer, runner: SearchWork) -> None:
     """Wraps the trial path's calls so each trial's wall time splits into parts (restored by timer.restore())."""
     storage = runner.study._storage
-    timer.patch(runner, "run", "trial")
+    timer.patch(searchlab.trial, "run_trial", "trial")
     timer.patch(runner.study, "ask")
     timer.patch(runner.study, "tell")
     timer.patch(runner.space, "sample", "sample (suggest)")
@@ -238,7 +239,7 @@ def instrument(timer: PartTimer, runner: TrialRunner) -> None:
         timer.patch(runner.tracker.client, name)
     timer.patch(optuna.trial.Trial, "report")
     timer.patch(optuna.trial.Trial, "should_prune")
-    timer.patch(searchlab.trial, "fit", "fit set-up")  # searchlab.trial's name for searchlab.training.fit
+    timer.patch(searchlab.search_work, "fit", "fit set-up")  # its name for searchlab.training.fit
     timer.patch(_FitLoop, "run", LOOP)
 
 
@@ -344,8 +345,7 @@ def run_overhead(out: Path, configs: int = 4, repeats: int = 5, device: str = "c
             tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
         study = optuna.create_study(study_name=name, storage=open_storage(cfg.study.storage),
                                     sampler=make_sampler(cfg, space), pruner=make_pruner(cfg), direction="maximize")
-        runner = TrialRunner(study, cfg, "maximize", overrides, composer, space, splits, tracker,
-                             tracker.study_run(name, {}))
+        runner = SearchWork(study, cfg, overrides, composer, space, splits, tracker, tracker.study_run(name, {}))
         if instrumented:
             instrument(timer, runner)
 
@@ -353,7 +353,7 @@ def run_overhead(out: Path, configs: int = 4, repeats: int = 5, device: str = "c
             study.enqueue_trial(values)
             timer.active = instrumented
             start = time.perf_counter()
-            runner.run()
+            searchlab.trial.run_trial(runner)
             seconds = time.perf_counter() - start
             if instrumented:
                 timer.active = False

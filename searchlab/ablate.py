@@ -24,11 +24,12 @@ seeds (the same resampled seeds for every finalist; ties shared) in which its me
 
 **Storage and resume**: the ablation is an Optuna study of its own, f"{X}.ablation", in the study's storage; each
 (variant, seed) training is one trial, queued with `study.enqueue_trial(user_attrs=...)` naming it (`variant`,
-`family`, `seed`, `overrides`). The trials run through the search's machinery: `study.Budget` (count + ask under the
-storage's cross-process lock) and `study.run_trials` in this process, or `workers.WorkerPool` for workers=N (its
-workers run `searchlab ablate ... ablate.worker=true`), with `workers.DeadWorkers` and the storage heartbeat failing
-and re-queuing the trials of dead workers. Whatever trial a process is handed, it claims a (variant, seed) of the
-plan that no finished or running trial holds, under the same lock, so each pair trains once. Running the command
+`family`, `seed`, `overrides`). The trials run through the search's session and trial lifecycle
+(searchlab.session, searchlab.trial; AblationWork is what a trial trains): the budget (count + ask under the
+storage's cross-process lock), the loop in this process or one worker per slot for workers=N (its workers run
+`searchlab ablate ... ablate.worker=true`), and the trials of dead workers failed and re-queued. Whatever trial a
+process is handed, it claims a (variant, seed) of the plan that no finished or running trial holds, under the same
+lock, so each pair trains once. Running the command
 again (after Ctrl-C, a crash, or with more seeds or families) queues only the pairs without a finished or running
 trial. States: COMPLETE (also when the training diverged: the best value reached is the result; its test metric is
 then missing); PRUNED when the training raised (recorded with the reason, uses its budget, not retried: it would
@@ -42,43 +43,49 @@ file goes to the study's report folder, where `searchlab report` leads with it (
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
-import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
-from mlflow.entities import Metric, Param
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import CategoricalDistribution
+from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from searchlab.attrs import METRIC, MLFLOW_RUN_ID, OVERRIDES, REASON, RETRY_OF, SURPLUS
+from searchlab.attrs import (
+    FAMILY_TAG,
+    METRIC,
+    OVERRIDES,
+    REASON,
+    RETRY_OF,
+    ROLE_ABLATION_RUN,
+    SEED_TAG,
+    SURPLUS,
+    VARIANT_TAG,
+)
 from searchlab.attrs import MLFLOW_PARENT_RUN_ID as PARENT_RUN_ATTR
-from searchlab.budget import Budget
 from searchlab.build import load_data
 from searchlab.config import ConfigError, compose_config, format_override, redact, validate_config
 from searchlab.data import Splits
-from searchlab.devices import cpu_count, detect_gpus, plan_workers
-from searchlab.faults import heartbeat, heartbeat_settings
 from searchlab.lightning_fit import resolve_device
-from searchlab.locks import BudgetLock, NoLock, budget_lock
+from searchlab.locks import BudgetLock
 from searchlab.objectives import Objectives
 from searchlab.report import load_study, write_report
-from searchlab.storage import open_storage
-from searchlab.study import StudyStopped, run_trials
-from searchlab.tracking import STUDY_ROLE_TAG, Tracker
+from searchlab.search_work import train_command, training_overrides
+from searchlab.session import Session, SessionSettings, worker_slots
+from searchlab.tracking import Tracker
 from searchlab.training import fit
-from searchlab.trial import TrialOutcome, train_command, training_overrides
-from searchlab.workers import DeadWorkers, WorkerPool
+from searchlab.trial import Attempt, NotRun, TrialOutcome, TrialRun, TrialWork, Verdict
+from searchlab.workers import cli_command
 
 # Where each technique lives in the config: the one table to re-point when config keys move.
 # schedule and optimizer are config groups (their own keys are `<group>.*`); the rest are plain keys.
@@ -98,7 +105,6 @@ FULL_BATCH = "full"  # data.batch_size of batch gradient descent
 LABELS = {"batch_norm": "batch norm", "dropout": "dropout", "weight_decay": "weight decay (L2)", "l1": "L1",
           "schedule": "learning-rate schedule", "optimizer": "optimizer", "batch_size": "batch-size regime"}
 FINALIST = "finalist"
-ROLE_ABLATION, ROLE_RUN = "ablation", "ablation-run"
 # Overrides of these keys shape the ablation itself, not a training.
 _NOT_TRAINING = ("ablate", "seed")
 EXIT_STUDY_FAILED, EXIT_INTERRUPTED = 1, 130
@@ -368,18 +374,47 @@ def _attrs(variant: Variant, seed: int) -> dict[str, Any]:
             OVERRIDES: [*variant.overrides, f"seed={seed}"]}
 
 
-class AblationRunner:
-    """Runs one (variant, seed) per trial it is handed (the `runner` of study.run_trials)."""
+class AblationWork(TrialWork):
+    """One (variant, seed) of the plan per trial it is handed (the lifecycle's TrialWork). Pruning is off: its
+    epochs are only logged."""
+
+    pruned_run_state = "FAIL"  # in MLflow a training that raised is FAILED (in Optuna PRUNED only to use its budget)
 
     def __init__(self, study: optuna.Study, plan: Plan, lock: BudgetLock, tracker: Tracker, run_id: str) -> None:
-        self.study, self.plan, self.lock, self.tracker, self.run_id = study, plan, lock, tracker, run_id
-        self.experiment_id = tracker.client.get_run(run_id).info.experiment_id
+        self.study, self.plan, self.lock, self.tracker, self.parent_run_id = study, plan, lock, tracker, run_id
         self._configs: dict[tuple[str, ...], DictConfig] = {}
 
-    def run(self, trial: optuna.Trial) -> TrialOutcome:
-        start = time.perf_counter()
-        with heartbeat(trial):
-            return self._run(trial, start)
+    def prepare(self, attempt: Attempt) -> TrialRun:
+        with self.lock():
+            claim = self._claim(attempt.trial)
+        if claim is None:
+            attempt.trial.set_user_attr(SURPLUS, True)
+            raise NotRun("not run: every training of the plan is done or running")
+        variant, seed = claim
+        # A training that raises would raise again: PRUNED uses its budget and is not retried. An interrupt is.
+        attempt.error_state = TrialState.PRUNED
+        attempt.params = {"variant": variant.name, "seed": seed}
+        attempt.cfg = self._config(variant, seed)
+        params = {**attempt.params, **{_key(o): o.split("=", 1)[1] for o in variant.overrides if "=" in o}}
+        return TrialRun(params, command=train_command([*variant.overrides, f"seed={seed}"]),
+                        name=f"{variant.name} seed {seed}", role=ROLE_ABLATION_RUN,
+                        tags={VARIANT_TAG: variant.name, FAMILY_TAG: variant.family, SEED_TAG: str(seed)})
+
+    def train(self, attempts: list[Attempt]) -> Iterator[tuple[Attempt, Verdict | Exception]]:
+        for attempt in attempts:
+            try:
+                objective, test, note = _train_one(attempt.cfg, attempt.reporter)
+            except Exception as err:
+                yield attempt, err
+                continue
+            if test:
+                attempt.trial.set_user_attr("test", test)
+            if objective is None:
+                yield attempt, Verdict(TrialState.PRUNED, None, f"no finite {self.plan.metric} in any epoch", test)
+                continue
+            if note:
+                attempt.trial.set_user_attr("note", note)
+            yield attempt, Verdict(TrialState.COMPLETE, objective, None, test)
 
     def _claim(self, trial: optuna.Trial) -> tuple[Variant, int] | None:
         """The trial's own (variant, seed) when the plan has it and no other trial holds it, else the first pair
@@ -400,40 +435,6 @@ class AblationRunner:
             trial.set_user_attr(key, value)
         return variant, mine[1]
 
-    def _run(self, trial: optuna.Trial, start: float) -> TrialOutcome:
-        run_id: str | None = None
-        claim = None
-        params: dict[str, Any] = {}
-        try:
-            with self.lock():
-                claim = self._claim(trial)
-            if claim is None:
-                trial.set_user_attr(SURPLUS, True)
-                return self._finish(trial, None, TrialState.FAIL, None, "not run: every training of the plan is "
-                                    "done or running", {}, params, start)
-            variant, seed = claim
-            params = {"variant": variant.name, "seed": seed}
-            run_id = self._start_run(trial, variant, seed)
-            trial.set_user_attr(MLFLOW_RUN_ID, run_id)
-            cfg = self._config(variant, seed)
-            objective, test, note = _train_one(cfg, lambda epoch, m: self.tracker.log_epoch(run_id, epoch, m))
-        except BaseException as err:
-            interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
-            reason = "interrupted" if interrupted else _describe(err)
-            # A training that raises would raise again: PRUNED uses its budget and is not retried. An interrupt is.
-            state = TrialState.PRUNED if claim is not None and not interrupted else TrialState.FAIL
-            outcome = self._finish(trial, run_id, state, None, reason, {}, params, start)
-            if interrupted:
-                signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores SIGINT after one
-                raise KeyboardInterrupt from None
-            return outcome
-        if objective is None:
-            return self._finish(trial, run_id, TrialState.PRUNED, None, f"no finite {self.plan.metric} in any epoch",
-                                test, params, start)
-        if note:
-            trial.set_user_attr("note", note)
-        return self._finish(trial, run_id, TrialState.COMPLETE, objective, None, test, params, start)
-
     def _config(self, variant: Variant, seed: int) -> DictConfig:
         if variant.overrides not in self._configs:
             self._configs[variant.overrides] = compose_config(list(variant.overrides))
@@ -442,63 +443,6 @@ class AblationRunner:
         OmegaConf.update(cfg, "study.metric", self.plan.metric, merge=False)
         OmegaConf.update(cfg, "study.direction", self.plan.direction, merge=False)
         return cfg
-
-    def _start_run(self, trial: optuna.Trial, variant: Variant, seed: int) -> str:
-        name = f"{variant.name} seed {seed}"
-        run = self.tracker.client.create_run(self.experiment_id, run_name=name, tags={
-            MLFLOW_PARENT_RUN_ID: self.run_id, MLFLOW_RUN_NAME: name, STUDY_ROLE_TAG: ROLE_RUN,
-            "searchlab.variant": variant.name, "searchlab.family": variant.family, "searchlab.seed": str(seed),
-            "optuna.trial.number": str(trial.number), "optuna.trial.state": "RUNNING",
-            "searchlab.command": train_command([*variant.overrides, f"seed={seed}"]),
-        })
-        params = [Param("variant", variant.name), Param("seed", str(seed))]
-        params += [Param(_key(o), o.split("=", 1)[1][:6000]) for o in variant.overrides if "=" in o]
-        self.tracker.client.log_batch(run.info.run_id, params=list({p.key: p for p in params}.values()))
-        return run.info.run_id
-
-    def _finish(self, trial: optuna.Trial, run_id: str | None, state: TrialState, value: float | None,
-                reason: str | None, test: dict[str, float], params: dict[str, Any], start: float) -> TrialOutcome:
-        if reason:
-            trial.set_user_attr(REASON, reason)
-        if test:
-            trial.set_user_attr("test", test)
-        self.study.tell(trial, value, state=state)
-        if run_id is not None:
-            now = int(time.time() * 1000)
-            if test:
-                self.tracker.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in test.items()])
-            # In MLflow a training that raised is FAILED (in Optuna it is PRUNED only to use its budget).
-            self.tracker.end_trial(run_id, "FAIL" if state == TrialState.PRUNED else state.name, value, reason)
-        return TrialOutcome(trial.number, state.name, value, time.perf_counter() - start, reason, params)
-
-
-def _describe(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
-
-
-def _ablation_run(tracker: Tracker, study: optuna.Study, ablation: str, settings: Mapping[str, Any]) -> str:
-    """The `ablation` MLflow run in the study's experiment (under its parent run when there is one); reopened when
-    the ablation resumes."""
-    experiment_id = tracker.experiment_id(study.study_name)
-    found = tracker.client.search_runs(
-        [experiment_id], max_results=1, order_by=["attributes.start_time ASC"],
-        filter_string=f"tags.`{STUDY_ROLE_TAG}` = '{ROLE_ABLATION}' and tags.`searchlab.ablation_study` = '{ablation}'")
-    if found:
-        run_id = found[0].info.run_id
-        tracker.client.update_run(run_id, status="RUNNING")
-        return run_id
-    tags = {STUDY_ROLE_TAG: ROLE_ABLATION, "searchlab.ablation_study": ablation, "optuna.study_name": ablation}
-    parent = study.user_attrs.get(PARENT_RUN_ATTR)
-    if parent:
-        try:
-            if tracker.client.get_run(parent).info.experiment_id == experiment_id:
-                tags[MLFLOW_PARENT_RUN_ID] = parent
-        except Exception:  # the study was tracked in another store: the ablation run stands alone
-            pass
-    run_id = tracker.client.create_run(experiment_id, run_name="ablation", tags=tags).info.run_id
-    tracker.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in settings.items()])
-    return run_id
 
 
 # ---- the verdict ----
@@ -693,26 +637,26 @@ def ablate(overrides: Sequence[str]) -> int:
                           f"study.name with study.metric={names.split(', ')[0]})")
     metric = study.user_attrs.get(METRIC, cfg.study.metric)
     plan = build_plan(study, cfg.ablate, overrides, metric)
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
-    storage = open_storage(cfg.study.storage, heartbeat_settings(cfg.study, tracker))
     name = f"{cfg.study.name}.ablation"
-    ablation = optuna.create_study(study_name=name, storage=storage, direction=plan.direction, load_if_exists=True,
-                                   sampler=optuna.samplers.RandomSampler(seed=0), pruner=optuna.pruners.NopPruner())
-    lock = budget_lock(storage, cfg.study.storage, name)
     settings = {**{f"ablate.{k}": v for k, v in OmegaConf.to_container(cfg.ablate).items() if k != "worker"},
                 "winner_trial": plan.winner.trial, "overrides": redact(" ".join(overrides))}
-    with lock():
-        run_id = _ablation_run(tracker, study, name, settings)
-        ablation.set_user_attr(PARENT_RUN_ATTR, run_id)  # where faults/workers end a lost trial's run
-        ablation.set_user_attr(METRIC, metric)
-    dead = DeadWorkers(ablation, tracker, run_id, trust_missing_pid=not isinstance(lock, NoLock))
-    with lock():
-        dead(ablation.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))  # what a crash left behind
+
+    def make_study(storage: BaseStorage) -> optuna.Study:
+        return optuna.create_study(study_name=name, storage=storage, direction=plan.direction, load_if_exists=True,
+                                   sampler=optuna.samplers.RandomSampler(seed=0), pruner=optuna.pruners.NopPruner())
+
+    def parent_run(tracker: Tracker) -> str:  # in the study's experiment, under its parent run
+        return tracker.ablation_run(cfg.study.name, name, study.user_attrs.get(PARENT_RUN_ATTR), settings)
+
+    session = Session(dataclasses.replace(SessionSettings.of(cfg), name=name, n_trials=None), make_study, metric,
+                      settings, parent_run)
+    ablation, run_id = session.study, session.parent_run_id
+    with session.lock():
+        session.dead(ablation.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))  # what a crash left behind
         queued, n_trials = queue_missing(ablation, plan)
-    budget = Budget(ablation, n_trials, lock, dead)
+    session.limit(n_trials)
     as_worker = bool(cfg.ablate.worker)
-    slots = [] if as_worker else plan_workers(cfg.workers, detect_gpus(cfg.trainer.accelerator), cpu_count(),
-                                                 cfg.trainer.devices)
+    slots = [] if as_worker else worker_slots(cfg.workers, cfg.trainer.accelerator, cfg.trainer.devices)
     total = len(plan.pairs())
     if not as_worker:
         _print_plan(plan, name, total, queued, n_trials - ablation_used(ablation), len(slots))
@@ -727,23 +671,12 @@ def ablate(overrides: Sequence[str]) -> int:
               f"{outcome.state:<8} {metric}={value:<8} {outcome.seconds:6.2f}s"
               + (f"  [{outcome.reason}]" if outcome.reason else ""), flush=True)
 
-    status = "FINISHED"
-    try:
-        if len(slots) > 1:
-            pool = WorkerPool(slots, overrides, budget, cfg.study.max_consecutive_failures)
-            pool.command = [sys.executable, "-m", "searchlab.cli", "ablate", *overrides, "ablate.worker=true"]
-            status = pool.run(on_trial)
-        else:
-            run_trials(budget, AblationRunner(ablation, plan, lock, tracker, run_id), cfg, on_trial)
-    except KeyboardInterrupt:
-        status = "KILLED"
-    except StudyStopped as err:
-        status = "FAILED"
-        print(f"searchlab: ablation stopped: {redact(str(err))}", file=sys.stderr)
+    status = session.run(lambda: AblationWork(ablation, plan, session.lock, session.tracker, run_id), on_trial,
+                         slots, cli_command("ablate", *overrides, "ablate.worker=true"), label="ablation")
     if as_worker:
         return {"KILLED": EXIT_INTERRUPTED, "FAILED": EXIT_STUDY_FAILED}.get(status, 0)
     if status == "KILLED":
-        tracker.client.set_terminated(run_id, status="KILLED")
+        session.end("KILLED")
         print(f"interrupted: run the same command to resume the ablation of study '{cfg.study.name}' "
               f"({ablation_used(ablation)} trainings kept)", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -751,7 +684,8 @@ def ablate(overrides: Sequence[str]) -> int:
     result = summarize(plan, values, errors, cfg.ablate.confidence, cfg.ablate.bootstrap, cfg.ablate.margin)
     result["mlflow_run_id"] = run_id
     result["seconds"] = round(time.monotonic() - begin, 1)
-    _write(result, cfg, study, tracker, run_id, status)
+    _write(result, cfg, study, session.tracker, run_id)
+    session.end(status, metrics={"trainings_complete": result["runs"]["complete"]})
     return {"FAILED": EXIT_STUDY_FAILED}.get(status, 0)
 
 
@@ -776,8 +710,7 @@ def _print_plan(plan: Plan, name: str, total: int, queued: int, todo: int, worke
         print(f"  skipped {skipped['variant']}: {skipped['reason']}")
 
 
-def _write(result: dict[str, Any], cfg: DictConfig, study: optuna.Study, tracker: Tracker, run_id: str,
-           status: str) -> None:
+def _write(result: dict[str, Any], cfg: DictConfig, study: optuna.Study, tracker: Tracker, run_id: str) -> None:
     """Prints the verdict, writes ablation.json next to the study report, re-writes the report (which leads with
     it) and logs both to the ablation run."""
     from searchlab.ablation_view import render_text
@@ -787,15 +720,13 @@ def _write(result: dict[str, Any], cfg: DictConfig, study: optuna.Study, tracker
     path = folder / "ablation.json"
     path.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     print(render_text(result))
-    tracker.client.log_artifact(run_id, str(path))
+    tracker.log_artifact(run_id, path)
     try:
         report = write_report(study, cfg, tracker)
         for name in report.summary.get("plots", []):
             if name.startswith("ablation"):
-                tracker.client.log_artifact(run_id, str(folder / name))
+                tracker.log_artifact(run_id, folder / name)
         print(f"report: {folder / 'report.html'}; ablation.json; MLflow ablation run {run_id}")
     except Exception as err:  # the verdict is stored; the report can be made again with `searchlab report`
         print(f"searchlab: report not written ({type(err).__name__}: {redact(str(err))[:200]}); ablation.json in "
               f"{folder}; make the report with: searchlab report study.name={study.study_name}", file=sys.stderr)
-    tracker.client.log_metric(run_id, "trainings_complete", result["runs"]["complete"])
-    tracker.client.set_terminated(run_id, status=status)

@@ -38,3 +38,15 @@ def checkpoint_of(trial: BaseTrial) -> int:
 def retry_attrs(trial: BaseTrial) -> dict[str, Any]:
     """The user attrs a re-queued retry of `trial` starts with: the trial it retries and the checkpoint it resumes."""
     return {RETRY_OF: trial.number, CHECKPOINT_OF: checkpoint_of(trial)}
+
+# MLflow tags of the runs searchlab writes (searchlab.tracking writes every one of them)
+ROLE_TAG = "searchlab.role"  # what a run is: one of the roles below
+ROLE_STUDY, ROLE_TRIAL, ROLE_TRAIN = "study", "trial", "train"  # a study's parent run, a trial's, `searchlab train`'s
+ROLE_ABLATION, ROLE_ABLATION_RUN = "ablation", "ablation-run"  # an ablation's run, and one training of it
+STUDY_NAME_TAG = "optuna.study_name"
+TRIAL_NUMBER_TAG, TRIAL_STATE_TAG, TRIAL_REASON_TAG = "optuna.trial.number", "optuna.trial.state", "optuna.trial.reason"
+COMMAND_TAG = "searchlab.command"  # the shell command that trains the run's configuration alone
+OUTPUT_DIR_TAG = "searchlab.output_dir"  # a Hydra sweeper's trial: its job's output folder (the job's own logs)
+RESUMED_FROM_TAG, CONTINUES_TAG = "searchlab.resumed_from_epoch", "searchlab.continues_run"  # a resumed trial
+ABLATION_STUDY_TAG = "searchlab.ablation_study"  # on an ablation's run: its Optuna study
+VARIANT_TAG, FAMILY_TAG, SEED_TAG = "searchlab.variant", "searchlab.family", "searchlab.seed"  # an ablation training

@@ -17,8 +17,8 @@ import optuna
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from searchlab.attrs import APP_COMMAND, METRIC, MLFLOW_PARENT_RUN_ID, OVERRIDES
-from searchlab.budget import Budget, budget_used
+from searchlab.attrs import APP_COMMAND, OVERRIDES
+from searchlab.budget import budget_used
 from searchlab.build import load_data, module_task
 from searchlab.config import (
     Composer,
@@ -29,11 +29,8 @@ from searchlab.config import (
     validate_config,
 )
 from searchlab.data import Splits
-from searchlab.devices import cpu_count, detect_gpus, plan_workers
-from searchlab.faults import heartbeat_settings
 from searchlab.interrupts import terminated
 from searchlab.lightning_fit import TrainResult, check_devices, resolve_device
-from searchlab.locks import NoLock, budget_lock
 from searchlab.model_out import (
     KeepWeights,
     check_export_dir,
@@ -45,7 +42,7 @@ from searchlab.model_out import (
     module_with_weights,
 )
 from searchlab.objectives import PRUNING_OFF, Objectives, metric_names, metric_setting
-from searchlab.pack_trials import check_pack
+from searchlab.pack_trials import PackWork, check_pack
 from searchlab.progress import Progress
 from searchlab.report import (
     Report,
@@ -56,22 +53,22 @@ from searchlab.report import (
     with_trial,
     write_report,
 )
+from searchlab.search_work import SearchWork, train_command, training_overrides
+from searchlab.session import Session, SessionSettings, worker_slots
 from searchlab.space import load_space
-from searchlab.storage import open_storage, serve_storage_proxy
+from searchlab.storage import serve_storage_proxy
 from searchlab.study import (
-    StudyStopped,
     best_trial,
     check_sampler,
     make_pruner,
     make_sampler,
     open_study,
-    run_trials,
     state_counts,
 )
 from searchlab.tracking import Tracker
 from searchlab.training import check_targets, fit, preflight
-from searchlab.trial import TrialOutcome, TrialRunner, train_command, training_overrides
-from searchlab.workers import WORKER_INDEX_ENV, DeadWorkers, WorkerPool
+from searchlab.trial import TrialOutcome
+from searchlab.workers import WORKER_INDEX_ENV, cli_command
 
 
 @dataclass
@@ -116,16 +113,12 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
     composer, cfg, fixed, splits = _prepare(overrides, check=True)
     objectives = Objectives.of(cfg.study)
     direction = objectives.direction
-    slots = [] if as_worker else plan_workers(cfg.workers, detect_gpus(cfg.trainer.accelerator), cpu_count(),
-                                                 cfg.trainer.devices)
+    slots = [] if as_worker else worker_slots(cfg.workers, cfg.trainer.accelerator, cfg.trainer.devices)
     check_settings(cfg.report)
     space = load_space(composer, fixed)
     check_sampler(cfg, space)
     check_pack(cfg, splits, space, composer)
     sampler, pruner = make_sampler(cfg, space, _worker_index() if as_worker else 0), make_pruner(cfg)
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
-    storage = open_storage(cfg.study.storage, heartbeat_settings(cfg.study, tracker))
-    study = open_study(cfg, objectives, storage, sampler, pruner)
     settings = {
         "study.name": cfg.study.name, "study.n_trials": cfg.study.n_trials, "study.timeout": cfg.study.timeout,
         "study.direction": ", ".join(objectives.directions), "study.metric": metric_setting(objectives.names),
@@ -133,13 +126,9 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
         "study.pruner": cfg.study.pruner, "study.seed": cfg.study.seed, "study.storage": redact(cfg.study.storage),
         "search": space.source, "overrides": redact(" ".join(overrides)),
     }
-    lock = budget_lock(storage, cfg.study.storage, cfg.study.name)
-    with lock():  # one parent run, however many workers start at once
-        parent_run_id = tracker.study_run(cfg.study.name, settings)
-        study.set_user_attr(MLFLOW_PARENT_RUN_ID, parent_run_id)
-        study.set_user_attr(METRIC, objectives.stored)
-    dead = DeadWorkers(study, tracker, parent_run_id, trust_missing_pid=not isinstance(lock, NoLock))
-    budget = Budget(study, cfg.study.n_trials, lock, dead)
+    session = Session(SessionSettings.of(cfg), lambda storage: open_study(cfg, objectives, storage, sampler, pruner),
+                      objectives.stored, settings)
+    study, tracker = session.study, session.tracker
     metric = objectives.primary
     done_before = budget_used(study)
     chosen = " (auto, from its name)" if cfg.study.direction == "auto" else f" (study.direction={direction})"
@@ -158,27 +147,21 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
     def on_trial(outcome: TrialOutcome) -> None:
         progress.trial_finished(outcome, best_trial(study))
 
+    def work() -> SearchWork:
+        keep = KeepWeights(study, tracker, models_to_log(cfg.tracking, objectives.several), objectives)
+        on_device = None if splits is None else splits.to(resolve_device(cfg.trainer.accelerator))
+        args = (study, cfg, list(overrides), composer, space, on_device, tracker, session.parent_run_id, keep)
+        return PackWork(*args, size=cfg.study.pack) if cfg.study.pack > 1 else SearchWork(*args)
+
     status = "FINISHED"
     start = time.monotonic()
     try:
-        if len(slots) > 1:
-            status = WorkerPool(slots, overrides, budget, cfg.study.max_consecutive_failures).run(on_trial)
-        else:
-            device = resolve_device(cfg.trainer.accelerator)
-            keep = KeepWeights(study, tracker, models_to_log(cfg.tracking, objectives.several), objectives)
-            runner = TrialRunner(study, cfg, direction, list(overrides), composer, space,
-                                 None if splits is None else splits.to(device), tracker, parent_run_id, keep)
-            run_trials(budget, runner, cfg, on_trial)
-    except KeyboardInterrupt:
-        status = "KILLED"
-    except StudyStopped as err:
-        status = "FAILED"
-        print(f"searchlab: study stopped: {redact(str(err))}", file=sys.stderr)
+        status = session.run(work, on_trial, slots, cli_command("worker", *overrides))
     finally:
         progress.close()
         best = best_trial(study)
-        if not as_worker or budget.done():
-            tracker.end_study(parent_run_id, None if best is None else vars(best), state_counts(study), status)
+        if not as_worker or session.budget.done():
+            session.end(status, None if best is None else vars(best), state_counts(study))
     if status == "KILLED":
         stopped = "terminated (SIGTERM)" if terminated() else "interrupted"
         print(f"{stopped}: run the same command to resume study '{cfg.study.name}' (a trial with a checkpoint "

@@ -18,11 +18,10 @@ import copy
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import optuna
-from omegaconf import DictConfig
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import GrpcStorageProxy, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread  # what Study.optimize uses
@@ -36,20 +35,22 @@ from searchlab.tracking import Tracker
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
-def heartbeat_settings(study: DictConfig, tracker: Tracker) -> dict[str, Any]:
-    """RDBStorage's heartbeat arguments from study.heartbeat_interval, grace_period and max_retry; {} when off."""
+def heartbeat_settings(study: Mapping[str, Any], tracker: Tracker) -> dict[str, Any]:
+    """RDBStorage's heartbeat arguments from study.heartbeat_interval, grace_period and max_retry (each None when
+    missing); {} when off."""
     for key in ("heartbeat_interval", "grace_period", "max_retry"):
-        value, least = study[key], 0 if key == "max_retry" else 1
+        value, least = study.get(key), 0 if key == "max_retry" else 1
         if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
             raise ConfigError(f"study.{key}: expected an integer >= {least} or null, got {value!r}")
-    if study.heartbeat_interval is None:
+    interval = study.get("heartbeat_interval")
+    if interval is None:
         return {}
-    grace = study.grace_period if study.grace_period is not None else 2 * study.heartbeat_interval
-    if grace <= study.heartbeat_interval:
+    grace = study.get("grace_period") or 2 * interval
+    if grace <= interval:
         raise ConfigError(f"study.grace_period: {grace}s must exceed study.heartbeat_interval "
-                          f"({study.heartbeat_interval}s), or every running trial looks lost")
-    return {"heartbeat_interval": study.heartbeat_interval, "grace_period": grace,
-            "heartbeat_stale_trial_callback": RetryAndEndRun(tracker, study.max_retry, grace)}
+                          f"({interval}s), or every running trial looks lost")
+    return {"heartbeat_interval": interval, "grace_period": grace,
+            "heartbeat_stale_trial_callback": RetryAndEndRun(tracker, study.get("max_retry"), grace)}
 
 
 # User attrs of one attempt at a trial (searchlab.attrs), not its params.

@@ -6,8 +6,8 @@ choices, batch size, width, depth, batch norm: everything `varies_per_member` sa
 values, by Optuna's PartialFixedSampler around the study's own sampler: TPE still picks their learning rates, weight
 decays, momentums, dropout and L1 strengths, with constant liar for the members still running. Each member reports
 every epoch to its own trial and is pruned on its own (it leaves the pack, which shrinks); each is told on its own.
-The budget reserves every member as it reserves a trial, so n_trials, several workers and the dead-worker retry
-count members exactly as trials.
+The lifecycle (searchlab.trial) reserves every member as it reserves a trial, so n_trials, several workers and the
+dead-worker retry count members exactly as trials.
 
 Packed members are not checkpointed (packing is for trials of seconds to minutes; a long trial gains nothing from
 it): an interrupted pack fails its members, which a later run samples anew; a worker killed mid-pack has every
@@ -20,20 +20,18 @@ import contextlib
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from searchlab.budget import Budget
 from searchlab.config import Composer, ConfigError
 from searchlab.data import Splits
-from searchlab.faults import heartbeat
 from searchlab.lightning_fit import resolve_device
 from searchlab.pack import PackedTraining, can_pack, pack_mismatch, varies_per_member
+from searchlab.search_work import SearchWork
 from searchlab.space import SearchSpace
-from searchlab.trial import EpochReporter, TrialOutcome, TrialRunner
+from searchlab.trial import Attempt, Verdict
 
 
 def shared_params(params: dict[str, Any]) -> dict[str, Any]:
@@ -95,96 +93,54 @@ def _code_choices(space: SearchSpace, cfg: DictConfig, composer: Composer) -> li
     return found
 
 
-@dataclass
-class _Member:
-    trial: optuna.Trial
-    values: dict[str, Any]
-    cfg: DictConfig
-    run_id: str
+class PackWork(SearchWork):
+    """The search's trials K at a time (SearchWork's config cache, data, tracker, model keeper): the lifecycle
+    reserves up to K (the first waits for budget as any trial; the others take only what is free now) and prepares
+    the further ones with the first's shared params fixed (members_like)."""
 
-
-class PackRunner:
-    """Runs the study's trials K at a time through one TrialRunner (its config cache, data, tracker, model keeper)."""
-
-    def __init__(self, runner: TrialRunner, size: int) -> None:
-        self.runner, self.size = runner, size
+    def __init__(self, *args: Any, size: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.size = size
         self.warned = False
 
-    def run(self, budget: Budget, deadline: float | None) -> list[TrialOutcome]:
-        """One pack: reserves up to K trials (the first waits for budget as any trial; the others take only what is
-        free now), trains them and tells each; [] once the budget is used up or the deadline passed."""
-        start = time.perf_counter()
-        first = budget.reserve(deadline)
-        if first is None:
-            return []
-        outcomes: list[TrialOutcome] = []
-        members: list[_Member] = []
-        with contextlib.ExitStack() as beats:
-            try:
-                beats.enter_context(heartbeat(first))
-                self._start(first, members, outcomes, start)
-                if members:
-                    with fixed_sampler(self.runner.study, shared_params(members[0].trial.params)):
-                        while len(members) + len(outcomes) < self.size:
-                            trial = budget.reserve(deadline, wait=False)
-                            if trial is None:
-                                break
-                            beats.enter_context(heartbeat(trial))
-                            self._start(trial, members, outcomes, start)
-                # Asking and starting the members, shared evenly in their seconds.
-                prep = (time.perf_counter() - start) / max(len(members), 1)
-                for group in _groups(members):
-                    outcomes += self._train(group, members, start, prep)
-            except BaseException as err:  # an interrupt: every member not yet told fails, then the study stops
-                for member in members:
-                    with contextlib.suppress(KeyboardInterrupt):
-                        self.runner.fail(member.trial, member.run_id, err, start, member.values)
-                raise
-        return outcomes
+    def members_like(self, first: Attempt) -> contextlib.AbstractContextManager[None]:
+        return fixed_sampler(self.study, shared_params(first.trial.params))
 
-    def _start(self, trial: optuna.Trial, members: list[_Member], outcomes: list[TrialOutcome], start: float) -> None:
-        values: dict[str, Any] = {}
-        run_id: str | None = None
-        try:
-            values = self.runner.space.sample(trial, self.runner.use_grid)
-            cfg, run_id = self.runner.start(trial, values)
-        except BaseException as err:  # fails this member; an interrupt is raised again, for the others
-            outcomes.append(self.runner.fail(trial, run_id, err, start, values))
+    def train(self, attempts: list[Attempt]) -> Iterator[tuple[Attempt, Verdict | Exception]]:
+        if not attempts:
             return
-        members.append(_Member(trial, values, cfg, run_id))
+        # Asking and starting the members, shared evenly in their seconds.
+        prep = (time.perf_counter() - attempts[0].start) / len(attempts)
+        for group in _groups(attempts):
+            yield from self._train(group, prep)
 
-    def _train(self, group: list[_Member], untold: list[_Member], start: float, prep: float) -> list[TrialOutcome]:
-        """Trains one group of members that can share a pack (alone when it is one) and tells each, taking it off
-        `untold` as it is told; `prep` is each member's share of asking and starting the pack."""
-
-        def alone(member: _Member) -> TrialOutcome:
-            untold.remove(member)  # train() tells it whatever happens, an interrupt included
-            return self.runner.train(member.trial, member.values, member.cfg, member.run_id, start)
-
+    def _train(self, group: list[Attempt], prep: float) -> Iterator[tuple[Attempt, Verdict | Exception]]:
+        """Trains one group of members that can share a pack (alone when it is one); `prep` is each member's share
+        of asking and starting the pack."""
         if len(group) == 1:
-            return [alone(group[0])]
+            yield group[0], self.train_one(group[0])
+            return
         try:
-            pack = PackedTraining([m.cfg for m in group], self.runner.splits, self.runner.metric)
+            pack = PackedTraining([m.cfg for m in group], self.splits, self.metric)
         except ValueError as err:  # a combination check_pack's probes did not cover: these members go one by one
             self._warn(group, err)
-            return [alone(m) for m in group]
+            for member in group:
+                yield member, self.train_one(member)
+            return
         group_start = time.perf_counter()
-        reporters = [EpochReporter(m.trial, m.run_id, self.runner.tracker, self.runner.objectives) for m in group]
         try:
-            results = pack.fit(lambda member, epoch, metrics: reporters[member](epoch, metrics))
+            results = pack.fit(lambda member, epoch, metrics: group[member].reporter(epoch, metrics))
         except Exception as err:  # the pack's error fails each of its members, with the reason (an interrupt is
-            # not caught here: run() fails every untold member)
-            for m in group:
-                untold.remove(m)
-            return [self.runner.fail(m.trial, m.run_id, err, start, m.values) for m in group]
-        for m in group:
-            untold.remove(m)
+            # not caught here: the lifecycle fails every untold member)
+            for member in group:
+                yield member, err
+            return
         # Each member's seconds: its share of the epochs it trained in, plus an equal share of the rest.
         rest = prep + (time.perf_counter() - group_start - sum(r.seconds for r in results)) / len(group)
-        return [self.runner.conclude(m.trial, m.run_id, result, reporter.pruned, result.seconds + rest, m.values)
-                for m, result, reporter in zip(group, results, reporters, strict=True)]
+        for member, result in zip(group, results, strict=True):
+            yield member, self.verdict(member, result, result.seconds + rest)
 
-    def _warn(self, group: list[_Member], err: Exception) -> None:
+    def _warn(self, group: list[Attempt], err: Exception) -> None:
         if not self.warned:
             numbers = ", ".join(str(m.trial.number) for m in group)
             print(f"searchlab: study.pack: trials {numbers} train one at a time: {str(err).splitlines()[0]}",
@@ -192,10 +148,10 @@ class PackRunner:
             self.warned = True
 
 
-def _groups(members: list[_Member]) -> list[list[_Member]]:
+def _groups(members: list[Attempt]) -> list[list[Attempt]]:
     """Members in packs of configs that can share one (a re-queued trial's params may differ in a shared key from
     the first member's), in order; most often one group of all."""
-    groups: list[list[_Member]] = []
+    groups: list[list[Attempt]] = []
     for member in members:
         group = next((g for g in groups if pack_mismatch([g[0].cfg, member.cfg]) is None), None)
         if group is None:

@@ -12,7 +12,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
 from hydra.utils import get_class
@@ -24,10 +24,9 @@ from searchlab.attrs import METRIC, OVERRIDES
 from searchlab.budget import Budget
 from searchlab.config import ConfigError
 from searchlab.objectives import Objectives, metric_names, metric_setting
-from searchlab.pack_trials import PackRunner
 from searchlab.space import SearchSpace
 from searchlab.storage import one_sync
-from searchlab.trial import TrialOutcome, TrialRunner
+from searchlab.trial import TrialOutcome, TrialWork, run_next
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's group=True, GPSampler
@@ -137,31 +136,54 @@ def best_trial(study: optuna.Study) -> Best | None:
     return Best(trial.number, trial.value, dict(trial.params), list(trial.user_attrs.get(OVERRIDES, [])))
 
 
-def run_trials(budget: Budget, runner: TrialRunner, cfg: DictConfig,
-               on_trial: Callable[[TrialOutcome], None]) -> None:
+class FailureStreak:
+    """Stops the study when study.max_consecutive_failures trials failed in a row: the config, not the sampler's
+    luck, is at fault. A stop rule of run_trials: it sees every outcome, then says after each batch whether to stop."""
+
+    def __init__(self, most: int) -> None:
+        self.most, self.in_a_row, self.last = most, 0, None
+
+    def __call__(self, outcome: TrialOutcome) -> None:
+        self.in_a_row = self.in_a_row + 1 if outcome.state == "FAIL" else 0
+        self.last = outcome.reason
+
+    def reason(self) -> str | None:
+        if self.in_a_row < self.most:
+            return None
+        return (f"{self.in_a_row} trials failed in a row (last: {self.last}); "
+                f"stopping the study (study.max_consecutive_failures={self.most})")
+
+
+class StopRule(Protocol):
+    def __call__(self, outcome: TrialOutcome) -> None: ...
+
+    def reason(self) -> str | None: ...
+
+
+def run_trials(budget: Budget, work: TrialWork, on_trial: Callable[[TrialOutcome], None], *,
+               timeout: float | None = None, max_consecutive_failures: int = 5) -> None:
     """Runs trials until the study's budget (finished trials over all runs and workers) or this run's timeout is
-    reached; asks for the next trial the moment the last one ends."""
-    deadline = None if cfg.study.timeout is None else time.monotonic() + cfg.study.timeout
-    failures_in_a_row = 0
-    # Packs of the search's trials; `searchlab ablate` (its own runner) trains one (variant, seed) at a time.
-    packer = PackRunner(runner, cfg.study.pack) if cfg.study.pack > 1 and isinstance(runner, TrialRunner) else None
+    reached; asks for the next trial (or pack) the moment the last one ends. Raises StudyStopped when a stop rule
+    says so."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    rules: list[StopRule] = [FailureStreak(max_consecutive_failures)]
+
+    def reserve(wait: bool) -> optuna.Trial | None:
+        return budget.reserve(deadline, wait=wait)
 
     def next_outcomes() -> list[TrialOutcome]:
         # A trial's (or a pack's) ~20 journal writes, from its ask to its tell, fsynced once (storage.JournalFile).
         with one_sync(budget.study._storage):
-            if packer is not None:  # study.pack: K trials trained at once, each told as a trial (pack_trials)
-                return packer.run(budget, deadline)
-            trial = budget.reserve(deadline)
-            return [] if trial is None else [runner.run(trial)]
+            return run_next(work, reserve)
 
     while outcomes := next_outcomes():
         for outcome in outcomes:
             on_trial(outcome)
-            failures_in_a_row = failures_in_a_row + 1 if outcome.state == "FAIL" else 0
-        if failures_in_a_row >= cfg.study.max_consecutive_failures:
-            raise StudyStopped(
-                f"{failures_in_a_row} trials failed in a row (last: {outcomes[-1].reason}); "
-                f"stopping the study (study.max_consecutive_failures={cfg.study.max_consecutive_failures})")
+            for rule in rules:
+                rule(outcome)
+        for rule in rules:
+            if (reason := rule.reason()) is not None:
+                raise StudyStopped(reason)
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:

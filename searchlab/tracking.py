@@ -33,11 +33,25 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf._utils import get_omega_conf_dumper
 from sqlalchemy import event
 
+from searchlab.attrs import (
+    ABLATION_STUDY_TAG,
+    COMMAND_TAG,
+    CONTINUES_TAG,
+    RESUMED_FROM_TAG,
+    ROLE_ABLATION,
+    ROLE_STUDY,
+    ROLE_TAG,
+    ROLE_TRAIN,
+    ROLE_TRIAL,
+    STUDY_NAME_TAG,
+    TRIAL_NUMBER_TAG,
+    TRIAL_REASON_TAG,
+    TRIAL_STATE_TAG,
+)
 from searchlab.config import ConfigError, redact
 from searchlab.locks import FileLock
 from searchlab.project import environment
 
-STUDY_ROLE_TAG = "searchlab.role"
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..." and the like
 # MLflow logs a traceback for every SQLite "database is locked" before raising it; _RetryOnLock retries or re-raises.
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
@@ -177,14 +191,14 @@ class Tracker:
         """The study's parent run, created on the first run of the study and reopened when it resumes."""
         experiment_id = self.experiment_id(study_name)
         found = self.client.search_runs(
-            [experiment_id], filter_string=f"tags.`{STUDY_ROLE_TAG}` = 'study'", max_results=1,
+            [experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_STUDY}'", max_results=1,
             order_by=["attributes.start_time ASC"])
         if found:
             run_id = found[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
             run_id = self.client.create_run(experiment_id, run_name=study_name, tags={
-                STUDY_ROLE_TAG: "study", "optuna.study_name": study_name}).info.run_id
+                ROLE_TAG: ROLE_STUDY, STUDY_NAME_TAG: study_name}).info.run_id
             self.client.log_batch(run_id, params=[Param(k, _text(v)) for k, v in settings.items()])
             run_id = self._earliest_parent(experiment_id, run_id)
         self._experiment_of[run_id] = experiment_id
@@ -193,21 +207,24 @@ class Tracker:
     def _earliest_parent(self, experiment_id: str, mine: str) -> str:
         """Workers that start together without a cross-process lock (grpc://) may each create a parent run: every
         one keeps the earliest and deletes its own if it is not that one."""
-        parents = self.client.search_runs([experiment_id], filter_string=f"tags.`{STUDY_ROLE_TAG}` = 'study'",
+        parents = self.client.search_runs([experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_STUDY}'",
                                           max_results=1000)
         first = min(parents, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
         if first != mine:
             self.client.delete_run(mine)
         return first
 
-    def start_trial(self, parent_run_id: str, number: int, params: Mapping[str, Any], config_yaml: str,
-                    command: str) -> str:
-        """The trial's child run, created when the trial starts, with its params, config and re-run command."""
+    def start_trial(self, parent_run_id: str, number: int, params: Mapping[str, Any], config_yaml: str = "",
+                    command: str = "", name: str | None = None, role: str = ROLE_TRIAL,
+                    tags: Mapping[str, str] | None = None) -> str:
+        """The trial's child run, created when the trial starts, with its params, config and re-run command (the
+        one place a trial becomes a run: searchlab.trial's lifecycle, and the runs of lost trials)."""
         if parent_run_id not in self._experiment_of:
             self._experiment_of[parent_run_id] = self.client.get_run(parent_run_id).info.experiment_id
-        run = self.client.create_run(self._experiment_of[parent_run_id], run_name=f"trial-{number}", tags={
-            MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: f"trial-{number}", STUDY_ROLE_TAG: "trial",
-            "optuna.trial.number": str(number), "optuna.trial.state": "RUNNING", "searchlab.command": command,
+        name = name or f"trial-{number}"
+        run = self.client.create_run(self._experiment_of[parent_run_id], run_name=name, tags={
+            MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: name, ROLE_TAG: role,
+            TRIAL_NUMBER_TAG: str(number), TRIAL_STATE_TAG: "RUNNING", COMMAND_TAG: command, **(tags or {}),
         })
         self.client.log_batch(run.info.run_id, params=[Param(k, _text(v)) for k, v in params.items()])
         if config_yaml:
@@ -218,8 +235,8 @@ class Tracker:
         """The child run of a trial whose worker died, FAILED with the reason; created if the worker died first."""
         experiment_id = self._experiment_of.get(parent_run_id) or self.client.get_run(parent_run_id).info.experiment_id
         found = self.client.search_runs([experiment_id], max_results=1, filter_string=(
-            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and tags.`optuna.trial.number` = '{number}'"))
-        run_id = found[0].info.run_id if found else self.start_trial(parent_run_id, number, params, "", "")
+            f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and tags.`{TRIAL_NUMBER_TAG}` = '{number}'"))
+        run_id = found[0].info.run_id if found else self.start_trial(parent_run_id, number, params)
         self.end_trial(run_id, "FAIL", None, reason)
 
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
@@ -237,19 +254,21 @@ class Tracker:
         """A trial resumed from its checkpoint of `epoch`: its new run says so (and which run it continues) and gets
         the curves of the epochs before, so that it shows the whole training."""
         now = int(time.time() * 1000)
-        tags = [RunTag("searchlab.resumed_from_epoch", str(epoch))]
+        tags = [RunTag(RESUMED_FROM_TAG, str(epoch))]
         if continues:
-            tags.append(RunTag("searchlab.continues_run", continues))
+            tags.append(RunTag(CONTINUES_TAG, continues))
         metrics = [Metric(k, float(v), now, number) for number, values in enumerate(history, 1)
                    for k, v in values.items()]
         for start in range(0, max(len(metrics), 1), _BATCH):
             self.client.log_batch(run_id, metrics=metrics[start:start + _BATCH], tags=tags if start == 0 else [])
 
-    def end_trial(self, run_id: str, state: str, value: float | None, reason: str | None) -> None:
-        """Final state tag (COMPLETE, PRUNED, FAIL), the objective value and, for pruned or failed, the reason."""
-        tags = [RunTag("optuna.trial.state", state)]
+    def end_trial(self, run_id: str, state: str, value: float | None, reason: str | None,
+                  tags: Mapping[str, str] | None = None) -> None:
+        """Final state tag (COMPLETE, PRUNED, FAIL), the objective value and, for pruned or failed, the reason;
+        `tags` adds what is known only at the end."""
+        tags = [RunTag(TRIAL_STATE_TAG, state), *(RunTag(k, str(v)) for k, v in (tags or {}).items())]
         if reason:
-            tags.append(RunTag("optuna.trial.reason", reason[:5000]))
+            tags.append(RunTag(TRIAL_REASON_TAG, reason[:5000]))
         metrics = self._pending.pop(run_id, [])
         self._flushed_at.pop(run_id, None)
         if value is not None:
@@ -258,17 +277,46 @@ class Tracker:
         self.client.set_terminated(run_id, status=_FINAL_STATUS[state])
 
     def end_study(self, run_id: str, best: Mapping[str, Any] | None, counts: Mapping[str, int],
-                  status: str = "FINISHED") -> None:
-        """Best value, trial and params (as tags: they change when the study resumes), trial counts."""
+                  status: str = "FINISHED", metrics: Mapping[str, float] | None = None) -> None:
+        """Best value, trial and params (as tags: they change when the study resumes), trial counts, `metrics`."""
         now = int(time.time() * 1000)
-        metrics = [Metric(f"trials_{state.lower()}", n, now, 0) for state, n in counts.items()]
+        logged = [Metric(f"trials_{state.lower()}", n, now, 0) for state, n in counts.items()]
+        logged += [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
         tags: list[RunTag] = []
         if best:
-            metrics.append(Metric("best_value", best["value"], now, 0))
+            logged.append(Metric("best_value", best["value"], now, 0))
             tags.append(RunTag("best.trial_number", str(best["number"])))
             tags += [RunTag(f"best.{k}", _text(v)) for k, v in best["params"].items()]
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        if logged or tags:
+            self.client.log_batch(run_id, metrics=logged, tags=tags)
         self.client.set_terminated(run_id, status=status)
+
+    def ablation_run(self, study_name: str, ablation: str, study_run_id: str | None,
+                     settings: Mapping[str, Any]) -> str:
+        """The `ablation` run of study `study_name`'s ablation study `ablation`, in the study's experiment (under
+        its parent run `study_run_id` when that run is there); reopened when the ablation resumes."""
+        experiment_id = self.experiment_id(study_name)
+        found = self.client.search_runs(
+            [experiment_id], max_results=1, order_by=["attributes.start_time ASC"],
+            filter_string=f"tags.`{ROLE_TAG}` = '{ROLE_ABLATION}' and tags.`{ABLATION_STUDY_TAG}` = '{ablation}'")
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            tags = {ROLE_TAG: ROLE_ABLATION, ABLATION_STUDY_TAG: ablation, STUDY_NAME_TAG: ablation}
+            if study_run_id:
+                try:
+                    if self.client.get_run(study_run_id).info.experiment_id == experiment_id:
+                        tags[MLFLOW_PARENT_RUN_ID] = study_run_id
+                except Exception:  # the study was tracked in another store: the ablation run stands alone
+                    pass
+            run_id = self.client.create_run(experiment_id, run_name="ablation", tags=tags).info.run_id
+            self.client.log_batch(run_id, params=[Param(k, _text(v)) for k, v in settings.items()])
+        self._experiment_of[run_id] = experiment_id
+        return run_id
+
+    def log_artifact(self, run_id: str, path: Path | str) -> None:
+        self.client.log_artifact(run_id, str(path))
 
     def log_report(self, run_id: str, folder: Path) -> None:
         """The study report's files, under `report/` in the parent run's artifacts (replaced when re-made)."""
@@ -334,7 +382,7 @@ class Tracker:
     def start_training(self, experiment: str, config_yaml: str, command: str, params: Mapping[str, Any]) -> str:
         """A run of `searchlab train` (not a study's): its config, re-run command and overrides as params."""
         run = self.client.create_run(self.experiment_id(experiment), tags={
-            STUDY_ROLE_TAG: "train", "searchlab.command": command})
+            ROLE_TAG: ROLE_TRAIN, COMMAND_TAG: command})
         self.client.log_batch(run.info.run_id, params=[Param(k, _text(v)) for k, v in params.items()])
         self.client.log_text(run.info.run_id, config_yaml, "config.yaml")
         return run.info.run_id

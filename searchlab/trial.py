@@ -1,46 +1,34 @@
-"""One trial: sample the space, compose its config, train with per-epoch reporting and pruning, tell the study.
+"""THE trial lifecycle, in one place (`run_next`, as optuna's study/_optimize.py:_run_trial): reserve, heartbeat,
+prepare (params, config, the trial's MLflow run), train (each epoch logged, reported, maybe pruned), tell, end the run.
 
-The trial's MLflow child run exists from its first moment, so a trial that crashes or is interrupted still shows,
-with its state and reason, next to the finished ones.
+What a trial trains is plugged in as a TrialWork: `prepare(attempt)` draws the trial's params and config and says
+which MLflow run to open; `train(attempts)` trains them (several at once: a pack) and yields each with its Verdict
+(or its error) as it finishes. The search (search_work.SearchWork), a pack (pack_trials.PackWork), an ablation's
+(variant, seed) (ablate.AblationWork) and the Hydra sweeper are TrialWorks. An error fails the trial and the study
+goes on; Ctrl-C or SIGTERM fails every trial not yet told and is raised again as KeyboardInterrupt.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import abc
+import contextlib
 import math
-import os
-import shlex
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from searchlab import checkpoints
-from searchlab.attrs import (
-    EPOCHS_TRAINED,
-    MLFLOW_RUN_ID,
-    OVERRIDES,
-    REASON,
-    RESUMED_FROM_EPOCH,
-    checkpoint_of,
-    retry_attrs,
-)
-from searchlab.config import Composer, format_override, user_config_dir
-from searchlab.data import Splits
+from searchlab.attrs import MLFLOW_RUN_ID, REASON
 from searchlab.faults import heartbeat
 from searchlab.interrupts import terminated
-from searchlab.lightning_fit import TrainResult
 from searchlab.objectives import Objectives, first_value
-from searchlab.space import SearchSpace
 from searchlab.storage import one_sync
-from searchlab.tracking import Tracker, config_yaml
-from searchlab.training import fit
+from searchlab.tracking import ROLE_TRIAL, Tracker
 
 
 @dataclass(frozen=True)
@@ -55,177 +43,29 @@ class TrialOutcome:
     values: tuple[float, ...] | None = None  # with several objectives, all of them
 
 
-# Called for a trial that finished COMPLETE, before it is told: (number, run id, result, value or values) -> whether
-# it kept the trial's weights (searchlab.model_out.KeepWeights).
-KeepModel = Callable[[int, str, TrainResult, "float | list[float]"], bool]
+@dataclass(frozen=True)
+class TrialRun:
+    """The trial's MLflow child run, as its work describes it (Tracker.start_trial opens it)."""
 
-# Overrides of these keys shape the study, not the training: the re-run command leaves them out.
-_STUDY_ONLY = ("study", "tracking", "search", "workers", "report")
-
-
-def training_overrides(overrides: list[str]) -> list[str]:
-    """The overrides that shape the training; study and tracking settings (URLs, passwords) are left out."""
-    return [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] not in _STUDY_ONLY]
-
-
-def train_command(overrides: list[str]) -> str:
-    """The shell command that trains this configuration alone (with the --config-dir this command was given, as the
-    user wrote it where it lies under the current folder)."""
-    folder = user_config_dir()
-    flag: list[str] = []
-    if folder is not None:
-        flag = ["--config-dir", os.path.relpath(folder) if folder.is_relative_to(Path.cwd()) else str(folder)]
-    return " ".join(["searchlab", "train", *(shlex.quote(o) for o in [*flag, *training_overrides(overrides)])])
-
-
-class TrialRunner:
-    """Runs trials of one study, sharing the composed-config cache, the data and the tracker between them."""
-
-    def __init__(self, study: optuna.Study, cfg: DictConfig, direction: str, base_overrides: list[str],
-                 composer: Composer, space: SearchSpace, splits: Splits | None, tracker: Tracker,
-                 parent_run_id: str, keep: KeepModel | None = None) -> None:
-        """`splits`: the resident data on the training device, or None when `data` is a LightningDataModule.
-        `keep` saves a finished trial's best weights when they may be logged at the study's end."""
-        self.study, self.cfg, self.base_overrides = study, cfg, base_overrides
-        self.composer, self.space, self.splits = composer, space, splits
-        self.tracker, self.parent_run_id, self.keep = tracker, parent_run_id, keep
-        self.objectives = Objectives.of(cfg.study)
-        self.metric, self.direction = self.objectives.primary, direction
-        self.use_grid = cfg.study.sampler == "grid"
-
-    def run(self, trial: optuna.Trial | None = None) -> TrialOutcome:
-        """One trial (asked here unless given) to tell; whatever happens after ask, the trial is told and its run
-        terminated."""
-        start = time.perf_counter()
-        with one_sync(self.study._storage):  # its journal writes fsynced once, at its end (also in run_trials)
-            trial = self.study.ask() if trial is None else trial
-            with heartbeat(trial):  # lets other workers see this one is alive (RDB and grpc:// storages; see faults)
-                return self._run(trial, start)
-
-    def _run(self, trial: optuna.Trial, start: float) -> TrialOutcome:
-        values: dict[str, Any] = {}
-        run_id: str | None = None
-        try:
-            values = self.space.sample(trial, self.use_grid)
-            trial_cfg, run_id = self.start(trial, values)
-        except BaseException as err:  # the trial fails, the study goes on; an interrupt also stops the study
-            return self.fail(trial, run_id, err, start, values)
-        return self.train(trial, values, trial_cfg, run_id, start)
-
-    def train(self, trial: optuna.Trial, values: dict[str, Any], trial_cfg: DictConfig, run_id: str,
-              start: float) -> TrialOutcome:
-        """Trains a started trial alone (resuming its checkpoint when an earlier attempt left one) and tells it."""
-        plan: checkpoints.CheckpointPlan | None = None
-        try:
-            plan = self._checkpoint_plan(trial, trial_cfg, run_id)
-            reporter = EpochReporter(trial, run_id, self.tracker, self.objectives)
-            result = fit(trial_cfg, self.splits, reporter, metric=self.metric, checkpoint=plan)
-        except BaseException as err:
-            return self.fail(trial, run_id, err, start, values, plan)
-        return self.conclude(trial, run_id, result, reporter.pruned, time.perf_counter() - start, values, plan)
-
-    def start(self, trial: optuna.Trial, values: dict[str, Any]) -> tuple[DictConfig, str]:
-        """The trial's config from its sampled values, and its MLflow run (started; the trial's user attrs name
-        it and the overrides that re-run it)."""
-        overrides = training_overrides(self.base_overrides + [format_override(k, v) for k, v in values.items()])
-        trial_cfg = self.composer(values)
-        run_id = self.tracker.start_trial(
-            self.parent_run_id, trial.number, values, config_yaml(trial_cfg), train_command(overrides))
-        trial.set_user_attr(MLFLOW_RUN_ID, run_id)
-        trial.set_user_attr(OVERRIDES, overrides)
-        return trial_cfg, run_id
-
-    def fail(self, trial: optuna.Trial, run_id: str | None, err: BaseException, start: float,
-             values: dict[str, Any], plan: checkpoints.CheckpointPlan | None = None) -> TrialOutcome:
-        """Tells the trial FAIL with the error as its reason; an interrupt (Ctrl-C, SIGTERM) re-queues a trial
-        with a checkpoint and is raised again as KeyboardInterrupt, to stop the study."""
-        interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
-        reason = _describe(err)
-        if interrupted:
-            reason = ("terminated (SIGTERM)" if terminated() else "interrupted") + self._requeue(trial, plan)
-        else:
-            checkpoints.remove(plan)
-        self._finish(trial, run_id, TrialState.FAIL, None, reason)
-        if interrupted:
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores SIGINT after one
-            raise KeyboardInterrupt from None
-        return TrialOutcome(trial.number, "FAIL", None, time.perf_counter() - start, reason, values)
-
-    def conclude(self, trial: optuna.Trial, run_id: str, result: TrainResult, pruned: bool, seconds: float,
-                 values: dict[str, Any], plan: checkpoints.CheckpointPlan | None = None) -> TrialOutcome:
-        """Tells a trained trial: PRUNED (by the pruner, or diverged), FAIL without a finite value, else COMPLETE
-        (its weights kept when they may be logged)."""
-        checkpoints.remove(plan)  # finished: nothing to resume
-        if RESUMED_FROM_EPOCH in trial.user_attrs:  # what the retry trained (a trial from epoch 0: all its epochs)
-            trial.set_user_attr(EPOCHS_TRAINED, len(result.history) - trial.user_attrs[RESUMED_FROM_EPOCH])
-        value = self.objectives.values_of(result)
-        if pruned or result.stop_reason:
-            # Diverged runs are pruned, not failed: they count toward the budget, and the sampler learns from them.
-            state, reason, value = TrialState.PRUNED, result.stop_reason, None
-        elif value is None:
-            state = TrialState.FAIL
-            reason = (f"no finite {', '.join(self.objectives.names)} in any epoch"
-                      + (f" ({result.ended})" if result.ended else ""))
-        else:
-            # A limit of its own (trainer.max_time, early stopping) ends a trial complete, with the reason.
-            state, reason = TrialState.COMPLETE, result.ended
-            if self.keep is not None:
-                self.keep(trial.number, run_id, result, value)
-        self._finish(trial, run_id, state, value, reason)
-        several = tuple(value) if isinstance(value, list) else None
-        return TrialOutcome(trial.number, state.name, first_value(value), seconds, reason, values,
-                            trial.user_attrs.get(RESUMED_FROM_EPOCH), several)
-
-    def _checkpoint_plan(self, trial: optuna.Trial, trial_cfg: DictConfig, run_id: str) -> checkpoints.CheckpointPlan:
-        """Where this trial's checkpoint lives (one folder per trial and its retries), and whether a checkpoint left
-        by an earlier attempt with the same params is there to resume: then the new run and the pruner get the
-        epochs already trained, and the training goes on from the next one."""
-        owner = {"params": dict(trial.params), "run_id": run_id, "trial": trial.number}
-        plan = checkpoints.trial_plan(trial_cfg, checkpoint_of(trial), owner)
-        saved = checkpoints.read_saved(plan.path)
-        if saved is None or saved.owner.get("params") != owner["params"]:
-            checkpoints.remove(plan)  # none, or another study's under the same name and number
-            return plan
-        trial.set_user_attr(RESUMED_FROM_EPOCH, saved.epoch)
-        self.tracker.resume_trial(run_id, saved.epoch, saved.owner.get("run_id"), saved.history)
-        for epoch, metrics in enumerate(saved.history, 1):  # the pruner sees the epochs trained before
-            if not self.objectives.several and math.isfinite(metrics.get(self.metric, math.nan)):
-                trial.report(metrics[self.metric], epoch)
-        return dataclasses.replace(plan, resume=True)
-
-    def _requeue(self, trial: optuna.Trial, plan: checkpoints.CheckpointPlan | None) -> str:
-        """An interrupted trial with a checkpoint is queued again with its params: the next run of the study resumes
-        it from there. Returns what the reason should add."""
-        saved = None if plan is None else checkpoints.read_saved(plan.path)
-        if saved is None:
-            return ""
-        self.study.enqueue_trial(dict(trial.params), user_attrs=retry_attrs(trial))
-        return f"; resumable from its checkpoint of epoch {saved.epoch} (re-queued)"
-
-    def _finish(self, trial: optuna.Trial, run_id: str | None, state: TrialState,
-                value: float | list[float] | None, reason: str | None) -> None:
-        if reason:
-            trial.set_user_attr(REASON, reason)
-        self.study.tell(trial, value, state=state)
-        if run_id is None:  # failed or interrupted before its run was made: every finished trial has one
-            run_id = self.tracker.start_trial(self.parent_run_id, trial.number, trial.params, "", "")
-        if isinstance(value, list):  # several objectives: each as objective.<metric>; `objective` is the first
-            self.tracker.log_epoch(run_id, 0, {f"objective.{n}": v for n, v in zip(self.objectives.names, value,
-                                                                                    strict=True)})
-        self.tracker.end_trial(run_id, state.name, first_value(value), reason)
+    params: Mapping[str, Any]
+    config_yaml: str = ""
+    command: str = ""  # the shell command that trains the trial alone
+    name: str | None = None  # trial-<number> unless given
+    role: str = ROLE_TRIAL
+    tags: Mapping[str, str] = field(default_factory=dict)
 
 
 class EpochReporter:
-    """The per-epoch hook of one trial: logs the epoch to its MLflow run and reports its value to the pruner; returns
-    the reason to stop when the pruner says so (`pruned` then stays True)."""
+    """The per-epoch hook of one trial: logs the epoch to its MLflow run and, given objectives, reports the primary
+    metric to the pruner; returns the reason to stop when the pruner says so (`pruned` then stays True)."""
 
-    def __init__(self, trial: optuna.Trial, run_id: str, tracker: Tracker, objectives: Objectives) -> None:
+    def __init__(self, trial: optuna.Trial, run_id: str, tracker: Tracker, objectives: Objectives | None) -> None:
         self.trial, self.run_id, self.tracker, self.objectives = trial, run_id, tracker, objectives
         self.pruned = False
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> str | None:
         self.tracker.log_epoch(self.run_id, epoch, metrics)
-        if self.objectives.several:
+        if self.objectives is None or self.objectives.several:
             return None  # no pruning: Trial.report raises in a multi-objective study (optuna#3450)
         metric = self.objectives.primary
         value = metrics.get(metric, math.nan)
@@ -238,6 +78,155 @@ class EpochReporter:
         return None
 
 
-def _describe(err: BaseException) -> str:
+@dataclass
+class Attempt:
+    """One trial on its way from reserve to tell. The lifecycle sets run_id and reporter; the work fills the rest."""
+
+    trial: optuna.Trial
+    start: float  # time.perf_counter() when it (or its pack) was reserved
+    params: dict[str, Any] = field(default_factory=dict)  # what its progress line shows (the sampled values)
+    cfg: Any = None  # the work's own: the trial's composed config
+    run_id: str | None = None
+    reporter: EpochReporter | None = None  # the on_epoch hook of its training
+    error_state: TrialState = TrialState.FAIL  # how an error (not an interrupt) tells it
+    note: str = ""  # what the reason of an interrupt adds (a checkpoint re-queued)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How a trained trial is told."""
+
+    state: TrialState
+    value: float | list[float] | None = None
+    reason: str | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)  # logged to its run at the end
+    seconds: float | None = None  # its share of a pack's time; else the time since its reserve
+    resumed_from: int | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)  # set on its run at the end (the sweeper's output folder)
+
+
+class NotRun(Exception):
+    """Raised by `prepare`: the trial is told FAIL at once with this reason, unrun and without an MLflow run."""
+
+
+class TrialWork(abc.ABC):
+    """What a study's trials train. The lifecycle reads `study`, `tracker`, `parent_run_id`; `objectives` (None: the
+    epochs are only logged) feeds the pruner; `size` > 1 prepares and trains that many trials at once."""
+
+    study: optuna.Study
+    tracker: Tracker
+    parent_run_id: str
+    objectives: Objectives | None = None
+    size: int = 1
+    pruned_run_state = "PRUNED"  # the MLflow state of a PRUNED trial's run
+
+    @abc.abstractmethod
+    def prepare(self, attempt: Attempt) -> TrialRun:
+        """Draws the trial's params and config into `attempt`; returns its run (or raises NotRun)."""
+
+    @abc.abstractmethod
+    def train(self, attempts: list[Attempt]) -> Iterator[tuple[Attempt, Verdict | Exception]]:
+        """Trains the prepared attempts (each epoch through attempt.reporter) and yields each as it is done."""
+
+    def members_like(self, first: Attempt) -> AbstractContextManager[None]:
+        """While the further members of a pack are reserved and prepared (size > 1): what they share with `first`."""
+        return contextlib.nullcontext()
+
+
+Reserve = Callable[[bool], "optuna.Trial | None"]  # (wait) -> the next trial, or None; wait=False for pack members
+
+
+def run_next(work: TrialWork, reserve: Reserve) -> list[TrialOutcome]:
+    """The next trial (up to work.size of them), from its reserve to its run's end; [] when none was reserved."""
+    start = time.perf_counter()
+    first = reserve(True)
+    if first is None:
+        return []
+    told: list[TrialOutcome] = []
+    untold: list[Attempt] = []
+    with contextlib.ExitStack() as beats:
+        try:
+            _begin(work, Attempt(first, start), beats, untold, told)
+            if untold and work.size > 1:
+                with work.members_like(untold[0]):
+                    while len(untold) + len(told) < work.size and (trial := reserve(False)) is not None:
+                        _begin(work, Attempt(trial, start), beats, untold, told)
+            for attempt, result in work.train(list(untold)):
+                untold.remove(attempt)
+                verdict = result if isinstance(result, Verdict) else _failed(attempt, result)
+                told.append(_finish(work, attempt, verdict))
+        except BaseException as err:  # every trial not yet told fails; an interrupt also stops the study
+            for attempt in untold:
+                with contextlib.suppress(KeyboardInterrupt):
+                    told.append(_finish(work, attempt, _failed(attempt, err)))
+            if not interrupted(err):
+                return told
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores SIGINT after one
+            raise KeyboardInterrupt from None
+    return told
+
+
+def run_trial(work: TrialWork, trial: optuna.Trial | None = None) -> TrialOutcome:
+    """One trial (asked here unless given) without a budget: what `run_trials` does for each, for benchmarks."""
+    with one_sync(work.study._storage):
+        given = [work.study.ask() if trial is None else trial]
+        return run_next(work, lambda wait: given.pop() if wait and given else None)[0]
+
+
+def _begin(work: TrialWork, attempt: Attempt, beats: contextlib.ExitStack, untold: list[Attempt],
+           told: list[TrialOutcome]) -> None:
+    """Heartbeat, prepare, open the run. An error tells the trial now; an interrupt leaves it to run_next."""
+    beats.enter_context(heartbeat(attempt.trial))  # other workers see this one alive (RDB, grpc://; faults)
+    untold.append(attempt)
+    try:
+        attempt.run_id = _open_run(work, attempt.trial.number, work.prepare(attempt))
+        attempt.trial.set_user_attr(MLFLOW_RUN_ID, attempt.run_id)
+        attempt.reporter = EpochReporter(attempt.trial, attempt.run_id, work.tracker, work.objectives)
+    except NotRun as skip:
+        untold.remove(attempt)
+        told.append(_finish(work, attempt, Verdict(TrialState.FAIL, reason=str(skip)), open_run=False))
+    except Exception as err:
+        untold.remove(attempt)
+        told.append(_finish(work, attempt, _failed(attempt, err)))
+
+
+def _open_run(work: TrialWork, number: int, run: TrialRun) -> str:
+    """Where a trial becomes an MLflow run (a nested child of the study's parent run)."""
+    return work.tracker.start_trial(work.parent_run_id, number, run.params, run.config_yaml, run.command, run.name,
+                                    run.role, run.tags)
+
+
+def _failed(attempt: Attempt, err: BaseException) -> Verdict:
+    if interrupted(err):  # re-queued by the next run when it has a checkpoint (attempt.note)
+        return Verdict(TrialState.FAIL, reason=("terminated (SIGTERM)" if terminated() else "interrupted")
+                       + attempt.note)
+    return Verdict(attempt.error_state, reason=describe(err))
+
+
+def _finish(work: TrialWork, attempt: Attempt, verdict: Verdict, open_run: bool = True) -> TrialOutcome:
+    """Tells the trial and ends its run (made now if it failed before its run was: every told trial has one)."""
+    trial, value = attempt.trial, verdict.value
+    if verdict.reason:
+        trial.set_user_attr(REASON, verdict.reason)
+    work.study.tell(trial, value, state=verdict.state)
+    if open_run:
+        run_id = attempt.run_id or _open_run(work, trial.number, TrialRun(trial.params))
+        if verdict.metrics:
+            work.tracker.log_epoch(run_id, 0, verdict.metrics)
+        shown = work.pruned_run_state if verdict.state == TrialState.PRUNED else verdict.state.name
+        work.tracker.end_trial(run_id, shown, first_value(value), verdict.reason, verdict.tags)
+    seconds = verdict.seconds if verdict.seconds is not None else time.perf_counter() - attempt.start
+    several = tuple(value) if isinstance(value, list) else None
+    return TrialOutcome(trial.number, verdict.state.name, first_value(value), seconds, verdict.reason,
+                        attempt.params, verdict.resumed_from, several)
+
+
+def interrupted(err: BaseException) -> bool:
+    """Ctrl-C, or SIGTERM (searchlab.interrupts raises KeyboardInterrupt for it)."""
+    return isinstance(err, (KeyboardInterrupt, SystemExit))
+
+
+def describe(err: BaseException) -> str:
+    """An error as a trial's reason: its type and first line."""
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

@@ -81,6 +81,11 @@ class DeadWorkers:
         self.tracker.fail_lost_trial(self.parent_run_id, trial.number, trial.params, reason)
 
 
+def cli_command(*args: str) -> list[str]:
+    """The command line of a worker process: `searchlab <args>` with this Python."""
+    return [sys.executable, "-m", "searchlab.cli", *args]
+
+
 def outcome_of(trial: FrozenTrial) -> TrialOutcome:
     """A finished trial read from the storage, as the loop that ran it reported it."""
     seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_start else 0.0
@@ -93,15 +98,16 @@ def outcome_of(trial: FrozenTrial) -> TrialOutcome:
 class WorkerPool:
     """The parent of `searchlab search workers=N`: it only spawns, watches and reports.
 
-    Each worker is `searchlab worker <the same overrides>` in its own session (so Ctrl-C reaches only the parent,
-    which forwards it once), with its GPU and thread count in its environment. A worker killed by a signal is
-    replaced, up to study.max_consecutive_failures deaths with no trial finishing in between.
+    Each worker runs `command` (`searchlab worker <the same overrides>`, see cli_command) in its own session (so
+    Ctrl-C reaches only the parent, which forwards it once), with its GPU and thread count in its environment. A
+    worker killed by a signal is replaced, up to study.max_consecutive_failures deaths with no trial finishing in
+    between.
     """
 
-    def __init__(self, slots: Sequence[WorkerSlot], overrides: Sequence[str], budget: Budget, max_deaths: int,
+    def __init__(self, slots: Sequence[WorkerSlot], command: Sequence[str], budget: Budget, max_deaths: int,
                  poll_seconds: float = 0.5) -> None:
         self.slots, self.budget, self.max_deaths = list(slots), budget, max_deaths
-        self.command = [sys.executable, "-m", "searchlab.cli", "worker", *overrides]
+        self.command = list(command)
         self.poll_seconds = poll_seconds
         self._seen: set[int] = set()
 

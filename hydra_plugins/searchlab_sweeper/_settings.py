@@ -39,7 +39,7 @@ class SweepSettings:
     cfg: DictConfig
     space: SearchSpace
     callbacks_key: str
-    worker: int | None
+    worker: bool  # this process is one of the sweeper's workers
     arguments: list[str]
     fixed: dict[str, str]
 
@@ -60,7 +60,7 @@ def read_settings(settings: Mapping[str, Any], arguments: Sequence[str], config_
         raise ConfigError(f"{PREFIX}.callbacks_key: expected the app's config key of its Trainer callbacks "
                           f"(e.g. callbacks), got {key!r}")
     worker = settings["worker"]
-    if worker is not None and (not isinstance(worker, int) or isinstance(worker, bool) or worker < 0):
+    if not isinstance(worker, bool):
         raise ConfigError(f"{PREFIX}.worker: set by the sweeper for its worker processes; leave it unset")
     fixed = _fixed(arguments, key)
     composer = AppComposer(config_loader, master, list(arguments))

@@ -58,7 +58,7 @@ def sweeper_defaults() -> dict[str, Any]:
         "report": group_defaults("report", "default"),
         "workers": "auto",  # N processes on the study (basic launcher), or auto: one per GPU; batches elsewhere
         "callbacks_key": "callbacks",  # where the app's Trainer callbacks come from (lightning-hydra-template's)
-        "worker": None,  # set by the sweeper for the worker processes it starts: their number
+        "worker": False,  # set by the sweeper for the worker processes it starts
     }
 
 
