@@ -44,6 +44,8 @@ from searchlab.workers import WORKER_INDEX_ENV
 
 from ._settings import PREFIX, AppComposer, SweepSettings
 
+EXIT_INTERRUPTED = 130  # as searchlab's CLI
+
 
 class Sweep:
     """One run of the sweeper: the parent (spawning workers, or running trials itself) or one of its workers."""
@@ -138,9 +140,9 @@ class Sweep:
             except Exception as err:  # the study is done and stored: `searchlab report` makes it again
                 print(f"searchlab: report not written ({type(err).__name__}: {redact(str(err))[:200]})",
                       file=sys.stderr)
-        if status == "KILLED":
+        if status == "KILLED":  # Ctrl-C: the running trial failed "interrupted"; the same command resumes
             print(f"interrupted: run the same command to resume study '{cfg.study.name}'", file=sys.stderr)
-            raise KeyboardInterrupt
+            sys.exit(EXIT_INTERRUPTED)
         if status == "FAILED":
             sys.exit(1)
         return work.returns
