@@ -18,7 +18,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from searchlab.attrs import OVERRIDES
-from searchlab.budget import budget_used
 from searchlab.build import load_data, module_task
 from searchlab.config import (
     Composer,
@@ -42,7 +41,6 @@ from searchlab.model_out import (
     module_with_weights,
 )
 from searchlab.objectives import PRUNING_OFF, Objectives, metric_names, metric_setting
-from searchlab.pack_trials import PackWork, check_pack
 from searchlab.progress import Progress
 from searchlab.report import (
     Report,
@@ -53,10 +51,7 @@ from searchlab.report import (
     with_trial,
     write_report,
 )
-from searchlab.search_work import SearchWork, train_command, training_overrides
-from searchlab.session import Session, SessionSettings, worker_slots
 from searchlab.space import load_space
-from searchlab.storage import serve_storage_proxy
 from searchlab.study import (
     best_trial,
     check_sampler,
@@ -65,10 +60,15 @@ from searchlab.study import (
     open_study,
     state_counts,
 )
+from searchlab.study.budget import budget_used
+from searchlab.study.pack_trials import PackWork, check_pack
+from searchlab.study.search_work import SearchWork, train_command, training_overrides
+from searchlab.study.session import Session, SessionSettings, worker_slots
+from searchlab.study.storage import serve_storage_proxy
+from searchlab.study.trial import TrialOutcome
+from searchlab.study.workers import WORKER_INDEX_ENV, cli_command
 from searchlab.tracking import Tracker
 from searchlab.training import check_targets, fit, preflight
-from searchlab.trial import TrialOutcome
-from searchlab.workers import WORKER_INDEX_ENV, cli_command
 
 
 @dataclass

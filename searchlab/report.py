@@ -31,9 +31,9 @@ from optuna.trial import FrozenTrial, TrialState
 from searchlab.attrs import MLFLOW_PARENT_RUN_ID, OVERRIDES
 from searchlab.config import ConfigError, redact
 from searchlab.objectives import Objectives, format_value, metric_names
-from searchlab.search_work import train_command
-from searchlab.storage import open_storage
 from searchlab.study import Best, best_trial, state_counts
+from searchlab.study.search_work import train_command
+from searchlab.study.storage import open_storage
 from searchlab.tracking import Tracker
 
 if TYPE_CHECKING:

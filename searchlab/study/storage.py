@@ -19,7 +19,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.storages.journal._file import get_lock_file
 
 from searchlab.config import ConfigError, redact
-from searchlab.faults import GrpcProxyWithHeartbeat
+from searchlab.study.faults import GrpcProxyWithHeartbeat
 
 
 def open_storage(url: str, heartbeat: Mapping[str, Any] | None = None) -> BaseStorage:

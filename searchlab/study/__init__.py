@@ -1,0 +1,27 @@
+"""The study: a search's Optuna study, its trials and the processes that run them.
+
+session  Session: tracker, storage, lock, parent run, dead workers, budget, the loop or a worker pool (one per run)
+trial    THE trial lifecycle (run_next) and TrialWork, the part that differs: search_work.SearchWork (sample,
+         compose, fit), pack_trials.PackWork (K trials at once), ablate.AblationWork, the Hydra sweeper's work
+loop     sampler, pruner, open_study; run_trials and its stop rules; the best trial
+budget   study.n_trials over every worker;   storage  Optuna storages;   faults  heartbeat, lost trials;
+workers  worker processes and dead-worker recovery
+"""
+
+from searchlab.study.loop import (
+    Best,
+    StudyStopped,
+    best_trial,
+    check_sampler,
+    make_pruner,
+    make_sampler,
+    open_study,
+    run_trials,
+    state_counts,
+)
+from searchlab.study.session import Session, SessionSettings, worker_slots
+from searchlab.study.trial import Attempt, NotRun, TrialOutcome, TrialRun, TrialWork, Verdict, run_next, run_trial
+
+__all__ = ["Attempt", "Best", "NotRun", "Session", "SessionSettings", "StudyStopped", "TrialOutcome", "TrialRun",
+           "TrialWork", "Verdict", "best_trial", "check_sampler", "make_pruner", "make_sampler", "open_study",
+           "run_next", "run_trial", "run_trials", "state_counts", "worker_slots"]
