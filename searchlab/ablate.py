@@ -80,10 +80,19 @@ from searchlab.lightning_fit import resolve_device
 from searchlab.locks import BudgetLock
 from searchlab.objectives import Objectives
 from searchlab.report import load_study, write_report
+from searchlab.study import (
+    Attempt,
+    NotRun,
+    Session,
+    SessionSettings,
+    TrialOutcome,
+    TrialRun,
+    TrialWork,
+    Verdict,
+    cli_command,
+    worker_slots,
+)
 from searchlab.study.search_work import train_command, training_overrides
-from searchlab.study.session import Session, SessionSettings, worker_slots
-from searchlab.study.trial import Attempt, NotRun, TrialOutcome, TrialRun, TrialWork, Verdict
-from searchlab.study.workers import cli_command
 from searchlab.tracking import Tracker
 from searchlab.training import fit
 

@@ -53,20 +53,23 @@ from searchlab.report import (
 )
 from searchlab.space import load_space
 from searchlab.study import (
+    WORKER_INDEX_ENV,
+    Session,
+    SessionSettings,
+    TrialOutcome,
     best_trial,
+    budget_used,
     check_sampler,
+    cli_command,
     make_pruner,
     make_sampler,
     open_study,
+    serve_storage_proxy,
     state_counts,
+    worker_slots,
 )
-from searchlab.study.budget import budget_used
 from searchlab.study.pack_trials import PackWork, check_pack
 from searchlab.study.search_work import SearchWork, train_command, training_overrides
-from searchlab.study.session import Session, SessionSettings, worker_slots
-from searchlab.study.storage import serve_storage_proxy
-from searchlab.study.trial import TrialOutcome
-from searchlab.study.workers import WORKER_INDEX_ENV, cli_command
 from searchlab.tracking import Tracker
 from searchlab.training import check_targets, fit, preflight
 

@@ -8,6 +8,7 @@ budget   study.n_trials over every worker;   storage  Optuna storages;   faults 
 workers  worker processes and dead-worker recovery
 """
 
+from searchlab.study.budget import Budget, budget_used
 from searchlab.study.loop import (
     Best,
     StudyStopped,
@@ -20,8 +21,11 @@ from searchlab.study.loop import (
     state_counts,
 )
 from searchlab.study.session import Session, SessionSettings, worker_slots
+from searchlab.study.storage import open_storage, serve_storage_proxy
 from searchlab.study.trial import Attempt, NotRun, TrialOutcome, TrialRun, TrialWork, Verdict, run_next, run_trial
+from searchlab.study.workers import WORKER_INDEX_ENV, cli_command
 
-__all__ = ["Attempt", "Best", "NotRun", "Session", "SessionSettings", "StudyStopped", "TrialOutcome", "TrialRun",
-           "TrialWork", "Verdict", "best_trial", "check_sampler", "make_pruner", "make_sampler", "open_study",
-           "run_next", "run_trial", "run_trials", "state_counts", "worker_slots"]
+__all__ = ["WORKER_INDEX_ENV", "Attempt", "Best", "Budget", "NotRun", "Session", "SessionSettings", "StudyStopped",
+           "TrialOutcome", "TrialRun", "TrialWork", "Verdict", "best_trial", "budget_used", "check_sampler",
+           "cli_command", "make_pruner", "make_sampler", "open_storage", "open_study", "run_next", "run_trial",
+           "run_trials", "serve_storage_proxy", "state_counts", "worker_slots"]
