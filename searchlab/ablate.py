@@ -79,7 +79,7 @@ from searchlab.data import Splits
 from searchlab.lightning_fit import resolve_device
 from searchlab.locks import BudgetLock
 from searchlab.objectives import Objectives
-from searchlab.report import load_study, write_report
+from searchlab.report import write_report
 from searchlab.study import (
     Attempt,
     NotRun,
@@ -90,6 +90,7 @@ from searchlab.study import (
     TrialWork,
     Verdict,
     cli_command,
+    load_study,
     worker_slots,
 )
 from searchlab.study.search_work import train_command, training_overrides

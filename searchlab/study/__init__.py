@@ -4,7 +4,7 @@ session  Session: tracker, storage, lock, parent run, dead workers, budget, the 
 trial    THE trial lifecycle (run_next) and TrialWork, the part that differs: search_work.SearchWork (sample,
          compose, fit), pack_trials.PackWork (K trials at once), ablate.AblationWork, the Hydra sweeper's work
 loop     sampler, pruner, open_study; run_trials and its stop rules; the best trial
-budget   study.n_trials over every worker;   storage  Optuna storages;   faults  heartbeat, lost trials;
+budget   study.n_trials over every worker;   storage  Optuna storages, load_study;   faults  heartbeat, lost trials;
 workers  worker processes and dead-worker recovery
 """
 
@@ -21,11 +21,11 @@ from searchlab.study.loop import (
     state_counts,
 )
 from searchlab.study.session import Session, SessionSettings, worker_slots
-from searchlab.study.storage import open_storage, serve_storage_proxy
+from searchlab.study.storage import load_study, open_storage, serve_storage_proxy
 from searchlab.study.trial import Attempt, NotRun, TrialOutcome, TrialRun, TrialWork, Verdict, run_next, run_trial
 from searchlab.study.workers import WORKER_INDEX_ENV, cli_command
 
 __all__ = ["WORKER_INDEX_ENV", "Attempt", "Best", "Budget", "NotRun", "Session", "SessionSettings", "StudyStopped",
            "TrialOutcome", "TrialRun", "TrialWork", "Verdict", "best_trial", "budget_used", "check_sampler",
-           "cli_command", "make_pruner", "make_sampler", "open_storage", "open_study", "run_next", "run_trial",
-           "run_trials", "serve_storage_proxy", "state_counts", "worker_slots"]
+           "cli_command", "load_study", "make_pruner", "make_sampler", "open_storage", "open_study", "run_next",
+           "run_trial", "run_trials", "serve_storage_proxy", "state_counts", "worker_slots"]
