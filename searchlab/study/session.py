@@ -1,6 +1,6 @@
 """One run of a study in this process: what `search`, `ablate` and the Hydra sweeper share.
 
-    session = Session(SessionSettings(name, storage, n_trials, ...), make_study, metric, run_params)
+    session = Session(SessionSettings(name, storage_url, n_trials, tracking_uri), make_study, metric, run_params)
     status = session.run(lambda: MyWork(session, ...), on_trial, slots, cli_command(...))   # FINISHED/KILLED/FAILED
     session.end(status, best, counts)                                                         # the parent run
 `Session(...)` opens the tracker, the storage (with its heartbeat), the study (`make_study(storage)`), the budget lock,
