@@ -34,18 +34,18 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.loops.fit_loop import _FitLoop
 from torch.utils.data import DataLoader, TensorDataset
 
-import searchlab.search_work
+import searchlab.study.search_work
+import searchlab.study.trial
 import searchlab.tracking
-import searchlab.trial
 from bench.devices import UtilizationSampler, device_overrides, gpu_utilization_reader
 from bench.timing import PartTimer
 from searchlab.build import DataShape, build_network, load_data, optimizer_factory, schedule_factory
 from searchlab.config import Composer
 from searchlab.data import Splits
-from searchlab.search_work import SearchWork
 from searchlab.space import SearchSpace, parse_space
-from searchlab.storage import open_storage
 from searchlab.study import make_pruner, make_sampler
+from searchlab.study.search_work import SearchWork
+from searchlab.study.storage import open_storage
 from searchlab.tracking import Tracker
 
 # The issue's fixed setting: digits MLP 2x256, batch 64, 10 epochs, no pruning.
@@ -226,7 +226,7 @@ LOOP = "loop"  # the part holding Lightning's training and validation steps; eve
 def instrument(timer: PartTimer, runner: SearchWork) -> None:
     """Wraps the trial path's calls so each trial's wall time splits into parts (restored by timer.restore())."""
     storage = runner.study._storage
-    timer.patch(searchlab.trial, "run_trial", "trial")
+    timer.patch(searchlab.study.trial, "run_trial", "trial")
     timer.patch(runner.study, "ask")
     timer.patch(runner.study, "tell")
     timer.patch(runner.space, "sample", "sample (suggest)")
@@ -239,7 +239,7 @@ def instrument(timer: PartTimer, runner: SearchWork) -> None:
         timer.patch(runner.tracker.client, name)
     timer.patch(optuna.trial.Trial, "report")
     timer.patch(optuna.trial.Trial, "should_prune")
-    timer.patch(searchlab.search_work, "fit", "fit set-up")  # its name for searchlab.training.fit
+    timer.patch(searchlab.study.search_work, "fit", "fit set-up")  # its name for searchlab.training.fit
     timer.patch(_FitLoop, "run", LOOP)
 
 
@@ -353,7 +353,7 @@ def run_overhead(out: Path, configs: int = 4, repeats: int = 5, device: str = "c
             study.enqueue_trial(values)
             timer.active = instrumented
             start = time.perf_counter()
-            searchlab.trial.run_trial(runner)
+            searchlab.study.trial.run_trial(runner)
             seconds = time.perf_counter() - start
             if instrumented:
                 timer.active = False

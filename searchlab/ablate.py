@@ -25,7 +25,7 @@ seeds (the same resampled seeds for every finalist; ties shared) in which its me
 **Storage and resume**: the ablation is an Optuna study of its own, f"{X}.ablation", in the study's storage; each
 (variant, seed) training is one trial, queued with `study.enqueue_trial(user_attrs=...)` naming it (`variant`,
 `family`, `seed`, `overrides`). The trials run through the search's session and trial lifecycle
-(searchlab.session, searchlab.trial; AblationWork is what a trial trains): the budget (count + ask under the
+(searchlab.study.session, searchlab.study.trial; AblationWork is what a trial trains): the budget (count + ask under the
 storage's cross-process lock), the loop in this process or one worker per slot for workers=N (its workers run
 `searchlab ablate ... ablate.worker=true`), and the trials of dead workers failed and re-queued. Whatever trial a
 process is handed, it claims a (variant, seed) of the plan that no finished or running trial holds, under the same
@@ -79,13 +79,23 @@ from searchlab.data import Splits
 from searchlab.lightning_fit import resolve_device
 from searchlab.locks import BudgetLock
 from searchlab.objectives import Objectives
-from searchlab.report import load_study, write_report
-from searchlab.search_work import train_command, training_overrides
-from searchlab.session import Session, SessionSettings, worker_slots
+from searchlab.report import write_report
+from searchlab.study import (
+    Attempt,
+    NotRun,
+    Session,
+    SessionSettings,
+    TrialOutcome,
+    TrialRun,
+    TrialWork,
+    Verdict,
+    cli_command,
+    load_study,
+    worker_slots,
+)
+from searchlab.study.search_work import train_command, training_overrides
 from searchlab.tracking import Tracker
 from searchlab.training import fit
-from searchlab.trial import Attempt, NotRun, TrialOutcome, TrialRun, TrialWork, Verdict
-from searchlab.workers import cli_command
 
 # Where each technique lives in the config: the one table to re-point when config keys move.
 # schedule and optimizer are config groups (their own keys are `<group>.*`); the rest are plain keys.

@@ -18,7 +18,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from searchlab.attrs import APP_COMMAND, OVERRIDES
-from searchlab.budget import budget_used
 from searchlab.build import load_data, module_task
 from searchlab.config import (
     Composer,
@@ -42,33 +41,37 @@ from searchlab.model_out import (
     module_with_weights,
 )
 from searchlab.objectives import PRUNING_OFF, Objectives, metric_names, metric_setting
-from searchlab.pack_trials import PackWork, check_pack
 from searchlab.progress import Progress
 from searchlab.report import (
     Report,
     best_overrides,
     check_settings,
-    load_study,
     render_text,
     with_trial,
     write_report,
 )
-from searchlab.search_work import SearchWork, train_command, training_overrides
-from searchlab.session import Session, SessionSettings, worker_slots
 from searchlab.space import load_space
-from searchlab.storage import serve_storage_proxy
 from searchlab.study import (
+    WORKER_INDEX_ENV,
+    Session,
+    SessionSettings,
+    TrialOutcome,
     best_trial,
+    budget_used,
     check_sampler,
+    cli_command,
+    load_study,
     make_pruner,
     make_sampler,
     open_study,
+    serve_storage_proxy,
     state_counts,
+    worker_slots,
 )
+from searchlab.study.pack_trials import PackWork, check_pack
+from searchlab.study.search_work import SearchWork, train_command, training_overrides
 from searchlab.tracking import Tracker
 from searchlab.training import check_targets, fit, preflight
-from searchlab.trial import TrialOutcome
-from searchlab.workers import WORKER_INDEX_ENV, cli_command
 
 
 @dataclass

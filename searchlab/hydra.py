@@ -51,7 +51,7 @@ _trackers: dict[str, Any] = {}
 
 
 def _storage(url: str) -> Any:
-    from searchlab.storage import open_storage
+    from searchlab.study import open_storage
 
     if url not in _storages:
         _storages[url] = open_storage(url)  # no heartbeat here: the sweeper's process keeps the trial's

@@ -19,7 +19,7 @@ from searchlab.objectives import format_value
 
 if TYPE_CHECKING:
     from searchlab.study import Best
-    from searchlab.trial import TrialOutcome
+    from searchlab.study.trial import TrialOutcome
 
 _BUDGET_STATES = ("COMPLETE", "PRUNED")  # as the study's budget counts: failed trials use none
 _COLOURS = {"COMPLETE": "\x1b[32m", "PRUNED": "\x1b[33m", "FAIL": "\x1b[31m"}

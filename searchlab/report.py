@@ -31,28 +31,12 @@ from optuna.trial import FrozenTrial, TrialState
 from searchlab.attrs import MLFLOW_PARENT_RUN_ID, OVERRIDES
 from searchlab.config import ConfigError, redact
 from searchlab.objectives import Objectives, format_value, metric_names
-from searchlab.search_work import train_command
-from searchlab.storage import open_storage
 from searchlab.study import Best, best_trial, state_counts
+from searchlab.study.search_work import train_command
 from searchlab.tracking import Tracker
 
 if TYPE_CHECKING:
     from searchlab.plots import View
-
-
-def load_study(storage_url: str, name: str) -> optuna.Study:
-    """The existing study `name`; a missing store or study is bad input, and nothing is created for it."""
-    path = storage_url.removeprefix("sqlite:///") if storage_url.startswith("sqlite:///") else storage_url
-    if ("://" not in storage_url or storage_url.startswith("sqlite:///")) and not Path(path).is_file():
-        raise ConfigError(f"study.storage: no study storage at {redact(storage_url)}; "
-                          f"give the study.storage the search used")
-    storage = open_storage(storage_url)
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        names = optuna.get_all_study_names(storage)
-        raise ConfigError(f"study.name: no study '{name}' in {redact(storage_url)} "
-                          f"(studies there: {', '.join(names) or 'none'})") from None
 
 
 def check_settings(settings: DictConfig) -> None:

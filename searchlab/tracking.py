@@ -218,7 +218,7 @@ class Tracker:
                     command: str = "", name: str | None = None, role: str = ROLE_TRIAL,
                     tags: Mapping[str, str] | None = None) -> str:
         """The trial's child run, created when the trial starts, with its params, config and re-run command (the
-        one place a trial becomes a run: searchlab.trial's lifecycle, and the runs of lost trials)."""
+        one place a trial becomes a run: searchlab.study.trial's lifecycle, and the runs of lost trials)."""
         if parent_run_id not in self._experiment_of:
             self._experiment_of[parent_run_id] = self.client.get_run(parent_run_id).info.experiment_id
         name = name or f"trial-{number}"

@@ -21,7 +21,7 @@ import searchlab.ablate as ablate_module
 from searchlab.ablate import build_plan, interval, p_best, summarize
 from searchlab.cli import main
 from searchlab.config import compose_config, format_override
-from searchlab.report import load_study
+from searchlab.study import load_study
 
 TINY = ["trainer.max_epochs=2", "model.width=32"]
 

@@ -21,8 +21,8 @@ from servers import MlflowServer, stop, wait_until
 from searchlab.checkpoints import CHECKPOINT_FILE, read_saved
 from searchlab.cli import main
 from searchlab.config import ConfigError, compose_config
-from searchlab.faults import GrpcProxyWithHeartbeat, fail_stale_trials, heartbeat, heartbeat_settings
-from searchlab.storage import open_storage
+from searchlab.study.faults import GrpcProxyWithHeartbeat, fail_stale_trials, heartbeat, heartbeat_settings
+from searchlab.study.storage import open_storage
 
 pytest_plugins = ("servers",)  # the postgres and mlflow_server fixtures
 

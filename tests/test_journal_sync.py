@@ -9,7 +9,7 @@ import optuna
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from searchlab.storage import JournalFile, one_sync, open_storage
+from searchlab.study.storage import JournalFile, one_sync, open_storage
 
 
 def test_writes_of_a_block_are_read_at_once_and_fsynced_once(tmp_path, monkeypatch) -> None:

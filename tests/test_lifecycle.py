@@ -12,8 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from searchlab.session import Session, SessionSettings
-from searchlab.trial import Attempt, NotRun, TrialRun, TrialWork, Verdict
+from searchlab.study.session import Session, SessionSettings
+from searchlab.study.trial import Attempt, NotRun, TrialRun, TrialWork, Verdict
 
 
 class Quadratic(TrialWork):

@@ -21,7 +21,7 @@ from searchlab.cli import main
 from searchlab.commands import _prepare
 from searchlab.modules import Classifier
 from searchlab.pack import varies_per_member
-from searchlab.pack_trials import shared_params
+from searchlab.study.pack_trials import shared_params
 from searchlab.training import fit
 
 FINISHED = ("COMPLETE", "PRUNED")
@@ -196,7 +196,7 @@ def test_shared_params_keep_choices_and_shapes_and_drop_numbers_per_member() -> 
 
 
 def test_a_trial_asked_with_fixed_keys_keeps_them_and_samples_the_rest() -> None:
-    from searchlab.pack_trials import fixed_sampler
+    from searchlab.study.pack_trials import fixed_sampler
 
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=0, multivariate=True))
     study.optimize(lambda t: t.suggest_float("x", 0, 1) + (t.suggest_categorical("c", ["a", "b"]) == "a"),

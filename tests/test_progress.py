@@ -17,7 +17,7 @@ from pathlib import Path
 
 from searchlab.progress import Progress
 from searchlab.study import Best
-from searchlab.trial import TrialOutcome
+from searchlab.study.trial import TrialOutcome
 
 OUTCOMES = [
     TrialOutcome(0, "COMPLETE", 0.9, 1.5, None, {}),

@@ -26,8 +26,9 @@ from optuna.trial import TrialState
 
 from searchlab.cli import main
 from searchlab.config import compose_config, config_dir
-from searchlab.report import load_study, write_report
-from searchlab.storage import open_storage
+from searchlab.report import write_report
+from searchlab.study import load_study
+from searchlab.study.storage import open_storage
 
 TINY = ["trainer.max_epochs=3", "model.width=32", "study.n_trials=8", "report.min_complete=3"]
 PNGS = {"history.png", "learning_curves.png", "parallel_coordinates.png", "slices.png", "techniques.png"}

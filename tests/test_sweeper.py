@@ -46,7 +46,7 @@ def app(tmp_path: Path) -> Path:
 
 
 def trials(app: Path, name: str = "digits_lht") -> list[optuna.trial.FrozenTrial]:
-    from searchlab.storage import open_storage
+    from searchlab.study import open_storage
 
     storage = open_storage(str(app / "mlruns" / "optuna.journal"))
     return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)

@@ -161,9 +161,9 @@ def race_for_the_budget(url: str, n_trials: int = 20, workers: int = 8, locked: 
     import random
     import threading
 
-    from searchlab.budget import Budget
     from searchlab.locks import NoLock, budget_lock
-    from searchlab.storage import open_storage
+    from searchlab.study.budget import Budget
+    from searchlab.study.storage import open_storage
 
     optuna.create_study(study_name="race", storage=open_storage(url))
     errors: list[BaseException] = []

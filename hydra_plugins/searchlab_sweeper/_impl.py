@@ -1,13 +1,13 @@
 """The sweep: searchlab's session and trial lifecycle around the jobs of the user's `@hydra.main` app.
 
-The sweeper is a third entry on searchlab.session.Session and searchlab.trial's lifecycle (beside `search` and
-`ablate`): `JobWork` is what its trials train, one job of the app each, launched with the trial's values as overrides
-through the app's own launcher (`launcher.launch(batch, initial_job_idx)`). A trial's value is the task function's
-return value (`JobReturn.return_value`; a list with several objectives). searchlab.hydra.TrialCallback, added to the
-job by an override of the app's callbacks group, reports each epoch to the trial, logs it to the trial's MLflow run
-and stops a pruned job. Everything else is the session's: the study (resumed by name), the exact budget over
-workers, dead workers' trials re-queued, the MLflow parent run and a child run per trial, the consecutive-failure
-stop; and searchlab's one progress line per trial, its summary and report.
+The sweeper is a third entry on searchlab.study.Session and the trial lifecycle (searchlab.study.trial), beside
+`search` and `ablate`: `JobWork` is what its trials train, one job of the app each, launched with the trial's values
+as overrides through the app's own launcher (`launcher.launch(batch, initial_job_idx)`). A trial's value is the
+task function's return value (`JobReturn.return_value`; a list with several objectives).
+searchlab.hydra.TrialCallback, added to the job by an override of the app's callbacks group, reports each epoch to
+the trial, logs it to the trial's MLflow run and stops a pruned job. Everything else is the session's: the study
+(resumed by name), the exact budget over workers, dead workers' trials re-queued, the MLflow parent run and a child
+run per trial, the consecutive-failure stop; and searchlab's one progress line per trial, its summary and report.
 """
 
 from __future__ import annotations
@@ -30,17 +30,31 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from searchlab.attrs import APP_COMMAND, EPOCHS_REPORTED, OUTPUT_DIR_TAG, OVERRIDES, PRUNED_BY_CALLBACK
-from searchlab.budget import budget_used
 from searchlab.config import ConfigError, format_override, redact
 from searchlab.devices import detect_gpus, worker_count
 from searchlab.hydra import callback_overrides, rerun_command
 from searchlab.objectives import Objectives, metric_setting
 from searchlab.progress import Progress
 from searchlab.report import write_report
-from searchlab.session import Session, SessionSettings, worker_slots
-from searchlab.study import best_trial, check_sampler, make_pruner, make_sampler, open_study, state_counts
-from searchlab.trial import Attempt, TrialOutcome, TrialRun, TrialWork, Verdict, describe
-from searchlab.workers import WORKER_INDEX_ENV
+from searchlab.study import (
+    WORKER_INDEX_ENV,
+    Attempt,
+    Session,
+    SessionSettings,
+    TrialOutcome,
+    TrialRun,
+    TrialWork,
+    Verdict,
+    best_trial,
+    budget_used,
+    check_sampler,
+    make_pruner,
+    make_sampler,
+    open_study,
+    state_counts,
+    worker_slots,
+)
+from searchlab.study.trial import describe
 
 from ._settings import PREFIX, AppComposer, SweepSettings
 

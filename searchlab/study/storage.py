@@ -19,7 +19,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.storages.journal._file import get_lock_file
 
 from searchlab.config import ConfigError, redact
-from searchlab.faults import GrpcProxyWithHeartbeat
+from searchlab.study.faults import GrpcProxyWithHeartbeat
 
 
 def open_storage(url: str, heartbeat: Mapping[str, Any] | None = None) -> BaseStorage:
@@ -140,3 +140,18 @@ def serve_storage_proxy(url: str, host: str, port: int) -> None:
         run_grpc_proxy_server(storage, host=host, port=port)
     except RuntimeError as err:  # cannot bind: not this machine's host (gRPC shares a taken port: SO_REUSEPORT)
         raise ConfigError(f"study.proxy: cannot listen on {host}:{port}: {err}") from None
+
+
+def load_study(storage_url: str, name: str) -> optuna.Study:
+    """The existing study `name`; a missing store or study is bad input, and nothing is created for it."""
+    path = storage_url.removeprefix("sqlite:///") if storage_url.startswith("sqlite:///") else storage_url
+    if ("://" not in storage_url or storage_url.startswith("sqlite:///")) and not Path(path).is_file():
+        raise ConfigError(f"study.storage: no study storage at {redact(storage_url)}; "
+                          f"give the study.storage the search used")
+    storage = open_storage(storage_url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = optuna.get_all_study_names(storage)
+        raise ConfigError(f"study.name: no study '{name}' in {redact(storage_url)} "
+                          f"(studies there: {', '.join(names) or 'none'})") from None

@@ -1,12 +1,12 @@
 """One run of a study in this process: what `search`, `ablate` and the Hydra sweeper share.
 
-    session = Session(SessionSettings(name, storage, n_trials, ...), make_study, metric, run_params)
+    session = Session(SessionSettings(name, storage_url, n_trials, tracking_uri), make_study, metric, run_params)
     status = session.run(lambda: MyWork(session, ...), on_trial, slots, cli_command(...))   # FINISHED/KILLED/FAILED
     session.end(status, best, counts)                                                         # the parent run
 `Session(...)` opens the tracker, the storage (with its heartbeat), the study (`make_study(storage)`), the budget lock,
 the MLflow parent run (made under the lock: one for all workers), DeadWorkers and the Budget. `run` trains in this
 process through study.run_trials, or spawns `worker_command` per slot (WorkerPool) when there are several slots.
-The work is a searchlab.trial.TrialWork: `prepare(attempt)` -> TrialRun, `train(attempts)` -> (attempt, Verdict).
+The work is a searchlab.study.trial.TrialWork: `prepare(attempt)` -> TrialRun, `train(attempts)` -> (attempt, Verdict).
 Nothing here reads searchlab's composed config; SessionSettings.of(cfg) makes the settings from it.
 """
 
@@ -22,16 +22,16 @@ from omegaconf import DictConfig
 from optuna.storages import BaseStorage
 
 from searchlab.attrs import METRIC, MLFLOW_PARENT_RUN_ID
-from searchlab.budget import Budget
 from searchlab.config import redact
 from searchlab.devices import WorkerSlot, cpu_count, detect_gpus, plan_workers
-from searchlab.faults import heartbeat_settings
 from searchlab.locks import NoLock, budget_lock
-from searchlab.storage import open_storage
-from searchlab.study import StudyStopped, run_trials
+from searchlab.study.budget import Budget
+from searchlab.study.faults import heartbeat_settings
+from searchlab.study.loop import StudyStopped, run_trials
+from searchlab.study.storage import open_storage
+from searchlab.study.trial import TrialOutcome, TrialWork
+from searchlab.study.workers import DeadWorkers, WorkerPool
 from searchlab.tracking import Tracker
-from searchlab.trial import TrialOutcome, TrialWork
-from searchlab.workers import DeadWorkers, WorkerPool
 
 _HEARTBEAT_KEYS = ("heartbeat_interval", "grace_period", "max_retry")
 

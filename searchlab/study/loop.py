@@ -1,5 +1,6 @@
-"""The Optuna study: sampler and pruner from config, opening (or resuming) it, and the ask/tell loop over trials.
-Its storage is searchlab.storage's, its budget searchlab.budget's.
+"""The Optuna study: sampler and pruner from config, opening (or resuming) it, and the loop over its trials (run_trials:
+the next trial, or pack, the moment the last ends; stop rules end a study gone wrong). Its storage is
+searchlab.study.storage's, its budget searchlab.study.budget's, each trial's lifecycle searchlab.study.trial's.
 
 searchlab runs the loop itself (no Hydra Optuna sweeper: it pins optuna<3 and cannot prune), so each trial can
 report per epoch, be pruned, and have its own MLflow run from its start.
@@ -21,12 +22,12 @@ from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from searchlab.attrs import METRIC, OVERRIDES
-from searchlab.budget import Budget
 from searchlab.config import ConfigError
 from searchlab.objectives import Objectives, metric_names, metric_setting
 from searchlab.space import SearchSpace
-from searchlab.storage import one_sync
-from searchlab.trial import TrialOutcome, TrialWork, run_next
+from searchlab.study.budget import Budget
+from searchlab.study.storage import one_sync
+from searchlab.study.trial import TrialOutcome, TrialWork, run_next
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's group=True, GPSampler

@@ -21,11 +21,11 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from searchlab.attrs import REASON, RESUMED_FROM_EPOCH, WORKER_HOST, WORKER_PID, retry_attrs
-from searchlab.budget import Budget
 from searchlab.devices import WorkerSlot, worker_env
 from searchlab.interrupts import sigterm_as_interrupt, terminated
+from searchlab.study.budget import Budget
+from searchlab.study.trial import TrialOutcome
 from searchlab.tracking import Tracker
-from searchlab.trial import TrialOutcome
 
 # A worker's number (0..N-1 under `search workers=N`; $SLURM_PROCID or the like by hand): its sampler's seed offset.
 WORKER_INDEX_ENV = "SEARCHLAB_WORKER"

@@ -1,5 +1,5 @@
-"""What a search's trial trains (a TrialWork of searchlab.trial): sample the space, compose the trial's config, fit it
-(resuming the checkpoint an earlier attempt left), and judge the result: COMPLETE, PRUNED or FAIL."""
+"""What a search's trial trains (a TrialWork of searchlab.study.trial): sample the space, compose the trial's config,
+fit it (resuming the checkpoint an earlier attempt left), and judge the result: COMPLETE, PRUNED or FAIL."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from searchlab.data import Splits
 from searchlab.lightning_fit import TrainResult
 from searchlab.objectives import Objectives
 from searchlab.space import SearchSpace
+from searchlab.study.trial import Attempt, TrialRun, TrialWork, Verdict, interrupted
 from searchlab.tracking import Tracker, config_yaml
 from searchlab.training import fit
-from searchlab.trial import Attempt, TrialRun, TrialWork, Verdict, interrupted
 
 # Called for a trial that finished COMPLETE, before it is told: (number, run id, result, value or values) -> whether
 # it kept the trial's weights (searchlab.model_out.KeepWeights).

@@ -6,7 +6,7 @@ choices, batch size, width, depth, batch norm: everything `varies_per_member` sa
 values, by Optuna's PartialFixedSampler around the study's own sampler: TPE still picks their learning rates, weight
 decays, momentums, dropout and L1 strengths, with constant liar for the members still running. Each member reports
 every epoch to its own trial and is pruned on its own (it leaves the pack, which shrinks); each is told on its own.
-The lifecycle (searchlab.trial) reserves every member as it reserves a trial, so n_trials, several workers and the
+The lifecycle (searchlab.study.trial) reserves every member as it reserves a trial, so n_trials, several workers and the
 dead-worker retry count members exactly as trials.
 
 Packed members are not checkpointed (packing is for trials of seconds to minutes; a long trial gains nothing from
@@ -29,9 +29,9 @@ from searchlab.config import Composer, ConfigError
 from searchlab.data import Splits
 from searchlab.lightning_fit import resolve_device
 from searchlab.pack import PackedTraining, can_pack, pack_mismatch, varies_per_member
-from searchlab.search_work import SearchWork
 from searchlab.space import SearchSpace
-from searchlab.trial import Attempt, Verdict
+from searchlab.study.search_work import SearchWork
+from searchlab.study.trial import Attempt, Verdict
 
 
 def shared_params(params: dict[str, Any]) -> dict[str, Any]:

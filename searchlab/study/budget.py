@@ -11,8 +11,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from searchlab.attrs import REASON, SURPLUS, WORKER_HOST, WORKER_PID
-from searchlab.faults import fail_stale_trials
 from searchlab.locks import BudgetLock, NoLock
+from searchlab.study.faults import fail_stale_trials
 
 # The budget counts these: a failed trial (a crash, an interrupt) does not use up the study's n_trials.
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
