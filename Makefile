@@ -13,7 +13,7 @@ DASHBOARD_PORT ?= 8080
 # Exact versions for this project's machines; pyproject.toml keeps ranges for everyone else.
 # torch==2.13.0 is pinned so pip takes the CPU build on disk instead of pulling GBs of CUDA packages.
 # psycopg (3): SQLAlchemy 2.1 opens plain postgresql:// URLs with it, not psycopg2 (Optuna's storage, mlflow server).
-PINS := torch==2.13.0 optuna==5.0.0 mlflow==3.17.2 pytorch-lightning==2.6.6 hydra-core==1.3.8 \
+PINS := torch==2.13.0 optuna==5.0.0 mlflow==3.17.2 pytorch-lightning==2.6.6 lightning==2.6.6 hydra-core==1.3.8 \
         scikit-learn==1.9.1 numpy==2.4.6 pytest==9.2.0 ruff==0.17.6 \
         plotly==7.1.0 optuna-dashboard==0.21.0 selenium==4.50.0 psycopg2-binary==2.9.13 grpcio==1.85.1 \
         psycopg==3.3.9 psycopg-binary==3.3.9
