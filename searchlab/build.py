@@ -275,14 +275,19 @@ def build_module(cfg: DictConfig, shape: DataShape, trainer: pl.Trainer) -> pl.L
 
 
 def training_package(cfg: DictConfig) -> Package:
-    """The Lightning package that trains cfg (its Trainer, callbacks, strategy), decided from the user's classes
-    before the Trainer is made: the module `_target_`'s package, or the data's when it is a LightningDataModule;
-    pytorch_lightning (the pinned dependency, the built-in modules') when neither says. A module of one package with
-    a DataModule of the other trains with neither package's Trainer: a ConfigError."""
+    """The Lightning package that trains cfg (its Trainer, callbacks, strategy), imported."""
+    return load(training_package_name(cfg))
+
+
+def training_package_name(cfg: DictConfig) -> str:
+    """The Lightning package that trains cfg, decided from the user's classes before the Trainer is made: the module
+    `_target_`'s package, or the data's when it is a LightningDataModule; pytorch_lightning (the pinned dependency,
+    the built-in modules') when neither says. A module of one package with a DataModule of the other trains with
+    neither package's Trainer: a ConfigError."""
     module = package_of(resolve_target(cfg.module, "module"), "LightningModule")
     data = package_of(resolve_target(cfg.data, "data"), "LightningDataModule")
     if module and data and module != data:
         raise ConfigError(f"data: {cfg.data._target_} is a {data} LightningDataModule but module {cfg.module._target_} "
                           f"is a {module} LightningModule; write both with the same package (import lightning, or "
                           "import pytorch_lightning)")
-    return load(module or data or PYTORCH_LIGHTNING)
+    return module or data or PYTORCH_LIGHTNING

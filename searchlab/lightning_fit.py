@@ -21,6 +21,7 @@ from searchlab.config import ConfigError, metric_direction
 from searchlab.data import Splits, TensorBatches, batch_size_for
 from searchlab.lightning_package import Package, quiet_loggers
 from searchlab.objectives import EPOCH_SECONDS, PARAMS, Objectives
+from searchlab.user_callbacks import EpochLogger, build_callbacks
 
 if TYPE_CHECKING:  # the training's own package at run time (searchlab.lightning_package): either one's classes
     import pytorch_lightning as pl
@@ -137,6 +138,10 @@ class _EpochCallback:
         if trainer.sanity_checking:
             return
         metrics = epoch_metrics(trainer)
+        for logger in trainer.loggers:  # what the user's callbacks logged (searchlab.user_callbacks)
+            if isinstance(logger, EpochLogger):
+                for name, value in logger.metrics.items():
+                    metrics.setdefault(name, value)
         if self.params is None:
             self.params = float(sum(p.numel() for p in module.parameters() if p.requires_grad))
         metrics.setdefault(PARAMS, self.params)
@@ -276,6 +281,8 @@ def fit_rank(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None 
                                                              check_finite=False))
         if checkpoint is not None:
             callbacks.append(package.subclass(TrialCheckpoints, "Checkpoint")(checkpoint, result.history))
+    users = build_callbacks(cfg, package.name)  # trainer.callbacks, after searchlab's own
+    callbacks.extend(users)
     resume = str(checkpoint.path) if checkpoint is not None and checkpoint.resume and not probe else None
     if world_size > 1:
         strategy: Any = package.DDPStrategy(
@@ -295,7 +302,8 @@ def fit_rank(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None 
         limit_train_batches=1 if probe else cfg.trainer.limit_train_batches,
         limit_val_batches=1 if probe else None,
         callbacks=callbacks,
-        logger=False,
+        logger=package.subclass(EpochLogger, "Logger")() if users else False,
+        log_every_n_steps=1,  # with a logger: what a callback logs per step is kept (and no warning on short epochs)
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=any(isinstance(c, TrialCheckpoints) for c in callbacks),

@@ -73,14 +73,14 @@ class Package:
         return importlib.import_module(f"{self.name}.utilities.model_helpers").is_overridden(method_name, instance)
 
     def subclass(self, plain: type, base: str = "Callback") -> type:
-        """`plain` (a class of hooks written once, for any package) with this package's callbacks.<base> added as
-        its base: the class this package's Trainer accepts.
+        """`plain` (a class of hooks written once, for any package) with this package's callbacks.<base> (or
+        loggers.<base>) added as its base: the class this package's Trainer accepts.
 
         Why a class per package rather than one class inheriting from both packages' bases (which both Trainers'
         isinstance checks would also accept): the two-base class would import lightning.pytorch wherever it is
         installed, in every process, whether or not the training uses it; this one imports only the package in use,
         and needs no `lightning` installed for a pytorch_lightning training."""
-        return _subclass(plain, getattr(self.module.callbacks, base))
+        return _subclass(plain, getattr(self.module.callbacks, base, None) or getattr(self.module.loggers, base))
 
 
 @functools.cache
