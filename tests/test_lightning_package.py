@@ -18,7 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from test_checkpoints import LONG, wait_for_checkpoint
 from test_model_out import load_model
-from test_own_code import load, metrics_line, stores
+from test_own_code import load, metrics_line, searchlab, stores
 from test_workers import SEARCHLAB
 
 from searchlab.lightning_package import LIGHTNING, PYTORCH_LIGHTNING, package_of
@@ -156,3 +156,24 @@ def test_pack_refuses_a_users_module_of_either_package(bad, package):
     line = bad(_project_files(package), "module=lit", "search=lit", "study.metric=val/acc", "study.pack=2")
     assert line.startswith("searchlab: error: study.pack=2: the base config cannot be packed")
     assert "not litdigits.LitModule (a module of your own trains one trial at a time)" in line
+
+
+def test_a_search_on_a_module_that_warns_shows_each_warning_once_in_one_line(tmp_path):
+    """The module's save_hyperparameters() keeps `net` (Lightning warns at every module built: the preflight's and
+    each trial's), and no trial completes (Optuna warns at the end): each warning is one line, once in the study,
+    and stdout is the first line, one line per trial and the summary. A real process: pytest's own filters would
+    hide the warnings in this one."""
+    project = tmp_path / "warns"
+    shutil.copytree(PROJECT, project, ignore=shutil.ignore_patterns("__pycache__"))
+    source = (project / "litdigits.py").read_text()
+    (project / "litdigits.py").write_text(source.replace('logger=False, ignore=["net"]', "logger=False"))
+    always = "+study.pruners.always={_target_:optuna.pruners.ThresholdPruner,lower:2.0}"
+    result = searchlab("search", *LIT, "study.n_trials=3", "trainer.max_epochs=1", always, "study.pruner=always",
+                       "tracking.log_models=none", *stores(tmp_path, "warns"), cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[0] for line in result.stdout.splitlines()[1:4]] == ["trial"] * 3
+    warned = result.stderr.splitlines()
+    assert sum("Attribute 'net' is an instance of `nn.Module`" in line for line in warned) == 1, result.stderr
+    assert all(line.startswith("searchlab: warning: ") for line in warned), result.stderr  # no paths, no [W ...]
+    assert len(warned) == len(set(warned))
+    assert any("(optuna warning)" in line for line in warned)  # no complete trial: Optuna said so, in one line
