@@ -257,7 +257,7 @@ def fit_rank(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None 
     trial's checkpoint is written and whether the training resumes from it (searchlab.checkpoints).
     """
     start = time.perf_counter()
-    package = training_package(cfg)  # pytorch_lightning or lightning.pytorch: every Lightning class below is its
+    package = training_package(cfg)  # pytorch_lightning or lightning.pytorch: the Lightning classes below are its
     package.seed_everything(cfg.seed)
     quiet_loggers()
     task = module_task(cfg)

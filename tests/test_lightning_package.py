@@ -135,6 +135,20 @@ def test_ddp_ranks_train_a_lightning_module_and_datamodule(lit_project, in_proce
     assert metrics["epochs"] == 2 and metrics["best_epoch"] in (1, 2) and 0 < metrics["test/acc"] <= 1
 
 
+def test_early_stopping_and_max_time_end_a_lightning_modules_training(lit_project, in_process):
+    """lightning.pytorch's EarlyStopping and Timer, read back as the reasons a training ended early: with a learning
+    rate of 1e-12 val/acc never improves (patience 1: stopped at epoch 2); a 1-second limit ends a long training."""
+    patient = in_process("train", *LIT, "optimizer=sgd", "optimizer.lr=1e-12", "trainer.max_epochs=6",
+                         "trainer.early_stopping_patience=1", cwd=lit_project)
+    assert patient.returncode == 0, patient.stderr
+    ended = metrics_line(patient.stdout)["ended"]
+    assert metrics_line(patient.stdout)["epochs"] == 2 and ended.startswith("early stopping at epoch 2: val/acc")
+    timed = in_process("train", *LIT, "trainer.max_epochs=1000", "trainer.max_time={seconds:1}", cwd=lit_project)
+    assert timed.returncode == 0, timed.stderr
+    metrics = metrics_line(timed.stdout)
+    assert metrics["epochs"] < 1000 and metrics["ended"] == f"max_time reached at epoch {metrics['epochs']}"
+
+
 def _project_files(package: str) -> dict[str, str]:
     """The project's module written with `package` (lightning or pytorch_lightning), and its conf."""
     source = (PROJECT / "litdigits.py").read_text().replace("from lightning import", f"from {package} import")
