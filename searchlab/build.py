@@ -17,9 +17,8 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -28,6 +27,10 @@ from torch import nn
 
 from searchlab.config import ConfigError
 from searchlab.data import Splits
+from searchlab.lightning_package import PYTORCH_LIGHTNING, Package, load, package_of
+
+if TYPE_CHECKING:  # either Lightning package's classes at run time (searchlab.lightning_package)
+    import pytorch_lightning as pl
 
 # Keys of a scheduler entry that are Lightning's lr_scheduler settings, read here and not passed to the schedule.
 LIGHTNING_SCHEDULE_KEYS = ("interval", "frequency", "monitor")
@@ -193,7 +196,7 @@ def load_data(cfg: DictConfig) -> Splits | pl.LightningDataModule:
     LightningDataModule (built per training, since data.batch_size may change per trial)."""
     node = OmegaConf.create({k: v for k, v in cfg.data.items() if k != "batch_size"})
     target = resolve_target(node, "data")
-    if isinstance(target, type) and issubclass(target, pl.LightningDataModule):
+    if package_of(target, "LightningDataModule"):  # of either Lightning package
         offered = {"batch_size": cfg.data.get("batch_size"), "seed": cfg.seed}
         if offered["batch_size"] == "full":
             raise ConfigError("data.batch_size: 'full' needs in-memory data (data=npz or a function returning "
@@ -260,7 +263,31 @@ def build_module(cfg: DictConfig, shape: DataShape, trainer: pl.Trainer) -> pl.L
     if "scheduler" in offers:
         offered["scheduler"] = schedule_factory(cfg, trainer)
     module = build(cfg.module, "module", **offered)
-    if not isinstance(module, pl.LightningModule):
-        raise ConfigError(f"module: {cfg.module._target_} built a {type(module).__name__}, not a "
-                          "pytorch_lightning.LightningModule")
+    built = package_of(type(module), "LightningModule")
+    if built is None:
+        raise ConfigError(f"module: {cfg.module._target_} built a {type(module).__name__}, not a LightningModule (of "
+                          "lightning or pytorch_lightning)")
+    expected = package_of(type(trainer), "Trainer")
+    if trainer is not None and built != expected:  # a function _target_: its class is known only once built
+        raise ConfigError(f"module: {cfg.module._target_} built a {built} LightningModule, but the training was set "
+                          f"up for {expected}; name the LightningModule class itself as module._target_")
     return module
+
+
+def training_package(cfg: DictConfig) -> Package:
+    """The Lightning package that trains cfg (its Trainer, callbacks, strategy), imported."""
+    return load(training_package_name(cfg))
+
+
+def training_package_name(cfg: DictConfig) -> str:
+    """The Lightning package that trains cfg, decided from the user's classes before the Trainer is made: the module
+    `_target_`'s package, or the data's when it is a LightningDataModule; pytorch_lightning (the pinned dependency,
+    the built-in modules') when neither says. A module of one package with a DataModule of the other trains with
+    neither package's Trainer: a ConfigError."""
+    module = package_of(resolve_target(cfg.module, "module"), "LightningModule")
+    data = package_of(resolve_target(cfg.data, "data"), "LightningDataModule")
+    if module and data and module != data:
+        raise ConfigError(f"data: {cfg.data._target_} is a {data} LightningDataModule but module {cfg.module._target_} "
+                          f"is a {module} LightningModule; write both with the same package (import lightning, or "
+                          "import pytorch_lightning)")
+    return module or data or PYTORCH_LIGHTNING

@@ -23,13 +23,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.apply_func import apply_to_collection
 from omegaconf import DictConfig
+
+if TYPE_CHECKING:  # the training's own package at run time (searchlab.lightning_package): either one's classes
+    import pytorch_lightning as pl
 
 CHECKPOINT_FILE = "last.ckpt"
 # A write costs at most 1/_COST_RATIO of the training time between writes under `auto`.
@@ -113,10 +115,11 @@ def _set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-class TrialCheckpoints(pl.callbacks.Checkpoint):
+class TrialCheckpoints:
     """Writes the trial's checkpoint at epoch ends, as the plan says, and the last finished epoch's state on Ctrl-C or
-    SIGTERM. A Checkpoint subclass: Lightning calls it after the other callbacks, so the epoch's metrics and best
-    weights are already recorded when it writes.
+    SIGTERM. Made a Checkpoint of the training's Lightning package (Package.subclass(TrialCheckpoints, "Checkpoint")):
+    Lightning calls a Checkpoint after the other callbacks, so the epoch's metrics and best weights are already
+    recorded when it writes.
 
     `history` is the list the epoch callback appends each epoch's metrics to (saved with the checkpoint)."""
 

@@ -65,6 +65,14 @@ def _run(command: str, overrides: list[str], export: str | None = None) -> int:
     from searchlab.config import compose_config, validate_config
 
     validate_config(compose_config(overrides))  # the fast checks, before the heavy imports
+    import searchlab.commands  # noqa: F401 (the heavy imports, Optuna's among them: warnings_once takes its warnings)
+    from searchlab.quiet import warnings_once
+
+    with warnings_once():  # library warnings once per study, one line each
+        return _command(command, overrides, export)
+
+
+def _command(command: str, overrides: list[str], export: str | None = None) -> int:
     from searchlab import commands
 
     if command in ("search", "worker"):

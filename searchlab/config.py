@@ -76,7 +76,7 @@ def redact(text: str) -> str:
 
 
 # `+key=value` may add entries to these tables only; anywhere else a `+` would hide a misspelt key.
-_EXTENSIBLE = ("study.samplers.", "study.pruners.")
+_EXTENSIBLE = ("study.samplers.", "study.pruners.", "trainer.callbacks.")
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
@@ -99,7 +99,8 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
             raise ConfigError(f"{key}: expected one option name (choose from {', '.join(groups[key])}), got {value!r}")
         if override.is_add() and not key.startswith(_EXTENSIBLE):
             raise ConfigError(
-                f"'{text}': adding keys with + is only for new entries of study.samplers or study.pruners; "
+                f"'{text}': adding keys with + is only for new entries of study.samplers, study.pruners or "
+                f"trainer.callbacks; "
                 f"to set an existing key drop the +, and check the spelling of '{key}'")
         if key in groups and value not in groups[key]:
             near = difflib.get_close_matches(str(value), groups[key], n=1)
@@ -374,6 +375,9 @@ def validate_study(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: unknown '{OmegaConf.select(cfg, key)}' ({hint}choose from {', '.join(names)})")
     _check_seed(cfg, "study.seed")
     _check_model_logging(cfg)
+    from searchlab.user_callbacks import check_callbacks  # it builds on this module
+
+    check_callbacks(cfg)
 
 
 def _check_seed(cfg: DictConfig, key: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import queue
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from searchlab.checkpoints import CheckpointPlan
 from searchlab.data import Splits
 from searchlab.lightning_fit import EpochHook, TrainResult, fit_rank
 from searchlab.objectives import Objectives
+from searchlab.quiet import warnings_once
 
 _POLL_S = 0.2  # how often the waiting parent checks that the ranks are still alive
 
@@ -48,7 +50,11 @@ def _rank(rank: int, world_size: int, port: int, cfg: DictConfig, splits: Splits
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     hook = _HookInParent(to_parent, to_rank0) if rank == 0 else None
     splits = None if splits is None else splits.to(device)
-    result = fit_rank(cfg, splits, hook, test, rank=rank, world_size=world_size, metric=metric, checkpoint=checkpoint)
+    if rank > 0:  # the ranks run the same code: rank 0 says what there is to say
+        warnings.simplefilter("ignore")
+    with warnings_once():  # one line each, and not those the study has shown (their keys come in the environment)
+        result = fit_rank(cfg, splits, hook, test, rank=rank, world_size=world_size, metric=metric,
+                          checkpoint=checkpoint)
     result.module = None  # the trained module stays in the rank: it need not be pickled back
     if torch.distributed.is_initialized():
         # Every rank leaves the process group together and ends gloo's threads here: left to the exit-time

@@ -3,44 +3,39 @@ study and every DDP rank (searchlab.training chooses between one process and DDP
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata
 import io
-import logging
 import math
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning_fabric.utilities.registry
-import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import EarlyStopping, Timer
-from pytorch_lightning.strategies import DDPStrategy, Strategy
-from pytorch_lightning.utilities.model_helpers import is_overridden
 
-from searchlab.build import build_module, data_shape, load_data, module_task
+from searchlab.build import build_module, data_shape, load_data, module_task, training_package
 from searchlab.checkpoints import CheckpointPlan, TrialCheckpoints
 from searchlab.config import ConfigError, metric_direction
 from searchlab.data import Splits, TensorBatches, batch_size_for
+from searchlab.lightning_package import Package, quiet_loggers
 from searchlab.objectives import EPOCH_SECONDS, PARAMS, Objectives
+from searchlab.user_callbacks import EpochLogger, build_callbacks
+
+if TYPE_CHECKING:  # the training's own package at run time (searchlab.lightning_package): either one's classes
+    import pytorch_lightning as pl
 
 # Called after each epoch's validation with (epoch number from 1, metrics); returns a reason to stop, or None.
 EpochHook = Callable[[int, dict[str, float]], "str | None"]
 
-for _name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+# Lightning's hint, on any machine with SLURM's `srun` installed, to launch with srun: searchlab starts its own workers
+# and DDP ranks (README, "Several machines" says how to run it under SLURM); the hint is not about them.
+warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system but is not used.*")
 # Under DDP every rank evaluates the whole val set, so the logged val_loss is the same on all ranks: no sync needed.
 warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
-# Lightning scans every installed package's entry points for callback factories at each Trainer(): ~3-5 ms a trial
-# here. Installed packages do not change while a study runs, so the scan is made once per process.
-lightning_fabric.utilities.registry.entry_points = functools.cache(importlib.metadata.entry_points)
 
 
 class Weights:
@@ -124,9 +119,10 @@ def epoch_metrics(trainer: pl.Trainer) -> dict[str, float]:
     return out
 
 
-class _EpochCallback(pl.Callback):
-    """After each training epoch (and its validation), reads what the module logged and hands it to the hook; stops
-    the trainer when the hook says so or the training diverged (a non-finite train_loss or objective).
+class _EpochCallback:
+    """A callback (of the training's Lightning package: Package.subclass): after each training epoch (and its
+    validation), reads what the module logged and hands it to the hook; stops the trainer when the hook says so or the
+    training diverged (a non-finite train_loss or objective).
 
     It adds searchlab's own two metrics, always there to be optimized (`study.metric=[val_acc,params]`) unless the
     module logs its own of the same name: `params`, the module's trainable parameter count (counted once, after the
@@ -145,6 +141,10 @@ class _EpochCallback(pl.Callback):
         if trainer.sanity_checking:
             return
         metrics = epoch_metrics(trainer)
+        for logger in trainer.loggers:  # what the user's callbacks logged (searchlab.user_callbacks)
+            if isinstance(logger, EpochLogger):
+                for name, value in logger.metrics.items():
+                    metrics.setdefault(name, value)
         if self.params is None:
             self.params = float(sum(p.numel() for p in module.parameters() if p.requires_grad))
         metrics.setdefault(PARAMS, self.params)
@@ -165,10 +165,11 @@ class _EpochCallback(pl.Callback):
             trainer.should_stop = True
 
 
-class _BestWeights(pl.Callback):
-    """Keeps a CPU copy of the module's state_dict from its best validation epoch by `metric` (the epoch the trial's
-    objective comes from: the first epoch with the best finite value). A copy is made only on an improving epoch.
-    Under DDP every rank keeps its own (the ranks' weights are the same), so each can restore it before testing."""
+class _BestWeights:
+    """A callback (of the training's Lightning package: Package.subclass) that keeps a CPU copy of the module's
+    state_dict from its best validation epoch by `metric` (the epoch the trial's objective comes from: the first epoch
+    with the best finite value). A copy is made only on an improving epoch. Under DDP every rank keeps its own (the
+    ranks' weights are the same), so each can restore it before testing."""
 
     def __init__(self, result: TrainResult, metric: str, direction: str) -> None:
         self.result, self.metric, self.maximize = result, metric, direction == "maximize"
@@ -211,18 +212,19 @@ def max_time(cfg: DictConfig) -> str | dict[str, float] | None:
     return OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
 
 
-def _limit_reached(trainer: pl.Trainer, result: TrainResult, metric: str) -> str | None:
+def _limit_reached(trainer: pl.Trainer, result: TrainResult, metric: str, package: Package) -> str | None:
     """Why a training that nobody stopped ended before max_epochs: early stopping or trainer.max_time."""
     if not trainer.should_stop or result.stop_reason:
         return None
     epoch = len(result.history)
     for callback in trainer.callbacks:
-        if isinstance(callback, EarlyStopping) and callback.stopped_epoch > 0:
+        if isinstance(callback, package.callbacks.EarlyStopping) and callback.stopped_epoch > 0:
             best = float(callback.best_score)
             return (f"early stopping at epoch {epoch}: {metric} did not improve for {callback.patience} epochs "
                     f"(best {best:.4g})")
     for callback in trainer.callbacks:
-        if isinstance(callback, Timer) and callback.time_remaining() is not None and callback.time_remaining() <= 0:
+        remaining = callback.time_remaining() if isinstance(callback, package.callbacks.Timer) else None
+        if remaining is not None and remaining <= 0:
             return f"max_time reached at epoch {epoch}"
     return None
 
@@ -258,7 +260,9 @@ def fit_rank(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None 
     trial's checkpoint is written and whether the training resumes from it (searchlab.checkpoints).
     """
     start = time.perf_counter()
-    pl.seed_everything(cfg.seed, verbose=False)
+    package = training_package(cfg)  # pytorch_lightning or lightning.pytorch: the Lightning classes below are its
+    package.seed_everything(cfg.seed)
+    quiet_loggers()
     task = module_task(cfg)
     data: Splits | pl.LightningDataModule = splits.for_task(task) if splits is not None else load_data(cfg)
     if isinstance(data, Splits):
@@ -269,25 +273,28 @@ def fit_rank(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None 
             device = torch.device("cuda", rank)
     result = TrainResult()
     metric = metric or Objectives.of(cfg.study).primary
-    callbacks: list[pl.Callback] = [_EpochCallback(on_epoch, result, metric)]
+    callbacks: list[pl.Callback] = [package.subclass(_EpochCallback)(on_epoch, result, metric)]
     if not probe:
-        callbacks.append(_BestWeights(result, metric, _direction(cfg, metric)))
+        callbacks.append(package.subclass(_BestWeights)(result, metric, _direction(cfg, metric)))
         patience = OmegaConf.select(cfg, "trainer.early_stopping_patience", default=None)
         if patience is not None:
             # check_finite off: a non-finite metric is a diverged run, stopped (and pruned) by _EpochCallback.
-            callbacks.append(EarlyStopping(monitor=metric, mode="max" if _direction(cfg, metric) == "maximize"
-                                           else "min", patience=patience, check_finite=False))
+            mode = "max" if _direction(cfg, metric) == "maximize" else "min"
+            callbacks.append(package.callbacks.EarlyStopping(monitor=metric, mode=mode, patience=patience,
+                                                             check_finite=False))
         if checkpoint is not None:
-            callbacks.append(TrialCheckpoints(checkpoint, result.history))
+            callbacks.append(package.subclass(TrialCheckpoints, "Checkpoint")(checkpoint, result.history))
+    users = build_callbacks(cfg, package.name)  # trainer.callbacks, after searchlab's own
+    callbacks.extend(users)
     resume = str(checkpoint.path) if checkpoint is not None and checkpoint.resume and not probe else None
     if world_size > 1:
-        strategy: Strategy | str = DDPStrategy(
+        strategy: Any = package.DDPStrategy(
             process_group_backend=process_group_backend(cfg.trainer.process_group_backend, device),
             timeout=timedelta(seconds=cfg.trainer.process_group_timeout_s))
         devices: list[int] | int = world_size
     else:
         strategy, devices = "auto", [device.index or 0] if device.type == "cuda" else 1
-    trainer = pl.Trainer(
+    trainer = package.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=devices,
         strategy=strategy,
@@ -298,7 +305,8 @@ def fit_rank(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None 
         limit_train_batches=1 if probe else cfg.trainer.limit_train_batches,
         limit_val_batches=1 if probe else None,
         callbacks=callbacks,
-        logger=False,
+        logger=package.subclass(EpochLogger, "Logger")() if users else False,
+        log_every_n_steps=1,  # with a logger: what a callback logs per step is kept (and no warning on short epochs)
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=any(isinstance(c, TrialCheckpoints) for c in callbacks),
@@ -317,15 +325,15 @@ def fit_rank(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None 
                     weights_only=False)
     else:
         trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=False)
-    result.ended = _limit_reached(trainer, result, metric)
+    result.ended = _limit_reached(trainer, result, metric, package)
     if result.weights is not None:  # the best epoch's weights, for testing, logging and export
         module.load_state_dict(result.weights.state)
     result.module = module
-    if test and not result.stop_reason and is_overridden("test_step", module):
+    if test and not result.stop_reason and package.is_overridden("test_step", module):
         if isinstance(data, Splits) and data.x_test is not None:
             tested = trainer.test(module, TensorBatches(data.x_test, data.y_test, cfg.trainer.eval_batch_size,
                                                         shuffle=False), verbose=False)
-        elif not isinstance(data, Splits) and is_overridden("test_dataloader", data):
+        elif not isinstance(data, Splits) and package.is_overridden("test_dataloader", data):
             tested = trainer.test(module, datamodule=data, verbose=False)
         else:
             tested = []

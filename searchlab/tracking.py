@@ -366,7 +366,7 @@ class Tracker:
                 try:
                     info = mlflow.pytorch.log_model(
                         module, name=MODEL_NAME, run_id=run_id, model_id=model_id, signature=signature,
-                        input_example=example.numpy(), pip_requirements=_requirements(serialization),
+                        input_example=example.numpy(), pip_requirements=_requirements(serialization, module),
                         serialization_format=serialization, registered_model_name=register_as)
                     break
                 except Exception as err:
@@ -413,13 +413,15 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0][:200] if text else ''}"
 
 
-def _requirements(serialization: str) -> list[str]:
+def _requirements(serialization: str, module: torch.nn.Module) -> list[str]:
     """Given, so MLflow does not infer them (~16 s); pickle also needs Lightning to unpickle a LightningModule."""
     from importlib.metadata import version
 
     requirements = [f"torch=={version('torch')}"]
     if serialization == "pickle":
-        requirements.append(f"pytorch-lightning=={version('pytorch-lightning')}")
+        from searchlab.lightning_package import requirement_of
+
+        requirements.append(requirement_of(module))  # pytorch-lightning or lightning: the one it is written with
     return requirements
 
 
@@ -443,7 +445,7 @@ def save_model(path: Path, module: torch.nn.Module, example: torch.Tensor) -> st
     for serialization in _FORMATS:
         try:
             mlflow.pytorch.save_model(module, str(path), signature=signature, input_example=example.numpy(),
-                                      pip_requirements=_requirements(serialization),
+                                      pip_requirements=_requirements(serialization, module),
                                       serialization_format=serialization)
             return serialization
         except Exception as err:
