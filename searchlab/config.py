@@ -335,6 +335,9 @@ def _check_values(cfg: DictConfig) -> None:
     timeout = cfg.study.timeout
     if timeout is not None and not (_is_number(timeout) and timeout > 0):
         raise ConfigError(f"study.timeout: expected a positive number of seconds or null, got {timeout!r}")
+    diverged = cfg.study.get("max_diverged_at_start")
+    if diverged is not None and not (isinstance(diverged, int) and not isinstance(diverged, bool) and diverged >= 0):
+        raise ConfigError(f"study.max_diverged_at_start: expected a non-negative integer or null, got {diverged!r}")
     limit = cfg.trainer.limit_train_batches
     if limit is not None and not _is_positive_int(limit):
         raise ConfigError(f"trainer.limit_train_batches: expected a positive integer or null, got {limit!r}")

@@ -184,15 +184,19 @@ def npz(path: str, standardize: bool = False, add_channel: bool | str = "auto") 
     if add_channel is True or (add_channel == "auto" and arrays["x_train"].ndim == 3):
         arrays = {k: (v[:, None] if k.startswith("x_") else v) for k, v in arrays.items()}
     if standardize:
-        mean = arrays["x_train"].mean(axis=0, keepdims=True)
-        std = arrays["x_train"].std(axis=0, keepdims=True)
+        # Statistics of the finite values: a NaN or inf stays where it is, for searchlab.data_checks to name, instead
+        # of turning its whole feature into NaN.
+        finite = np.isfinite(arrays["x_train"])
+        mean = arrays["x_train"].mean(axis=0, keepdims=True, where=finite)
+        std = arrays["x_train"].std(axis=0, keepdims=True, where=finite)
         std[std == 0] = 1.0
         arrays = {k: ((v - mean) / std if k.startswith("x_") else v) for k, v in arrays.items()}
     return as_splits(*(arrays.get(f"{a}_{s}") for s in ("train", "val", "test") for a in ("x", "y")))
 
 
 def _check_npz_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Shapes and types a training can use: numeric x of one sample shape, numeric y, rows that agree."""
+    """Shapes and types the arrays must have before npz transforms them (numeric x of one sample shape, numeric y,
+    rows that agree); their values are searchlab.data_checks' concern, on the Splits."""
     def bad(message: str) -> ConfigError:
         return ConfigError(f"data.path: '{path}' {message}")
 
@@ -214,8 +218,6 @@ def _check_npz_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
             raise bad(f"x_{split} has {len(x)} rows but y_{split} has {len(y)}")
         if len(y) == 0:
             raise bad(f"x_{split} and y_{split} are empty")
-        if np.issubdtype(y.dtype, np.integer) and y.min() < 0:
-            raise bad(f"y_{split} holds negative class indices")
 
 
 def _is_real(a: np.ndarray) -> bool:

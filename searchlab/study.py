@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from searchlab.attrs import METRIC, OVERRIDES
 from searchlab.budget import Budget
 from searchlab.config import ConfigError
+from searchlab.data_checks import diverged_rule
 from searchlab.objectives import Objectives, metric_names, metric_setting
 from searchlab.pack_trials import PackRunner
 from searchlab.space import SearchSpace
@@ -143,6 +144,7 @@ def run_trials(budget: Budget, runner: TrialRunner, cfg: DictConfig,
     reached; asks for the next trial the moment the last one ends."""
     deadline = None if cfg.study.timeout is None else time.monotonic() + cfg.study.timeout
     failures_in_a_row = 0
+    diverged = diverged_rule(cfg)  # study.max_diverged_at_start: the first trials all diverged at epoch 1
     # Packs of the search's trials; `searchlab ablate` (its own runner) trains one (variant, seed) at a time.
     packer = PackRunner(runner, cfg.study.pack) if cfg.study.pack > 1 and isinstance(runner, TrialRunner) else None
 
@@ -155,9 +157,13 @@ def run_trials(budget: Budget, runner: TrialRunner, cfg: DictConfig,
             return [] if trial is None else [runner.run(trial)]
 
     while outcomes := next_outcomes():
+        stop = None
         for outcome in outcomes:
             on_trial(outcome)
             failures_in_a_row = failures_in_a_row + 1 if outcome.state == "FAIL" else 0
+            stop = stop or (diverged and diverged.see(outcome.state, outcome.reason, outcome.params))
+        if stop:
+            raise StudyStopped(stop)
         if failures_in_a_row >= cfg.study.max_consecutive_failures:
             raise StudyStopped(
                 f"{failures_in_a_row} trials failed in a row (last: {outcomes[-1].reason}); "
