@@ -7,6 +7,7 @@ per-step cost: batches here are index lookups into resident tensors, shuffled by
 from __future__ import annotations
 
 import math
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -130,8 +131,10 @@ def as_splits(*arrays: np.ndarray | None) -> Splits:
         a = np.asarray(a)
         return torch.as_tensor(a.astype(np.int64 if np.issubdtype(a.dtype, np.integer) else np.float32))
 
-    xs = [None if a is None else torch.as_tensor(np.asarray(a, dtype=np.float32)) for a in arrays[0::2]]
-    ys = [None if a is None else target(a) for a in arrays[1::2]]
+    # A value beyond float32's range becomes inf without numpy's warning: searchlab.data_checks names it in one line.
+    with np.errstate(over="ignore"):
+        xs = [None if a is None else torch.as_tensor(np.asarray(a, dtype=np.float32)) for a in arrays[0::2]]
+        ys = [None if a is None else target(a) for a in arrays[1::2]]
     return Splits(*[t for pair in zip(xs, ys, strict=False) for t in pair])
 
 
@@ -187,8 +190,10 @@ def npz(path: str, standardize: bool = False, add_channel: bool | str = "auto") 
         # Statistics of the finite values: a NaN or inf stays where it is, for searchlab.data_checks to name, instead
         # of turning its whole feature into NaN.
         finite = np.isfinite(arrays["x_train"])
-        mean = arrays["x_train"].mean(axis=0, keepdims=True, where=finite)
-        std = arrays["x_train"].std(axis=0, keepdims=True, where=finite)
+        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)  # a feature with no finite value: NaN, named there
+            mean = arrays["x_train"].mean(axis=0, keepdims=True, where=finite)
+            std = arrays["x_train"].std(axis=0, keepdims=True, where=finite)
         std[std == 0] = 1.0
         arrays = {k: ((v - mean) / std if k.startswith("x_") else v) for k, v in arrays.items()}
     return as_splits(*(arrays.get(f"{a}_{s}") for s in ("train", "val", "test") for a in ("x", "y")))
