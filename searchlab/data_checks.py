@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from searchlab.data import Splits
 
 SPLITS = ("train", "val", "test")
+Refuse = Callable[[str], ConfigError]  # the message -> the error naming the data's source
 
 
 def data_source(data: DictConfig) -> str:
@@ -101,12 +102,12 @@ def check_splits(splits: Splits, source: str, task: str, metrics: Sequence[str] 
     for split, x, y in pairs:
         _check_values(f"x_{split}", x, refuse)
         _check_values(f"y_{split}", y, refuse)
-    if len(x_train) > 1 and bool((x_train == x_train[:1]).all()):
+    if _same_rows(x_train):
         raise refuse(f"x_train is the same in every one of its {len(x_train)} rows: there is nothing to learn from; "
                      "check how the file was written")
     if task == "classification":
         _check_labels(pairs, refuse, "val_auroc" in metrics)
-    elif len(y_train) > 1 and bool((y_train == y_train[:1]).all()):
+    elif _same_rows(y_train):
         raise refuse(f"y_train is {_value(y_train[0])} in every one of its {len(y_train)} rows: there is nothing to "
                      "learn; check how the file was written")
 
@@ -141,19 +142,23 @@ def check_first_batch(data: pl.LightningDataModule, source: str, task: str) -> N
             raise refuse(f"y holds negative class indices ({_where(y, y < 0)}); give labels 0..K-1")
 
 
-def _check_values(name: str, t: torch.Tensor, refuse: Any) -> None:
-    """NaN, inf and values whose square overflows the dtype, in one pass (min and max) unless one is found."""
+def _check_values(name: str, t: torch.Tensor, refuse: Refuse) -> None:
+    """NaN, inf and values whose square overflows float32 (float64 for float64 data), in one pass (min and max)
+    unless one is found."""
     if not t.is_floating_point() or t.numel() == 0:
         return  # integers hold no NaN or inf, and a network takes them its own way (an embedding)
     low, high = (float(v) for v in torch.aminmax(t.detach().reshape(-1)))
     if math.isfinite(low) and math.isfinite(high):
-        limit = math.sqrt(torch.finfo(t.dtype).max)
+        # float32's (or float64's) limit: half-precision data is computed on in float32 where it matters (losses,
+        # norms, mixed precision), and 65504's root (256) would refuse raw pixels.
+        wide = torch.float64 if t.dtype == torch.float64 else torch.float32
+        limit = math.sqrt(torch.finfo(wide).max)
         if max(-low, high) > limit:
             huge = t.abs() > limit
             count = int(huge.sum())
             raise refuse(f"{name} has {count} value{'s' if count > 1 else ''} beyond ±{limit:.3g} (up to "
-                         f"{max(-low, high):.3g}; first at {_where(t, huge)}): their squares overflow {_dtype(t)}; "
-                         "rescale it (data.standardize=true for an .npz)")
+                         f"{max(-low, high):.3g}; first at {_where(t, huge)}): their squares overflow "
+                         f"{_dtype(wide)}; rescale it (data.standardize=true for an .npz)")
         return
     nan, inf = torch.isnan(t), torch.isinf(t)
     counts = [f"{int(nan.sum())} NaN" if bool(nan.any()) else "",
@@ -167,7 +172,7 @@ def _check_values(name: str, t: torch.Tensor, refuse: Any) -> None:
     raise refuse(f"{name} has {' and '.join(c for c in counts if c)} ({'' if n == 1 else 'first at '}{where}): {hint}")
 
 
-def _check_labels(pairs: list[tuple[str, torch.Tensor, torch.Tensor]], refuse: Any, auroc: bool) -> None:
+def _check_labels(pairs: list[tuple[str, torch.Tensor, torch.Tensor]], refuse: Refuse, auroc: bool) -> None:
     """Class indices for searchlab's classifier: non-negative integers of shape (N,), every class of val and test
     seen in training, at least two classes, and (for val_auroc) every class 0..K-1 in y_val."""
     y_train = pairs[0][2]
@@ -251,6 +256,11 @@ def diverged_rule(cfg: DictConfig) -> DivergedAtStart | None:
     return DivergedAtStart(int(limit), data_source(cfg.data) if "data" in cfg else "the data")
 
 
+def _same_rows(t: torch.Tensor) -> bool:
+    """Every row equal to the first; two differing rows at the start (nearly always) answer without a pass."""
+    return len(t) > 1 and bool((t[1] == t[0]).all()) and bool((t == t[:1]).all())
+
+
 def _where(t: torch.Tensor, mask: torch.Tensor) -> str:
     """The first True of mask as `row R` (1-d), `row R, column C` (2-d), or `row R, at (i, j, ...)`."""
     flat = int(torch.argmax(mask.reshape(-1).to(torch.uint8)))
@@ -271,8 +281,8 @@ def _value(t: torch.Tensor) -> str:
     return f"{values[0]:g}" if len(values) == 1 else str(values[:4])[:-1] + (", ...]" if len(values) > 4 else "]")
 
 
-def _dtype(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
+def _dtype(t: torch.Tensor | torch.dtype) -> str:
+    return str(t if isinstance(t, torch.dtype) else t.dtype).removeprefix("torch.")
 
 
 def _classes(classes: list[int]) -> str:

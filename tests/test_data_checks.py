@@ -108,6 +108,17 @@ def test_builtin_generators_pass_every_check():
         check_splits(splits, "data._target_=builtin", "regression")
 
 
+def test_half_precision_pixels_and_integer_inputs_pass():
+    """Raw pixels in float16 (255 squared overflows float16, not the float32 a loss is computed in) and integer
+    inputs (token ids for a user's embedding) are not refused."""
+    x, y = _xy()
+    pixels = torch.full((20, 4), 255.0, dtype=torch.float16)
+    pixels[::2] = 3.0
+    check_splits(Splits(pixels, torch.as_tensor(y), pixels, torch.as_tensor(y)), "data._target_=mine", "classification")
+    tokens = torch.arange(80).view(20, 4)
+    check_splits(Splits(tokens, torch.as_tensor(y), tokens, torch.as_tensor(y)), "data._target_=mine", "")
+
+
 def test_splits_of_non_tensors_empty_splits_and_shapes_are_refused():
     x, y = _xy()
     good = as_splits(x, y, x, y)
