@@ -17,8 +17,8 @@ array and where the first bad value is.
 Decided here, and why (what trains fine is not refused):
 - NaN and +-inf anywhere in x or float y: refused (the loss is NaN from the first batch that holds one). An inf may be
   a value beyond float32's range (3.4e38) in the file: the message says so.
-- |value| above the square root of the dtype's largest (1.8e19 for float32): refused; its square overflows in a
-  variance, an MSE or a norm. Smaller large values (raw pixel or price scales) train, if badly: left alone.
+- |value| above the square root of float32's largest (1.8e19; float64's for float64 data): refused; its square
+  overflows in a variance, an MSE or a norm. Smaller large values (raw pixels, prices) train, if badly: left alone.
 - Classification (searchlab's classifier): labels must be non-negative integers of shape (N,); whole numbers stored
   as floats are refused with the cast to use; a class in y_val or y_test that y_train never holds is refused (a
   label encoding that differs between splits; a class the model cannot learn); a single class in y_train is
@@ -43,6 +43,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from searchlab.config import ConfigError
+from searchlab.objectives import metric_names
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -114,8 +115,6 @@ def check_splits(splits: Splits, source: str, task: str, metrics: Sequence[str] 
 
 def check_loaded(splits: Splits, cfg: DictConfig, task: str) -> None:
     """check_splits for the config's data entry, as searchlab.build.load_data loads it (once per process)."""
-    from searchlab.objectives import metric_names
-
     study = cfg.get("study")
     metrics = metric_names(study.metric) if study is not None and "metric" in study else []
     check_splits(splits, data_source(cfg.data), task, metrics)
@@ -128,7 +127,7 @@ def check_first_batch(data: pl.LightningDataModule, source: str, task: str) -> N
 
     try:
         x, y = first_batch(data)
-    except ConfigError:  # not (x, y) pairs: a module of the user's reads them its own way
+    except Exception:  # not (x, y) pairs, or a DataModule that fails: the preflight's training says how
         return
 
     def refuse(message: str) -> ConfigError:
