@@ -27,6 +27,7 @@ from torch import nn
 
 from searchlab.config import ConfigError
 from searchlab.data import Splits
+from searchlab.data_checks import check_loaded
 from searchlab.lightning_package import PYTORCH_LIGHTNING, Package, load, package_of
 
 if TYPE_CHECKING:  # either Lightning package's classes at run time (searchlab.lightning_package)
@@ -208,6 +209,7 @@ def load_data(cfg: DictConfig) -> Splits | pl.LightningDataModule:
         if not isinstance(splits, Splits):
             raise ConfigError(f"data: {node._target_} returned {type(splits).__name__}; a data entry builds a "
                               "LightningDataModule or returns searchlab.data.Splits (see searchlab.data.as_splits)")
+        check_loaded(splits, cfg, module_task(cfg))
         _splits_cache.clear()  # one dataset at a time
         _splits_cache[key] = splits
     return _splits_cache[key]

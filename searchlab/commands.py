@@ -28,6 +28,7 @@ from searchlab.config import (
     validate_config,
 )
 from searchlab.data import Splits
+from searchlab.data_checks import diverged_rule
 from searchlab.interrupts import terminated
 from searchlab.lightning_fit import TrainResult, check_devices, resolve_device
 from searchlab.model_out import (
@@ -159,7 +160,9 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
     status = "FINISHED"
     start = time.monotonic()
     try:
-        status = session.run(work, on_trial, slots, cli_command("worker", *overrides))
+        # study.max_diverged_at_start: the first trials all diverged at epoch 1 (the data, not the sampler's luck)
+        rules = [rule] if (rule := diverged_rule(cfg)) is not None else []
+        status = session.run(work, on_trial, slots, cli_command("worker", *overrides), stop_rules=rules)
     finally:
         progress.close()
         best = best_trial(study)

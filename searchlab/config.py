@@ -367,6 +367,9 @@ def validate_study(cfg: DictConfig) -> None:
     timeout = cfg.study.timeout
     if timeout is not None and not (_is_number(timeout) and timeout > 0):
         raise ConfigError(f"study.timeout: expected a positive number of seconds or null, got {timeout!r}")
+    diverged = cfg.study.get("max_diverged_at_start")
+    if diverged is not None and not (isinstance(diverged, int) and not isinstance(diverged, bool) and diverged >= 0):
+        raise ConfigError(f"study.max_diverged_at_start: expected a non-negative integer or null, got {diverged!r}")
     for key, table in (("study.sampler", "study.samplers"), ("study.pruner", "study.pruners")):
         names = list(OmegaConf.select(cfg, table))
         if OmegaConf.select(cfg, key) not in names:

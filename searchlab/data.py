@@ -7,6 +7,7 @@ per-step cost: batches here are index lookups into resident tensors, shuffled by
 from __future__ import annotations
 
 import math
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -130,8 +131,10 @@ def as_splits(*arrays: np.ndarray | None) -> Splits:
         a = np.asarray(a)
         return torch.as_tensor(a.astype(np.int64 if np.issubdtype(a.dtype, np.integer) else np.float32))
 
-    xs = [None if a is None else torch.as_tensor(np.asarray(a, dtype=np.float32)) for a in arrays[0::2]]
-    ys = [None if a is None else target(a) for a in arrays[1::2]]
+    # A value beyond float32's range becomes inf without numpy's warning: searchlab.data_checks names it in one line.
+    with np.errstate(over="ignore"):
+        xs = [None if a is None else torch.as_tensor(np.asarray(a, dtype=np.float32)) for a in arrays[0::2]]
+        ys = [None if a is None else target(a) for a in arrays[1::2]]
     return Splits(*[t for pair in zip(xs, ys, strict=False) for t in pair])
 
 
@@ -184,15 +187,21 @@ def npz(path: str, standardize: bool = False, add_channel: bool | str = "auto") 
     if add_channel is True or (add_channel == "auto" and arrays["x_train"].ndim == 3):
         arrays = {k: (v[:, None] if k.startswith("x_") else v) for k, v in arrays.items()}
     if standardize:
-        mean = arrays["x_train"].mean(axis=0, keepdims=True)
-        std = arrays["x_train"].std(axis=0, keepdims=True)
+        # Statistics of the finite values: a NaN or inf stays where it is, for searchlab.data_checks to name, instead
+        # of turning its whole feature into NaN.
+        finite = np.isfinite(arrays["x_train"])
+        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)  # a feature with no finite value: NaN, named there
+            mean = arrays["x_train"].mean(axis=0, keepdims=True, where=finite)
+            std = arrays["x_train"].std(axis=0, keepdims=True, where=finite)
         std[std == 0] = 1.0
         arrays = {k: ((v - mean) / std if k.startswith("x_") else v) for k, v in arrays.items()}
     return as_splits(*(arrays.get(f"{a}_{s}") for s in ("train", "val", "test") for a in ("x", "y")))
 
 
 def _check_npz_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Shapes and types a training can use: numeric x of one sample shape, numeric y, rows that agree."""
+    """Shapes and types the arrays must have before npz transforms them (numeric x of one sample shape, numeric y,
+    rows that agree); their values are searchlab.data_checks' concern, on the Splits."""
     def bad(message: str) -> ConfigError:
         return ConfigError(f"data.path: '{path}' {message}")
 
@@ -214,8 +223,6 @@ def _check_npz_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
             raise bad(f"x_{split} has {len(x)} rows but y_{split} has {len(y)}")
         if len(y) == 0:
             raise bad(f"x_{split} and y_{split} are empty")
-        if np.issubdtype(y.dtype, np.integer) and y.min() < 0:
-            raise bad(f"y_{split} holds negative class indices")
 
 
 def _is_real(a: np.ndarray) -> bool:

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 import torch
 from omegaconf import DictConfig
 
-from searchlab.build import module_task
+from searchlab.build import load_data, module_task
 from searchlab.checkpoints import CheckpointPlan
 from searchlab.config import ConfigError
 from searchlab.data import Splits
+from searchlab.data_checks import check_first_batch, data_source
 from searchlab.ddp import fit_ddp
 from searchlab.lightning_fit import EpochHook, TrainResult, fit_rank, resolve_device
 
@@ -72,6 +73,8 @@ def preflight(cfg: DictConfig, splits: Splits | None, metric: str, also: Sequenc
     task = module_task(cfg)
     if splits is not None:
         check_targets(splits, task)
+    else:  # a DataModule's data shows only in its batches: the first is checked
+        check_first_batch(load_data(cfg), data_source(cfg.data), task)
     try:
         result = fit_rank(cfg, splits, metric=metric, probe=True)
     except ConfigError:

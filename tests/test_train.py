@@ -144,7 +144,7 @@ def test_the_same_relative_path_from_another_folder_or_rewritten_loads_that_file
     version: a long process (the Python API) that changes folder, or a rewritten file, gets the file's own data."""
     def write(folder, rows: int) -> None:
         folder.mkdir(exist_ok=True)
-        np.savez(folder / "d.npz", x_train=np.zeros((rows, 3)), y_train=np.arange(rows) % 2,
+        np.savez(folder / "d.npz", x_train=np.eye(rows, 3), y_train=np.arange(rows) % 2,  # rows differ: data to learn
                  x_val=np.zeros((4, 3)), y_val=np.arange(4) % 2)
 
     write(tmp_path / "a", 8)

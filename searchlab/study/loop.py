@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -162,12 +162,13 @@ class StopRule(Protocol):
 
 
 def run_trials(budget: Budget, work: TrialWork, on_trial: Callable[[TrialOutcome], None], *,
-               timeout: float | None = None, max_consecutive_failures: int = 5) -> None:
+               timeout: float | None = None, max_consecutive_failures: int = 5,
+               stop_rules: Sequence[StopRule] = ()) -> None:
     """Runs trials until the study's budget (finished trials over all runs and workers) or this run's timeout is
     reached; asks for the next trial (or pack) the moment the last one ends. Raises StudyStopped when a stop rule
     says so."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    rules: list[StopRule] = [FailureStreak(max_consecutive_failures)]
+    rules: list[StopRule] = [FailureStreak(max_consecutive_failures), *stop_rules]
 
     def reserve(wait: bool) -> optuna.Trial | None:
         return budget.reserve(deadline, wait=wait)

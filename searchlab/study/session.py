@@ -27,7 +27,7 @@ from searchlab.devices import WorkerSlot, cpu_count, detect_gpus, plan_workers
 from searchlab.locks import NoLock, budget_lock
 from searchlab.study.budget import Budget
 from searchlab.study.faults import heartbeat_settings
-from searchlab.study.loop import StudyStopped, run_trials
+from searchlab.study.loop import StopRule, StudyStopped, run_trials
 from searchlab.study.storage import open_storage
 from searchlab.study.trial import TrialOutcome, TrialWork
 from searchlab.study.workers import DeadWorkers, WorkerPool
@@ -89,15 +89,17 @@ class Session:
         self.budget = Budget(self.study, n_trials, self.lock, self.dead)
 
     def run(self, work: Callable[[], TrialWork], on_trial: Callable[[TrialOutcome], None],
-            slots: Sequence[WorkerSlot] = (), worker_command: Sequence[str] = (), label: str = "study") -> str:
+            slots: Sequence[WorkerSlot] = (), worker_command: Sequence[str] = (), label: str = "study",
+            stop_rules: Sequence[StopRule] = ()) -> str:
         """Runs trials until the budget is used: here (`work()`, made only then), or in one process per slot when
-        there are several. Returns FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (StudyStopped, printed)."""
+        there are several (each worker then applies its own `stop_rules`, given by its own command). Returns
+        FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (StudyStopped, printed)."""
         try:
             if len(slots) > 1:
                 pool = WorkerPool(slots, worker_command, self.budget, self.settings.max_consecutive_failures)
                 return pool.run(on_trial)
             run_trials(self.budget, work(), on_trial, timeout=self.settings.timeout,
-                       max_consecutive_failures=self.settings.max_consecutive_failures)
+                       max_consecutive_failures=self.settings.max_consecutive_failures, stop_rules=stop_rules)
             return "FINISHED"
         except KeyboardInterrupt:
             return "KILLED"
