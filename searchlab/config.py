@@ -441,7 +441,8 @@ def _check_limits(cfg: DictConfig) -> None:
 
 
 def _check_model_logging(cfg: DictConfig) -> None:
-    """tracking.log_models, tracking.top_k and tracking.register_model (where the tracking entry has them)."""
+    """tracking.log_models, tracking.top_k, tracking.metrics and tracking.register_model (where the tracking entry
+    has them)."""
     log_models = OmegaConf.select(cfg, "tracking.log_models", default="best")
     if log_models not in _LOG_MODELS:
         raise ConfigError(f"tracking.log_models: expected one of {', '.join(_LOG_MODELS)}, got {log_models!r}")
@@ -451,6 +452,11 @@ def _check_model_logging(cfg: DictConfig) -> None:
         from_report = "tracking" in cfg and OmegaConf.is_interpolation(cfg.tracking, "top_k")
         key = "report.top_k (tracking.top_k follows it)" if from_report else "tracking.top_k"
         raise ConfigError(f"{key}: expected a positive integer, got {top_k!r}")
+    metrics = OmegaConf.select(cfg, "tracking.metrics", default=[])
+    if not isinstance(metrics, ListConfig) or not all(isinstance(m, str) and m for m in metrics):
+        shown = OmegaConf.to_container(metrics) if isinstance(metrics, ListConfig) else metrics
+        raise ConfigError(f"tracking.metrics: expected a list of metric names, e.g. "
+                          f"tracking.metrics=[val_f1,val_auroc], got {shown!r}")
     name = OmegaConf.select(cfg, "tracking.register_model", default=None)
     if name is not None and not (isinstance(name, str) and name.strip()):
         raise ConfigError(f"tracking.register_model: expected a model name or null, got {name!r}")
