@@ -201,14 +201,18 @@ class Composer:
         self.base, self.choices = _compose(self.base_overrides)
         self._by_choices: dict[tuple[str, ...], DictConfig] = {(): self.base}
         self._plain: dict[str, bool] = {}
+        self._pickled: dict[tuple[str, ...], bytes] = {}
         self.composed = 1  # full Hydra compositions made (the tests count them)
 
     def __call__(self, values: dict[str, Any]) -> DictConfig:
         """The config for base overrides + these key -> value settings (group keys take an option name)."""
         # The base's own options need no composing; the rest, in one order whatever the order drawn.
         choices = tuple(sorted(f"{k}={v}" for k, v in values.items() if k in self.groups and self.choices.get(k) != v))
-        # A pickle round trip: the same deep copy as DictConfig.copy() (flags, types, parents), ~2x cheaper.
-        cfg = pickle.loads(pickle.dumps(self._config_of(choices)))
+        # Unpickled from bytes kept per combination: the same deep copy as DictConfig.copy() (flags, types,
+        # parents), and ~25% cheaper than a pickle round trip per trial (its dumps is paid once).
+        if choices not in self._pickled:
+            self._pickled[choices] = pickle.dumps(self._config_of(choices))
+        cfg = pickle.loads(self._pickled[choices])
         for key, value in values.items():
             if key not in self.groups:
                 if not has_key(cfg, key):
