@@ -239,7 +239,9 @@ class PackedTraining:
         if any(f != families[0] for f in families):
             raise ValueError("members differ in their optimizer family or flags, which a pack shares")
         self.family, flags = families[0]
-        self.loss_module = self.module_class(net=nn.Identity(), optimizer=None)  # its loss and epoch_metrics
+        # Its loss and epoch_metrics: the metrics a lone trial of the config computes (module.metrics).
+        self.loss_module = self.module_class(net=nn.Identity(), optimizer=None,
+                                             metrics=OmegaConf.to_container(cfg.module, resolve=True).get("metrics"))
         self.active = list(range(len(cfgs)))  # member indices still in the pack, in row order
         self.epoch = 0
         self._build(cfgs, path)

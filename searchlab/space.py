@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import optuna
-from hydra import compose
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
@@ -474,10 +473,8 @@ def check_keys(space: SearchSpace, composer: Composer,
 
 
 def config_values(composer: Composer) -> dict[str, Any]:
-    """Every key of the composed base config (dotted) -> its value, and each config group -> its chosen option.
-
-    Hydra keeps the group choices only in its own `hydra.runtime.choices`: one more compose (~40-80 ms), made only
-    for a space with constraints."""
+    """Every key of the composed base config (dotted) -> its value, and each config group -> its chosen option
+    (Hydra's `hydra.runtime.choices`, kept by the Composer from its base composition)."""
     values: dict[str, Any] = {}
 
     def flatten(node: Any, prefix: str) -> None:
@@ -488,8 +485,7 @@ def config_values(composer: Composer) -> dict[str, Any]:
             values[prefix[:-1]] = node
 
     flatten(OmegaConf.to_container(composer.base, resolve=True), "")
-    choices = compose("config", overrides=list(composer.base_overrides), return_hydra_config=True).hydra.runtime.choices
-    values.update({group: choices[group] for group in composer.groups if group in choices})
+    values.update({group: composer.choices[group] for group in composer.groups if group in composer.choices})
     return values
 
 

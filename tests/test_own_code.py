@@ -122,6 +122,7 @@ def test_signals_example_user_network_with_two_workers(signals_project, tmp_path
     imports signals.Net1D from the project folder."""
     result = in_process("search", "--config-dir", "conf", "model=net1d", "search=net1d", "data=npz",
                         "data.path=signals.npz", "workers=2", "model.channels=8", *TINY, "tracking.log_models=none",
+                        "tracking.metrics=[val_f1,val_auroc]",
                         *stores(tmp_path, "signals"), cwd=signals_project)
     assert result.returncode == 0, result.stderr
     assert "maximize val_acc" in result.stdout.splitlines()[0]

@@ -27,7 +27,8 @@ REL, ABS = 1e-5, 1e-6
 # 1/360 of val_acc; one swapped pair of scores moves val_auroc by ~1e-5.
 DISCRETE = {"val_acc": 3e-3, "val_f1": 3e-3, "val_auroc": 1e-4}
 # Small and quick: digits, a 2x32 MLP, 3 epochs of at most 6 steps.
-BASE = ["trainer.max_epochs=3", "trainer.limit_train_batches=6", "model.width=32", "study.metric=val_loss"]
+BASE = ["trainer.max_epochs=3", "trainer.limit_train_batches=6", "model.width=32", "study.metric=val_loss",
+        "tracking.metrics=[val_f1,val_auroc]"]  # every metric of the classifier, packed and alone
 
 
 @pytest.fixture(scope="module", autouse=True)

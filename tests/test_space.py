@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import optuna
 import pytest
+import yaml
+from omegaconf import DictConfig, OmegaConf
 
-from searchlab.config import Composer, ConfigError, compose_config, format_override, parse_overrides
+from searchlab.config import (
+    Composer,
+    ConfigError,
+    compose_config,
+    config_dir,
+    format_override,
+    group_options,
+    parse_overrides,
+)
 from searchlab.space import load_space, parse_space
 
 GROUPS = {"optimizer": ["adam", "rmsprop", "sgd"], "scheduler": ["constant", "step"]}
@@ -112,6 +122,70 @@ def test_fast_composition_equals_a_full_hydra_compose():
     full = compose_config(["trainer.max_epochs=3"] + [format_override(k, v) for k, v in values.items()])
     assert fast == full
     assert fast.optimizer._target_ == "torch.optim.RMSprop" and fast.optimizer.lr == 0.0123456789
+
+
+def _same(fast, full) -> None:
+    """Equal values, the same YAML (types, interpolations left as written) and the same struct flags."""
+    assert fast == full
+    assert OmegaConf.to_yaml(fast) == OmegaConf.to_yaml(full)
+    for key in (None, *full.keys()):
+        node_fast, node_full = (fast, full) if key is None else (fast[key], full[key])
+        if isinstance(node_full, DictConfig):
+            assert OmegaConf.is_struct(node_fast) == OmegaConf.is_struct(node_full), key
+
+
+def _every_option() -> dict[str, list[str]]:
+    return {group: options for group, options in group_options().items() if options}
+
+
+def test_each_group_choice_composed_once_equals_full_composition_for_every_option_of_conf():
+    """Every option of every group of conf/, alone and combined with an option of every other group at once (each
+    option in some combination): the Composer's config equals Hydra's full composition, and it composed each
+    option once, never a combination."""
+    base = ["trainer.max_epochs=3", "optimizer.lr=0.02"]
+    composer = Composer(base)
+    options = _every_option()
+    for group, names in options.items():
+        for option in names:
+            _same(composer({group: option}), compose_config(base + [f"{group}={option}"]))
+    composed = composer.composed
+    assert composed == 1 + sum(len(names) for names in options.values()) - len(options)  # base choices: cached
+    # Options that extend another file (trainer=ddp) or name their package are not merged node by node.
+    extends = {f"{g}={o}" for g, names in options.items() for o in names if _reaches_out(g, o)}
+    assert extends == {"trainer=ddp"}
+    in_full = 0
+    for i in range(max(len(names) for names in options.values())):
+        values = {group: names[i % len(names)] for group, names in options.items()}
+        _same(composer(values), compose_config(base + [f"{g}={o}" for g, o in values.items()]))
+        in_full += bool(extends & {f"{g}={o}" for g, o in values.items()})
+    assert composer.composed == composed + in_full < composed + 7
+
+
+def _reaches_out(group: str, option: str) -> bool:
+    text = (config_dir() / group / f"{option}.yaml").read_text()
+    return "# @package" in text or "defaults" in (yaml.safe_load(text) or {})
+
+
+def test_options_that_may_reach_outside_their_node_are_composed_in_full(tmp_path, monkeypatch):
+    """An option with a package header or a defaults list of its own may write other nodes or change other choices:
+    a combination holding one is composed by Hydra in full, and still equals it."""
+    conf = tmp_path / "conf"
+    (conf / "optimizer").mkdir(parents=True)
+    (conf / "scheduler").mkdir()
+    (conf / "optimizer" / "global_sgd.yaml").write_text(
+        "# @package _global_\noptimizer: {_target_: torch.optim.SGD, _partial_: true, lr: 0.3}\n"
+        "data: {val_fraction: 0.3}\n")
+    (conf / "scheduler" / "cosine_slow.yaml").write_text("defaults: [cosine, _self_]\nmin_factor: 0.5\n")
+    monkeypatch.setenv("SEARCHLAB_CONFIG_DIR", str(conf))
+    composer = Composer([])
+    for values in ({"optimizer": "global_sgd", "scheduler": "step"}, {"optimizer": "adam", "scheduler": "cosine_slow"},
+                   {"optimizer": "sgd", "scheduler": "step"}):
+        before = composer.composed
+        fast = composer(values)
+        _same(fast, compose_config([f"{g}={o}" for g, o in values.items()]))
+        plain = values == {"optimizer": "sgd", "scheduler": "step"}
+        assert composer.composed - before == (2 if plain else 1), values  # each option alone, or the whole at once
+    assert composer({"optimizer": "global_sgd", "scheduler": "step"}).data.val_fraction == 0.3  # another node
 
 
 def test_overrides_parse_to_keys():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from searchlab.build import load_data
-from searchlab.config import Composer, ConfigError, group_options
+from searchlab.config import Composer, ConfigError, group_options, validate_config
 from searchlab.data import TensorBatches
 from searchlab.lightning_fit import resolve_device, resolve_precision
 from searchlab.training import fit
@@ -116,7 +116,39 @@ def test_hook_can_stop_training(composer, digits):
 
 def test_test_split_only_when_asked(composer, digits):
     assert fit(composer({}), digits).test == {}
-    assert set(fit(composer({}), digits, test=True).test) == {"test_loss", "test_acc", "test_f1", "test_auroc"}
+    assert set(fit(composer({}), digits, test=True).test) == {"test_loss", "test_acc"}
+    asked = composer({"tracking.metrics": ["val_f1", "val_auroc"]})
+    assert set(fit(asked, digits, test=True).test) == {"test_loss", "test_acc", "test_f1", "test_auroc"}
+
+
+def test_f1_and_auroc_are_computed_only_when_the_run_reads_them(composer, digits):
+    """The classifier's costly metrics: by default neither; each when study.metric, tracking.metrics or
+    ablate.test_metric names it; all of them for a module entry without `metrics` (a user's YAML naming the
+    class); the metrics computed have the same values whichever others are."""
+    cheap = {"train_loss", "val_loss", "val_acc", "lr", "params", "epoch_seconds"}
+    runs = {
+        "default": ({}, set()),
+        "study.metric": ({"study.metric": "val_auroc"}, {"val_auroc"}),
+        "both objectives": ({"study.metric": ["val_f1", "params"], "study.direction": ["maximize", "minimize"]},
+                            {"val_f1"}),
+        "tracking.metrics": ({"tracking.metrics": ["val_f1", "val_auroc"]}, {"val_f1", "val_auroc"}),
+        "ablate.test_metric": ({"ablate.test_metric": "test_f1"}, {"val_f1"}),
+        "no metrics key": ({"module.metrics": None}, {"val_f1", "val_auroc"}),
+    }
+    histories = {}
+    for name, (values, extra) in runs.items():
+        histories[name] = fit(composer({"trainer.max_epochs": 1, **values}), digits).history[0]
+        assert set(histories[name]) == cheap | extra, name
+    for name, history in histories.items():
+        for metric in ("val_loss", "val_acc", "val_f1", "val_auroc"):
+            if metric in history:
+                assert history[metric] == histories["no metrics key"][metric], (name, metric)
+
+
+def test_tracking_metrics_must_be_a_list_of_names():
+    cfg = Composer(["tracking.metrics=val_f1"]).base
+    with pytest.raises(ConfigError, match=r"^tracking.metrics: expected a list of metric names.*got 'val_f1'$"):
+        validate_config(cfg)
 
 
 def test_synthetic_data_is_configurable(composer):
