@@ -204,13 +204,21 @@ def render(rows: list[Row], heading: str, seconds: float, limit: float) -> str:
         lines.append(f"| {r.part} | {r.item} | {r.result} | {_number(r.per_hour)} | {_number(ratio, 2)} | "
                      f"{_number(r.util)} |")
     lines.append("")
-    packs = [r for r in rows if r.k is not None and r.per_hour]
+    packs = [r for r in rows if r.k is not None and r.k > 1 and r.per_hour]
     if one and packs:
         best = max(packs, key=lambda r: r.per_hour or 0.0)
         lines.append(f"- packing: best {best.item} ({best.part}) at {best.per_hour / one:.1f}x the trials per hour of "
                      f"pack K=1 (target >= 10).")
     lines.append(f"- {seconds:.0f} s in all (limit {limit:.0f} s).")
     return "\n".join(lines) + "\n"
+
+
+def write_results(path: Path, run_line: str, table: str) -> None:
+    """The table as the gpu-check block of bench/results.md (`make bench` keeps that block as it is)."""
+    from bench.__main__ import merge_results
+
+    old = path.read_text() if path.is_file() else ""
+    path.write_text(merge_results(old, run_line, {"gpu-check": [table]}))
 
 
 # --- the command ----------------------------------------------------------------------------------------------
@@ -220,6 +228,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=480.0, help="seconds for everything (default 480: 8 minutes)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "gpu-check.md",
                    help="where the table is written")
+    p.add_argument("--results-file", type=Path, default=Path(__file__).parent / "results.md",
+                   help="the benchmarks' results file, whose gpu-check block gets the table")
     p.add_argument("--repeats", type=int, default=2, help="overhead and packing: interleaved repeats")
     p.add_argument("--ks", default="1,8,32,128", help="packing: pack sizes K")
     p.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
@@ -257,17 +267,19 @@ def main(argv: list[str] | None = None, cuda_available: bool | None = None) -> i
         return 0
     from bench.__main__ import machine
 
-    heading = (f"### GPU check, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC: "
-               f"`make gpu-check` ({machine()})")
+    command = " ".join(["python -m bench.gpu_check", *(sys.argv[1:] if argv is None else argv)])
+    run_line = (f"- Run {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC: `{command}`\n"
+                f"- Machine: {machine()}\n")
     parts = [Part(name, ESTIMATES[name]) for name in PARTS if name in args.parts]
     with tempfile.TemporaryDirectory(prefix="searchlab-gpu-check-") as scratch:
         left = args.time_limit - (time.monotonic() - start) - 5.0  # 5 s kept for the table
         rows = run_parts(parts, left, child_runner(args, Path(scratch)))
-    table = render(rows, heading, time.monotonic() - start, args.time_limit)
-    print("\n" + table, flush=True)
+    table = render(rows, "### GPU check (`make gpu-check`)", time.monotonic() - start, args.time_limit)
+    print(f"\n{run_line}\n{table}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
-    print(f"wrote {args.out}")
+    args.out.write_text(f"{run_line}\n{table}")
+    write_results(args.results_file, run_line, table)
+    print(f"wrote {args.out} and the gpu-check block of {args.results_file}")
     bad = [r for r in rows if r.result.startswith(("FAILED", "ERROR", "stopped", "skipped: needs"))]
     return 1 if bad else 0
 

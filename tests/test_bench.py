@@ -339,3 +339,36 @@ def test_packing_section_shows_gpu_utilization_on_a_gpu():
     assert "(cuda, 1 torch threads" in text and "GPU util % |" in text
     assert "| (c) pack K=8 | 0.0500 | 72000 | 0.12 | 0.06 | 72 |" in text and "| n/a |" in text
     assert "GPU util" not in packing_markdown(PackingResult("digits", [1, 8], [], 1, seconds, "mlp"))
+
+
+def test_gpu_check_command_prints_and_writes_one_table_and_its_results_block(tmp_path, monkeypatch, capsys):
+    from bench import gpu_check
+    from bench.__main__ import merge_results
+
+    def fake_runner(args, scratch):
+        def run(part, timeout):
+            if part.name == "tests":
+                return [gpu_check.Row("tests", "bf16 training", "passed (2.0 s)")]
+            return [gpu_check.Row(part.name, "pack K=1", "0.1000 s/trial", 36000.0, 50.0, k=1)]
+        return run
+
+    monkeypatch.setattr(gpu_check, "child_runner", fake_runner)
+    results = tmp_path / "results.md"
+    results.write_text(merge_results("", "- Run A\n", {"overhead": ["### Overhead A\n"]}))
+    out = tmp_path / "gpu-check.md"
+    code = gpu_check.main(["--parts", "tests,packing", "--out", str(out), "--results-file", str(results)],
+                          cuda_available=True)
+    assert code == 0
+    printed = capsys.readouterr().out
+    table = out.read_text()
+    assert table.startswith("- Run ") and "`python -m bench.gpu_check --parts tests,packing" in table
+    assert "| tests | bf16 training | passed (2.0 s) |" in table and "| packing | pack K=1 |" in table
+    assert table.strip() in printed and sum(line.startswith("|---") for line in table.splitlines()) == 1
+    text = results.read_text()
+    assert "### Overhead A" in text and "<!-- part:gpu-check -->" in text and "| packing | pack K=1 |" in text
+    # make bench, run later for another part, keeps the gpu-check block
+    assert "| packing | pack K=1 |" in merge_results(text, "- Run B\n", {"overhead": ["### Overhead B\n"]})
+    failed = [gpu_check.Row("tests", "ddp", "FAILED: AssertionError")]
+    monkeypatch.setattr(gpu_check, "child_runner", lambda args, scratch: lambda part, timeout: failed)
+    assert gpu_check.main(["--parts", "tests", "--out", str(out), "--results-file", str(results)],
+                          cuda_available=True) == 1

@@ -38,8 +38,9 @@ def fresh_process_state(monkeypatch):
     monkeypatch.setattr(pack_module, "_compile_failure", None)
 
 
-def _histories(composer: Composer, digits, setting: object) -> tuple[PackedTraining, list[list[dict]]]:
-    pack = PackedTraining([composer({**m, "trainer.compile": setting}) for m in MEMBERS], digits)
+def _histories(composer: Composer, digits, setting: object,
+               extra: dict | None = None) -> tuple[PackedTraining, list[list[dict]]]:
+    pack = PackedTraining([composer({**m, **(extra or {}), "trainer.compile": setting}) for m in MEMBERS], digits)
     results = pack.fit()
     return pack, [[{k: v for k, v in e.items() if k != "epoch_seconds"} for e in r.history] for r in results]
 
@@ -86,11 +87,13 @@ def test_a_failing_compiler_trains_eagerly_with_one_line_and_the_eager_result(co
     assert capsys.readouterr().err == ""
 
 
-def test_a_traced_step_trains_as_the_eager_one(composer, digits, monkeypatch):
-    _, eager = _histories(composer, digits, False)
+@pytest.mark.parametrize("path, extra", [("mlp", {}), ("vmap", {"model.batch_norm": True})])
+def test_a_traced_step_trains_as_the_eager_one(composer, digits, monkeypatch, path, extra):
+    _, eager = _histories(composer, digits, False, extra)
     torch._dynamo.reset()
     monkeypatch.setattr(pack_module, "compile_step", lambda fn, device: torch.compile(fn, backend="aot_eager"))
-    pack, traced = _histories(composer, digits, True)
+    pack, traced = _histories(composer, digits, True, extra)
+    assert pack.path == path
     assert pack._compiled_loss is not None and pack_module._compile_failure is None  # no fallback happened
     for t_epochs, e_epochs in zip(traced, eager, strict=True):
         for t, e in zip(t_epochs, e_epochs, strict=True):
