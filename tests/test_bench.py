@@ -372,3 +372,32 @@ def test_gpu_check_command_prints_and_writes_one_table_and_its_results_block(tmp
     monkeypatch.setattr(gpu_check, "child_runner", lambda args, scratch: lambda part, timeout: failed)
     assert gpu_check.main(["--parts", "tests", "--out", str(out), "--results-file", str(results)],
                           cuda_available=True) == 1
+
+
+def test_gpu_check_rows_of_the_bench_parts_and_a_compile_that_fell_back(tmp_path, monkeypatch):
+    """The parts' rows: the overhead part's from a made-up result (tests/test_bench.py runs it for real above), the
+    packing part's from a real tiny run on the CPU (the command runs both on the GPU), with a compile that fails."""
+    import bench.overhead
+    import searchlab.pack
+    from bench.gpu_check import overhead_rows, packing_rows
+
+    seconds = {way: [[0.5, 0.7], [0.6, 0.6]] for way in WAYS}  # per config, per repeat: 0.6 s a trial
+    fake = OverheadResult("cuda", 2, 2, seconds, [], {}, {}, {way: 40.0 for way in WAYS})
+    monkeypatch.setattr(bench.overhead, "run_overhead", lambda *args, **kwargs: fake)
+    rows = overhead_rows(2, tmp_path)
+    assert [r.item for r in rows] == [bench.overhead.NAMES[w] for w in WAYS]
+    assert all(r.part == "overhead" and r.result == "0.600 s/trial" and r.per_hour == pytest.approx(6000)
+               and r.util == 40.0 for r in rows)
+
+    def broken(fn, device):
+        def step(*args):
+            raise RuntimeError("no compiler here")
+        return step
+
+    monkeypatch.setattr(searchlab.pack, "compile_step", broken)
+    monkeypatch.setattr(searchlab.pack, "_compile_failure", None)
+    tiny = ["model.width=16", "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
+    rows = packing_rows([1, 2], 1, compiled=True, device="cpu", extra=tiny)
+    assert [(r.item, r.k) for r in rows] == [("pack K=1", 1), ("pack K=2", 2), ("torch.compile", None)]
+    assert rows[-1].result == "fell back to eager: RuntimeError: no compiler here"
+    assert all(r.part == "packing compiled" for r in rows)
