@@ -64,8 +64,12 @@ class Part:
 Runner = Callable[[Part, float], list[Row]]
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)  # before the children's own output, in order
+
+
 def run_parts(parts: list[Part], limit: float, runner: Runner, clock: Callable[[], float] = time.monotonic,
-              say: Callable[[str], None] = print) -> list[Row]:
+              say: Callable[[str], None] = _say) -> list[Row]:
     """Runs each part that fits in what is left of `limit` seconds (its estimate against the time left; it is
     given the time left as its timeout); a part that does not fit is skipped with a line."""
     start = clock()
@@ -73,8 +77,7 @@ def run_parts(parts: list[Part], limit: float, runner: Runner, clock: Callable[[
     for part in parts:
         left = limit - (clock() - start)
         if part.estimate > left:
-            reason = (f"skipped: needs about {part.estimate:.0f} s, {max(left, 0):.0f} s of the {limit:.0f} s "
-                      "limit left")
+            reason = f"skipped: needs about {part.estimate:.0f} s, {max(left, 0):.0f} s of the time limit left"
             say(f"gpu-check: {part.name} {reason}")
             rows.append(Row(part.name, "-", reason))
             continue
