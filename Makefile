@@ -56,6 +56,13 @@ e2e: install system
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+# On a machine with an NVIDIA GPU, at most ~8 min: the tests marked gpu, the overhead and packing parts on the GPU,
+# one table (printed, in bench/out/gpu-check.md and bench/results.md). Without a GPU: one line, exit 2.
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check: install
+	@$(BIN)/python -m bench.gpu_check $(GPU_CHECK_ARGS)
+
 lint: install
 	$(BIN)/ruff check searchlab tests bench
 

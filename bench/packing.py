@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from bench.devices import device_overrides
+from bench.devices import UtilizationSampler, device_overrides, gpu_utilization_reader
 from bench.overhead import plain_loop
 from searchlab.build import load_data
 from searchlab.config import Composer
@@ -56,6 +56,8 @@ class PackingResult:
     threads: int
     seconds: dict[str, list[float]] = field(default_factory=dict)  # way -> seconds per trial, one per repeat
     path: str = ""  # the engine's path: mlp (batched matmuls) or vmap
+    device: str = "cpu"
+    gpu_util: dict[str, float | None] = field(default_factory=dict)  # way -> mean GPU utilization % (on a GPU)
 
     def median(self, way: str) -> float:
         return statistics.median(self.seconds[way])
@@ -108,16 +110,22 @@ def run_packing(setting: str = "digits", ks: list[int] | None = None, repeats: i
         **{f"pack {k}": pack(k) for k in ks},
     }
     result = PackingResult(setting, ks, overrides, torch.get_num_threads(), {w: [] for w in ways},
-                           PackedTraining([one], splits).path)
-    for way in ways.values():  # warm-up: first-call costs (imports, allocator) are not per-trial costs
+                           PackedTraining([one], splits).path, device)
+    for way in ways.values():  # warm-up: first-call costs (imports, allocator, compiling) are not per-trial costs
         way()
     names = list(ways)
+    sampler = UtilizationSampler(gpu_utilization_reader() if device == "cuda" else None)
     try:
         for r in range(repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:
+                sampler.start(name)
                 result.seconds[name].append(ways[name]())
+                sampler.stop()
     finally:
+        sampler.stop()
         torch.set_num_threads(before)
+    if device == "cuda":
+        result.gpu_util = {name: sampler.mean(name) for name in names}
     return result
 
 
@@ -187,17 +195,21 @@ def _timed(fn: Callable[[], object]) -> float:
 def packing_markdown(r: PackingResult) -> str:
     plain, lightning = r.median("plain"), r.median("lightning")
     title = {"digits": "digits MLP 2x256", "signals": "examples/signals Net1D"}.get(r.setting, r.setting)
-    lines = [f"### Packing: {title} (cpu, {r.threads} torch threads; {len(r.seconds['plain'])} interleaved repeats; "
-             "medians)", "",
+    lines = [f"### Packing: {title} ({r.device}, {r.threads} torch threads; {len(r.seconds['plain'])} interleaved "
+             "repeats; medians)", "",
              f"Setting: `{' '.join(o for o in r.overrides if not o.startswith('trainer.accelerator'))}`; members "
              "differ in optimizer.lr and optimizer.weight_decay. Seconds per trial exclude process start-up; "
              "(b) is the Lightning fit without MLflow/Optuna (the overhead part adds its fixed cost per trial).", "",
-             "| way | s/trial | trials/hour | / (a) plain | / (b) lightning |", "|---|---|---|---|---|"]
+             "| way | s/trial | trials/hour | / (a) plain | / (b) lightning |"
+             + (" GPU util % |" if r.gpu_util else ""),
+             "|---|---|---|---|---|" + ("---|" if r.gpu_util else "")]
     names = {"plain": "(a) plain PyTorch loop, one trial", "lightning": "(b) searchlab Lightning fit, one trial"}
     for way in r.seconds:
         s = r.median(way)
         label = names[way] if way in names else f"(c) pack K={way.split()[1]}"
-        lines.append(f"| {label} | {s:.4f} | {3600 / s:.0f} | {s / plain:.2f} | {s / lightning:.2f} |")
+        util = r.gpu_util.get(way)
+        lines.append(f"| {label} | {s:.4f} | {3600 / s:.0f} | {s / plain:.2f} | {s / lightning:.2f} |"
+                     + (f" {'n/a' if util is None else f'{util:.0f}'} |" if r.gpu_util else ""))
     lines.append("")
     if "pack 8" in r.seconds:
         lines.append(f"- seconds per trial, pack 8 / plain = **{r.median('pack 8') / plain:.2f}** (target <= 0.5); "

@@ -13,11 +13,16 @@ What members may differ in: numbers under optimizer and scheduler (lr, weight de
 values), module.l1 and model.dropout. Everything else must be equal (`pack_mismatch`). Dropout is the one thing not
 reproduced draw for draw: a member's dropout masks come from the pack's random stream (vmap randomness="different"),
 not from the stream it would draw from alone, so its metrics match alone only in distribution.
+
+trainer.compile (true, or auto on a GPU) runs a step's forward and backward through torch.compile, on a GPU in mode
+reduce-overhead (CUDA graphs: a small network's step is dozens of kernel launches, replayed as one). A compile that
+fails is redone eagerly, with one line on stderr, and this process's later packs stay eager.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
@@ -39,6 +44,7 @@ from searchlab.build import (
     resolve_target,
     schedule_factory,
 )
+from searchlab.config import ConfigError
 from searchlab.data import Splits, TensorBatches, batch_size_for
 from searchlab.lightning_fit import TrainResult, Weights, _direction, resolve_precision
 from searchlab.modules import _Module
@@ -82,6 +88,36 @@ def pack_mismatch(cfgs: Sequence[DictConfig]) -> str | None:
             if a != b and not (varies_per_member(key, a) and varies_per_member(key, b)):
                 return f"members 0 and {i} differ in {key} ({a} vs {b}), which a pack shares"
     return None
+
+
+# --- trainer.compile ---------------------------------------------------------------------------------------------
+
+# The first failure of torch.compile in this process (one line), or None: later packs do not pay for it again.
+_compile_failure: str | None = None
+
+
+def use_compile(setting: object, device: torch.device) -> bool:
+    """trainer.compile -> whether a pack on `device` compiles its step: true always, auto on a GPU only (on a CPU
+    there is no launch cost for CUDA graphs to save, and compiling takes longer than a small pack trains)."""
+    if not (isinstance(setting, bool) or setting == "auto"):
+        raise ConfigError(f"trainer.compile: expected false, true or auto (on a GPU only), got {setting!r}")
+    wanted = setting is True or (setting == "auto" and device.type == "cuda")
+    return wanted and _compile_failure is None
+
+
+def compile_step(fn: Callable[..., torch.Tensor], device: torch.device) -> Callable[..., torch.Tensor]:
+    """torch.compile of a pack's loss (its backward is compiled with it); on a GPU with CUDA graphs. dynamic=None:
+    a pack that shrinks (a member stopped) compiles once more, for any K, not once per K."""
+    return torch.compile(fn, mode="reduce-overhead" if device.type == "cuda" else None)
+
+
+def _compile_failed(err: Exception) -> None:
+    global _compile_failure
+    if _compile_failure is None:
+        text = str(err).strip().splitlines()
+        _compile_failure = f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+        print(f"searchlab: trainer.compile: torch.compile failed ({_compile_failure}); packs train eagerly",
+              file=sys.stderr, flush=True)
 
 
 class PackedDropout(nn.Module):
@@ -245,6 +281,8 @@ class PackedTraining:
         self.active = list(range(len(cfgs)))  # member indices still in the pack, in row order
         self.epoch = 0
         self._build(cfgs, path)
+        self.compiled = use_compile(OmegaConf.select(cfg, "trainer.compile", default=False), self.device)
+        self._compiled_loss = compile_step(self._loss, self.device) if self.compiled else None
         self.optimizer = PackedOptimizer(self.family, flags, self.flat)
         self._refresh_hyper()
 
@@ -363,14 +401,9 @@ class PackedTraining:
         for i, (x, y) in enumerate(self.train_batches):
             if i >= self.steps_per_epoch:
                 break
-            losses = self._loss(self.params, self.buffers, x, y)
+            losses, grads = self._step_grads(x, y, views)
             sums += losses.detach().float() * len(y)
             count += len(y)
-            penalty = self._l1()
-            total = losses if penalty is None else losses + penalty
-            # A diverged member's NaN stays its own: its rows get no gradient, the others' sum stays finite.
-            total = torch.where(torch.isfinite(total), total, torch.zeros_like(total)).sum()
-            grads = torch.autograd.grad(total, views)
             torch._foreach_copy_(self.grad_views, grads)  # into the flat gradient rows, one pass
             self.optimizer.step(self.flat, self.grad)
             if any([self.members[m].step_schedule("step") for m in self.active]):
@@ -378,6 +411,29 @@ class PackedTraining:
         if any([self.members[m].step_schedule("epoch") for m in self.active]):
             self._refresh_hyper()
         return sums / max(count, 1)
+
+    def _step_grads(self, x: torch.Tensor, y: torch.Tensor,
+                    views: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """A step's forward and backward: each row's data loss and the gradients of the views; through the compiled
+        loss when the pack compiles, redone eagerly (and eager from then on) when compiling fails."""
+        if self._compiled_loss is not None:
+            try:
+                if self.device.type == "cuda":  # CUDA graphs may reuse the last step's outputs: all copied by now
+                    torch.compiler.cudagraph_mark_step_begin()
+                return self._grads(self._compiled_loss, x, y, views)
+            except Exception as err:  # no compiler, an op torch.compile cannot trace...: the eager step is exact
+                self._compiled_loss = None
+                _compile_failed(err)
+        return self._grads(self._loss, x, y, views)
+
+    def _grads(self, loss: Callable[..., torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+               views: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        losses = loss(self.params, self.buffers, x, y)
+        penalty = self._l1()
+        total = losses if penalty is None else losses + penalty
+        # A diverged member's NaN stays its own: its rows get no gradient, the others' sum stays finite.
+        total = torch.where(torch.isfinite(total), total, torch.zeros_like(total)).sum()
+        return losses, torch.autograd.grad(total, views)
 
     @torch.no_grad()
     def _validate(self) -> list[dict[str, float]]:

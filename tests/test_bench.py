@@ -203,3 +203,201 @@ def test_methods_trace_of_a_pack_reads_each_member_at_the_check_that_saw_it():
     # two packs of two: the checks saw 2 finished trials at 1.5 CPU s, then 4 at 3.0
     run = _result(Run("digits", "tpe5-sh1-pack4", 0), trials, trials[0].datetime_start, 0.8, {2: 1.5, 4: 3.0})
     assert [cpu for cpu, _ in run.trace] == [1.5, 1.5, 3.0, 3.0] and run.reached and run.seconds == 3.0
+
+
+# --- make gpu-check (bench/gpu_check.py): what runs without a GPU -------------------------------------------------
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line_and_exits_2():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bench import gpu_check
+
+    assert gpu_check.main([], cuda_available=False) == 2
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a machine that has one
+    done = subprocess.run([sys.executable, "-m", "bench.gpu_check"], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu-check: no CUDA GPU visible to torch"), done.stderr
+
+
+def test_gpu_check_table_from_fake_results():
+    from bench.gpu_check import Row, render
+
+    rows = [Row("tests", "bf16 training", "passed (3.1 s)"),
+            Row("tests", "ddp on the gpus present", "skipped: DDP needs 2 or more GPUs; this machine has 1"),
+            Row("overhead", "(a) plain PyTorch loop", "0.400 s/trial", 9000.0, 31.0),
+            Row("packing", "pack K=1", "0.2000 s/trial", 18000.0, 20.0, k=1),
+            Row("packing", "pack K=128", "0.0100 s/trial", 360000.0, 88.4, k=128),
+            Row("packing compiled", "pack K=128", "0.0080 s/trial", 450000.0, None, k=128),
+            Row("packing compiled", "-", "skipped: needs about 150 s, 40 s of the time limit left")]
+    text = render(rows, "### GPU check: fake", seconds=312.4, limit=480)
+    lines = text.splitlines()
+    assert lines[0] == "### GPU check: fake"
+    assert sum(line.startswith("|---") for line in lines) == 1  # one table
+    table = [line for line in lines if line.startswith("| ")]
+    assert table[0] == "| part | what | result | trials/hour | x pack K=1 (eager) | GPU util % |"
+    assert len(table) == 1 + len(rows)
+    assert "| tests | bf16 training | passed (3.1 s) |  |  |  |" in table
+    assert "| overhead | (a) plain PyTorch loop | 0.400 s/trial | 9,000 |  | 31 |" in table
+    assert "| packing | pack K=1 | 0.2000 s/trial | 18,000 | 1.00 | 20 |" in table
+    assert "| packing | pack K=128 | 0.0100 s/trial | 360,000 | 20.00 | 88 |" in table
+    assert "| packing compiled | pack K=128 | 0.0080 s/trial | 450,000 | 25.00 |  |" in table
+    assert ("- packing: best pack K=128 (packing compiled) at 25.0x the trials per hour of pack K=1 (target >= 10)."
+            in lines)
+    assert "- 312 s in all (limit 480 s)." in lines
+
+
+def test_gpu_check_skips_the_parts_that_would_run_past_the_time_limit():
+    from bench.gpu_check import Part, Row, run_parts
+
+    now = [1000.0]
+    takes = {"tests": 90.0, "overhead": 120.0, "packing": 10.0}
+    timeouts: dict[str, float] = {}
+
+    def runner(part: Part, timeout: float) -> list[Row]:  # a part "runs" by moving the injected clock
+        timeouts[part.name] = timeout
+        now[0] += takes[part.name]
+        return [Row(part.name, "x", "passed")]
+
+    said: list[str] = []
+    parts = [Part("tests", 100), Part("overhead", 100), Part("packing compiled", 100), Part("packing", 30)]
+    rows = run_parts(parts, 250, runner, clock=lambda: now[0], say=said.append)
+    # tests and overhead start (250 and 160 s left); 40 s left: the 100 s part is skipped, the 30 s one runs.
+    assert timeouts == {"tests": 250, "overhead": 160, "packing": 40}
+    assert [(r.part, r.result) for r in rows] == [
+        ("tests", "passed"), ("overhead", "passed"),
+        ("packing compiled", "skipped: needs about 100 s, 40 s of the time limit left"), ("packing", "passed")]
+    assert "gpu-check: packing compiled skipped: needs about 100 s, 40 s of the time limit left" in said
+
+
+def test_gpu_check_reads_the_tests_outcomes_from_pytests_report(tmp_path):
+    from bench.gpu_check import junit_rows
+
+    report = tmp_path / "junit.xml"
+    report.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.test_gpu" name="test_bf16_training" time="4.25"/>'
+        '<testcase classname="tests.test_gpu" name="test_ddp_on_gpus" time="0.01">'
+        '<skipped type="pytest.skip" message="DDP needs 2 or more GPUs; this machine has 1">why</skipped></testcase>'
+        '<testcase classname="tests.test_gpu" name="test_packing" time="7.5">'
+        '<failure message="AssertionError: assert False&#10;more">trace</failure></testcase>'
+        '</testsuite></testsuites>')
+    assert [(r.item, r.result) for r in junit_rows(report)] == [
+        ("bf16 training", "passed (4.2 s)"),
+        ("ddp on gpus", "skipped: DDP needs 2 or more GPUs; this machine has 1"),
+        ("packing", "FAILED: AssertionError: assert False (7.5 s)")]
+
+
+def test_gpu_check_stops_a_part_at_its_timeout_with_what_it_started(tmp_path):
+    import os
+    import sys
+
+    from bench.gpu_check import run_child
+
+    pid_file = tmp_path / "grandchild"
+    script = ("import subprocess, sys, time; "
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    code, seconds = run_child([sys.executable, "-c", script], timeout=3)
+    assert code is None and 3 <= seconds < 30
+    grandchild = int(pid_file.read_text())
+    for _ in range(100):  # SIGKILL is asynchronous: the grandchild goes within moments (init reaps it)
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the part's own child outlived the timeout")
+    assert run_child([sys.executable, "-c", "raise SystemExit(3)"], timeout=30)[0] == 3
+
+
+def test_gpu_check_runs_the_tests_marked_gpu_from_the_file_it_names():
+    import importlib.util
+
+    from bench.gpu_check import ROOT, TEST_FILE
+
+    spec = importlib.util.spec_from_file_location("gpu_tests", ROOT / TEST_FILE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert "gpu" in [m.name for m in module.pytestmark]
+    assert len([name for name in vars(module) if name.startswith("test_")]) >= 5
+
+
+def test_packing_section_shows_gpu_utilization_on_a_gpu():
+    from bench.packing import PackingResult, packing_markdown
+
+    seconds = {"plain": [0.4], "lightning": [0.8], "pack 1": [0.3], "pack 8": [0.05]}
+    result = PackingResult("digits", [1, 8], ["trainer.accelerator=gpu"], 1, seconds, "mlp", "cuda",
+                           {"plain": 30.0, "lightning": None, "pack 1": 25.0, "pack 8": 71.6})
+    text = packing_markdown(result)
+    assert "(cuda, 1 torch threads" in text and "GPU util % |" in text
+    assert "| (c) pack K=8 | 0.0500 | 72000 | 0.12 | 0.06 | 72 |" in text and "| n/a |" in text
+    assert "GPU util" not in packing_markdown(PackingResult("digits", [1, 8], [], 1, seconds, "mlp"))
+
+
+def test_gpu_check_command_prints_and_writes_one_table_and_its_results_block(tmp_path, monkeypatch, capsys):
+    from bench import gpu_check
+    from bench.__main__ import merge_results
+
+    def fake_runner(args, scratch):
+        def run(part, timeout):
+            if part.name == "tests":
+                return [gpu_check.Row("tests", "bf16 training", "passed (2.0 s)")]
+            return [gpu_check.Row(part.name, "pack K=1", "0.1000 s/trial", 36000.0, 50.0, k=1)]
+        return run
+
+    monkeypatch.setattr(gpu_check, "child_runner", fake_runner)
+    results = tmp_path / "results.md"
+    results.write_text(merge_results("", "- Run A\n", {"overhead": ["### Overhead A\n"]}))
+    out = tmp_path / "gpu-check.md"
+    code = gpu_check.main(["--parts", "tests,packing", "--out", str(out), "--results-file", str(results)],
+                          cuda_available=True)
+    assert code == 0
+    printed = capsys.readouterr().out
+    table = out.read_text()
+    assert table.startswith("- Run ") and "`python -m bench.gpu_check --parts tests,packing" in table
+    assert "| tests | bf16 training | passed (2.0 s) |" in table and "| packing | pack K=1 |" in table
+    assert table.strip() in printed and sum(line.startswith("|---") for line in table.splitlines()) == 1
+    text = results.read_text()
+    assert "### Overhead A" in text and "<!-- part:gpu-check -->" in text and "| packing | pack K=1 |" in text
+    # make bench, run later for another part, keeps the gpu-check block
+    assert "| packing | pack K=1 |" in merge_results(text, "- Run B\n", {"overhead": ["### Overhead B\n"]})
+    failed = [gpu_check.Row("tests", "ddp", "FAILED: AssertionError")]
+    monkeypatch.setattr(gpu_check, "child_runner", lambda args, scratch: lambda part, timeout: failed)
+    assert gpu_check.main(["--parts", "tests", "--out", str(out), "--results-file", str(results)],
+                          cuda_available=True) == 1
+
+
+def test_gpu_check_rows_of_the_bench_parts_and_a_compile_that_fell_back(tmp_path, monkeypatch):
+    """The parts' rows: the overhead part's from a made-up result (tests/test_bench.py runs it for real above), the
+    packing part's from a real tiny run on the CPU (the command runs both on the GPU), with a compile that fails."""
+    import bench.overhead
+    import searchlab.pack
+    from bench.gpu_check import overhead_rows, packing_rows
+
+    seconds = {way: [[0.5, 0.7], [0.6, 0.6]] for way in WAYS}  # per config, per repeat: 0.6 s a trial
+    fake = OverheadResult("cuda", 2, 2, seconds, [], {}, {}, {way: 40.0 for way in WAYS})
+    monkeypatch.setattr(bench.overhead, "run_overhead", lambda *args, **kwargs: fake)
+    rows = overhead_rows(2, tmp_path)
+    assert [r.item for r in rows] == [bench.overhead.NAMES[w] for w in WAYS]
+    assert all(r.part == "overhead" and r.result == "0.600 s/trial" and r.per_hour == pytest.approx(6000)
+               and r.util == 40.0 for r in rows)
+
+    def broken(fn, device):
+        def step(*args):
+            raise RuntimeError("no compiler here")
+        return step
+
+    monkeypatch.setattr(searchlab.pack, "compile_step", broken)
+    monkeypatch.setattr(searchlab.pack, "_compile_failure", None)
+    tiny = ["model.width=16", "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
+    rows = packing_rows([1, 2], 1, compiled=True, device="cpu", extra=tiny)
+    assert [(r.item, r.k) for r in rows] == [("pack K=1", 1), ("pack K=2", 2), ("torch.compile", None)]
+    assert rows[-1].result == "fell back to eager: RuntimeError: no compiler here"
+    assert all(r.part == "packing compiled" for r in rows)
