@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ CLIENTS = ("sbatch", "scontrol", "squeue", "scancel", "sinfo", "srun")
 # A requeued job may start again only after the job credential's lifetime (slurm.conf's cred_expire, 120 s by
 # default); 10 s here, and a scheduling pass every second instead of every minute, keep the preemption test short.
 CRED_EXPIRE_S = 10
-JOB_SECONDS = 240  # generous: the machine running the tests may be shared
+JOB_SECONDS = 300  # generous: the machine running the tests may be shared
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
          "DEADLINE"}
 # Slow enough epochs to act mid-trial, a checkpoint at every epoch end, no model logged (no worker logs one).
@@ -50,6 +50,7 @@ class Slurm:
 
     conf: Path
     env: dict[str, str]
+    jobs: list[str] = field(default_factory=list)  # submitted by the running test: cancelled after it
 
     def __call__(self, *args: str) -> str:
         result = subprocess.run([_which(args[0]) or args[0], *args[1:]], env=self.env, capture_output=True,
@@ -61,8 +62,10 @@ class Slurm:
         """sbatch from `folder` (the job's working folder and logs); returns the job id."""
         path = folder / "search.sbatch"
         path.write_text(script)
-        return self("sbatch", "--parsable", f"--chdir={folder}", f"--output={folder}/slurm-%A_%a.out",
-                    str(path)).strip()
+        job = self("sbatch", "--parsable", f"--chdir={folder}", f"--output={folder}/slurm-%A_%a.out",
+                   str(path)).strip()
+        self.jobs.append(job)
+        return job
 
     def tasks(self, job: str) -> dict[str, dict[str, str]]:
         """The job's array tasks by task id (a pending range stays one record, e.g. "1-2"): JobState, Restarts, ..."""
@@ -121,7 +124,7 @@ def _slurm_conf(root: Path, socket_path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def slurm() -> Iterator[Slurm]:
+def cluster() -> Iterator[Slurm]:
     """munged, slurmctld and slurmd in the foreground, config, key, state and logs in a temp dir; every job cancelled
     and the daemons stopped after."""
     missing = [name for name in DAEMONS + CLIENTS if _which(name) is None]
@@ -168,14 +171,20 @@ def slurm() -> Iterator[Slurm]:
                    slurmd, root / "slurmd.log")
         yield cluster
     finally:
-        if processes:
-            subprocess.run([_which("scancel") or "scancel", "--user=root", "--full"], env=env, capture_output=True)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and answers("squeue") and cluster("squeue", "-h").strip():
-                time.sleep(0.2)
         for process in reversed(processes):
             stop(process, timeout=10)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def slurm(cluster: Slurm) -> Iterator[Slurm]:
+    """The cluster for one test; its jobs are cancelled after it (a failed test leaves no workers to the next)."""
+    yield cluster
+    jobs, cluster.jobs[:] = list(cluster.jobs), []
+    for job in jobs:
+        if any(t["JobState"] not in FINAL for t in cluster.tasks(job).values()):
+            cluster("scancel", "--full", job)
+            cluster.wait_done(job, timeout=60)
 
 
 def readme_recipe() -> str:
