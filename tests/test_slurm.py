@@ -1,7 +1,8 @@
 """SLURM for real: the README's `sbatch` recipe on a one-node cluster (munged, slurmctld, slurmd on 127.0.0.1, Debian's
 slurm-wlm 22.05), run as written but CPU-sized: a job array of `searchlab worker`s sharing one study, a task
 preempted with `scontrol requeue` (SIGTERM: checkpoint, re-queue, the requeued task resumes it) and a task killed
-hard (`scancel --signal=KILL`: another task's worker retries its trial through the journal storage's pid check)."""
+hard (`scancel --signal=KILL` of its worker step: another task's worker retries its trial through the journal
+storage's pid check). The whole module takes minutes: each task starts a fresh worker (imports, preflight)."""
 
 from __future__ import annotations
 
