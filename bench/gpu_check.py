@@ -220,7 +220,7 @@ def render(rows: list[Row], heading: str, seconds: float, limit: float) -> str:
 
 def write_results(path: Path, run_line: str, table: str) -> None:
     """The table as the gpu-check block of bench/results.md (`make bench` keeps that block as it is)."""
-    from bench.__main__ import merge_results
+    from bench.results import merge_results
 
     old = path.read_text() if path.is_file() else ""
     path.write_text(merge_results(old, run_line, {"gpu-check": [table]}))
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None, cuda_available: bool | None = None) -> i
         rows = run_part(args.part, args)
         args.result.write_text(json.dumps([asdict(r) for r in rows]))
         return 0
-    from bench.__main__ import machine
+    from bench.results import machine
 
     command = " ".join(["python -m bench.gpu_check", *(sys.argv[1:] if argv is None else argv)])
     run_line = (f"- Run {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC: `{command}`\n"

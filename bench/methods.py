@@ -517,7 +517,7 @@ def plot_methods(r: MethodsResult, path: Path) -> None:
 def rebuild(jsonl: list[Path], out: Path, command: str, note: str = "") -> str:
     """The part's section and plot from runs already recorded (one or more runs.jsonl), merged into
     out/results.md; e.g. after runs of different tasks or methods made apart."""
-    from bench.__main__ import machine, merge_results
+    from bench.results import machine, merge_results
 
     joined = out / "methods-runs.jsonl"
     lines = [line for path in jsonl for line in path.read_text().splitlines() if line.strip()]

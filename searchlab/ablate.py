@@ -46,12 +46,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,7 +77,7 @@ from searchlab.data import Splits
 from searchlab.lightning_fit import resolve_device
 from searchlab.locks import BudgetLock
 from searchlab.objectives import Objectives
-from searchlab.report import write_report
+from searchlab.report import report_folder, write_report
 from searchlab.study import (
     Attempt,
     NotRun,
@@ -627,11 +625,6 @@ def sentences(result: Mapping[str, Any]) -> list[str]:
 
 # ---- the command ----
 
-def report_folder(cfg: DictConfig, study_name: str) -> Path:
-    """Where the study report lives (searchlab.report): the ablation.json goes next to it."""
-    return Path(cfg.report.dir) / re.sub(r"[^A-Za-z0-9._-]+", "_", study_name)
-
-
 def ablate(overrides: Sequence[str]) -> int:
     """`searchlab ablate`: runs (or resumes) the ablation of study.name and prints, writes and logs its verdict."""
     begin = time.monotonic()
@@ -723,7 +716,7 @@ def _print_plan(plan: Plan, name: str, total: int, queued: int, todo: int, worke
 def _write(result: dict[str, Any], cfg: DictConfig, study: optuna.Study, tracker: Tracker, run_id: str) -> None:
     """Prints the verdict, writes ablation.json next to the study report, re-writes the report (which leads with
     it) and logs both to the ablation run."""
-    from searchlab.ablation_view import render_text
+    from searchlab.ablation_view import ablation_lead, render_text
 
     folder = report_folder(cfg, study.study_name)
     folder.mkdir(parents=True, exist_ok=True)
@@ -732,7 +725,7 @@ def _write(result: dict[str, Any], cfg: DictConfig, study: optuna.Study, tracker
     print(render_text(result))
     tracker.log_artifact(run_id, path)
     try:
-        report = write_report(study, cfg, tracker)
+        report = write_report(study, cfg, tracker, lead=ablation_lead(study, cfg))
         for name in report.summary.get("plots", []):
             if name.startswith("ablation"):
                 tracker.log_artifact(run_id, folder / name)

@@ -9,13 +9,13 @@ import html
 import io
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import optuna
 from matplotlib.figure import Figure
+from omegaconf import DictConfig
 
-from searchlab.report import Section
+from searchlab.report import Section, report_folder
 from searchlab.study import best_trial
 
 FOREST_PNG = "ablation_effects.png"
@@ -165,16 +165,16 @@ def title(result: Mapping[str, Any]) -> str:
     return f"Which techniques mattered: ablation of trial {result['winner']['trial']}"
 
 
-def ablation_lead(folder: Path, study: optuna.Study, dpi: int) -> list[Section]:
-    """The ablation verdict as the report's lead section, from `folder`/ablation.json; none when the study has no
-    ablation. The whole result goes to summary.json under "ablation"."""
-    path = folder / "ablation.json"
+def ablation_lead(study: optuna.Study, cfg: DictConfig) -> list[Section]:
+    """The ablation verdict as the report's lead section (write_report's `lead`), from ablation.json in the study's
+    report folder; none when the study has no ablation. The whole result goes to summary.json under "ablation"."""
+    path = report_folder(cfg, study.study_name) / "ablation.json"
     if not path.is_file():
         return []
     result = json.loads(path.read_text(encoding="utf-8"))
     if result.get("study") != study.study_name:
         return []
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    fragment, figures = section(result, dpi, best_trial(study).number if complete else None)
+    fragment, figures = section(result, cfg.report.dpi, best_trial(study).number if complete else None)
     return [Section(key="ablation", title=title(result), html=fragment, text=list(result["sentences"]),
                     summary={k: v for k, v in result.items() if k != "seconds"}, pngs=figures)]

@@ -188,7 +188,7 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
         _log_models(study, cfg, tracker)
     if status != "KILLED" and not as_worker:  # the parent reports; workers started by hand leave it to `report`
         try:
-            _print_report(write_report(study, cfg, tracker))
+            _print_report(_write_report(study, cfg, tracker))
         except Exception as err:  # the study is done and stored: a report can be made again with `report`
             print(f"searchlab: report not written ({type(err).__name__}: {redact(str(err))[:200]}); "
                   f"make it with: searchlab report study.name={cfg.study.name}", file=sys.stderr)
@@ -315,11 +315,18 @@ def report(overrides: Sequence[str]) -> int:
     validate_config(cfg)
     study = load_study(cfg.study.storage, cfg.study.name)
     tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root)
-    result = write_report(study, cfg, tracker)
+    result = _write_report(study, cfg, tracker)
     print(render_text(result.summary))
     _print_report(result)
     _log_models(study, cfg, tracker)  # for workers started by hand: no parent logged them; logged ones are skipped
     return 0
+
+
+def _write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker) -> Report:
+    """The study's report, led by the verdict of `searchlab ablate` when the study has one."""
+    from searchlab.ablation_view import ablation_lead  # matplotlib loads only when a report is made
+
+    return write_report(study, cfg, tracker, lead=ablation_lead(study, cfg))
 
 
 def _print_report(result: Report) -> None:

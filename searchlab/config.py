@@ -23,10 +23,8 @@ from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(Exception):
-    """Bad user input: the CLI prints it as one line and exits with code 2, before any store is written."""
-
+from searchlab.errors import ConfigError
+from searchlab.user_callbacks import check_callbacks
 
 # The user's config folder (`--config-dir`): the CLI sets it here, so the workers and DDP ranks it starts inherit it.
 USER_CONFIG_ENV = "SEARCHLAB_CONFIG_DIR"
@@ -307,14 +305,6 @@ def metric_direction(metric: str) -> str | None:
     return None
 
 
-def resolve_direction(study: DictConfig) -> str:
-    """study.direction, with auto decided from study.metric's name; a name it cannot tell is bad input. With several
-    metrics (searchlab.objectives), the first one's."""
-    from searchlab.objectives import Objectives  # it builds on this module
-
-    return Objectives.of(study).direction
-
-
 def _check_objectives(study: DictConfig) -> None:
     """study.metric: a name or a list of distinct names; study.direction: auto, maximize, minimize, or a list of them
     as long as study.metric (one word other than auto cannot stand for several metrics: which would it mean?)."""
@@ -421,8 +411,6 @@ def validate_study(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: unknown '{OmegaConf.select(cfg, key)}' ({hint}choose from {', '.join(names)})")
     _check_seed(cfg, "study.seed")
     _check_model_logging(cfg)
-    from searchlab.user_callbacks import check_callbacks  # it builds on this module
-
     check_callbacks(cfg)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from searchlab.config import ConfigError
+from searchlab.errors import ConfigError
 
 
 @dataclass(frozen=True)

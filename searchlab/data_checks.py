@@ -120,11 +120,21 @@ def check_loaded(splits: Splits, cfg: DictConfig, task: str) -> None:
     check_splits(splits, data_source(cfg.data), task, metrics)
 
 
+def first_batch(data: pl.LightningDataModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DataModule's first training batch, as (x, y): what the checks below read, and what searchlab.build
+    sizes the network by."""
+    data.prepare_data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+        raise ConfigError(f"data: {type(data).__name__}'s batches must be (x, y) pairs to size the network; "
+                          "or give it `input_shape` and `num_classes` / `num_outputs` attributes")
+    return batch[0], batch[1]
+
+
 def check_first_batch(data: pl.LightningDataModule, source: str, task: str) -> None:
     """Refuses a LightningDataModule whose first training batch holds values a training cannot use (NaN, inf,
     values whose square overflows, negative class indices). Batches that are not (x, y) pairs are not checked."""
-    from searchlab.build import first_batch  # build imports this module
-
     try:
         x, y = first_batch(data)
     except Exception:  # not (x, y) pairs, or a DataModule that fails: the preflight's training says how

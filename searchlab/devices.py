@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from searchlab.config import ConfigError
+from searchlab.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from searchlab.errors import ConfigError
+
 PYTORCH_LIGHTNING = "pytorch_lightning"
 LIGHTNING = "lightning.pytorch"
 # The package's import name -> its fabric (the Trainer's lower layer) and its pip distribution.
@@ -92,8 +94,6 @@ def _subclass(plain: type, base: type) -> type:
 @functools.cache
 def load(name: str = PYTORCH_LIGHTNING) -> Package:
     """The package by import name, imported now; lightning.pytorch without the extra installed is a ConfigError."""
-    from searchlab.config import ConfigError
-
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError:

@@ -34,9 +34,10 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from searchlab.attrs import MLFLOW_RUN_ID, OVERRIDES
-from searchlab.build import build_module, data_shape, first_batch, load_data, module_task
+from searchlab.build import build_module, data_shape, load_data, module_task
 from searchlab.config import ConfigError, compose_config
 from searchlab.data import Splits
+from searchlab.data_checks import first_batch
 from searchlab.lightning_fit import TrainResult, Weights
 from searchlab.objectives import Objectives
 from searchlab.tracking import Tracker, save_model

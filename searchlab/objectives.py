@@ -13,7 +13,7 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from omegaconf import DictConfig, ListConfig
 
@@ -23,8 +23,6 @@ if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-    from searchlab.lightning_fit import TrainResult
-
 # searchlab's own per-epoch metrics (searchlab.lightning_fit adds them to what the module logs): the trainable
 # parameter count and the wall seconds of the epoch (training + validation).
 PARAMS, EPOCH_SECONDS = "params", "epoch_seconds"
@@ -33,6 +31,15 @@ PARAMS, EPOCH_SECONDS = "params", "epoch_seconds"
 OVER_TRAINING: dict[str, Callable[[list[float]], float]] = {PARAMS: lambda xs: xs[-1], EPOCH_SECONDS: statistics.median}
 
 PRUNING_OFF = "pruning is off: Optuna cannot prune multi-objective studies"
+
+
+class Trained(Protocol):
+    """What a trial's value is read from: a training's result (searchlab.lightning_fit.TrainResult), named here by
+    what is read of it, since the rooms a training builds on know nothing of training."""
+
+    history: list[dict[str, float]]
+
+    def best(self, metric: str, direction: str) -> float | None: ...
 
 
 def metric_names(metric: Any) -> list[str]:
@@ -111,7 +118,7 @@ class Objectives:
         """'maximize val_acc' or 'maximize val_acc, minimize params'."""
         return ", ".join(f"{d} {n}" for n, d in zip(self.names, self.directions, strict=True))
 
-    def values_of(self, result: TrainResult) -> float | list[float] | None:
+    def values_of(self, result: Trained) -> float | list[float] | None:
         """The trial's value (one metric) or values (several); None when there is no finite one.
 
         One metric: its best epoch's value, as always. Several: the primary metric's best epoch (the first with its

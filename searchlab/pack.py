@@ -41,7 +41,6 @@ from searchlab.build import (
     data_shape,
     module_task,
     optimizer_factory,
-    resolve_target,
     schedule_factory,
 )
 from searchlab.config import ConfigError
@@ -50,6 +49,7 @@ from searchlab.lightning_fit import TrainResult, Weights, _direction, resolve_pr
 from searchlab.modules import _Module
 from searchlab.objectives import EPOCH_SECONDS, PARAMS
 from searchlab.pack_optim import PackedOptimizer, optimizer_family, read_hyper
+from searchlab.targets import resolve_target
 
 # Called after each epoch with (member index, epoch from 1, metrics); returns a reason to stop that member, or None.
 MemberHook = Callable[[int, int, dict[str, float]], "str | None"]

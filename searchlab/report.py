@@ -3,7 +3,8 @@ one view per technique of deep-learning optimization, written as one offline HTM
 
 It reads only the Optuna study (any storage the search uses) and the config's `report` section; which searched key
 shows which technique comes from that section (conf/report/), never from code. Other modules put their own sections
-at the head of the report by handing `write_report` a `Section` each (the ablation verdict, when there is one).
+at the head of the report by handing `write_report` a `Section` each (the ablation verdict, when there is one: the
+commands hand it over; this module imports nothing of searchlab.ablate).
 """
 
 from __future__ import annotations
@@ -96,6 +97,11 @@ class Report:
     note: str | None  # why it was not logged to MLflow
 
 
+def report_folder(cfg: DictConfig, study_name: str) -> Path:
+    """Where the study's report lives: report.dir/<study name, made safe for a folder name>."""
+    return Path(cfg.report.dir) / re.sub(r"[^A-Za-z0-9._-]+", "_", study_name)
+
+
 def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None,
                  lead: Sequence[Section] = ()) -> Report:
     """Writes the report to report.dir/<study> and logs it to the study's parent MLflow run when there is one.
@@ -108,13 +114,11 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None,
     check_settings(settings)
     objectives = Objectives.of_study(study, metric_names(cfg.study.metric))
     metric = objectives.primary  # with several objectives, the views that rank by one value use the first
-    folder = Path(settings.dir) / re.sub(r"[^A-Za-z0-9._-]+", "_", study.study_name)
+    folder = report_folder(cfg, study.study_name)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"report.dir: cannot create '{folder}': {err.strerror}") from None
-    from searchlab.ablation_view import ablation_lead  # `searchlab ablate`'s verdict leads, when the study has one
-    lead = [*ablation_lead(folder, study, settings.dpi), *lead]
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     maximize = objectives.direction == "maximize"

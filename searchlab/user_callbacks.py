@@ -20,9 +20,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from searchlab.build import build, resolve_target, training_package_name
-from searchlab.config import ConfigError
+from searchlab.errors import ConfigError
 from searchlab.lightning_package import package_of
+from searchlab.targets import build, resolve_target, training_package_name
 
 KEY = "trainer.callbacks"
 
