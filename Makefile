@@ -14,7 +14,7 @@ DASHBOARD_PORT ?= 8080
 # torch==2.13.0 is pinned so pip takes the CPU build on disk instead of pulling GBs of CUDA packages.
 # psycopg (3): SQLAlchemy 2.1 opens plain postgresql:// URLs with it, not psycopg2 (Optuna's storage, mlflow server).
 PINS := torch==2.13.0 optuna==5.0.0 mlflow==3.17.2 pytorch-lightning==2.6.6 lightning==2.6.6 hydra-core==1.3.8 \
-        scikit-learn==1.9.1 numpy==2.4.6 pytest==9.2.0 ruff==0.17.6 \
+        scikit-learn==1.9.1 numpy==2.4.6 pytest==9.2.0 ruff==0.17.6 import-linter==2.17 \
         plotly==7.1.0 optuna-dashboard==0.21.0 selenium==4.50.0 psycopg2-binary==2.9.13 grpcio==1.85.1 \
         psycopg==3.3.9 psycopg-binary==3.3.9
 
@@ -41,8 +41,7 @@ train: install
 system:
 	bash .ci/debian-packages
 
-test: install system
-	$(BIN)/ruff check searchlab tests bench
+test: install system lint
 	$(BIN)/python -m pytest -m "not e2e" $(ARGS)
 
 # The browser test: a tiny study, `make ui` on a free port, headless Chromium; screenshots in tests/artifacts/.
@@ -63,8 +62,10 @@ GPU_CHECK_ARGS ?=
 gpu-check: install
 	@$(BIN)/python -m bench.gpu_check $(GPU_CHECK_ARGS)
 
+# ruff, then the architecture contracts in pyproject.toml ([tool.importlinter]): layers, no circles.
 lint: install
-	$(BIN)/ruff check searchlab tests bench
+	$(BIN)/ruff check searchlab tests bench hydra_plugins examples
+	$(BIN)/lint-imports
 
 # One worker and no job runner (the GenAI job queue starts ~8 more processes): a light local viewer. Trial artifacts
 # are read from the experiments' own file:// locations, so no artifact flags are needed.
