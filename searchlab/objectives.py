@@ -34,8 +34,8 @@ PRUNING_OFF = "pruning is off: Optuna cannot prune multi-objective studies"
 
 
 class Trained(Protocol):
-    """What a trial's value is read from: a training's result (searchlab.lightning_fit.TrainResult), named here by
-    what is read of it, since the rooms a training builds on know nothing of training."""
+    """What a trial's value is read from: a training's result (searchlab.lightning_fit.TrainResult), typed by the two
+    things read of it; this module sits below training (pyproject's import contracts) and imports nothing of it."""
 
     history: list[dict[str, float]]
 
