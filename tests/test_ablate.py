@@ -3,8 +3,6 @@ interrupted and resumed, checked against its MLflow runs and the study report.""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 from pathlib import Path
@@ -12,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+from helpers import run_cli
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -19,18 +18,10 @@ from scipy import stats
 
 import searchlab.ablate as ablate_module
 from searchlab.ablate import build_plan, interval, p_best, summarize
-from searchlab.cli import main
 from searchlab.config import compose_config, format_override
 from searchlab.study import load_study
 
 TINY = ["trainer.max_epochs=2", "model.width=32"]
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 # ---- the plan, from a synthetic study shaped like the default space ----

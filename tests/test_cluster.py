@@ -13,18 +13,17 @@ from pathlib import Path
 
 import optuna
 import pytest
+from helpers import stop, wait_until
 from mlflow.tracking import MlflowClient
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
-from servers import MlflowServer, stop, wait_until
+from servers import MlflowServer
 
 from searchlab.checkpoints import CHECKPOINT_FILE, read_saved
 from searchlab.cli import main
 from searchlab.config import ConfigError, compose_config
 from searchlab.study.faults import GrpcProxyWithHeartbeat, fail_stale_trials, heartbeat, heartbeat_settings
 from searchlab.study.storage import open_storage
-
-pytest_plugins = ("servers",)  # the postgres and mlflow_server fixtures
 
 TINY = ["trainer.max_epochs=2", "model.width=32"]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

@@ -7,9 +7,9 @@ import subprocess
 import urllib.request
 
 import optuna
+from helpers import free_port
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
-from servers import free_port
 from ui_servers import ROOT, make_server, run_tiny_study
 
 

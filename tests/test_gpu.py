@@ -11,8 +11,7 @@ import sys
 
 import pytest
 import torch
-from test_model_out import load_model
-from test_search import load_study
+from helpers import load_model, load_study
 
 import searchlab.pack as pack_module
 from searchlab.attrs import MLFLOW_RUN_ID, WORKER_PID

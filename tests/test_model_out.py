@@ -7,16 +7,13 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow.pytorch
-import optuna
 import pytest
 import torch
+from helpers import SEARCHLAB, load_model, load_study
 from mlflow.tracking import MlflowClient
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 
 from searchlab import commands
 from searchlab.build import load_data
@@ -25,15 +22,8 @@ from searchlab.config import Composer
 from searchlab.model_out import module_with_weights
 from searchlab.training import fit
 
-pytest_plugins = ("servers",)  # postgres and mlflow_server, for the registry on a tracking server
-
 TINY = ["trainer.max_epochs=3", "model.width=32"]
 REPO = Path(__file__).resolve().parents[1]
-SEARCHLAB = str(Path(sys.executable).parent / "searchlab")
-
-
-def load_study(tmp_path: Path, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(f"{tmp_path}/optuna.journal")))
 
 
 def logged_models(client: MlflowClient, experiment: str) -> dict[str, object]:
@@ -44,15 +34,6 @@ def logged_models(client: MlflowClient, experiment: str) -> dict[str, object]:
 
 def digits_test_inputs() -> torch.Tensor:
     return load_data(Composer([]).base).x_test[:50]
-
-
-def load_model(tracking_uri: str, model_uri: str) -> torch.nn.Module:
-    """mlflow.pytorch.load_model of a runs:/ or models:/ URI from this store (those URIs read the tracking URI: set
-    for this call as searchlab.tracking does, over any global an earlier test left, e.g. Lightning's MLFlowLogger)."""
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    with _use_tracking_uri(tracking_uri):
-        return mlflow.pytorch.load_model(model_uri)
 
 
 def predictions(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
-import optuna
 import pytest
+from helpers import load_study
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 
 from searchlab.cli import main
 from searchlab.config import ConfigError
@@ -21,11 +18,6 @@ from searchlab.objectives import Objectives
 
 TINY = ["trainer.max_epochs=2", "model.width=32"]
 SEVERAL = "study.metric=[val_acc,params]"
-
-
-def load_study(tmp_path: Path, name: str) -> optuna.Study:
-    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
-    return optuna.load_study(study_name=name, storage=storage)
 
 
 @pytest.mark.parametrize("overrides, message", [

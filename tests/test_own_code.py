@@ -7,94 +7,24 @@ themselves run the CLI's main() in this process, from the project folder (in_pro
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
+from helpers import REPO, load_study, metrics_line, searchlab, stores
 from mlflow.tracking import MlflowClient
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 
 from searchlab.config import MAXIMIZED_WORDS, MINIMIZED_WORDS, metric_direction
 
-REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 TINY = ["trainer.max_epochs=2", "study.n_trials=4", "report.min_complete=2"]
-
-
-def stores(root: Path, name: str) -> list[str]:
-    return [f"study.storage={root}/optuna.journal", f"tracking.uri=sqlite:///{root}/mlflow.db",
-            f"tracking.artifact_root={root}/artifacts", f"report.dir={root}/reports", f"study.name={name}"]
-
-
-def searchlab(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
-              ) -> subprocess.CompletedProcess:
-    """The `searchlab` command as a user runs it, from `cwd` (its own project folder)."""
-    return subprocess.run([sys.executable, "-m", "searchlab.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-@contextlib.contextmanager
-def _from_folder(cwd: Path) -> Iterator[None]:
-    """This process as a fresh `searchlab` process started in `cwd` would be, for the block: cwd the current folder,
-    no data cached, no Hydra state; afterwards the folder, sys.path, the modules imported from the folder (e.g. a
-    project's nets.py: the next project has its own), Hydra's state and the data cache are as before."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from searchlab import build
-
-    here, path, modules, cache = os.getcwd(), list(sys.path), set(sys.modules), build._splits_cache
-    os.chdir(cwd)
-    # The data cache is keyed by the config's text: data.path=x.npz, relative to the folder, would be an earlier
-    # test's x.npz.
-    build._splits_cache = {}
-    GlobalHydra.instance().clear()
-    try:
-        yield
-    finally:
-        os.chdir(here)
-        sys.path[:] = path
-        build._splits_cache = cache
-        for name in set(sys.modules) - modules:
-            if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(cwd)):
-                del sys.modules[name]
-        GlobalHydra.instance().clear()
-
-
-@pytest.fixture
-def in_process(capsys: pytest.CaptureFixture[str]):
-    """in_process(*args, cwd=folder): `searchlab ARGS` from that folder, run by the CLI's main() in this process (a
-    fresh process imports torch and Lightning again: seconds each on a shared 2-core machine); a CompletedProcess.
-    A search with workers=N still starts its N workers as processes of their own."""
-    from searchlab.cli import main
-
-    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        with _from_folder(cwd):
-            code = main(list(args))
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(["searchlab", *args], code, out, err)
-
-    return run
-
-
-def load(root: Path, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(f"{root}/optuna.journal")))
-
-
-def metrics_line(stdout: str) -> dict:
-    line = next(line for line in stdout.splitlines() if line.startswith("metrics: "))
-    return json.loads(line.removeprefix("metrics: "))
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +56,7 @@ def test_signals_example_user_network_with_two_workers(signals_project, tmp_path
                         *stores(tmp_path, "signals"), cwd=signals_project)
     assert result.returncode == 0, result.stderr
     assert "maximize val_acc" in result.stdout.splitlines()[0]
-    study = load(tmp_path, "signals")
+    study = load_study(tmp_path, "signals")
     states = [t.state for t in study.trials]
     assert len([s for s in states if s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]) == 4
     assert optuna.trial.TrialState.FAIL not in states, [t.user_attrs.get("reason") for t in study.trials]
@@ -156,7 +86,7 @@ def test_regression_example_user_module_and_datamodule_with_two_workers(regressi
                         cwd=regression_project)
     assert result.returncode == 0, result.stderr
     assert "minimize val_rmse" in result.stdout.splitlines()[0]
-    study = load(tmp_path, "diabetes")
+    study = load_study(tmp_path, "diabetes")
     assert study.direction == optuna.study.StudyDirection.MINIMIZE
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert complete and all(20 < t.value < 200 for t in complete)  # RMSE in the target's units (std ~77)
@@ -266,7 +196,7 @@ def test_val_loss_with_auto_direction_minimizes_and_picks_the_lowest(tmp_path, i
     result = in_process("search", "study.metric=val_loss", "search=schedule", "optimizer=adam", *TINY,
                        *stores(tmp_path, "loss"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    study = load(tmp_path, "loss")
+    study = load_study(tmp_path, "loss")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert study.direction == optuna.study.StudyDirection.MINIMIZE
     assert study.best_trial.value == min(t.value for t in complete)
@@ -309,41 +239,6 @@ def make(input_shape, num_outputs):
 '''
 
 NOT_CALLABLE = "NET = 3\n"
-
-
-def _bad_contract(tmp_path: Path, code: int, out: str, err: str) -> str:
-    """Asserts the bad-input contract (exit 2, one `searchlab: error:` line, nothing written); returns that line."""
-    assert code == 2, out + err
-    assert out == "" and "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("searchlab: error: "), lines
-    assert not (tmp_path / "optuna.journal").exists() or not load_names(tmp_path)
-    assert not (tmp_path / "artifacts").exists()
-    return lines[0]
-
-
-@pytest.fixture
-def bad(tmp_path: Path, in_process):
-    """bad(files, *args): `searchlab search -cd conf ARGS` in a project folder with these files, in this process
-    (in_process); asserts the bad-input contract and returns the error line. command=True runs the real command in
-    its own process instead (once: test_target_that_does_not_import_is_named_with_a_near_name)."""
-
-    def run(files: dict[str, str], *args: str, command: bool = False) -> str:
-        project = tmp_path / "project"
-        (project / "conf").mkdir(parents=True, exist_ok=True)
-        for name, text in files.items():
-            (project / name).parent.mkdir(parents=True, exist_ok=True)
-            (project / name).write_text(text)
-        argv = ["search", "-cd", "conf", *args, *TINY, *stores(tmp_path, "bad")]
-        result = (searchlab if command else in_process)(*argv, cwd=project)
-        return _bad_contract(tmp_path, result.returncode, result.stdout, result.stderr)
-
-    return run
-
-
-def load_names(root: Path) -> list[str]:
-    storage = JournalStorage(JournalFileBackend(f"{root}/optuna.journal"))
-    return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
 
 
 def test_target_that_does_not_import_is_named_with_a_near_name(bad):
@@ -493,6 +388,6 @@ def test_readme_contract_example_runs_as_written(tmp_path, in_process, package):
     result = in_process(*words[1:], "trainer.max_epochs=2", "study.n_trials=3", "report.min_complete=2",
                        *stores(tmp_path, "tiny"), cwd=project)
     assert result.returncode == 0, result.stderr
-    study = load(tmp_path, "tiny")
+    study = load_study(tmp_path, "tiny")
     assert len(study.trials) == 3 and all(t.state != optuna.trial.TrialState.FAIL for t in study.trials)
     assert all("module.label_smoothing" in t.params for t in study.trials)

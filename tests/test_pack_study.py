@@ -13,8 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from test_search import load_study, runs_of
-from test_workers import SEARCHLAB, assert_one_run_per_trial, wait_for_running
+from helpers import FINISHED, SEARCHLAB, assert_one_run_per_trial, load_study, runs_of, wait_for_running
 
 from searchlab.attrs import RETRY_OF
 from searchlab.cli import main
@@ -24,7 +23,6 @@ from searchlab.pack import varies_per_member
 from searchlab.study.pack_trials import shared_params
 from searchlab.training import fit
 
-FINISHED = ("COMPLETE", "PRUNED")
 # No dropout (a member's dropout masks come from the pack's random stream, so only dropout-free members reproduce
 # exactly), one optimizer family drawn per pack from two, per-member lr, weight decay and L1.
 SPACE = """\

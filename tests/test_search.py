@@ -7,29 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import optuna
 import pytest
-from mlflow.tracking import MlflowClient
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
+from helpers import load_study, runs_of
 
 from searchlab.cli import main
 
 TINY = ["trainer.max_epochs=2", "model.width=32"]
-
-
-def load_study(tmp_path: Path, name: str) -> optuna.Study:
-    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
-    return optuna.load_study(study_name=name, storage=storage)
-
-
-def runs_of(tmp_path: Path, name: str) -> tuple:
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    experiment = client.get_experiment_by_name(name)
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("searchlab.role") == "study"]
-    children = [r for r in runs if r.data.tags.get("searchlab.role") == "trial"]
-    return client, parents, children
 
 
 def test_study_is_tracked_as_a_parent_run_with_one_child_per_trial(tmp_path, store_overrides, capsys):

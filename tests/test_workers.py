@@ -11,57 +11,25 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import optuna
 import pytest
-from test_search import TINY, load_study, runs_of
+from helpers import (
+    FINISHED,
+    SEARCHLAB,
+    assert_one_run_per_trial,
+    load_study,
+    runs_of,
+    wait_for_running,
+)
 
 from searchlab.cli import main
 
-SEARCHLAB = str(Path(sys.executable).parent / "searchlab")
-FINISHED = ("COMPLETE", "PRUNED")
+TINY = ["trainer.max_epochs=2", "model.width=32"]
 # No model logged at a study's end (a cold torch.export in a fresh process); no test here reads one.
 NO_MODEL = ["tracking.log_models=none"]
-
-
-def running_trials_with_runs(tmp_path: Path, name: str) -> list[optuna.trial.FrozenTrial]:
-    """RUNNING trials already training: their worker recorded itself and their MLflow run exists."""
-    if not (tmp_path / "optuna.journal").exists():
-        return []
-    try:
-        study = load_study(tmp_path, name)
-    except KeyError:  # the study is not created yet
-        return []
-    return [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-            if "worker.pid" in t.user_attrs and "mlflow_run_id" in t.user_attrs]
-
-
-def wait_for_running(tmp_path: Path, name: str, count: int, proc: subprocess.Popen,
-                     timeout: float = 180) -> list[optuna.trial.FrozenTrial]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        running = running_trials_with_runs(tmp_path, name)
-        if len(running) >= count:
-            return running
-        time.sleep(0.05)
-    raise AssertionError(f"no {count} running trials within {timeout}s")
-
-
-def assert_one_run_per_trial(tmp_path: Path, name: str, study: optuna.Study) -> dict:
-    """Every finished trial has exactly one child run, in its state; returns the runs by trial number."""
-    _, parents, children = runs_of(tmp_path, name)
-    assert len(parents) == 1
-    numbers = collections.Counter(int(r.data.tags["optuna.trial.number"]) for r in children)
-    finished = [t for t in study.trials if t.state.is_finished()]
-    assert numbers == collections.Counter(t.number for t in finished)
-    by_number = {int(r.data.tags["optuna.trial.number"]): r for r in children}
-    for trial in finished:
-        assert by_number[trial.number].data.tags["optuna.trial.state"] == trial.state.name
-    return by_number
 
 
 def test_three_workers_share_one_budget_without_lock_errors(tmp_path, store_overrides):
