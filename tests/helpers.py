@@ -285,3 +285,54 @@ def valid_arrays(**changes: np.ndarray | None) -> dict[str, np.ndarray]:
     x, y = xy()
     arrays = {"x_train": x, "y_train": y, "x_val": x, "y_val": y, **changes}
     return {k: v for k, v in arrays.items() if v is not None}
+
+
+# --- the budget race ----------------------------------------------------------------------------------------------
+
+def race_for_the_last_trial(url: str, name: str) -> tuple[list, list[optuna.trial.FrozenTrial]]:
+    """Two workers (threads, each with its own storage handle) without a lock both find the study's one-trial budget
+    free, then both ask: a barrier between counting and asking forces the race that real workers hit rarely (as
+    through the gRPC proxy, which has no cross-process lock). Returns (what each reserve() returned, the trials)."""
+    import threading
+
+    from searchlab.locks import NoLock
+    from searchlab.study.budget import Budget
+    from searchlab.study.storage import open_storage
+
+    optuna.create_study(study_name=name, storage=open_storage(url))
+    barrier = threading.Barrier(2, timeout=120)
+    reserved: list = [None, None]
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        try:
+            budget = Budget(optuna.load_study(study_name=name, storage=open_storage(url)), 1, NoLock())
+            count = budget._counts
+
+            def count_then_wait() -> tuple[int, int]:
+                counts = count()
+                barrier.wait()  # both have counted the budget free before either asks
+                return counts
+
+            budget._counts = count_then_wait
+            reserved[index] = budget.reserve(wait=False)
+        except BaseException as err:  # reported by the caller's assert
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    assert not errors, errors
+    return reserved, optuna.load_study(study_name=name, storage=open_storage(url)).get_trials()
+
+
+def assert_one_kept_one_given_back(reserved: list, trials: list[optuna.trial.FrozenTrial]) -> None:
+    """The first-numbered trial is the worker's to run; the other was failed unrun, marked surplus, with a reason."""
+    kept = [trial for trial in reserved if trial is not None]
+    assert len(kept) == 1 and len(trials) == 2, (reserved, trials)
+    first, second = sorted(trials, key=lambda t: t.number)
+    assert kept[0].number == first.number and first.state == optuna.trial.TrialState.RUNNING
+    assert second.state == optuna.trial.TrialState.FAIL and second.user_attrs["surplus"] is True
+    assert second.user_attrs["reason"].startswith("not run: another worker took the study's last trial")

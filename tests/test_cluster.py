@@ -13,7 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import stop, wait_until
+from helpers import assert_one_kept_one_given_back, race_for_the_last_trial, stop, wait_until
 from mlflow.tracking import MlflowClient
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -68,7 +68,8 @@ def check_budget_and_runs(study: optuna.Study, tracking: MlflowServer, n_trials:
     assert len(numbers) == len(set(numbers))
     finished = [t for t in trials if t.state in FINISHED]
     assert len(finished) == n_trials, [(t.number, t.state.name) for t in trials]
-    # A trial given back unrun (no lock through the gRPC proxy) is FAIL with its reason and uses no budget.
+    # A trial given back unrun (no lock through the gRPC proxy) is FAIL with its reason and uses no budget. Workers
+    # rarely race here, so this may check no trial: test_a_surplus_trial_is_given_back_on_each_server forces one.
     assert all(t.state == TrialState.FAIL and t.user_attrs["reason"].startswith("not run")
                for t in trials if t.user_attrs.get("surplus"))
     client = MlflowClient(tracking.uri)
@@ -119,6 +120,14 @@ def test_three_workers_through_the_grpc_storage_proxy(postgres, mlflow_server, s
     study = optuna.load_study(study_name="grpc", storage=storage_proxy.backend)
     check_budget_and_runs(study, mlflow_server, n_trials)
     assert postgres.password not in storage_proxy.log.read_text()
+
+
+@pytest.mark.parametrize("through", ["postgresql", "grpc"])
+def test_a_surplus_trial_is_given_back_on_each_server(postgres, storage_proxy, through):
+    """The give-back path on the servers' storages, forced (both workers count the last trial free, then ask):
+    PostgreSQL directly, and through the gRPC proxy (which has no cross-process lock)."""
+    url = postgres.create_database("surplus") if through == "postgresql" else f"grpc://127.0.0.1:{storage_proxy.port}"
+    assert_one_kept_one_given_back(*race_for_the_last_trial(url, f"surplus-{through}"))
 
 
 def test_heartbeat_through_the_grpc_proxy_fails_and_retries_a_silent_trial(storage_proxy):

@@ -47,20 +47,33 @@ def regression_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # --- the examples, end to end from their own folders -------------------------------------------------------------
 
-def test_signals_example_user_network_with_two_workers(signals_project, tmp_path, in_process):
+def test_signals_example_user_network_with_two_workers(signals_project, tmp_path, in_process, monkeypatch):
     """The README's signals command, with workers=2: each worker (a process of its own; the parent runs in this one)
     imports signals.Net1D from the project folder."""
+    # A copy of the project whose signals.py notes the pid of every process that imports it.
+    project = tmp_path / "signals"
+    shutil.copytree(signals_project, project)
+    imports = tmp_path / "imports.txt"
+    with (project / "signals.py").open("a") as module:
+        module.write("\nimport os as _os\nwith open(_os.environ['SIGNALS_IMPORTED_BY'], 'a') as _f:\n"
+                     "    _f.write(f'{_os.getpid()}\\n')\n")
+    monkeypatch.setenv("SIGNALS_IMPORTED_BY", str(imports))  # the workers inherit this process's environment
     result = in_process("search", "--config-dir", "conf", "model=net1d", "search=net1d", "data=npz",
                         "data.path=signals.npz", "workers=2", "model.channels=8", *TINY, "tracking.log_models=none",
                         "tracking.metrics=[val_f1,val_auroc]",
-                        *stores(tmp_path, "signals"), cwd=signals_project)
+                        *stores(tmp_path, "signals"), cwd=project)
     assert result.returncode == 0, result.stderr
     assert "maximize val_acc" in result.stdout.splitlines()[0]
     study = load_study(tmp_path, "signals")
     states = [t.state for t in study.trials]
     assert len([s for s in states if s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]) == 4
     assert optuna.trial.TrialState.FAIL not in states, [t.user_attrs.get("reason") for t in study.trials]
-    assert {t.user_attrs["worker.pid"] for t in study.trials} and "KeyError" not in result.stderr
+    assert "KeyError" not in result.stderr
+    # Every trial ran in a worker, not in this (the parent) process, and each worker imported the user's module.
+    workers = {t.user_attrs["worker.pid"] for t in study.trials}
+    importers = {int(pid) for pid in imports.read_text().split()}
+    assert os.getpid() not in workers and workers <= importers, (workers, importers)
+    assert len(importers - {os.getpid()}) == 2, importers  # both workers, whether or not each got a trial
     # the network is the user's: its own keys reach it, the searched technique keys are there
     assert all("model.dropout" in t.params and "optimizer" in t.params for t in study.trials)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")

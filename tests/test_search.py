@@ -66,10 +66,17 @@ def test_pruning_stops_unpromising_trials(tmp_path, store_overrides, capsys):
 
 
 def test_hyperband_prunes_in_a_real_search(tmp_path, store_overrides):
-    assert main(["search", "study.name=hb", "study.n_trials=14", "trainer.max_epochs=6", "model.width=32",
-                 *store_overrides]) == 0
-    states = [t.state.name for t in load_study(tmp_path, "hb").trials]
+    # study.pruner=hyperband (min_resource 2, max_resource trainer.max_epochs=6, reduction_factor 3): two brackets,
+    # with rungs at epochs 2 and 6, and at 6. The default successive halving (min_resource 1) prunes at epochs 1 and 3.
+    assert main(["search", "study.name=hb", "study.pruner=hyperband", "study.n_trials=14", "trainer.max_epochs=6",
+                 "model.width=32", *store_overrides]) == 0
+    trials = load_study(tmp_path, "hb").trials
+    states = [t.state.name for t in trials]
     assert "PRUNED" in states and "COMPLETE" in states
+    pruned_at = {t.last_step for t in trials if t.state.name == "PRUNED"}
+    assert pruned_at <= {2, 6}, pruned_at  # only at Hyperband's rungs: never at epoch 1, 3, 4 or 5
+    _, parents, _ = runs_of(tmp_path, "hb")
+    assert parents[0].data.params["study.pruner"] == "hyperband"
 
 
 def test_named_study_resumes_and_the_budget_is_the_total(tmp_path, store_overrides, capsys):
