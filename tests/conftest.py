@@ -25,6 +25,15 @@ from helpers import (
 )
 from servers import mlflow_server, postgres, storage_proxy  # noqa: F401 (fixtures, registered by being here)
 
+SERVERS = {"postgres", "mlflow_server", "storage_proxy"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses a real server is marked `cluster` wherever it is written: the fast tier leaves it out."""
+    for item in items:
+        if SERVERS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
+
 
 @pytest.fixture
 def store_overrides(tmp_path: Path) -> list[str]:

@@ -214,6 +214,7 @@ def _pairs(study: optuna.Study, state: str) -> list[tuple[str, int]]:
     return [(t.user_attrs["variant"], t.user_attrs["seed"]) for t in study.trials if t.state.name == state]
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_what_finished_and_the_rerun_trains_only_the_missing(ablated):
     (code0, _, err0), (code1, out1, err1), (code2, out2, err2) = ablated["outputs"]
     assert code0 == 130 and "run the same command to resume" in err0 and "Traceback" not in err0
@@ -231,6 +232,7 @@ def test_ctrl_c_keeps_what_finished_and_the_rerun_trains_only_the_missing(ablate
     assert f"{planned} trainings, {planned} done, 0 to run" in out2
 
 
+@pytest.mark.slow
 def test_seeds_and_variants_are_as_configured(ablated):
     result = ablated["result"]
     assert result["seeds"] == [0, 1] and result["metric"] == "val_acc" and result["test_metric"] == "test_acc"
@@ -247,6 +249,7 @@ def test_seeds_and_variants_are_as_configured(ablated):
     assert winner["values"]["0"] == pytest.approx(ablated["study"].best_value, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_intervals_recomputed_from_the_mlflow_runs_match(ablated):
     result, client = ablated["result"], ablated["client"]
     runs = client.search_runs([client.get_run(result["mlflow_run_id"]).info.experiment_id], max_results=1000,
@@ -270,6 +273,7 @@ def test_intervals_recomputed_from_the_mlflow_runs_match(ablated):
             assert [effect[key]["low"], effect[key]["mean"], effect[key]["high"]] == t_interval(ds)
 
 
+@pytest.mark.slow
 def test_mlflow_nesting_and_tags(ablated):
     result, client, study = ablated["result"], ablated["client"], ablated["study"]
     ablation_run = client.get_run(result["mlflow_run_id"])
@@ -297,6 +301,7 @@ def test_mlflow_nesting_and_tags(ablated):
     assert len(ablation_runs) == 1
 
 
+@pytest.mark.slow
 def test_the_report_leads_with_the_verdict(ablated):
     folder, result = ablated["folder"], ablated["result"]
     page = (folder / "report.html").read_text()

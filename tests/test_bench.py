@@ -36,6 +36,7 @@ def test_overhead_smoke_times_all_three_ways_and_splits_searchlab_into_parts(tmp
     assert text.count("| (a) plain") == 1 and "c/a = **" in text and "b/c = **" in text and "| trial/ask |" in text
 
 
+@pytest.mark.slow
 def test_efficiency_and_results_file_from_the_command(tmp_path):
     # A target every run reaches at once, and caps that end a run that does not: all outputs, in seconds.
     assert main(["--parts", "efficiency", "--out", str(tmp_path), "--seeds", "1", "--max-trials", "2",
@@ -111,6 +112,7 @@ def test_scaling_section_from_a_result():
     assert "| 1 | 21.0 | 32.0 | 1.00 | 40 |" in text and "| 2 | 32.0 | 54.0 | 1.69 | n/a |" in text
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not scaling_available(), reason="needs `workers=` in the config (the workers branch)")
 def test_scaling_smoke_runs_the_command_with_each_number_of_workers(tmp_path):
     # No model logged at the study's end (a cold torch.export in each fresh process), the report kept in tmp_path
@@ -121,6 +123,7 @@ def test_scaling_smoke_runs_the_command_with_each_number_of_workers(tmp_path):
     assert "| 2 |" in scaling_markdown(result)
 
 
+@pytest.mark.slow
 def test_methods_smoke_two_seeds_stop_at_the_target_or_the_caps(tmp_path):
     # Tiny: digits, a 2-epoch 32-wide net, 2 trials per run. 0.3 is reached by the first complete trial (the run
     # stops there); 0.999 is not, so that run goes to its trial cap.

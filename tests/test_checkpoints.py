@@ -84,6 +84,7 @@ def test_a_checkpoint_cut_short_is_never_read(tmp_path):
     assert read_saved(tmp_path / "absent.ckpt") is None
 
 
+@pytest.mark.slow
 def test_sigterm_exits_143_and_the_same_command_resumes_the_trial_mid_way(tmp_path, store_overrides, capsys):
     command = [SEARCHLAB, "search", "study.name=term", "study.n_trials=1", *LONG, *store_overrides]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -123,6 +124,7 @@ def test_sigterm_exits_143_and_the_same_command_resumes_the_trial_mid_way(tmp_pa
     assert not list((tmp_path / "artifacts" / "term" / "checkpoints").glob("*/*"))  # deleted once finished
 
 
+@pytest.mark.slow
 def test_a_worker_killed_at_epoch_k_is_retried_from_its_checkpoint(tmp_path, store_overrides):
     proc = subprocess.Popen(
         [SEARCHLAB, "search", "workers=2", "study.name=killed", "study.n_trials=2", *LONG, *store_overrides],

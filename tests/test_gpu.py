@@ -79,6 +79,7 @@ def test_workers_auto_runs_one_worker_per_gpu_each_seeing_only_its_own(tmp_path,
     assert len(pids) <= len(gpus) and (len(gpus) > 1 or pids == {os.getpid()})
 
 
+@pytest.mark.ddp
 def test_ddp_trains_one_trial_over_the_gpus_present(composer):
     count = torch.cuda.device_count()
     if count < 2:

@@ -87,6 +87,7 @@ def test_a_lightning_modules_model_is_logged_registered_and_exported(lit_project
     assert torch.allclose(load_model(uri, str(exported))(x), logged(x), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_and_the_same_command_resume_a_lightning_module_mid_way(lit_project, tmp_path, in_process):
     args = ["search", *LIT, "study.n_trials=1", *LONG, *stores(tmp_path, "litterm")]
     proc = subprocess.Popen([SEARCHLAB, *args], cwd=lit_project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -110,6 +111,7 @@ def test_sigterm_and_the_same_command_resume_a_lightning_module_mid_way(lit_proj
     assert sorted(retry.intermediate_values) == list(range(1, 9))
 
 
+@pytest.mark.ddp
 def test_ddp_ranks_train_a_lightning_module_and_datamodule(lit_project, in_process):
     """trainer.devices=2 on CPU (gloo): each rank builds the project's DataModule and trains the module with
     lightning.pytorch's DDP strategy; rank 0's metrics, the best epoch and the test split come back."""

@@ -165,6 +165,7 @@ def test_top_k_logs_the_k_best_trials_and_none_logs_nothing(tmp_path, store_over
     assert logged_models(client, "nomodel") == {}
 
 
+@pytest.mark.slow
 def test_with_two_workers_the_worker_saves_the_weights_and_the_parent_logs_them(tmp_path, store_overrides):
     parent = subprocess.Popen([SEARCHLAB, "search", "workers=2", "study.name=pair", "study.n_trials=4",
                                "study.pruner=none", *TINY, *store_overrides], stdout=subprocess.PIPE,
@@ -252,6 +253,7 @@ def test_a_users_module_and_datamodule_export(tmp_path):
     assert out.shape[0] == 5 and torch.isfinite(out).all()
 
 
+@pytest.mark.ddp
 def test_ddp_ranks_test_with_the_best_weights_and_send_them_back(tmp_path):
     """trainer.devices=2 on CPU (gloo): the module stays in the ranks, its best weights come back and export."""
     overrides = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "model.width=32", "optimizer=sgd",

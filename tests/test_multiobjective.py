@@ -70,6 +70,7 @@ def test_values_are_read_at_the_first_metrics_best_epoch():
         Objectives.of(OmegaConf.create({"metric": "widgets", "direction": "auto"}))
 
 
+@pytest.mark.slow
 def test_multi_objective_study_end_to_end(tmp_path, store_overrides, capsys):
     args = ["search", "study.name=pareto", SEVERAL, "study.n_trials=3", *TINY, "tracking.top_k=2",
             *store_overrides]

@@ -47,6 +47,7 @@ def regression_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # --- the examples, end to end from their own folders -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_signals_example_user_network_with_two_workers(signals_project, tmp_path, in_process, monkeypatch):
     """The README's signals command, with workers=2: each worker (a process of its own; the parent runs in this one)
     imports signals.Net1D from the project folder."""
@@ -91,6 +92,7 @@ def test_signals_network_beats_the_builtin_mlp(signals_project, in_process):
     assert metrics_line(net1d.stdout)["best_val_acc"] > metrics_line(mlp.stdout)["best_val_acc"] + 0.1
 
 
+@pytest.mark.slow
 def test_regression_example_user_module_and_datamodule_with_two_workers(regression_project, tmp_path, in_process):
     """workers=2: the workers are processes of their own, the parent runs in this one."""
     result = in_process("search", "--config-dir", "conf", "data=diabetes", "module=diabetes", "search=diabetes",
@@ -124,6 +126,7 @@ def test_user_module_test_metrics_and_the_template_scheduler_call(regression_pro
     assert metrics["lr"] < 1e-3  # cosine moved it
 
 
+@pytest.mark.ddp
 def test_ddp_ranks_import_the_users_network(signals_project):
     """DDP ranks are spawned processes: they find signals.Net1D through the project folder on sys.path."""
     result = searchlab("train", "-cd", "conf", "model=net1d", "model.channels=4", "data=npz", "data.path=signals.npz",
@@ -342,6 +345,7 @@ def test_help_and_composition_errors_do_not_import_torch(tmp_path):
 
 # --- the Python API from a plain script ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_python_api_from_a_plain_script(signals_project, tmp_path):
     script = tmp_path / "tune.py"
     script.write_text(textwrap.dedent(f"""
@@ -374,6 +378,7 @@ def test_python_api_from_a_plain_script(signals_project, tmp_path):
 README_IMPORT = "import pytorch_lightning as pl"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("package", ["pytorch_lightning", "lightning.pytorch"])
 def test_readme_contract_example_runs_as_written(tmp_path, in_process, package):
     """The example as the README writes it, and with its import switched to `lightning` as its comment says: each

@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from searchlab.progress import Progress
 from searchlab.study import Best
 from searchlab.study.trial import TrialOutcome
@@ -87,6 +89,7 @@ def test_remaining_time_follows_the_budget_or_the_timeout():
     assert progress.remaining() == 0
 
 
+@pytest.mark.slow
 def test_on_a_real_pty_the_status_line_fits_the_terminal(tmp_path: Path):
     """`searchlab search` in a pseudo-terminal of 70 columns: the live view, no status line wider than it."""
     master, slave = pty.openpty()

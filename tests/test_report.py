@@ -220,7 +220,6 @@ def test_a_study_without_complete_trials_still_gets_a_report(tmp_path):
     assert code == 2 and out == "" and "study.name" in err and "no complete trial" in err
 
 
-@pytest.mark.cluster
 def test_report_and_best_from_a_postgresql_study(tmp_path, postgres):
     url = postgres.create_database("report")
     optuna.copy_study(from_study_name="synthetic", from_storage=synthetic_study(12)._storage, to_storage=url)

@@ -65,6 +65,7 @@ def test_pruning_stops_unpromising_trials(tmp_path, store_overrides, capsys):
         assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 1
 
 
+@pytest.mark.slow
 def test_hyperband_prunes_in_a_real_search(tmp_path, store_overrides):
     # study.pruner=hyperband (min_resource 2, max_resource trainer.max_epochs=6, reduction_factor 3): two brackets,
     # with rungs at epochs 2 and 6, and at 6. The default successive halving (min_resource 1) prunes at epochs 1 and 3.
@@ -126,6 +127,7 @@ def test_every_sampler_runs_the_space(tmp_path, store_overrides, sampler, extra)
     assert len([t for t in study.trials if t.state.is_finished()]) >= 2
 
 
+@pytest.mark.slow
 def test_best_trial_re_runs_alone_to_the_same_metric(tmp_path, store_overrides):
     """The console script end to end: search, then `searchlab train` with the best trial's command."""
     searchlab = Path(sys.executable).parent / "searchlab"
@@ -143,6 +145,7 @@ def test_best_trial_re_runs_alone_to_the_same_metric(tmp_path, store_overrides):
     assert 0 < metrics["test_acc"] <= 1
 
 
+@pytest.mark.slow
 def test_ctrl_c_fails_the_running_trial_and_the_same_command_resumes(tmp_path, store_overrides, capsys):
     import signal
     import time

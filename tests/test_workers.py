@@ -34,6 +34,7 @@ TINY = ["trainer.max_epochs=2", "model.width=32"]
 NO_MODEL = ["tracking.log_models=none"]
 
 
+@pytest.mark.slow
 def test_three_workers_share_one_budget_without_lock_errors(tmp_path, store_overrides):
     result = subprocess.run(
         [SEARCHLAB, "search", "workers=3", "study.name=three", "study.n_trials=9", *TINY, *NO_MODEL, *store_overrides],
@@ -52,6 +53,7 @@ def test_three_workers_share_one_budget_without_lock_errors(tmp_path, store_over
     assert len(pids) >= 2 and all(t.user_attrs["worker.host"] == socket.gethostname() for t in study.trials)
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_trial_loses_no_budget(tmp_path, store_overrides):
     slow = ["data.batch_size=16", "model.batch_norm=false", "study.pruner=none", "trainer.max_epochs=10",
             "model.width=32", *NO_MODEL]
@@ -78,6 +80,7 @@ def test_a_worker_killed_mid_trial_loses_no_budget(tmp_path, store_overrides):
     assert f"trial {victim.number:4d}  FAIL" in out
 
 
+@pytest.mark.slow
 def test_ctrl_c_reaches_every_worker_through_the_parent(tmp_path, store_overrides):
     slow = ["data.batch_size=16", "model.batch_norm=false", "study.pruner=none", "trainer.max_epochs=500",
             "model.width=32"]
