@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import load_study, runs_of
+from helpers import load_study, runs_of, wait_for_running
 
 from searchlab.cli import main
 
@@ -148,7 +148,6 @@ def test_best_trial_re_runs_alone_to_the_same_metric(tmp_path, store_overrides):
 @pytest.mark.slow
 def test_ctrl_c_fails_the_running_trial_and_the_same_command_resumes(tmp_path, store_overrides, capsys):
     import signal
-    import time
 
     searchlab = Path(sys.executable).parent / "searchlab"
     base = [str(searchlab), "search", "study.name=interrupted", "study.n_trials=3", "study.pruner=none",
@@ -156,11 +155,9 @@ def test_ctrl_c_fails_the_running_trial_and_the_same_command_resumes(tmp_path, s
     proc = subprocess.Popen([*base, "trainer.max_epochs=200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        # Wait until the first trial's run exists, then press Ctrl-C in the middle of its 200 epochs.
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (tmp_path / "artifacts").exists():
-            time.sleep(0.2)
-        time.sleep(1.0)
+        # Wait until the first trial trains (it is RUNNING with its MLflow run), then press Ctrl-C in the middle of
+        # its 200 epochs.
+        wait_for_running(tmp_path, "interrupted", 1, proc)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
