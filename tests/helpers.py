@@ -57,6 +57,8 @@ def wait_until(ready: Callable[[], T], what: str, timeout: float, process: subpr
             break
         time.sleep(interval)
     tail = log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else ""
+    if process is not None and log is None and process.poll() is not None and (process.stdout or process.stderr):
+        tail = "".join(str(part or "") for part in process.communicate())[-2000:]  # what the process said
     pytest.fail(f"{what}: {reason}\n{tail}")
 
 
