@@ -1,48 +1,33 @@
-"""Real servers for the several-machines tests: PostgreSQL 15 (Debian's binaries) and an MLflow tracking server.
+"""Real servers for the tests: PostgreSQL (Debian's binaries, the newest installed version), an MLflow tracking
+server on it and `searchlab storage-proxy` in front of it.
 
 Each is started once per test session on a free 127.0.0.1 port, in a temporary directory, and stopped after.
-Import the fixtures into a test module (`from tests.servers import postgres, mlflow_server`).
+conftest.py makes the fixtures available to every test module.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import free_port, stop, wait_until
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_USER, PG_PASSWORD = "searchlab", "s3cret-pw"  # a password, so tests can check it is never printed or logged
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(ready, what: str, timeout: float, process: subprocess.Popen | None = None, log: Path | None = None):
-    """Polls ready() until it returns something truthy; fails with the log's tail if the process dies or time is up."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = ready()
-        if value:
-            return value
-        if process is not None and process.poll() is not None:
-            break
-        time.sleep(0.1)
-    tail = log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else ""
-    pytest.fail(f"{what} did not come up within {timeout:.0f}s\n{tail}")
+def postgres_bin(root: Path = Path("/usr/lib/postgresql")) -> Path | None:
+    """The bin/ folder of the newest PostgreSQL Debian installed (/usr/lib/postgresql/<version>/bin), or None."""
+    versions = [p for p in root.glob("*/bin") if re.fullmatch(r"\d+(\.\d+)?", p.parent.name)]
+    return max(versions, key=lambda p: tuple(int(n) for n in p.parent.name.split(".")), default=None)
 
 
 @dataclass(frozen=True)
@@ -76,10 +61,12 @@ def _as_postgres_user() -> list[str]:
 
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
-    """A PostgreSQL 15 server on 127.0.0.1, password auth, data in a temp dir; stopped and removed after."""
-    missing = [name for name in ("initdb", "pg_ctl") if not (PG_BIN / name).is_file()]
+    """A PostgreSQL server on 127.0.0.1 (the newest version installed), password auth, data in a temp dir (pytest's
+    tmp_path sits below folders the postgres user cannot enter); stopped and removed after."""
+    pg_bin = postgres_bin()
+    missing = [name for name in ("initdb", "pg_ctl") if pg_bin is None or not (pg_bin / name).is_file()]
     if missing:
-        pytest.fail(f"PostgreSQL 15 binaries not found ({', '.join(str(PG_BIN / m) for m in missing)}): "
+        pytest.fail(f"PostgreSQL binaries not found (/usr/lib/postgresql/*/bin/{', '.join(missing)}): "
                     "run `make system` (installs Debian's postgresql)")
     root = Path(tempfile.mkdtemp(prefix="searchlab-pg-"))
     data, log, pwfile = root / "data", root / "server.log", root / "pw"
@@ -89,13 +76,13 @@ def postgres() -> Iterator[Postgres]:
         shutil.chown(pwfile, "postgres")
     port = free_port()
     try:
-        subprocess.run([*_as_postgres_user(), str(PG_BIN / "initdb"), "-D", str(data), "-U", PG_USER,
+        subprocess.run([*_as_postgres_user(), str(pg_bin / "initdb"), "-D", str(data), "-U", PG_USER,
                         f"--pwfile={pwfile}", "--auth=scram-sha-256", "--no-sync", "-E", "UTF8"],
                        check=True, capture_output=True, text=True)
         # No durability needed for a test server: fsync off makes each commit ~10x cheaper.
         options = (f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off -c synchronous_commit=off "
                    "-c full_page_writes=off -c max_connections=300")
-        subprocess.run([*_as_postgres_user(), str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(log),
+        subprocess.run([*_as_postgres_user(), str(pg_bin / "pg_ctl"), "-D", str(data), "-l", str(log),
                         "-o", options, "-w", "-t", "60", "start"], check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as err:
         shutil.rmtree(root, ignore_errors=True)
@@ -103,7 +90,7 @@ def postgres() -> Iterator[Postgres]:
     try:
         yield Postgres("127.0.0.1", port, PG_USER, PG_PASSWORD)
     finally:
-        subprocess.run([*_as_postgres_user(), str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w",
+        subprocess.run([*_as_postgres_user(), str(pg_bin / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w",
                         "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 
@@ -112,18 +99,6 @@ def postgres() -> Iterator[Postgres]:
 class MlflowServer:
     uri: str
     artifacts: Path
-
-
-def stop(process: subprocess.Popen, timeout: float = 3) -> None:
-    """SIGTERM to the process group the test started (the server and its own workers), SIGKILL if it lingers."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 @pytest.fixture(scope="session")

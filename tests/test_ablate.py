@@ -3,8 +3,6 @@ interrupted and resumed, checked against its MLflow runs and the study report.""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 from pathlib import Path
@@ -12,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+from helpers import run_cli
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
@@ -19,18 +18,10 @@ from scipy import stats
 
 import searchlab.ablate as ablate_module
 from searchlab.ablate import build_plan, interval, p_best, summarize
-from searchlab.cli import main
 from searchlab.config import compose_config, format_override
 from searchlab.study import load_study
 
 TINY = ["trainer.max_epochs=2", "model.width=32"]
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 # ---- the plan, from a synthetic study shaped like the default space ----
@@ -223,6 +214,7 @@ def _pairs(study: optuna.Study, state: str) -> list[tuple[str, int]]:
     return [(t.user_attrs["variant"], t.user_attrs["seed"]) for t in study.trials if t.state.name == state]
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_what_finished_and_the_rerun_trains_only_the_missing(ablated):
     (code0, _, err0), (code1, out1, err1), (code2, out2, err2) = ablated["outputs"]
     assert code0 == 130 and "run the same command to resume" in err0 and "Traceback" not in err0
@@ -240,6 +232,7 @@ def test_ctrl_c_keeps_what_finished_and_the_rerun_trains_only_the_missing(ablate
     assert f"{planned} trainings, {planned} done, 0 to run" in out2
 
 
+@pytest.mark.slow
 def test_seeds_and_variants_are_as_configured(ablated):
     result = ablated["result"]
     assert result["seeds"] == [0, 1] and result["metric"] == "val_acc" and result["test_metric"] == "test_acc"
@@ -256,6 +249,7 @@ def test_seeds_and_variants_are_as_configured(ablated):
     assert winner["values"]["0"] == pytest.approx(ablated["study"].best_value, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_intervals_recomputed_from_the_mlflow_runs_match(ablated):
     result, client = ablated["result"], ablated["client"]
     runs = client.search_runs([client.get_run(result["mlflow_run_id"]).info.experiment_id], max_results=1000,
@@ -279,6 +273,7 @@ def test_intervals_recomputed_from_the_mlflow_runs_match(ablated):
             assert [effect[key]["low"], effect[key]["mean"], effect[key]["high"]] == t_interval(ds)
 
 
+@pytest.mark.slow
 def test_mlflow_nesting_and_tags(ablated):
     result, client, study = ablated["result"], ablated["client"], ablated["study"]
     ablation_run = client.get_run(result["mlflow_run_id"])
@@ -306,6 +301,7 @@ def test_mlflow_nesting_and_tags(ablated):
     assert len(ablation_runs) == 1
 
 
+@pytest.mark.slow
 def test_the_report_leads_with_the_verdict(ablated):
     folder, result = ablated["folder"], ablated["result"]
     page = (folder / "report.html").read_text()

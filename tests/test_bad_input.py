@@ -13,94 +13,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import optuna
 import pytest
-from hydra.core.global_hydra import GlobalHydra
-from mlflow.tracking import MlflowClient
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
+from helpers import (
+    ERROR_PREFIX,
+    FAST,
+    assert_nothing_written,
+    assert_rejected,
+    bad_input_stores,
+    valid_arrays,
+    write_npz,
+    xy,
+)
 
-from searchlab.cli import main
 from searchlab.config import config_dir
 
-STUDY = "bad-input"
-# Keeps a run short if a bad input were wrongly accepted: one trial of one epoch, stop at the first failure.
-FAST = ["study.n_trials=1", "trainer.max_epochs=1", "study.max_consecutive_failures=1", "model.width=8"]
-PREFIX = "searchlab: error: "
-
-
-def key_of(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def store_overrides(tmp_path: Path) -> list[str]:
-    return [
-        f"study.storage={tmp_path}/optuna.journal",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-        f"tracking.artifact_root={tmp_path}/artifacts",
-        f"study.name={STUDY}",
-    ]
-
-
-@pytest.fixture(autouse=True)
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Default conf/, cwd in tmp_path, and no Hydra initialization carried in or out (it binds one config dir)."""
-    monkeypatch.delenv("SEARCHLAB_CONFIG_DIR", raising=False)
-    monkeypatch.chdir(tmp_path)
-    GlobalHydra.instance().clear()
-    yield
-    GlobalHydra.instance().clear()
-
-
-@pytest.fixture
-def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
-    """Runs `searchlab <command> args...` in-process with the stores in tmp_path; returns (code, stdout, stderr).
-
-    The store, study-name and FAST overrides are added only for keys the case does not set itself.
-    """
-
-    def run(*args: str, command: str = "search") -> tuple[int, str, str]:
-        given = {key_of(a) for a in args}
-        extra = [o for o in (*store_overrides(tmp_path), *FAST) if key_of(o) not in given]
-        code = main([command, *args, *extra])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
-def assert_rejected(result: tuple[int, str, str], *names: str) -> str:
-    """Exit code 2, stdout empty, stderr one `searchlab: error:` line naming each of `names`; returns that line."""
-    code, out, err = result
-    assert "Traceback" not in out + err
-    assert code == 2, f"exit code {code}\nstdout: {out}\nstderr: {err}"
-    assert out.strip() == "", f"printed on stdout: {out!r}"
-    lines = err.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {lines!r}"
-    line = lines[0]
-    assert line.startswith(PREFIX) and line.strip() != PREFIX.strip(), line
-    for name in names:
-        assert name in line, f"{name!r} not named in {line!r}"
-    return line
-
-
-def assert_nothing_written(tmp_path: Path) -> None:
-    """No study in the journal, no experiment of the study and no run at all in the MLflow store, no artifacts."""
-    journal = tmp_path / "optuna.journal"
-    if journal.exists() and journal.stat().st_size:
-        storage = JournalStorage(JournalFileBackend(str(journal)))
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
-        assert names == [], f"studies written: {names}"
-    db = tmp_path / "mlflow.db"
-    if db.exists():
-        client = MlflowClient(f"sqlite:///{db}")
-        experiments = client.search_experiments()
-        assert STUDY not in [e.name for e in experiments]
-        runs = client.search_runs([e.experiment_id for e in experiments]) if experiments else []
-        assert len(runs) == 0, f"runs written: {[r.info.run_name for r in runs]}"
-    artifacts = tmp_path / "artifacts"
-    assert not artifacts.exists() or not any(artifacts.iterdir())
-
+# cli: the CLI in this process with the stores in tmp_path; isolated: cwd in tmp_path, default conf/, Hydra cleared.
+pytestmark = pytest.mark.usefixtures("isolated")
 
 # --- command-line overrides ------------------------------------------------------------------------------------
 
@@ -183,38 +111,24 @@ def test_train_rejects_bad_overrides_too(cli, tmp_path, args, names):
 
 # --- npz data files --------------------------------------------------------------------------------------------
 
-def _xy(n: int = 20, features: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    x = np.random.default_rng(0).normal(size=(n, features)).astype(np.float32)
-    return x, np.arange(n) % 2
-
-
-def _npz(path: Path, **arrays: np.ndarray) -> Path:
-    np.savez(path, **arrays)
-    return path
-
-
-def _valid(**changes: np.ndarray | None) -> dict[str, np.ndarray]:
-    x, y = _xy()
-    arrays = {"x_train": x, "y_train": y, "x_val": x, "y_val": y, **changes}
-    return {k: v for k, v in arrays.items() if v is not None}
 
 
 NPZ_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "missing": lambda d: d / "nowhere.npz",
     "text-file": lambda d: (d / "text.npz", (d / "text.npz").write_text("x_train,y_train\n1,0\n"))[0],
     "directory": lambda d: (d / "folder.npz", (d / "folder.npz").mkdir())[0],
-    "empty-archive": lambda d: _npz(d / "empty.npz"),
-    "lacks-y_val": lambda d: _npz(d / "no_y_val.npz", **_valid(y_val=None)),
-    "train-lengths-differ": lambda d: _npz(d / "train_len.npz", **_valid(y_train=_xy()[1][:15])),
-    "val-lengths-differ": lambda d: _npz(d / "val_len.npz", **_valid(y_val=_xy()[1][:3])),
-    "test-lengths-differ": lambda d: _npz(d / "test_len.npz", **_valid(x_test=_xy()[0], y_test=_xy()[1][:7])),
-    "only-x_test": lambda d: _npz(d / "only_x_test.npz", **_valid(x_test=_xy()[0])),
-    "negative-labels": lambda d: _npz(d / "negative_y.npz", **_valid(y_train=_xy()[1] - 1)),
-    "object-array": lambda d: _npz(d / "objects.npz", **_valid(x_train=np.array([{}] * 20, dtype=object))),
-    "zero-rows": lambda d: _npz(d / "zero_rows.npz", **_valid(x_train=_xy()[0][:0], y_train=_xy()[1][:0])),
-    "scalar-array": lambda d: _npz(d / "scalar.npz", **_valid(x_train=np.float32(1.0))),
-    "text-features": lambda d: _npz(d / "text_x.npz", **_valid(x_train=np.array(["a"] * 20))),
-    "feature-counts-differ": lambda d: _npz(d / "features.npz", **_valid(x_val=_xy()[0][:, :3])),
+    "empty-archive": lambda d: write_npz(d / "empty.npz"),
+    "lacks-y_val": lambda d: write_npz(d / "no_y_val.npz", **valid_arrays(y_val=None)),
+    "train-lengths-differ": lambda d: write_npz(d / "train_len.npz", **valid_arrays(y_train=xy()[1][:15])),
+    "val-lengths-differ": lambda d: write_npz(d / "val_len.npz", **valid_arrays(y_val=xy()[1][:3])),
+    "test-lengths-differ": lambda d: write_npz(d / "test_len.npz", **valid_arrays(x_test=xy()[0], y_test=xy()[1][:7])),
+    "only-x_test": lambda d: write_npz(d / "only_x_test.npz", **valid_arrays(x_test=xy()[0])),
+    "negative-labels": lambda d: write_npz(d / "negative_y.npz", **valid_arrays(y_train=xy()[1] - 1)),
+    "object-array": lambda d: write_npz(d / "objects.npz", **valid_arrays(x_train=np.array([{}] * 20, dtype=object))),
+    "zero-rows": lambda d: write_npz(d / "zero_rows.npz", **valid_arrays(x_train=xy()[0][:0], y_train=xy()[1][:0])),
+    "scalar-array": lambda d: write_npz(d / "scalar.npz", **valid_arrays(x_train=np.float32(1.0))),
+    "text-features": lambda d: write_npz(d / "text_x.npz", **valid_arrays(x_train=np.array(["a"] * 20))),
+    "feature-counts-differ": lambda d: write_npz(d / "features.npz", **valid_arrays(x_val=xy()[0][:, :3])),
 }
 
 
@@ -231,7 +145,7 @@ def test_bad_npz_file_is_rejected(cli, tmp_path, case):
 
 
 def test_train_rejects_a_bad_npz_file(cli, tmp_path):
-    path = _npz(tmp_path / "lengths.npz", **_valid(y_train=_xy()[1][:15]))
+    path = write_npz(tmp_path / "lengths.npz", **valid_arrays(y_train=xy()[1][:15]))
     assert_rejected(cli("data=npz", f"data.path={path}", command="train"), "data.path", path.name)
     assert_nothing_written(tmp_path)
 
@@ -338,12 +252,12 @@ def test_the_store_check_sees_a_written_study(cli, tmp_path):
 # --- the real command ------------------------------------------------------------------------------------------
 
 def test_command_exits_2_with_one_line_and_no_traceback(tmp_path):
-    command = [sys.executable, "-m", "searchlab.cli", "search", "optimizer=nope", *store_overrides(tmp_path), *FAST]
+    command = [sys.executable, "-m", "searchlab.cli", "search", "optimizer=nope", *bad_input_stores(tmp_path), *FAST]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert proc.stdout == ""
     lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(PREFIX), lines
+    assert len(lines) == 1 and lines[0].startswith(ERROR_PREFIX), lines
     assert "optimizer" in lines[0] and "nope" in lines[0]
     assert_nothing_written(tmp_path)

@@ -3,10 +3,11 @@ the benchmark itself (`make bench`) reports them."""
 
 from __future__ import annotations
 
-import time
+import types
 from dataclasses import replace
 
 import pytest
+from helpers import wait_until
 
 from bench.__main__ import main, merge_results
 from bench.devices import UtilizationSampler, device_overrides, pick_device
@@ -36,6 +37,7 @@ def test_overhead_smoke_times_all_three_ways_and_splits_searchlab_into_parts(tmp
     assert text.count("| (a) plain") == 1 and "c/a = **" in text and "b/c = **" in text and "| trial/ask |" in text
 
 
+@pytest.mark.slow
 def test_efficiency_and_results_file_from_the_command(tmp_path):
     # A target every run reaches at once, and caps that end a run that does not: all outputs, in seconds.
     assert main(["--parts", "efficiency", "--out", str(tmp_path), "--seeds", "1", "--max-trials", "2",
@@ -56,14 +58,19 @@ def test_a_run_that_misses_the_target_counts_as_the_caps():
     assert run.cost(0.9, 60.0, 40) == (3.0, 3) and run.cost(0.95, 60.0, 40) == (60.0, 40)
 
 
-def test_part_timer_is_exclusive_and_restores_what_it_wrapped():
+def test_part_timer_is_exclusive_and_restores_what_it_wrapped(monkeypatch):
+    import bench.timing
+
+    clock = [100.0]  # an injected clock: the work advances it, so the parts are exact on any machine load
+    monkeypatch.setattr(bench.timing, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
     class Work:
         def outer(self) -> None:
-            time.sleep(0.02)
+            clock[0] += 0.02
             self.inner()
 
         def inner(self) -> None:
-            time.sleep(0.03)
+            clock[0] += 0.03
 
     work, timer = Work(), PartTimer()
     timer.patch(work, "outer")
@@ -74,7 +81,7 @@ def test_part_timer_is_exclusive_and_restores_what_it_wrapped():
     work.outer()
     parts = timer.take()
     assert set(parts) == {"outer", "outer/inner"}
-    assert 0.015 < parts["outer"] < 0.03 and parts["outer/inner"] >= 0.03
+    assert parts["outer"] == pytest.approx(0.02) and parts["outer/inner"] == pytest.approx(0.03)
     timer.restore()
     assert "outer" not in vars(work) and Work.inner.__name__ == "inner" and not hasattr(Work.inner, "__wrapped__")
 
@@ -93,7 +100,7 @@ def test_gpu_utilization_is_sampled_per_way_and_reported():
     readings = iter(range(10, 1000, 10))
     sampler = UtilizationSampler(lambda: float(next(readings)), interval=0.005)
     sampler.start("searchlab")
-    time.sleep(0.05)
+    wait_until(lambda: len(sampler.samples["searchlab"]) >= 2, "two utilization samples", 60)
     sampler.stop()
     assert sampler.mean("searchlab") > 10 and sampler.mean("plain") is None
     assert UtilizationSampler(None).mean("plain") is None  # no reader (CPU, or no nvidia-smi): nothing sampled
@@ -111,6 +118,7 @@ def test_scaling_section_from_a_result():
     assert "| 1 | 21.0 | 32.0 | 1.00 | 40 |" in text and "| 2 | 32.0 | 54.0 | 1.69 | n/a |" in text
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not scaling_available(), reason="needs `workers=` in the config (the workers branch)")
 def test_scaling_smoke_runs_the_command_with_each_number_of_workers(tmp_path):
     # No model logged at the study's end (a cold torch.export in each fresh process), the report kept in tmp_path
@@ -121,6 +129,7 @@ def test_scaling_smoke_runs_the_command_with_each_number_of_workers(tmp_path):
     assert "| 2 |" in scaling_markdown(result)
 
 
+@pytest.mark.slow
 def test_methods_smoke_two_seeds_stop_at_the_target_or_the_caps(tmp_path):
     # Tiny: digits, a 2-epoch 32-wide net, 2 trials per run. 0.3 is reached by the first complete trial (the run
     # stops there); 0.999 is not, so that run goes to its trial cap.
@@ -305,14 +314,16 @@ def test_gpu_check_stops_a_part_at_its_timeout_with_what_it_started(tmp_path):
     code, seconds = run_child([sys.executable, "-c", script], timeout=3)
     assert code is None and 3 <= seconds < 30
     grandchild = int(pid_file.read_text())
-    for _ in range(100):  # SIGKILL is asynchronous: the grandchild goes within moments (init reaps it)
+
+    def gone() -> bool:
         try:
             os.kill(grandchild, 0)
         except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        raise AssertionError("the part's own child outlived the timeout")
+            return True
+        return False
+
+    # SIGKILL is asynchronous: the grandchild goes within moments (init reaps it)
+    wait_until(gone, "the part's own child to go after the timeout", 30)
     assert run_child([sys.executable, "-c", "raise SystemExit(3)"], timeout=30)[0] == 3
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 from mlflow.tracking import MlflowClient
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
@@ -22,7 +23,6 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
-from servers import free_port
 from ui_servers import ROOT, make_server, run_tiny_study
 
 pytestmark = pytest.mark.e2e

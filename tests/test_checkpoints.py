@@ -7,13 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
-from test_search import load_study, runs_of
-from test_workers import SEARCHLAB, wait_for_running
+from helpers import LONG, SEARCHLAB, load_study, runs_of, wait_for_checkpoint, wait_for_running
 
 from searchlab.build import load_data
 from searchlab.checkpoints import CHECKPOINT_FILE, CheckpointPlan, read_saved
@@ -23,10 +20,6 @@ from searchlab.lightning_fit import fit_rank
 # Dropout, batch norm and a schedule: every state a resume must restore (RNGs, running stats, the schedule's step).
 SMALL = ["trainer.max_epochs=4", "trainer.limit_train_batches=8", "data.batch_size=32", "model.width=32",
          "model.dropout=0.3", "model.batch_norm=true", "optimizer=adam", "scheduler=cosine"]
-# Slow enough epochs to stop a search mid-trial (~0.1-0.5 s an epoch here), checkpointed every epoch.
-# No model is logged at the study's end (none of these tests reads one: test_model_out does).
-LONG = ["study.pruner=none", "trainer.max_epochs=8", "data.batch_size=16", "model.width=32",
-        "model.batch_norm=false", "trainer.checkpoint_every_n_epochs=1", "tracking.log_models=none"]
 
 
 def interrupt_at(epoch: int):
@@ -91,19 +84,7 @@ def test_a_checkpoint_cut_short_is_never_read(tmp_path):
     assert read_saved(tmp_path / "absent.ckpt") is None
 
 
-def _checkpoint_epoch(folder: Path) -> int:
-    epochs = [read_saved(p) for p in folder.glob(f"*/checkpoints/*/{CHECKPOINT_FILE}")]
-    return max((s.epoch for s in epochs if s is not None), default=0)
-
-
-def wait_for_checkpoint(folder: Path, epoch: int, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while _checkpoint_epoch(folder) < epoch:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"no checkpoint of epoch {epoch} within {timeout}s"
-        time.sleep(0.05)
-
-
+@pytest.mark.slow
 def test_sigterm_exits_143_and_the_same_command_resumes_the_trial_mid_way(tmp_path, store_overrides, capsys):
     command = [SEARCHLAB, "search", "study.name=term", "study.n_trials=1", *LONG, *store_overrides]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -143,6 +124,7 @@ def test_sigterm_exits_143_and_the_same_command_resumes_the_trial_mid_way(tmp_pa
     assert not list((tmp_path / "artifacts" / "term" / "checkpoints").glob("*/*"))  # deleted once finished
 
 
+@pytest.mark.slow
 def test_a_worker_killed_at_epoch_k_is_retried_from_its_checkpoint(tmp_path, store_overrides):
     proc = subprocess.Popen(
         [SEARCHLAB, "search", "workers=2", "study.name=killed", "study.n_trials=2", *LONG, *store_overrides],

@@ -7,9 +7,10 @@ import subprocess
 import urllib.request
 
 import optuna
+import pytest
+from helpers import free_port
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
-from servers import free_port
 from ui_servers import ROOT, make_server, run_tiny_study
 
 
@@ -18,6 +19,7 @@ def get_json(url: str) -> dict:
         return json.load(response)
 
 
+@pytest.mark.slow
 def test_dashboard_serves_the_study_and_its_trials_from_the_journal_file(tmp_path):
     run_tiny_study(tmp_path, "dashboard-study", "tracking.log_models=none")  # the dashboard shows no MLflow model
     journal = tmp_path / "optuna.journal"

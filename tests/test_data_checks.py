@@ -12,20 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_bad_input
 import torch
+from helpers import assert_nothing_written, assert_rejected, load_study, runs_of, valid_arrays, write_npz, xy
 from omegaconf import OmegaConf
-from test_bad_input import _npz, _valid, _xy, assert_nothing_written, assert_rejected
-from test_search import load_study, runs_of
 
 from searchlab.config import ConfigError
 from searchlab.data import Splits, as_splits, digits, synthetic
 from searchlab.data_checks import DivergedAtStart, check_splits, diverged_rule
 
-# test_bad_input's fixtures: the CLI in-process with the stores in tmp_path, cwd in tmp_path, Hydra cleared.
-cli, isolated = test_bad_input.cli, test_bad_input.isolated
+# cli: the CLI in-process with the stores in tmp_path; isolated: cwd in tmp_path, default conf/, Hydra cleared.
+pytestmark = pytest.mark.usefixtures("isolated")
 
-NAN_X = _xy()[0].copy()
+NAN_X = xy()[0].copy()
 NAN_X[5, 3] = np.nan
 
 
@@ -41,34 +39,37 @@ def _float_targets(n: int = 20) -> np.ndarray:
 
 # (npz arrays, extra overrides, what the line must say)
 NPZ_CASES = {
-    "nan-in-x_train": (_valid(x_train=NAN_X), [], ["x_train has 1 NaN (row 5, column 3)", "clean or impute"]),
-    "nan-kept-in-place-by-standardize": (_valid(x_train=NAN_X), ["data.standardize=true"],
+    "nan-in-x_train": (valid_arrays(x_train=NAN_X), [], ["x_train has 1 NaN (row 5, column 3)", "clean or impute"]),
+    "nan-kept-in-place-by-standardize": (valid_arrays(x_train=NAN_X), ["data.standardize=true"],
                                          ["x_train has 1 NaN (row 5, column 3)"]),
-    "nan-in-x_test": (_valid(x_test=NAN_X, y_test=_xy()[1]), [], ["x_test has 1 NaN (row 5, column 3)"]),
-    "two-nans-and-an-inf": (_valid(x_val=_with(_with(NAN_X, (7, 0), np.inf), (9, 1), np.nan)), [],
+    "nan-in-x_test": (valid_arrays(x_test=NAN_X, y_test=xy()[1]), [], ["x_test has 1 NaN (row 5, column 3)"]),
+    "two-nans-and-an-inf": (valid_arrays(x_val=_with(_with(NAN_X, (7, 0), np.inf), (9, 1), np.nan)), [],
                             ["x_val has 2 NaN and 1 ±inf (first at row 5, column 3)"]),
-    "beyond-float32-reads-as-inf": (_valid(x_train=_with(_xy()[0], (2, 1), 1e39)), [],
+    "beyond-float32-reads-as-inf": (valid_arrays(x_train=_with(xy()[0], (2, 1), 1e39)), [],
                                     ["x_train has 1 ±inf (row 2, column 1)", "beyond float32"]),
-    "square-overflows-float32": (_valid(x_train=_with(_xy()[0], (4, 2), -1e30)), [],
+    "square-overflows-float32": (valid_arrays(x_train=_with(xy()[0], (4, 2), -1e30)), [],
                                  ["x_train has 1 value beyond", "row 4, column 2", "data.standardize=true"]),
-    "inf-in-regression-target": (_valid(y_train=_float_targets(), y_val=_with(_float_targets(), (3,), -np.inf)),
+    "inf-in-regression-target": (valid_arrays(y_train=_float_targets(), y_val=_with(_float_targets(), (3,), -np.inf)),
                                  ["module=regressor", "study.metric=val_loss"], ["y_val has 1 ±inf (row 3)"]),
-    "val-class-never-in-train": (_valid(y_val=_xy()[1] + 1), [],
+    "val-class-never-in-train": (valid_arrays(y_val=xy()[1] + 1), [],
                                  ["y_val has class 2 (10 rows, first at row 1)", "y_train never holds"]),
-    "test-classes-never-in-train": (_valid(x_test=_xy()[0], y_test=_xy()[1] + 5), [], ["y_test has classes 5 and 6"]),
-    "negative-val-labels": (_valid(y_val=_xy()[1] - 1), [], ["y_val holds negative class indices", "first at row 0"]),
-    "labels-stored-as-floats": (_valid(y_train=_xy()[1].astype(np.float64), y_val=_xy()[1].astype(np.float64)), [],
+    "test-classes-never-in-train": (valid_arrays(x_test=xy()[0], y_test=xy()[1] + 5), [],
+                                    ["y_test has classes 5 and 6"]),
+    "negative-val-labels": (valid_arrays(y_val=xy()[1] - 1), [],
+                            ["y_val holds negative class indices", "first at row 0"]),
+    "labels-stored-as-floats": (valid_arrays(y_train=xy()[1].astype(np.float64), y_val=xy()[1].astype(np.float64)), [],
                                 ["y_train holds class labels stored as floats", "astype('int64')"]),
-    "labels-as-a-column": (_valid(y_train=_xy()[1][:, None], y_val=_xy()[1][:, None]), [],
+    "labels-as-a-column": (valid_arrays(y_train=xy()[1][:, None], y_val=xy()[1][:, None]), [],
                            ["y_train has shape (20, 1)", "y.ravel()"]),
-    "integer-train-float-val-targets": (_valid(y_val=_float_targets()), ["module=regressor", "study.metric=val_loss"],
+    "integer-train-float-val-targets": (valid_arrays(y_val=_float_targets()),
+                                        ["module=regressor", "study.metric=val_loss"],
                                         ["y_val holds floats but y_train integers"]),
-    "one-class": (_valid(y_train=np.zeros(20, dtype=np.int64)), [], ["y_train holds only class 0"]),
-    "constant-x": (_valid(x_train=np.ones((20, 4), dtype=np.float32)), [],
+    "one-class": (valid_arrays(y_train=np.zeros(20, dtype=np.int64)), [], ["y_train holds only class 0"]),
+    "constant-x": (valid_arrays(x_train=np.ones((20, 4), dtype=np.float32)), [],
                    ["x_train is the same in every one of its 20 rows"]),
-    "constant-regression-target": (_valid(y_train=np.full(20, 2.5, dtype=np.float32), y_val=_float_targets()),
+    "constant-regression-target": (valid_arrays(y_train=np.full(20, 2.5, dtype=np.float32), y_val=_float_targets()),
                                    ["module=regressor", "study.metric=val_loss"], ["y_train is 2.5 in every one"]),
-    "auroc-with-a-class-absent-from-val": (_valid(y_train=np.arange(20) % 3, y_val=np.arange(20) % 2),
+    "auroc-with-a-class-absent-from-val": (valid_arrays(y_train=np.arange(20) % 3, y_val=np.arange(20) % 2),
                                            ["study.metric=val_auroc"], ["y_val lacks class 2 of 0..2", "val_auroc"]),
 }
 
@@ -76,27 +77,28 @@ NPZ_CASES = {
 @pytest.mark.parametrize("case", list(NPZ_CASES))
 def test_npz_a_training_cannot_use_is_refused_with_one_line(cli, tmp_path, case):
     arrays, overrides, says = NPZ_CASES[case]
-    path = _npz(tmp_path / f"{case}.npz", **arrays)
+    path = write_npz(tmp_path / f"{case}.npz", **arrays)
     line = assert_rejected(cli("data=npz", f"data.path={path}", *overrides), f"data.path={path}", *says)
     assert "Traceback" not in line
     assert_nothing_written(tmp_path)
 
 
 def test_train_refuses_the_same_data(cli, tmp_path):
-    path = _npz(tmp_path / "nan.npz", **_valid(x_train=NAN_X))
+    path = write_npz(tmp_path / "nan.npz", **valid_arrays(x_train=NAN_X))
     assert_rejected(cli("data=npz", f"data.path={path}", command="train"), f"data.path={path}", "x_train has 1 NaN")
     assert_nothing_written(tmp_path)
 
 
 @pytest.mark.parametrize("arrays, overrides", [
-    pytest.param(_valid(y_train=_xy()[1] + 1, y_val=_xy()[1] + 1), [], id="labels-with-a-gap-1..2"),
-    pytest.param(_valid(y_train=_xy()[1] * 3 - 7, y_val=_xy()[1] * 5), ["module=regressor", "study.metric=val_loss"],
+    pytest.param(valid_arrays(y_train=xy()[1] + 1, y_val=xy()[1] + 1), [], id="labels-with-a-gap-1..2"),
+    pytest.param(valid_arrays(y_train=xy()[1] * 3 - 7, y_val=xy()[1] * 5),
+                 ["module=regressor", "study.metric=val_loss"],
                  id="negative-integer-regression-targets"),
-    pytest.param(_valid(x_train=np.c_[_xy()[0][:, :3], np.ones(20)]), [], id="one-constant-feature"),
-    pytest.param(_valid(x_train=_with(_xy()[0], (0, 0), 1e15)), [], id="large-but-finite-squares"),
+    pytest.param(valid_arrays(x_train=np.c_[xy()[0][:, :3], np.ones(20)]), [], id="one-constant-feature"),
+    pytest.param(valid_arrays(x_train=_with(xy()[0], (0, 0), 1e15)), [], id="large-but-finite-squares"),
 ])
 def test_npz_that_trains_is_not_refused(cli, tmp_path, arrays, overrides):
-    path = _npz(tmp_path / "fine.npz", **arrays)
+    path = write_npz(tmp_path / "fine.npz", **arrays)
     code, out, err = cli("data=npz", f"data.path={path}", *overrides, command="train")
     assert code == 0, err
     assert '"epochs": 1' in out, out
@@ -111,7 +113,7 @@ def test_builtin_generators_pass_every_check():
 def test_half_precision_pixels_and_integer_inputs_pass():
     """Raw pixels in float16 (255 squared overflows float16, not the float32 a loss is computed in) and integer
     inputs (token ids for a user's embedding) are not refused."""
-    x, y = _xy()
+    x, y = xy()
     pixels = torch.full((20, 4), 255.0, dtype=torch.float16)
     pixels[::2] = 3.0
     check_splits(Splits(pixels, torch.as_tensor(y), pixels, torch.as_tensor(y)), "data._target_=mine", "classification")
@@ -120,7 +122,7 @@ def test_half_precision_pixels_and_integer_inputs_pass():
 
 
 def test_splits_of_non_tensors_empty_splits_and_shapes_are_refused():
-    x, y = _xy()
+    x, y = xy()
     good = as_splits(x, y, x, y)
     cases = [
         (Splits(x, good.y_train, good.x_val, good.y_val), "x_train is a numpy.ndarray, not a torch.Tensor"),

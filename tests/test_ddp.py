@@ -62,6 +62,7 @@ def trained(composer, digits, tmp_path_factory):
     return {"result": result, "seen": seen, "plan": plan}
 
 
+@pytest.mark.ddp
 def test_ddp_trains_to_completion_with_metrics_of_the_whole(trained):
     result, seen = trained["result"], trained["seen"]
     assert seen == [1, 2, 3] and len(result.history) == 3 and result.stop_reason is None
@@ -70,6 +71,7 @@ def test_ddp_trains_to_completion_with_metrics_of_the_whole(trained):
     assert result.best("val_acc", "maximize") > 0.5  # ten classes: chance is 0.1
 
 
+@pytest.mark.ddp
 def test_a_decision_on_rank_0_stops_every_rank_at_that_epoch(composer, digits):
     """The hook runs in this process; had rank 1 missed the decision it would go on alone into epoch 3's all-reduce
     and fail there (its peer gone, or the process group's timeout) instead of returning two epochs."""
@@ -78,6 +80,7 @@ def test_a_decision_on_rank_0_stops_every_rank_at_that_epoch(composer, digits):
     assert result.stop_reason == "pruned at epoch 2" and len(result.history) == 2
 
 
+@pytest.mark.ddp
 def test_rank_0_writes_the_checkpoint_and_every_rank_resumes_from_it(composer, digits, trained):
     plan = trained["plan"]
     assert read_saved(plan.path).epoch == 2  # the last epoch (3) is never written: the training ends there
@@ -87,6 +90,7 @@ def test_rank_0_writes_the_checkpoint_and_every_rank_resumes_from_it(composer, d
     assert seen == [3, 4] and len(result.history) == 4
 
 
+@pytest.mark.ddp
 def test_a_failing_rank_fails_the_call_and_leaves_no_process(composer, digits):
     cfg = composer({"trainer.max_epochs": 1, "model._target_": "nonexistent.Net"})  # the ranks fail building it
     with pytest.raises(Exception, match="nonexistent"):
@@ -119,6 +123,7 @@ def test_workers_get_whole_gpu_groups_for_ddp_trials():
     assert plan_workers("auto", [], cpus=2, gpus_per_worker=2) == [WorkerSlot("", 2)]
 
 
+@pytest.mark.ddp
 def test_search_with_ddp_trials_prunes_through_optuna(tmp_path, store_overrides):
     """The console script end to end (the ranks re-import it as __mp_main__): Optuna's pruner decides in the trial
     process at epoch 2 and both ranks of each trial stop there."""
@@ -165,6 +170,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.ddp
 def test_ranks_exit_when_the_trial_process_is_killed(tmp_path):
     """A worker killed outright (SIGKILL, OOM) must not leave its ranks holding GPUs: torch's spawn gives each rank
     a parent-death signal (else rank 0 would wait for the hook's answer forever, and the others in a collective)."""

@@ -11,8 +11,7 @@ import sys
 
 import pytest
 import torch
-from test_model_out import load_model
-from test_search import load_study
+from helpers import load_model, load_study
 
 import searchlab.pack as pack_module
 from searchlab.attrs import MLFLOW_RUN_ID, WORKER_PID
@@ -80,6 +79,7 @@ def test_workers_auto_runs_one_worker_per_gpu_each_seeing_only_its_own(tmp_path,
     assert len(pids) <= len(gpus) and (len(gpus) > 1 or pids == {os.getpid()})
 
 
+@pytest.mark.ddp
 def test_ddp_trains_one_trial_over_the_gpus_present(composer):
     count = torch.cuda.device_count()
     if count < 2:

@@ -8,6 +8,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -18,6 +20,7 @@ def run(*args: str | Path, cwd: Path, timeout: float = 600) -> subprocess.Comple
     return result
 
 
+@pytest.mark.slow
 def test_wheel_installed_in_a_fresh_venv_runs_a_search_from_an_empty_folder(tmp_path):
     dist, venv, empty = tmp_path / "dist", tmp_path / "venv", tmp_path / "somewhere"
     empty.mkdir()

@@ -15,28 +15,13 @@ import lightning
 import pytest
 import pytorch_lightning
 import torch
+from helpers import LIT, LONG, SEARCHLAB, load_model, load_study, metrics_line, searchlab, stores, wait_for_checkpoint
 from mlflow.tracking import MlflowClient
-from test_checkpoints import LONG, wait_for_checkpoint
-from test_model_out import load_model
-from test_own_code import load, metrics_line, searchlab, stores
-from test_workers import SEARCHLAB
 
 from searchlab.lightning_package import LIGHTNING, PYTORCH_LIGHTNING, package_of
 from searchlab.modules import Classifier
 
-pytest_plugins = ("test_own_code",)  # its fixtures: in_process (the CLI in this process), bad (a one-line error)
-
 PROJECT = Path(__file__).parent / "lightning_project"
-# The project's module and DataModule, the metric it logs, a small network.
-LIT = ["-cd", "conf", "module=lit", "data=litdigits", "search=lit", "study.metric=val/acc", "model.width=32"]
-
-
-@pytest.fixture(scope="module")
-def lit_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tests/lightning_project copied to a folder outside the checkout, as a user's own project."""
-    folder = tmp_path_factory.mktemp("user") / "lit"
-    shutil.copytree(PROJECT, folder, ignore=shutil.ignore_patterns("mlruns", "__pycache__"))
-    return folder
 
 
 def project_module(folder: Path):
@@ -69,7 +54,7 @@ def test_a_lightning_module_searches_with_pruning_and_per_epoch_curves(lit_proje
                         "tracking.log_models=none", "report.min_complete=1", *stores(tmp_path, "lit"),
                         cwd=lit_project)
     assert result.returncode == 0, result.stderr
-    study = load(tmp_path, "lit")
+    study = load_study(tmp_path, "lit")
     assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]
     assert all(sorted(t.intermediate_values) == [1, 2] for t in study.trials)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -87,7 +72,7 @@ def test_a_lightning_modules_model_is_logged_registered_and_exported(lit_project
                         cwd=lit_project)
     assert result.returncode == 0, result.stderr
     assert "model: trial" in result.stdout and "registered as lit-best v1" in result.stdout
-    study = load(tmp_path, "litmodel")
+    study = load_study(tmp_path, "litmodel")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     logged = load_model(uri, f"runs:/{study.best_trial.user_attrs['mlflow_run_id']}/model")
     data = project_module(lit_project).DigitsDataModule(seed=0)  # the split the trials validated on (seed 0)
@@ -102,6 +87,7 @@ def test_a_lightning_modules_model_is_logged_registered_and_exported(lit_project
     assert torch.allclose(load_model(uri, str(exported))(x), logged(x), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_and_the_same_command_resume_a_lightning_module_mid_way(lit_project, tmp_path, in_process):
     args = ["search", *LIT, "study.n_trials=1", *LONG, *stores(tmp_path, "litterm")]
     proc = subprocess.Popen([SEARCHLAB, *args], cwd=lit_project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -113,18 +99,19 @@ def test_sigterm_and_the_same_command_resume_a_lightning_module_mid_way(lit_proj
     finally:
         proc.kill()
     assert proc.returncode == 143, err
-    stopped, queued = load(tmp_path, "litterm").trials
+    stopped, queued = load_study(tmp_path, "litterm").trials
     assert stopped.state.name == "FAIL" and "resumable from its checkpoint of epoch" in stopped.user_attrs["reason"]
 
     result = in_process(*args, cwd=lit_project)  # the same command again
     assert result.returncode == 0, result.stderr
-    (retry,) = [t for t in load(tmp_path, "litterm").trials if t.state.name == "COMPLETE"]
+    (retry,) = [t for t in load_study(tmp_path, "litterm").trials if t.state.name == "COMPLETE"]
     resumed_from = retry.user_attrs["resumed_from_epoch"]
     assert retry.params == stopped.params and resumed_from >= 2
     assert retry.user_attrs["epochs_trained"] == 8 - resumed_from  # only the remaining epochs were trained
     assert sorted(retry.intermediate_values) == list(range(1, 9))
 
 
+@pytest.mark.ddp
 def test_ddp_ranks_train_a_lightning_module_and_datamodule(lit_project, in_process):
     """trainer.devices=2 on CPU (gloo): each rank builds the project's DataModule and trains the module with
     lightning.pytorch's DDP strategy; rank 0's metrics, the best epoch and the test split come back."""

@@ -7,16 +7,13 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow.pytorch
-import optuna
 import pytest
 import torch
+from helpers import SEARCHLAB, load_model, load_study
 from mlflow.tracking import MlflowClient
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 
 from searchlab import commands
 from searchlab.build import load_data
@@ -25,15 +22,8 @@ from searchlab.config import Composer
 from searchlab.model_out import module_with_weights
 from searchlab.training import fit
 
-pytest_plugins = ("servers",)  # postgres and mlflow_server, for the registry on a tracking server
-
 TINY = ["trainer.max_epochs=3", "model.width=32"]
 REPO = Path(__file__).resolve().parents[1]
-SEARCHLAB = str(Path(sys.executable).parent / "searchlab")
-
-
-def load_study(tmp_path: Path, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(f"{tmp_path}/optuna.journal")))
 
 
 def logged_models(client: MlflowClient, experiment: str) -> dict[str, object]:
@@ -44,15 +34,6 @@ def logged_models(client: MlflowClient, experiment: str) -> dict[str, object]:
 
 def digits_test_inputs() -> torch.Tensor:
     return load_data(Composer([]).base).x_test[:50]
-
-
-def load_model(tracking_uri: str, model_uri: str) -> torch.nn.Module:
-    """mlflow.pytorch.load_model of a runs:/ or models:/ URI from this store (those URIs read the tracking URI: set
-    for this call as searchlab.tracking does, over any global an earlier test left, e.g. Lightning's MLFlowLogger)."""
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    with _use_tracking_uri(tracking_uri):
-        return mlflow.pytorch.load_model(model_uri)
 
 
 def predictions(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -184,15 +165,21 @@ def test_top_k_logs_the_k_best_trials_and_none_logs_nothing(tmp_path, store_over
     assert logged_models(client, "nomodel") == {}
 
 
+@pytest.mark.slow
 def test_with_two_workers_the_worker_saves_the_weights_and_the_parent_logs_them(tmp_path, store_overrides):
-    result = subprocess.run([SEARCHLAB, "search", "workers=2", "study.name=pair", "study.n_trials=4",
-                             "study.pruner=none", *TINY, *store_overrides], capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr
+    parent = subprocess.Popen([SEARCHLAB, "search", "workers=2", "study.name=pair", "study.n_trials=4",
+                               "study.pruner=none", *TINY, *store_overrides], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        stdout, stderr = parent.communicate(timeout=600)
+    finally:
+        parent.kill()
+    assert parent.returncode == 0, stderr
     study = load_study(tmp_path, "pair")
     best_run = study.best_trial.user_attrs["mlflow_run_id"]
-    assert f"runs:/{best_run}/model" in result.stdout
-    assert study.best_trial.user_attrs["worker.pid"]  # ran in a worker, not in the parent
+    assert f"runs:/{best_run}/model" in stdout
+    # The best trial ran in a worker, not in the parent (`searchlab` is the parent's own process: a console script).
+    assert study.best_trial.user_attrs["worker.pid"] not in (parent.pid, os.getpid())
     # The logged model is the trial's best epoch: it scores the trial's value on the val split. (Not compared with a
     # re-training here: the workers train with one thread, and float sums in another order drift over epochs.)
     loaded = load_model(f"sqlite:///{tmp_path}/mlflow.db", f"runs:/{best_run}/model")
@@ -266,6 +253,7 @@ def test_a_users_module_and_datamodule_export(tmp_path):
     assert out.shape[0] == 5 and torch.isfinite(out).all()
 
 
+@pytest.mark.ddp
 def test_ddp_ranks_test_with_the_best_weights_and_send_them_back(tmp_path):
     """trainer.devices=2 on CPU (gloo): the module stays in the ranks, its best weights come back and export."""
     overrides = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "model.width=32", "optimizer=sgd",

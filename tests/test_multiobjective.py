@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
-import optuna
 import pytest
+from helpers import load_study
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 
 from searchlab.cli import main
 from searchlab.config import ConfigError
@@ -21,11 +18,6 @@ from searchlab.objectives import Objectives
 
 TINY = ["trainer.max_epochs=2", "model.width=32"]
 SEVERAL = "study.metric=[val_acc,params]"
-
-
-def load_study(tmp_path: Path, name: str) -> optuna.Study:
-    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
-    return optuna.load_study(study_name=name, storage=storage)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -78,6 +70,7 @@ def test_values_are_read_at_the_first_metrics_best_epoch():
         Objectives.of(OmegaConf.create({"metric": "widgets", "direction": "auto"}))
 
 
+@pytest.mark.slow
 def test_multi_objective_study_end_to_end(tmp_path, store_overrides, capsys):
     args = ["search", "study.name=pareto", SEVERAL, "study.n_trials=3", *TINY, "tracking.top_k=2",
             *store_overrides]

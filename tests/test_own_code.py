@@ -7,94 +7,24 @@ themselves run the CLI's main() in this process, from the project folder (in_pro
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
+from helpers import REPO, load_study, metrics_line, searchlab, stores
 from mlflow.tracking import MlflowClient
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 
 from searchlab.config import MAXIMIZED_WORDS, MINIMIZED_WORDS, metric_direction
 
-REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 TINY = ["trainer.max_epochs=2", "study.n_trials=4", "report.min_complete=2"]
-
-
-def stores(root: Path, name: str) -> list[str]:
-    return [f"study.storage={root}/optuna.journal", f"tracking.uri=sqlite:///{root}/mlflow.db",
-            f"tracking.artifact_root={root}/artifacts", f"report.dir={root}/reports", f"study.name={name}"]
-
-
-def searchlab(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
-              ) -> subprocess.CompletedProcess:
-    """The `searchlab` command as a user runs it, from `cwd` (its own project folder)."""
-    return subprocess.run([sys.executable, "-m", "searchlab.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-@contextlib.contextmanager
-def _from_folder(cwd: Path) -> Iterator[None]:
-    """This process as a fresh `searchlab` process started in `cwd` would be, for the block: cwd the current folder,
-    no data cached, no Hydra state; afterwards the folder, sys.path, the modules imported from the folder (e.g. a
-    project's nets.py: the next project has its own), Hydra's state and the data cache are as before."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from searchlab import build
-
-    here, path, modules, cache = os.getcwd(), list(sys.path), set(sys.modules), build._splits_cache
-    os.chdir(cwd)
-    # The data cache is keyed by the config's text: data.path=x.npz, relative to the folder, would be an earlier
-    # test's x.npz.
-    build._splits_cache = {}
-    GlobalHydra.instance().clear()
-    try:
-        yield
-    finally:
-        os.chdir(here)
-        sys.path[:] = path
-        build._splits_cache = cache
-        for name in set(sys.modules) - modules:
-            if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(cwd)):
-                del sys.modules[name]
-        GlobalHydra.instance().clear()
-
-
-@pytest.fixture
-def in_process(capsys: pytest.CaptureFixture[str]):
-    """in_process(*args, cwd=folder): `searchlab ARGS` from that folder, run by the CLI's main() in this process (a
-    fresh process imports torch and Lightning again: seconds each on a shared 2-core machine); a CompletedProcess.
-    A search with workers=N still starts its N workers as processes of their own."""
-    from searchlab.cli import main
-
-    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        with _from_folder(cwd):
-            code = main(list(args))
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(["searchlab", *args], code, out, err)
-
-    return run
-
-
-def load(root: Path, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(f"{root}/optuna.journal")))
-
-
-def metrics_line(stdout: str) -> dict:
-    line = next(line for line in stdout.splitlines() if line.startswith("metrics: "))
-    return json.loads(line.removeprefix("metrics: "))
 
 
 @pytest.fixture(scope="module")
@@ -117,20 +47,34 @@ def regression_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # --- the examples, end to end from their own folders -------------------------------------------------------------
 
-def test_signals_example_user_network_with_two_workers(signals_project, tmp_path, in_process):
+@pytest.mark.slow
+def test_signals_example_user_network_with_two_workers(signals_project, tmp_path, in_process, monkeypatch):
     """The README's signals command, with workers=2: each worker (a process of its own; the parent runs in this one)
     imports signals.Net1D from the project folder."""
+    # A copy of the project whose signals.py notes the pid of every process that imports it.
+    project = tmp_path / "signals"
+    shutil.copytree(signals_project, project)
+    imports = tmp_path / "imports.txt"
+    with (project / "signals.py").open("a") as module:
+        module.write("\nimport os as _os\nwith open(_os.environ['SIGNALS_IMPORTED_BY'], 'a') as _f:\n"
+                     "    _f.write(f'{_os.getpid()}\\n')\n")
+    monkeypatch.setenv("SIGNALS_IMPORTED_BY", str(imports))  # the workers inherit this process's environment
     result = in_process("search", "--config-dir", "conf", "model=net1d", "search=net1d", "data=npz",
                         "data.path=signals.npz", "workers=2", "model.channels=8", *TINY, "tracking.log_models=none",
                         "tracking.metrics=[val_f1,val_auroc]",
-                        *stores(tmp_path, "signals"), cwd=signals_project)
+                        *stores(tmp_path, "signals"), cwd=project)
     assert result.returncode == 0, result.stderr
     assert "maximize val_acc" in result.stdout.splitlines()[0]
-    study = load(tmp_path, "signals")
+    study = load_study(tmp_path, "signals")
     states = [t.state for t in study.trials]
     assert len([s for s in states if s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]) == 4
     assert optuna.trial.TrialState.FAIL not in states, [t.user_attrs.get("reason") for t in study.trials]
-    assert {t.user_attrs["worker.pid"] for t in study.trials} and "KeyError" not in result.stderr
+    assert "KeyError" not in result.stderr
+    # Every trial ran in a worker, not in this (the parent) process, and each worker imported the user's module.
+    workers = {t.user_attrs["worker.pid"] for t in study.trials}
+    importers = {int(pid) for pid in imports.read_text().split()}
+    assert os.getpid() not in workers and workers <= importers, (workers, importers)
+    assert len(importers - {os.getpid()}) == 2, importers  # both workers, whether or not each got a trial
     # the network is the user's: its own keys reach it, the searched technique keys are there
     assert all("model.dropout" in t.params and "optimizer" in t.params for t in study.trials)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -148,6 +92,7 @@ def test_signals_network_beats_the_builtin_mlp(signals_project, in_process):
     assert metrics_line(net1d.stdout)["best_val_acc"] > metrics_line(mlp.stdout)["best_val_acc"] + 0.1
 
 
+@pytest.mark.slow
 def test_regression_example_user_module_and_datamodule_with_two_workers(regression_project, tmp_path, in_process):
     """workers=2: the workers are processes of their own, the parent runs in this one."""
     result = in_process("search", "--config-dir", "conf", "data=diabetes", "module=diabetes", "search=diabetes",
@@ -156,7 +101,7 @@ def test_regression_example_user_module_and_datamodule_with_two_workers(regressi
                         cwd=regression_project)
     assert result.returncode == 0, result.stderr
     assert "minimize val_rmse" in result.stdout.splitlines()[0]
-    study = load(tmp_path, "diabetes")
+    study = load_study(tmp_path, "diabetes")
     assert study.direction == optuna.study.StudyDirection.MINIMIZE
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert complete and all(20 < t.value < 200 for t in complete)  # RMSE in the target's units (std ~77)
@@ -181,6 +126,7 @@ def test_user_module_test_metrics_and_the_template_scheduler_call(regression_pro
     assert metrics["lr"] < 1e-3  # cosine moved it
 
 
+@pytest.mark.ddp
 def test_ddp_ranks_import_the_users_network(signals_project):
     """DDP ranks are spawned processes: they find signals.Net1D through the project folder on sys.path."""
     result = searchlab("train", "-cd", "conf", "model=net1d", "model.channels=4", "data=npz", "data.path=signals.npz",
@@ -266,7 +212,7 @@ def test_val_loss_with_auto_direction_minimizes_and_picks_the_lowest(tmp_path, i
     result = in_process("search", "study.metric=val_loss", "search=schedule", "optimizer=adam", *TINY,
                        *stores(tmp_path, "loss"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    study = load(tmp_path, "loss")
+    study = load_study(tmp_path, "loss")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert study.direction == optuna.study.StudyDirection.MINIMIZE
     assert study.best_trial.value == min(t.value for t in complete)
@@ -309,41 +255,6 @@ def make(input_shape, num_outputs):
 '''
 
 NOT_CALLABLE = "NET = 3\n"
-
-
-def _bad_contract(tmp_path: Path, code: int, out: str, err: str) -> str:
-    """Asserts the bad-input contract (exit 2, one `searchlab: error:` line, nothing written); returns that line."""
-    assert code == 2, out + err
-    assert out == "" and "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("searchlab: error: "), lines
-    assert not (tmp_path / "optuna.journal").exists() or not load_names(tmp_path)
-    assert not (tmp_path / "artifacts").exists()
-    return lines[0]
-
-
-@pytest.fixture
-def bad(tmp_path: Path, in_process):
-    """bad(files, *args): `searchlab search -cd conf ARGS` in a project folder with these files, in this process
-    (in_process); asserts the bad-input contract and returns the error line. command=True runs the real command in
-    its own process instead (once: test_target_that_does_not_import_is_named_with_a_near_name)."""
-
-    def run(files: dict[str, str], *args: str, command: bool = False) -> str:
-        project = tmp_path / "project"
-        (project / "conf").mkdir(parents=True, exist_ok=True)
-        for name, text in files.items():
-            (project / name).parent.mkdir(parents=True, exist_ok=True)
-            (project / name).write_text(text)
-        argv = ["search", "-cd", "conf", *args, *TINY, *stores(tmp_path, "bad")]
-        result = (searchlab if command else in_process)(*argv, cwd=project)
-        return _bad_contract(tmp_path, result.returncode, result.stdout, result.stderr)
-
-    return run
-
-
-def load_names(root: Path) -> list[str]:
-    storage = JournalStorage(JournalFileBackend(f"{root}/optuna.journal"))
-    return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
 
 
 def test_target_that_does_not_import_is_named_with_a_near_name(bad):
@@ -434,6 +345,7 @@ def test_help_and_composition_errors_do_not_import_torch(tmp_path):
 
 # --- the Python API from a plain script ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_python_api_from_a_plain_script(signals_project, tmp_path):
     script = tmp_path / "tune.py"
     script.write_text(textwrap.dedent(f"""
@@ -466,6 +378,7 @@ def test_python_api_from_a_plain_script(signals_project, tmp_path):
 README_IMPORT = "import pytorch_lightning as pl"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("package", ["pytorch_lightning", "lightning.pytorch"])
 def test_readme_contract_example_runs_as_written(tmp_path, in_process, package):
     """The example as the README writes it, and with its import switched to `lightning` as its comment says: each
@@ -493,6 +406,6 @@ def test_readme_contract_example_runs_as_written(tmp_path, in_process, package):
     result = in_process(*words[1:], "trainer.max_epochs=2", "study.n_trials=3", "report.min_complete=2",
                        *stores(tmp_path, "tiny"), cwd=project)
     assert result.returncode == 0, result.stderr
-    study = load(tmp_path, "tiny")
+    study = load_study(tmp_path, "tiny")
     assert len(study.trials) == 3 and all(t.state != optuna.trial.TrialState.FAIL for t in study.trials)
     assert all("module.label_smoothing" in t.params for t in study.trials)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from test_search import load_study, runs_of
-from test_workers import SEARCHLAB, assert_one_run_per_trial, wait_for_running
+from helpers import FINISHED, SEARCHLAB, assert_one_run_per_trial, load_study, runs_of, wait_for_running
 
 from searchlab.attrs import RETRY_OF
 from searchlab.cli import main
@@ -24,7 +23,6 @@ from searchlab.pack import varies_per_member
 from searchlab.study.pack_trials import shared_params
 from searchlab.training import fit
 
-FINISHED = ("COMPLETE", "PRUNED")
 # No dropout (a member's dropout masks come from the pack's random stream, so only dropout-free members reproduce
 # exactly), one optimizer family drawn per pack from two, per-member lr, weight decay and L1.
 SPACE = """\
@@ -61,6 +59,7 @@ def packed_study(tmp_path_factory: pytest.TempPathFactory, user_dir: Path):
     return tmp, load_study(tmp, "packed")
 
 
+@pytest.mark.slow
 def test_packed_members_are_trials_each_with_its_own_run(packed_study) -> None:
     tmp, study = packed_study
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 6  # the budget, exactly: a pack of 4, then of 2
@@ -75,6 +74,7 @@ def test_packed_members_are_trials_each_with_its_own_run(packed_study) -> None:
         assert run.data.tags["searchlab.command"].startswith("searchlab train")
 
 
+@pytest.mark.slow
 def test_members_of_a_pack_share_its_keys_and_differ_in_the_rest(packed_study) -> None:
     _, study = packed_study
     for pack in (study.trials[0:4], study.trials[4:6]):
@@ -86,6 +86,7 @@ def test_members_of_a_pack_share_its_keys_and_differ_in_the_rest(packed_study) -
                if k not in shared_params(study.trials[1].params))
 
 
+@pytest.mark.slow
 def test_a_members_command_retrains_it_alone(packed_study) -> None:
     """`searchlab train` of a member's overrides: the same val_loss per epoch as in the pack (no dropout), to 1e-4
     relative (float sums in another order)."""
@@ -98,6 +99,7 @@ def test_a_members_command_retrains_it_alone(packed_study) -> None:
     assert [m["val_loss"] for m in alone] == pytest.approx(packed, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_pruned_members_leave_the_pack_and_the_rest_finish(tmp_path, store_overrides, user_dir: Path) -> None:
     """Median pruning from the second epoch on, packs of 4: pruned members stop early (fewer epochs logged),
     complete ones train every epoch; each is told on its own."""
@@ -117,6 +119,7 @@ def test_pruned_members_leave_the_pack_and_the_rest_finish(tmp_path, store_overr
             assert epochs == 5 and math.isfinite(trial.value)
 
 
+@pytest.mark.slow
 def test_two_packing_workers_use_the_exact_budget(tmp_path, store_overrides, user_dir: Path) -> None:
     """Packs of 4 from two workers on a budget of 10: however the packs fall between the workers (a worker that
     starts later may find the budget gone: start-up is most of this test), exactly 10 trials finish, none twice."""
@@ -133,6 +136,7 @@ def test_two_packing_workers_use_the_exact_budget(tmp_path, store_overrides, use
     assert_one_run_per_trial(tmp_path, "two", study)
 
 
+@pytest.mark.slow
 def test_a_sigkilled_packing_worker_has_all_its_members_retried(tmp_path, store_overrides, user_dir: Path) -> None:
     slow = ["trainer.max_epochs=40", "data.batch_size=16", "study.pruner=none", "tracking.log_models=none"]
     proc = subprocess.Popen(

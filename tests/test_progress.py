@@ -13,7 +13,11 @@ import sys
 import termios
 import threading
 import time
+import types
 from pathlib import Path
+
+import pytest
+from helpers import wait_until
 
 from searchlab.progress import Progress
 from searchlab.study import Best
@@ -59,7 +63,8 @@ def test_live_mode_redraws_a_status_line_below_the_trials():
     assert len(ticker_threads()) == 1
     for outcome, best in zip(OUTCOMES, BESTS, strict=True):
         progress.trial_finished(outcome, best)
-    time.sleep(0.2)  # the ticker redraws the status line (elapsed time) between trials
+    # the ticker redraws the status line (elapsed time) between trials: one per trial, then at least two ticks
+    wait_until(lambda: stream.getvalue().count("\r\x1b[K") >= 4 + 2, "two ticks of the status line", 60)
     progress.close()
     assert not ticker_threads()
     text = stream.getvalue()
@@ -74,19 +79,24 @@ def test_live_mode_redraws_a_status_line_below_the_trials():
     assert stream.getvalue() == closed  # nothing drawn after close
 
 
-def test_remaining_time_follows_the_budget_or_the_timeout():
+def test_remaining_time_follows_the_budget_or_the_timeout(monkeypatch):
+    import searchlab.progress
+
+    clock = [1000.0]  # an injected clock: exact on any machine load
+    monkeypatch.setattr(searchlab.progress, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     progress = Progress("val_acc", 10, None, 2, io.StringIO())
     assert progress.remaining() is None  # no trial finished in this run yet
     progress.trial_finished(OUTCOMES[0], BESTS[0])
     progress.trial_finished(OUTCOMES[1], BESTS[1])
-    progress.start = time.monotonic() - 10  # two trials in 10 s, six left: ~30 s
-    assert abs(progress.remaining() - 30) < 1
-    progress.timeout = 25  # the timeout ends this run first: ~15 s
-    assert abs(progress.remaining() - 15) < 1
+    clock[0] += 10  # two trials in 10 s, six left: 30 s
+    assert progress.remaining() == pytest.approx(30)
+    progress.timeout = 25  # the timeout ends this run first: 15 s
+    assert progress.remaining() == pytest.approx(15)
     progress.timeout = 5
     assert progress.remaining() == 0
 
 
+@pytest.mark.slow
 def test_on_a_real_pty_the_status_line_fits_the_terminal(tmp_path: Path):
     """`searchlab search` in a pseudo-terminal of 70 columns: the live view, no status line wider than it."""
     master, slave = pty.openpty()

@@ -7,29 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import optuna
 import pytest
-from mlflow.tracking import MlflowClient
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
+from helpers import load_study, runs_of, wait_for_running
 
 from searchlab.cli import main
 
 TINY = ["trainer.max_epochs=2", "model.width=32"]
-
-
-def load_study(tmp_path: Path, name: str) -> optuna.Study:
-    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
-    return optuna.load_study(study_name=name, storage=storage)
-
-
-def runs_of(tmp_path: Path, name: str) -> tuple:
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    experiment = client.get_experiment_by_name(name)
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("searchlab.role") == "study"]
-    children = [r for r in runs if r.data.tags.get("searchlab.role") == "trial"]
-    return client, parents, children
 
 
 def test_study_is_tracked_as_a_parent_run_with_one_child_per_trial(tmp_path, store_overrides, capsys):
@@ -82,11 +65,19 @@ def test_pruning_stops_unpromising_trials(tmp_path, store_overrides, capsys):
         assert len(client.get_metric_history(run.info.run_id, "val_acc")) == 1
 
 
+@pytest.mark.slow
 def test_hyperband_prunes_in_a_real_search(tmp_path, store_overrides):
-    assert main(["search", "study.name=hb", "study.n_trials=14", "trainer.max_epochs=6", "model.width=32",
-                 *store_overrides]) == 0
-    states = [t.state.name for t in load_study(tmp_path, "hb").trials]
+    # study.pruner=hyperband (min_resource 2, max_resource trainer.max_epochs=6, reduction_factor 3): two brackets,
+    # with rungs at epochs 2 and 6, and at 6. The default successive halving (min_resource 1) prunes at epochs 1 and 3.
+    assert main(["search", "study.name=hb", "study.pruner=hyperband", "study.n_trials=14", "trainer.max_epochs=6",
+                 "model.width=32", *store_overrides]) == 0
+    trials = load_study(tmp_path, "hb").trials
+    states = [t.state.name for t in trials]
     assert "PRUNED" in states and "COMPLETE" in states
+    pruned_at = {t.last_step for t in trials if t.state.name == "PRUNED"}
+    assert pruned_at <= {2, 6}, pruned_at  # only at Hyperband's rungs: never at epoch 1, 3, 4 or 5
+    _, parents, _ = runs_of(tmp_path, "hb")
+    assert parents[0].data.params["study.pruner"] == "hyperband"
 
 
 def test_named_study_resumes_and_the_budget_is_the_total(tmp_path, store_overrides, capsys):
@@ -136,6 +127,7 @@ def test_every_sampler_runs_the_space(tmp_path, store_overrides, sampler, extra)
     assert len([t for t in study.trials if t.state.is_finished()]) >= 2
 
 
+@pytest.mark.slow
 def test_best_trial_re_runs_alone_to_the_same_metric(tmp_path, store_overrides):
     """The console script end to end: search, then `searchlab train` with the best trial's command."""
     searchlab = Path(sys.executable).parent / "searchlab"
@@ -153,9 +145,9 @@ def test_best_trial_re_runs_alone_to_the_same_metric(tmp_path, store_overrides):
     assert 0 < metrics["test_acc"] <= 1
 
 
+@pytest.mark.slow
 def test_ctrl_c_fails_the_running_trial_and_the_same_command_resumes(tmp_path, store_overrides, capsys):
     import signal
-    import time
 
     searchlab = Path(sys.executable).parent / "searchlab"
     base = [str(searchlab), "search", "study.name=interrupted", "study.n_trials=3", "study.pruner=none",
@@ -163,11 +155,9 @@ def test_ctrl_c_fails_the_running_trial_and_the_same_command_resumes(tmp_path, s
     proc = subprocess.Popen([*base, "trainer.max_epochs=200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        # Wait until the first trial's run exists, then press Ctrl-C in the middle of its 200 epochs.
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (tmp_path / "artifacts").exists():
-            time.sleep(0.2)
-        time.sleep(1.0)
+        # Wait until the first trial trains (it is RUNNING with its MLflow run), then press Ctrl-C in the middle of
+        # its 200 epochs.
+        wait_for_running(tmp_path, "interrupted", 1, proc)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:

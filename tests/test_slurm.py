@@ -19,9 +19,7 @@ from typing import Any
 
 import optuna
 import pytest
-from servers import free_port, stop, wait_until
-from test_search import load_study, runs_of
-from test_workers import SEARCHLAB, assert_one_run_per_trial
+from helpers import SEARCHLAB, assert_one_run_per_trial, free_port, load_study, runs_of, stop, wait_until
 
 from searchlab.checkpoints import CHECKPOINT_FILE, read_saved
 

@@ -294,7 +294,11 @@ def test_a_constraint_reaches_keys_inside_group_options_and_can_fix_a_group():
                               {"when": {"optimizer": "adam"}, "fix": {"scheduler": "constant"}}]}
     space = parse_space(spec, GROUPS, {}, "s.yaml")
     assert [p.name for p in space.params] == ["data.batch_size", "optimizer", "scheduler"]
-    for values, params, _ in tpe_samples(space, 60):
+    samples = tpe_samples(space, 60)
+    # both rules had cases to act on (else the loop below would check nothing)
+    assert {v["data.batch_size"] for v, _, _ in samples} == {"full", 64} and any(
+        v["optimizer"] == "adam" for v, _, _ in samples)
+    for values, params, _ in samples:
         if values["data.batch_size"] == "full":
             assert values["optimizer"] == "sgd" and "optimizer" not in params
         if values["optimizer"] == "adam":

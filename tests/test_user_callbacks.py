@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import pytest
 import pytorch_lightning as pl
+from helpers import LIT, load_study, stores
 from mlflow.tracking import MlflowClient
-from test_lightning_package import LIT, lit_project  # noqa: F401 (lit_project: a fixture)
-from test_own_code import load, stores
 
 from searchlab import commands
 from searchlab.cli import main
-
-pytest_plugins = ("test_own_code",)  # in_process: the CLI in this process
 
 
 class CountEpochs(pl.Callback):
@@ -46,7 +43,7 @@ def test_a_search_with_a_list_of_lightning_callbacks_logs_them_per_epoch(lit_pro
                         "optimizer=adam", callbacks, "tracking.log_models=none", "report.min_complete=1",
                         *stores(tmp_path, "callbacks"), cwd=lit_project)
     assert result.returncode == 0, result.stderr
-    (trial,) = load(tmp_path, "callbacks").trials
+    (trial,) = load_study(tmp_path, "callbacks").trials
     history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(trial.user_attrs["mlflow_run_id"],
                                                                                   "lr-Adam")
     assert [m.step for m in history] == [1, 2]

@@ -11,59 +11,30 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import optuna
 import pytest
-from test_search import TINY, load_study, runs_of
+from helpers import (
+    FINISHED,
+    SEARCHLAB,
+    assert_one_kept_one_given_back,
+    assert_one_run_per_trial,
+    load_study,
+    race_for_the_last_trial,
+    runs_of,
+    wait_for_running,
+)
 
 from searchlab.cli import main
 
-SEARCHLAB = str(Path(sys.executable).parent / "searchlab")
-FINISHED = ("COMPLETE", "PRUNED")
+TINY = ["trainer.max_epochs=2", "model.width=32"]
 # No model logged at a study's end (a cold torch.export in a fresh process); no test here reads one.
 NO_MODEL = ["tracking.log_models=none"]
 
 
-def running_trials_with_runs(tmp_path: Path, name: str) -> list[optuna.trial.FrozenTrial]:
-    """RUNNING trials already training: their worker recorded itself and their MLflow run exists."""
-    if not (tmp_path / "optuna.journal").exists():
-        return []
-    try:
-        study = load_study(tmp_path, name)
-    except KeyError:  # the study is not created yet
-        return []
-    return [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-            if "worker.pid" in t.user_attrs and "mlflow_run_id" in t.user_attrs]
-
-
-def wait_for_running(tmp_path: Path, name: str, count: int, proc: subprocess.Popen,
-                     timeout: float = 180) -> list[optuna.trial.FrozenTrial]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        running = running_trials_with_runs(tmp_path, name)
-        if len(running) >= count:
-            return running
-        time.sleep(0.05)
-    raise AssertionError(f"no {count} running trials within {timeout}s")
-
-
-def assert_one_run_per_trial(tmp_path: Path, name: str, study: optuna.Study) -> dict:
-    """Every finished trial has exactly one child run, in its state; returns the runs by trial number."""
-    _, parents, children = runs_of(tmp_path, name)
-    assert len(parents) == 1
-    numbers = collections.Counter(int(r.data.tags["optuna.trial.number"]) for r in children)
-    finished = [t for t in study.trials if t.state.is_finished()]
-    assert numbers == collections.Counter(t.number for t in finished)
-    by_number = {int(r.data.tags["optuna.trial.number"]): r for r in children}
-    for trial in finished:
-        assert by_number[trial.number].data.tags["optuna.trial.state"] == trial.state.name
-    return by_number
-
-
+@pytest.mark.slow
 def test_three_workers_share_one_budget_without_lock_errors(tmp_path, store_overrides):
     result = subprocess.run(
         [SEARCHLAB, "search", "workers=3", "study.name=three", "study.n_trials=9", *TINY, *NO_MODEL, *store_overrides],
@@ -82,6 +53,7 @@ def test_three_workers_share_one_budget_without_lock_errors(tmp_path, store_over
     assert len(pids) >= 2 and all(t.user_attrs["worker.host"] == socket.gethostname() for t in study.trials)
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_trial_loses_no_budget(tmp_path, store_overrides):
     slow = ["data.batch_size=16", "model.batch_norm=false", "study.pruner=none", "trainer.max_epochs=10",
             "model.width=32", *NO_MODEL]
@@ -108,6 +80,7 @@ def test_a_worker_killed_mid_trial_loses_no_budget(tmp_path, store_overrides):
     assert f"trial {victim.number:4d}  FAIL" in out
 
 
+@pytest.mark.slow
 def test_ctrl_c_reaches_every_worker_through_the_parent(tmp_path, store_overrides):
     slow = ["data.batch_size=16", "model.batch_norm=false", "study.pruner=none", "trainer.max_epochs=500",
             "model.width=32"]
@@ -199,7 +172,15 @@ def test_concurrent_reservations_never_overshoot_the_budget(tmp_path, storage):
     assert states["COMPLETE"] == 20 and states["FAIL"] > 0 and set(states) == {"COMPLETE", "FAIL"}
 
 
-def test_without_a_lock_a_surplus_trial_is_given_back_unrun(tmp_path):
+@pytest.mark.parametrize("storage", ["optuna.journal", "sqlite:///{tmp}/optuna.db"])
+def test_without_a_lock_a_surplus_trial_is_given_back_unrun(tmp_path, storage):
+    """Forced: both workers count the last trial free, then both ask; the later-numbered trial is given back.
+    (PostgreSQL and the gRPC proxy: test_cluster.)"""
+    url = storage.format(tmp=tmp_path) if "://" in storage else str(tmp_path / storage)
+    assert_one_kept_one_given_back(*race_for_the_last_trial(url, "surplus"))
+
+
+def test_without_a_lock_racing_workers_still_finish_the_exact_budget(tmp_path):
     # As through the gRPC proxy: no lock, so racing workers ask past the budget (16 threads without the give-back
     # finished 21-22 of 20 in 2 of 3 races); the budget still holds.
     for race in range(3):
