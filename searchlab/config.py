@@ -458,11 +458,11 @@ def _check_stop_when(value: Any, several_metrics: bool) -> None:
         near = difflib.get_close_matches(unknown[0], _STOP_WHEN_KEYS, n=1)
         hint = f"did you mean {near[0]}? " if near else ""
         raise ConfigError(f"study.stop_when: unknown key '{unknown[0]}' ({hint}keys: {', '.join(_STOP_WHEN_KEYS)})")
-    if "patience" not in value and "regret_bound" not in value:
-        raise ConfigError(f"study.stop_when: give patience or regret_bound (or both), {example}")
     for key, needs in (("min_delta", "patience"), ("min_trials", "regret_bound")):
         if key in value and needs not in value:
             raise ConfigError(f"study.stop_when.{key}: goes with study.stop_when.{needs}; add {needs} or drop {key}")
+    if "patience" not in value and "regret_bound" not in value:
+        raise ConfigError(f"study.stop_when: give patience or regret_bound (or both), {example}")
     for key in ("patience", "min_trials"):
         if key in value and not _is_positive_int(value[key]):
             raise ConfigError(f"study.stop_when.{key}: expected a positive integer (trials), got {value[key]!r}")
