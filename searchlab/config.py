@@ -440,6 +440,9 @@ def _check_warm_start(study: DictConfig) -> None:
         shown = OmegaConf.to_container(names) if isinstance(names, (ListConfig, DictConfig)) else names
         raise ConfigError(f"study.warm_start: expected a list of earlier studies' names (NAME, or NAME@STORAGE), "
                           f"e.g. study.warm_start=[digits_v1]; got {shown!r}")
+    if names and study.get("sampler") == "grid":
+        raise ConfigError("study.warm_start: a grid search (study.sampler=grid) runs its grid's points; drop "
+                          "study.warm_start or choose another sampler")
     top_k = study.get("warm_start_top_k", 5)
     if not _is_positive_int(top_k):
         raise ConfigError(f"study.warm_start_top_k: expected a positive integer (configurations per study), "

@@ -33,6 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from searchlab.attrs import CONSTRAINED, OVERRIDES, WARM_START_OF
 from searchlab.config import Composer, ConfigError, redact
+from searchlab.objectives import Objectives
 from searchlab.space import Param, SearchSpace, same
 from searchlab.study.storage import open_storage
 
@@ -139,7 +140,10 @@ def _load(name: str, url: str) -> optuna.Study:
     if ("://" not in url or url.startswith("sqlite:///")) and not Path(local).is_file():
         raise ConfigError(f"study.warm_start: no study storage at {redact(url)} for study '{name}'; write it as "
                           "NAME (this study's storage) or NAME@STORAGE")
-    storage = open_storage(url)
+    try:
+        storage = open_storage(url)
+    except ConfigError as err:  # its message names study.storage: here it is a study.warm_start entry's
+        raise ConfigError(f"study.warm_start: {name}@{redact(url)}: {str(err).split(': ', 1)[-1]}") from None
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
@@ -160,9 +164,8 @@ def _top(study: optuna.Study, label: str, top_k: int) -> Source:
                 if t.values and math.isfinite(t.values[0])]
     maximize = study.directions[0] == StudyDirection.MAXIMIZE
     ranked = sorted(complete, key=lambda t: t.values[0], reverse=maximize)
-    metric = study.user_attrs.get("metric", "value")
-    metric = metric[0] if isinstance(metric, list) and metric else metric
-    return Source(label, str(metric), tuple(ranked[:top_k]))
+    metric = Objectives.of_study(study, ["value"]).primary
+    return Source(label, metric, tuple(ranked[:top_k]))
 
 
 def trial_values(trial: FrozenTrial) -> dict[str, Any]:
