@@ -118,3 +118,5 @@ def test_bad_warm_start_settings_are_one_line(tmp_path: Path, store_overrides, c
     assert line.startswith("searchlab: error: study.warm_start_top_k: expected a positive integer")
     line = refused(tmp_path, capsys, ["study.warm_start=old", *store_overrides])
     assert "study.warm_start: expected a list" in line
+    line = refused(tmp_path, capsys, ["study.warm_start=[old]", "study.sampler=grid", *store_overrides])
+    assert "study.warm_start: a grid search" in line
