@@ -99,6 +99,23 @@ def test_stop_when_study_ends_finished_with_the_reason(tmp_path: Path, store_ove
     assert "stopped early" in next(line for line in out.splitlines() if "this run" in line)
 
 
+def test_workers_stop_together_and_the_parent_ends_the_study_finished(tmp_path: Path, store_overrides, capsys):
+    # Each `searchlab worker` judges the study's trials, not only its own: all stop once the study has converged
+    assert main(["search", "workers=2", "study.name=early2", "study.n_trials=12",
+                 "study.stop_when={patience:2,min_delta:1.0}", "study.pruner=none", "trainer.max_epochs=1",
+                 "model.width=16", "tracking.log_models=none", *store_overrides]) == 0
+    out = capsys.readouterr().out
+    study = optuna.load_study(study_name="early2",
+                              storage=JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal"))))
+    # the 3rd finished trial stops the worker that saw it; the other stops after the trial it was training
+    assert 3 <= len([t for t in study.trials if t.state.is_finished()]) <= 4
+    assert "stopped early: the best value" in next(line for line in out.splitlines() if "this run" in line)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("early2")
+    (parent,) = client.search_runs([experiment.experiment_id], filter_string="tags.`searchlab.role` = 'study'")
+    assert parent.info.status == "FINISHED" and "patience=2" in parent.data.tags["searchlab.stopped"]
+
+
 @pytest.mark.parametrize(("value", "message"), [
     ("{patience:0}", "study.stop_when.patience: expected a positive integer"),
     ("{min_delta:0.1}", "study.stop_when.min_delta: goes with study.stop_when.patience"),
