@@ -21,12 +21,14 @@ RESUMED_FROM_EPOCH = "resumed_from_epoch"  # this attempt started from its check
 EPOCHS_TRAINED = "epochs_trained"  # epochs this attempt trained (after the one it resumed from)
 PRUNED_BY_CALLBACK = "searchlab.pruned"  # the Hydra sweeper's job was stopped by the pruner: why, in words
 EPOCHS_REPORTED = "searchlab.epochs"  # epochs searchlab.hydra.TrialCallback saw in the sweeper's job
+WARM_START_OF = "warm_start_of"  # enqueued by study.warm_start: the earlier study and trial it repeats (name#number)
 # Of one attempt at a trial, not of its configuration: a retried trial starts without them.
 ATTEMPT_ATTRS = (WORKER_PID, WORKER_HOST, MLFLOW_RUN_ID, REASON, RESUMED_FROM_EPOCH, EPOCHS_TRAINED)
 
 # On a study
 MLFLOW_PARENT_RUN_ID = "mlflow_parent_run_id"  # the study's MLflow parent run
 METRIC = "metric"  # study.metric the study optimizes (a resumed study must keep it)
+STOPPED = "stopped"  # why study.stop_when stopped the study's last run before its budget (None: it did not)
 APP_COMMAND = "app_command"  # a Hydra sweeper's study: the command (the app, its fixed overrides) re-running a trial
 
 
@@ -45,6 +47,7 @@ ROLE_STUDY, ROLE_TRIAL, ROLE_TRAIN = "study", "trial", "train"  # a study's pare
 ROLE_ABLATION, ROLE_ABLATION_RUN = "ablation", "ablation-run"  # an ablation's run, and one training of it
 STUDY_NAME_TAG = "optuna.study_name"
 TRIAL_NUMBER_TAG, TRIAL_STATE_TAG, TRIAL_REASON_TAG = "optuna.trial.number", "optuna.trial.state", "optuna.trial.reason"
+STOPPED_TAG = "searchlab.stopped"  # on a study's parent run: why study.stop_when ended it before its budget
 COMMAND_TAG = "searchlab.command"  # the shell command that trains the run's configuration alone
 OUTPUT_DIR_TAG = "searchlab.output_dir"  # a Hydra sweeper's trial: its job's output folder (the job's own logs)
 RESUMED_FROM_TAG, CONTINUES_TAG = "searchlab.resumed_from_epoch", "searchlab.continues_run"  # a resumed trial

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import optuna
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from searchlab.attrs import APP_COMMAND, OVERRIDES
 from searchlab.build import load_data, module_task
@@ -71,6 +71,8 @@ from searchlab.study import (
 )
 from searchlab.study.pack_trials import PackWork, check_pack
 from searchlab.study.search_work import SearchWork, train_command, training_overrides
+from searchlab.study.stopping import stop_rules
+from searchlab.study.warm_start import plan as plan_warm_start
 from searchlab.tracking import Tracker
 from searchlab.training import check_targets, fit, preflight
 
@@ -122,6 +124,8 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
     space = load_space(composer, fixed)
     check_sampler(cfg, space)
     check_pack(cfg, splits, space, composer)
+    warm = plan_warm_start(list(cfg.study.get("warm_start") or []), cfg.study.get("warm_start_top_k", 5),
+                           cfg.study.storage, cfg.study.name, space, composer, cfg.study.n_trials)
     sampler, pruner = make_sampler(cfg, space, _worker_index() if as_worker else 0), make_pruner(cfg)
     settings = {
         "study.name": cfg.study.name, "study.n_trials": cfg.study.n_trials, "study.timeout": cfg.study.timeout,
@@ -129,6 +133,8 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
         "study.sampler": cfg.study.sampler, "study.pack": cfg.study.pack,
         "study.pruner": cfg.study.pruner, "study.seed": cfg.study.seed, "study.storage": redact(cfg.study.storage),
         "search": space.source, "overrides": redact(" ".join(overrides)),
+        "study.warm_start": redact(str(_container(cfg.study.get("warm_start")))),
+        "study.stop_when": _container(cfg.study.get("stop_when")),
     }
     session = Session(SessionSettings.of(cfg), lambda storage: open_study(cfg, objectives, storage, sampler, pruner),
                       objectives.stored, settings)
@@ -144,6 +150,11 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
           + (f"; {len(slots)} workers" if len(slots) > 1 else ""), flush=True)
     for line in space.describe_constraints():
         print(line, flush=True)
+    if warm is not None:
+        taken = session.once_at_start(warm.enqueue)
+        for line in taken if taken is not None else [f"warm start: study '{cfg.study.name}' has trials already; "
+                                                      "nothing enqueued"]:
+            print(line, flush=True)
 
     progress = Progress(metric, cfg.study.n_trials, cfg.study.timeout, done_before, sys.stdout,
                         others=objectives.names[1:])
@@ -162,11 +173,12 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
     try:
         # study.max_diverged_at_start: the first trials all diverged at epoch 1 (the data, not the sampler's luck)
         rules = [rule] if (rule := diverged_rule(cfg)) is not None else []
+        rules += stop_rules(study, _container(cfg.study.get("stop_when")), cfg.study.seed)  # study.stop_when
         status = session.run(work, on_trial, slots, cli_command("worker", *overrides), stop_rules=rules)
     finally:
         progress.close()
         best = best_trial(study)
-        if not as_worker or session.budget.done():
+        if not as_worker or session.budget.done() or session.stopped:
             session.end(status, None if best is None else vars(best), state_counts(study))
     if status == "KILLED":
         stopped = "terminated (SIGTERM)" if terminated() else "interrupted"
@@ -174,7 +186,8 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
               "resumes from it)", file=sys.stderr)
     counts = state_counts(study)
     print(f"\n{budget_used(study)}/{cfg.study.n_trials} trials in {time.monotonic() - start:.1f}s this run: "
-          + ", ".join(f"{n} {state.lower()}" for state, n in counts.items()))
+          + ", ".join(f"{n} {state.lower()}" for state, n in counts.items())
+          + (f"; stopped early: {session.stopped}" if session.stopped else ""))
     if best is None:
         print("no trial completed yet")
     elif objectives.several:
@@ -193,6 +206,11 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
             print(f"searchlab: report not written ({type(err).__name__}: {redact(str(err))[:200]}); "
                   f"make it with: searchlab report study.name={cfg.study.name}", file=sys.stderr)
     return SearchResult(study, status, None if best is None else study.trials[best.number])
+
+
+def _container(node: object) -> object:
+    """A config node as plain Python (a mapping or list), other values as they are."""
+    return OmegaConf.to_container(node) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
 def _worker_index() -> int:

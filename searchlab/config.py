@@ -403,6 +403,8 @@ def validate_study(cfg: DictConfig) -> None:
     diverged = cfg.study.get("max_diverged_at_start")
     if diverged is not None and not (isinstance(diverged, int) and not isinstance(diverged, bool) and diverged >= 0):
         raise ConfigError(f"study.max_diverged_at_start: expected a non-negative integer or null, got {diverged!r}")
+    _check_warm_start(cfg.study)
+    _check_stop_when(cfg.study.get("stop_when"), isinstance(cfg.study.metric, ListConfig) and len(cfg.study.metric) > 1)
     for key, table in (("study.sampler", "study.samplers"), ("study.pruner", "study.pruners")):
         names = list(OmegaConf.select(cfg, table))
         if OmegaConf.select(cfg, key) not in names:
@@ -412,6 +414,58 @@ def validate_study(cfg: DictConfig) -> None:
     _check_seed(cfg, "study.seed")
     _check_model_logging(cfg)
     check_callbacks(cfg)
+
+
+_STOP_WHEN_KEYS = ("patience", "min_delta", "regret_bound", "min_trials")
+
+
+def _check_warm_start(study: DictConfig) -> None:
+    """study.warm_start: a list of study names (NAME, or NAME@STORAGE); study.warm_start_top_k: a positive int.
+    Whether the studies exist is checked where they are read (searchlab.study.warm_start), still before any write."""
+    names = study.get("warm_start")
+    if names is not None and not (isinstance(names, ListConfig) and all(
+            isinstance(n, str) and n.partition("@")[0] and not n.endswith("@") for n in names)):
+        shown = OmegaConf.to_container(names) if isinstance(names, (ListConfig, DictConfig)) else names
+        raise ConfigError(f"study.warm_start: expected a list of earlier studies' names (NAME, or NAME@STORAGE), "
+                          f"e.g. study.warm_start=[digits_v1]; got {shown!r}")
+    if names and study.get("sampler") == "grid":
+        raise ConfigError("study.warm_start: a grid search (study.sampler=grid) runs its grid's points; drop "
+                          "study.warm_start or choose another sampler")
+    top_k = study.get("warm_start_top_k", 5)
+    if not _is_positive_int(top_k):
+        raise ConfigError(f"study.warm_start_top_k: expected a positive integer (configurations per study), "
+                          f"got {top_k!r}")
+
+
+def _check_stop_when(value: Any, several_metrics: bool) -> None:
+    """study.stop_when: null, or a mapping of patience (+ min_delta) and/or regret_bound (+ min_trials)."""
+    if value is None:
+        return
+    example = "e.g. study.stop_when={patience:20,min_delta:0.001} or {regret_bound:0.002}"
+    if not isinstance(value, DictConfig) or not value:
+        raise ConfigError(f"study.stop_when: expected null or a mapping, {example}; got {value!r}")
+    unknown = [str(k) for k in value if k not in _STOP_WHEN_KEYS]
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], _STOP_WHEN_KEYS, n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise ConfigError(f"study.stop_when: unknown key '{unknown[0]}' ({hint}keys: {', '.join(_STOP_WHEN_KEYS)})")
+    for key, needs in (("min_delta", "patience"), ("min_trials", "regret_bound")):
+        if key in value and needs not in value:
+            raise ConfigError(f"study.stop_when.{key}: goes with study.stop_when.{needs}; add {needs} or drop {key}")
+    if "patience" not in value and "regret_bound" not in value:
+        raise ConfigError(f"study.stop_when: give patience or regret_bound (or both), {example}")
+    for key in ("patience", "min_trials"):
+        if key in value and not _is_positive_int(value[key]):
+            raise ConfigError(f"study.stop_when.{key}: expected a positive integer (trials), got {value[key]!r}")
+    if "min_delta" in value and not (_is_number(value.min_delta) and value.min_delta >= 0):
+        raise ConfigError(f"study.stop_when.min_delta: expected a non-negative number (in the metric's units), "
+                          f"got {value.min_delta!r}")
+    if "regret_bound" in value and not (_is_number(value.regret_bound) and value.regret_bound > 0):
+        raise ConfigError(f"study.stop_when.regret_bound: expected a positive number (in the metric's units), "
+                          f"got {value.regret_bound!r}")
+    if several_metrics:
+        raise ConfigError("study.stop_when: a study of several metrics has a Pareto front, not one best value to "
+                          "watch; set study.stop_when=null (or optimize one metric)")
 
 
 def _check_seed(cfg: DictConfig, key: str) -> None:

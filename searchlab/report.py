@@ -29,7 +29,7 @@ from optuna.importance import BaseImportanceEvaluator, PedAnovaImportanceEvaluat
 from optuna.search_space import intersection_search_space
 from optuna.trial import FrozenTrial, TrialState
 
-from searchlab.attrs import MLFLOW_PARENT_RUN_ID, OVERRIDES
+from searchlab.attrs import MLFLOW_PARENT_RUN_ID, OVERRIDES, STOPPED
 from searchlab.config import ConfigError, redact
 from searchlab.objectives import Objectives, format_value, metric_names
 from searchlab.study import Best, best_trial, state_counts
@@ -140,6 +140,7 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None,
     summary = {
         "study": study.study_name, "direction": objectives.direction, "metric": metric,
         "counts": {**state_counts(study), "total": len(trials)},
+        "stopped": study.user_attrs.get(STOPPED),  # why study.stop_when ended it before its budget, else None
         "best": None if best is None else {"number": best.number, "value": best.value, "params": best.params,
                                            "command": train_command(best.overrides)},
         "top_trials": [_trial_row(t) for t in top],
@@ -325,7 +326,8 @@ def render_text(summary: Mapping[str, Any], limit: int = 5) -> str:
     """The summary as a few terminal lines."""
     counts = summary["counts"]
     lines = [f"study '{summary['study']}': {counts['total']} trials: "
-             + ", ".join(f"{counts[s]} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL"))]
+             + ", ".join(f"{counts[s]} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL"))
+             + (f"; stopped early: {summary['stopped']}" if summary.get("stopped") else "")]
     for section in summary.get("lead", ()):
         lines += section["text"]
     best = summary["best"]
@@ -381,6 +383,8 @@ def _html(summary: Mapping[str, Any], figures: list[tuple[str, Any]], lead: Sequ
         f"{summary['direction']} {metric}"
     parts = [f"<h1>Study {html.escape(summary['study'])}</h1>",
              f"<p>{html.escape(aim)}; generated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>"]
+    if summary.get("stopped"):
+        parts.append(f"<p class=note>Stopped early (study.stop_when): {html.escape(summary['stopped'])}.</p>")
     plotly_js = True  # embedded with the first figure on the page, wherever it is
 
     def figure_html(figure: Any) -> str:

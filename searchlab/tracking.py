@@ -43,6 +43,7 @@ from searchlab.attrs import (
     ROLE_TAG,
     ROLE_TRAIN,
     ROLE_TRIAL,
+    STOPPED_TAG,
     STUDY_NAME_TAG,
     TRIAL_NUMBER_TAG,
     TRIAL_REASON_TAG,
@@ -277,12 +278,16 @@ class Tracker:
         self.client.set_terminated(run_id, status=_FINAL_STATUS[state])
 
     def end_study(self, run_id: str, best: Mapping[str, Any] | None, counts: Mapping[str, int],
-                  status: str = "FINISHED", metrics: Mapping[str, float] | None = None) -> None:
-        """Best value, trial and params (as tags: they change when the study resumes), trial counts, `metrics`."""
+                  status: str = "FINISHED", metrics: Mapping[str, float] | None = None,
+                  stopped: str | None = None) -> None:
+        """Best value, trial and params (as tags: they change when the study resumes), trial counts, `metrics`;
+        `stopped`: why study.stop_when ended the study before its budget (a tag, set or cleared on each end)."""
         now = int(time.time() * 1000)
         logged = [Metric(f"trials_{state.lower()}", n, now, 0) for state, n in counts.items()]
         logged += [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
-        tags: list[RunTag] = []
+        tags: list[RunTag] = [RunTag(STOPPED_TAG, stopped)] if stopped else []
+        if not stopped and STOPPED_TAG in self.client.get_run(run_id).data.tags:  # an earlier run's stop
+            self.client.delete_tag(run_id, STOPPED_TAG)
         if best:
             logged.append(Metric("best_value", best["value"], now, 0))
             tags.append(RunTag("best.trial_number", str(best["number"])))

@@ -38,6 +38,10 @@ class StudyStopped(Exception):
     """Too many trials failed in a row: the config, not the sampler's luck, is at fault."""
 
 
+class StudyDone(Exception):
+    """A stop rule marked `done` (study.stop_when) says the study has converged: it ends FINISHED, not FAILED."""
+
+
 def make_sampler(cfg: DictConfig, space: SearchSpace, worker: int = 0) -> optuna.samplers.BaseSampler:
     """The sampler named by study.sampler, from the study.samplers table, seeded by study.seed + worker: workers of
     one study that shared a seed would all draw the same start-up trials."""
@@ -156,6 +160,9 @@ class FailureStreak:
 
 
 class StopRule(Protocol):
+    """Sees each outcome; `reason()` says why to stop (None: go on). A rule whose class sets `done = True` stops a
+    study that has converged (StudyDone), any other one a study gone wrong (StudyStopped)."""
+
     def __call__(self, outcome: TrialOutcome) -> None: ...
 
     def reason(self) -> str | None: ...
@@ -166,7 +173,7 @@ def run_trials(budget: Budget, work: TrialWork, on_trial: Callable[[TrialOutcome
                stop_rules: Sequence[StopRule] = ()) -> None:
     """Runs trials until the study's budget (finished trials over all runs and workers) or this run's timeout is
     reached; asks for the next trial (or pack) the moment the last one ends. Raises StudyStopped when a stop rule
-    says so."""
+    says so, StudyDone when a rule marked `done` does (checked before the first trial too)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     rules: list[StopRule] = [FailureStreak(max_consecutive_failures), *stop_rules]
 
@@ -178,14 +185,18 @@ def run_trials(budget: Budget, work: TrialWork, on_trial: Callable[[TrialOutcome
         with one_sync(budget.study._storage):
             return run_next(work, reserve)
 
+    def check() -> None:
+        for rule in rules:
+            if (reason := rule.reason()) is not None:
+                raise (StudyDone if getattr(rule, "done", False) else StudyStopped)(reason)
+
+    check()  # a resumed study may be done already (study.stop_when reads the study's trials)
     while outcomes := next_outcomes():
         for outcome in outcomes:
             on_trial(outcome)
             for rule in rules:
                 rule(outcome)
-        for rule in rules:
-            if (reason := rule.reason()) is not None:
-                raise StudyStopped(reason)
+        check()
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:

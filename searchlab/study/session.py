@@ -15,24 +15,25 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 from omegaconf import DictConfig
 from optuna.storages import BaseStorage
 
-from searchlab.attrs import METRIC, MLFLOW_PARENT_RUN_ID
+from searchlab.attrs import METRIC, MLFLOW_PARENT_RUN_ID, STOPPED
 from searchlab.config import redact
 from searchlab.devices import WorkerSlot, cpu_count, detect_gpus, plan_workers
 from searchlab.locks import NoLock, budget_lock
 from searchlab.study.budget import Budget
 from searchlab.study.faults import heartbeat_settings
-from searchlab.study.loop import StopRule, StudyStopped, run_trials
+from searchlab.study.loop import StopRule, StudyDone, StudyStopped, run_trials
 from searchlab.study.storage import open_storage
 from searchlab.study.trial import TrialOutcome, TrialWork
 from searchlab.study.workers import DeadWorkers, WorkerPool
 from searchlab.tracking import Tracker
 
+T = TypeVar("T")
 _HEARTBEAT_KEYS = ("heartbeat_interval", "grace_period", "max_retry")
 
 
@@ -83,6 +84,15 @@ class Session:
         self.dead = DeadWorkers(self.study, self.tracker, self.parent_run_id,
                                 trust_missing_pid=not isinstance(self.lock, NoLock))
         self.budget = Budget(self.study, settings.n_trials or 0, self.lock, self.dead)
+        self.stopped: str | None = None  # why a stop rule marked `done` (study.stop_when) ended this run early
+
+    def once_at_start(self, seed: Callable[[optuna.Study], T]) -> T | None:
+        """`seed(study)` under the budget lock while the study has no trial yet (study.warm_start's enqueue): once,
+        however many workers start together. None when the study had trials."""
+        with self.lock():
+            if self.study.get_trials(deepcopy=False):
+                return None
+            return seed(self.study)
 
     def limit(self, n_trials: int) -> None:
         """The study's budget, when it is known only once the study is open."""
@@ -93,21 +103,32 @@ class Session:
             stop_rules: Sequence[StopRule] = ()) -> str:
         """Runs trials until the budget is used: here (`work()`, made only then), or in one process per slot when
         there are several (each worker then applies its own `stop_rules`, given by its own command). Returns
-        FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (StudyStopped, printed)."""
+        FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (StudyStopped, printed). A study a `done` rule stopped ends
+        FINISHED with the reason in `self.stopped` and in the study's user attr `stopped` (workers' too)."""
+        if self.study.user_attrs.get(STOPPED):  # an earlier run's: this run decides anew
+            self.study.set_user_attr(STOPPED, None)
         try:
             if len(slots) > 1:
                 pool = WorkerPool(slots, worker_command, self.budget, self.settings.max_consecutive_failures)
-                return pool.run(on_trial)
+                status = pool.run(on_trial)
+                if status == "FINISHED" and not self.budget.done():  # a worker's stop rule may have ended it
+                    self.stopped = self.study.user_attrs.get(STOPPED)
+                return status
             run_trials(self.budget, work(), on_trial, timeout=self.settings.timeout,
                        max_consecutive_failures=self.settings.max_consecutive_failures, stop_rules=stop_rules)
             return "FINISHED"
         except KeyboardInterrupt:
             return "KILLED"
+        except StudyDone as err:
+            self.stopped = str(err)
+            self.study.set_user_attr(STOPPED, self.stopped)
+            return "FINISHED"
         except StudyStopped as err:
             print(f"searchlab: {label} stopped: {redact(str(err))}", file=sys.stderr)
             return "FAILED"
 
     def end(self, status: str, best: Mapping[str, Any] | None = None, counts: Mapping[str, int] | None = None,
             metrics: Mapping[str, float] | None = None) -> None:
-        """Ends the parent run with the status, the best trial, the trial counts and any other metrics."""
-        self.tracker.end_study(self.parent_run_id, best, counts or {}, status, metrics)
+        """Ends the parent run with the status, the best trial, the trial counts, any other metrics and why a stop
+        rule ended it early."""
+        self.tracker.end_study(self.parent_run_id, best, counts or {}, status, metrics, self.stopped)
