@@ -30,8 +30,8 @@ EXAMPLE = REPO / "examples" / "lightning_hydra"
 TINY = ["+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1"]
 
 
-def run(*args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+def run(*args: str, cwd: Path, timeout: float = 900, warnings: str = "ignore") -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": warnings}
     return subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -191,6 +191,25 @@ def test_a_failing_job_fails_its_trial_and_the_study_stops_after_failures_in_a_r
     by_number = runs(app)
     assert [r.info.status for r in by_number.values()] == ["FAILED", "FAILED"]
     assert all(reason in r.data.tags["optuna.trial.reason"] for r in by_number.values())
+
+
+def test_the_same_project_runs_under_searchlab_search_with_only_yaml_of_its_own(app):
+    """The other way: `searchlab search --config-dir searchlab_conf` on the project's own `import lightning` module,
+    network and DataModule, named by four YAML files (no code of the project changed); one line per trial, the
+    module's own warning once."""
+    study = ["data=digits_lht", "model=dense_net", "module=digits_lit", "search=digits_lht", "study.metric=val/acc"]
+    result = run(sys.executable, "-m", "searchlab.cli", "search", "--config-dir", "searchlab_conf", *study,
+                 "study.name=digits_lht", "study.n_trials=3", "trainer.max_epochs=2", "report.min_complete=2",
+                 cwd=app, warnings="default")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = trial_lines(result.stdout)
+    assert len(lines) == 3 and not any(" FAIL " in line for line in lines), result.stdout
+    assert result.stderr.count("Attribute 'net' is an instance of") == 1  # once per study, not per trial
+    done = [t for t in trials(app) if t.state == TrialState.COMPLETE]
+    assert done and all(0.0 <= t.value <= 1.0 for t in done)
+    client, by_number = MlflowClient(f"sqlite:///{app}/mlruns/mlflow.db"), runs(app)
+    assert all(client.get_metric_history(by_number[t.number].info.run_id, "val/acc_best") for t in done)
+    assert "searchlab train --config-dir searchlab_conf data=digits_lht model=dense_net" in result.stdout
 
 
 # --- bad settings: one line, exit code 2, nothing written ----------------------------------------------------------
