@@ -266,6 +266,8 @@ def minimal_app(tmp_path: Path) -> Path:
      "space_bad_range.yaml: 'model.lr': low (0.1) is greater than high (0.001)"),
     (["hydra.sweeper.space=null", "hydra.sweeper.search=missing.yaml"], "hydra.sweeper.search: no such file"),
     (["model.width=8,16"], "'model.width=8,16': a sweep over values on the command line"),
+    (["hydra.sweeper.checkpoint_every_n_epochs=0"],
+     "hydra.sweeper.checkpoint_every_n_epochs: expected auto or a positive integer (epochs), got 0"),
 ])
 def test_each_bad_sweeper_setting_is_one_line_before_anything_is_written(minimal_app, args, message):
     result = run(sys.executable, "app.py", "-m", "hparams_search=searchlab", *args, cwd=minimal_app, timeout=300)
