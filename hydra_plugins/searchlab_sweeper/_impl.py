@@ -180,7 +180,7 @@ class Sweep:
         self._summary(study, out, time.monotonic() - start)
         if status != "KILLED":
             try:
-                result = write_report(study, self._report_cfg(), session.tracker)
+                result = write_report(study, cfg, session.tracker)
                 print(f"report: {result.folder / 'report.html'}", file=out, flush=True)
             except Exception as err:  # the study is done and stored: `searchlab report` makes it again
                 print(f"searchlab: report not written ({type(err).__name__}: {redact(str(err))[:200]})",
@@ -193,13 +193,6 @@ class Sweep:
         if status == "FAILED":
             sys.exit(1)
         return work.returns
-
-    def _report_cfg(self) -> Any:
-        """The report's settings, its values named as the app returned them (not by the metric the pruner reads)."""
-        cfg = self.cfg.copy()
-        if not self.objectives.several:
-            cfg.study.metric = self.value_name
-        return cfg
 
     def _worker_command(self) -> list[str]:
         """The app's own command line again, as a worker of this study writing into this sweep's folder (its
