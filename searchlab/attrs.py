@@ -30,6 +30,7 @@ MLFLOW_PARENT_RUN_ID = "mlflow_parent_run_id"  # the study's MLflow parent run
 METRIC = "metric"  # study.metric the study optimizes (a resumed study must keep it)
 STOPPED = "stopped"  # why study.stop_when stopped the study's last run before its budget (None: it did not)
 APP_COMMAND = "app_command"  # a Hydra sweeper's study: the command (the app, its fixed overrides) re-running a trial
+APP_VALUE = "app_value"  # a Hydra sweeper's study: the name of what the app returns (its optimized_metric)
 
 
 def checkpoint_of(trial: BaseTrial) -> int:

@@ -11,6 +11,12 @@ After each training epoch (and its validation) the callback logs every metric th
 MLflow run, reports `study.metric` to the trial and stops the training when the pruner says so; the sweeper then
 tells the trial PRUNED, whatever the job returns (the reason is in the trial's user attr `searchlab.pruned`).
 `searchlab best` on a sweeper's study prints the app's own command with the best trial's values.
+
+Checkpoints: given `checkpoint` (a path the sweeper chose per trial), the callback writes searchlab's trial checkpoint
+(searchlab.checkpoints: atomic writes at epoch ends, the last finished epoch on SIGTERM or Ctrl-C, the metric history
+and which trial it belongs to). A retry of the trial (its job killed or terminated) gets the app's own override
+`ckpt_path=<that path>`, which an app in lightning-hydra-template's layout passes to `trainer.fit`; the callback then
+tells the retry's trial and MLflow run which epoch it resumed from and hands them the epochs trained before.
 """
 
 from __future__ import annotations
@@ -18,11 +24,14 @@ from __future__ import annotations
 import math
 import shlex
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 
-from searchlab.attrs import APP_COMMAND, EPOCHS_REPORTED, OVERRIDES, PRUNED_BY_CALLBACK
+from searchlab.attrs import APP_COMMAND, APP_VALUE, EPOCHS_REPORTED, OVERRIDES, PRUNED_BY_CALLBACK, RESUMED_FROM_EPOCH
+from searchlab.checkpoints import CheckpointPlan, TrialCheckpoints
 
 TARGET = "searchlab.hydra.TrialCallback"
 ENTRY = "searchlab"  # the callback's entry in the app's callbacks group: callbacks.searchlab
@@ -67,12 +76,13 @@ def _tracker(uri: str) -> Any:
 
 
 class TrialCallback(*_callback_bases()):  # type: ignore[misc]
-    """Reports one job's epochs to its trial and MLflow run, and prunes it. Without a trial (the app run alone, not
-    by the sweeper) it does nothing, so an app may keep it in its callbacks."""
+    """Reports one job's epochs to its trial and MLflow run, prunes it, and (given `checkpoint`) checkpoints it.
+    Without a trial (the app run alone, not by the sweeper) it does nothing, so an app may keep it in its callbacks."""
 
     def __init__(self, storage: str | None = None, study: str | None = None, trial: int | None = None,
                  run_id: str | None = None, metric: str | Sequence[str] | None = None,
-                 tracking_uri: str | None = None, pruner: Any = None) -> None:
+                 tracking_uri: str | None = None, pruner: Any = None, checkpoint: str | None = None,
+                 checkpoint_every: int | str = "auto", checkpoint_auto_seconds: float = 30.0) -> None:
         super().__init__()
         self.storage_url, self.study_name, self.number = storage, study, trial
         self.run_id, self.tracking_uri = run_id, tracking_uri
@@ -82,10 +92,28 @@ class TrialCallback(*_callback_bases()):  # type: ignore[misc]
         self.pruner = _pruner(pruner)
         self.trial: optuna.Trial | None = None
         self.epochs = 0
+        self.history: list[dict[str, float]] = []  # each epoch's metrics: saved with the checkpoint
+        self.checkpoints: _JobCheckpoints | None = None
+        if checkpoint is not None and self.active:
+            every = None if checkpoint_every == "auto" else int(checkpoint_every)
+            plan = CheckpointPlan(Path(checkpoint), every, float(checkpoint_auto_seconds), owner={})
+            self.checkpoints = _JobCheckpoints(plan, self.history)
 
     @property
     def active(self) -> bool:
         return self.storage_url is not None and self.study_name is not None and self.number is not None
+
+    @property
+    def state_key(self) -> str:
+        # One key for every trial's callback, so that a retry's callback gets the state its checkpoint holds.
+        return TrialCheckpoints.KEY
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.checkpoints is None else self.checkpoints.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.checkpoints is not None and state_dict:
+            self.checkpoints.load_state_dict(state_dict)
 
     def _open(self) -> optuna.Trial:
         if self.trial is None:
@@ -95,10 +123,38 @@ class TrialCallback(*_callback_bases()):  # type: ignore[misc]
                                       sampler=optuna.samplers.RandomSampler())
             trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, int(self.number))
             self.trial = optuna.Trial(study, trial_id)
+            if self.checkpoints is not None:  # what the checkpoint records about its trial (a retry checks it)
+                self.checkpoints.plan.owner.update(params=dict(self.trial.params), run_id=self.run_id,
+                                                   trial=int(self.number))
         return self.trial
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """After Lightning restored the app's `ckpt_path`: a retry resumed from its trial's checkpoint tells its
+        trial (the pruner gets the epochs before) and its MLflow run (their curves) where it starts."""
+        if self.checkpoints is None:
+            return
+        self.checkpoints.on_train_start(trainer, pl_module)
+        resumed = self.checkpoints.resumed_epoch
+        if not resumed or not trainer.is_global_zero:
+            return
+        trial = self._open()
+        trial.set_user_attr(RESUMED_FROM_EPOCH, resumed)
+        self.epochs = resumed
+        if self.run_id and self.tracking_uri:
+            _tracker(self.tracking_uri).resume_trial(self.run_id, resumed, self.checkpoints.resumed_run,
+                                                     self.history)
+        for epoch, metrics in enumerate(self.history, 1):
+            value = metrics.get(self.metric, math.nan) if self.metric else math.nan
+            if not self.several and math.isfinite(value):
+                trial.report(value, epoch)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.on_train_epoch_start(trainer, pl_module)
+
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        """After the epoch's validation: log, report, decide. Under DDP rank 0 decides and every rank stops."""
+        """After the epoch's validation: log, report, decide, checkpoint. Under DDP rank 0 decides and every rank
+        stops."""
         if not self.active or trainer.sanity_checking:
             return
         reason = None
@@ -107,11 +163,18 @@ class TrialCallback(*_callback_bases()):  # type: ignore[misc]
         reason = trainer.strategy.broadcast(reason, src=0)
         if reason:
             trainer.should_stop = True
+        if self.checkpoints is not None:  # after the decision: a trial that stops now is not checkpointed
+            self.checkpoints.on_train_epoch_end(trainer, pl_module)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if self.checkpoints is not None:  # SIGTERM, Ctrl-C: the last finished epoch is written for the retry
+            self.checkpoints.on_exception(trainer, pl_module, exception)
 
     def _epoch(self, trainer: Any, epoch: int) -> str | None:
         from searchlab.lightning_fit import epoch_metrics
 
         metrics = epoch_metrics(trainer)
+        self.history.append(metrics)
         if self.run_id and self.tracking_uri:
             _tracker(self.tracking_uri).log_epoch(self.run_id, epoch, metrics)
         trial = self._open()
@@ -126,6 +189,40 @@ class TrialCallback(*_callback_bases()):  # type: ignore[misc]
         reason = f"pruned at epoch {epoch}: {self.metric}={value:.4g}"
         trial.set_user_attr(PRUNED_BY_CALLBACK, reason)
         return reason
+
+
+class _JobCheckpoints(TrialCheckpoints):
+    """searchlab's trial checkpoints, written from an app's job and resumed by the app's own
+    `trainer.fit(ckpt_path=...)`, which loads with torch's `weights_only=True` (its default since torch 2.6). So the
+    snapshot leaves out the module's and DataModule's hyperparameters (objects such as the `net` and `_partial_`
+    optimizers; resuming a fit does not read them) and keeps NumPy's RNG state as plain numbers."""
+
+    _OBJECTS = ("hyper_parameters", "hparams_name", "hparams_type", "datamodule_hyper_parameters",
+                "datamodule_hparams_name", "datamodule_hparams_type")
+
+    def __init__(self, plan: CheckpointPlan, history: list[dict[str, float]]) -> None:
+        super().__init__(plan, history)
+        self.resumed_epoch = 0
+        self.resumed_run: str | None = None  # the MLflow run of the attempt whose checkpoint this one resumed
+
+    def _snapshot(self, trainer: Any, epoch: int) -> None:
+        super()._snapshot(trainer, epoch)
+        for key in self._OBJECTS:
+            self.snapshot.pop(key, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        name, key, pos, has_gauss, gauss = state["rng"]["numpy"]
+        state["rng"]["numpy"] = [str(name), key.tolist(), int(pos), int(has_gauss), float(gauss)]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.resumed_epoch = int(state_dict["epoch"])
+        self.resumed_run = state_dict.get("owner", {}).get("run_id")
+        if self.restored_rng is not None and isinstance(self.restored_rng.get("numpy"), list):
+            name, key, pos, has_gauss, gauss = self.restored_rng["numpy"]
+            self.restored_rng["numpy"] = (name, np.array(key, dtype=np.uint32), pos, has_gauss, gauss)
 
 
 def _pruner(spec: Any) -> optuna.pruners.BasePruner:
@@ -210,7 +307,8 @@ def app_best_lines(study: optuna.Study) -> list[str]:
     best = best_trial(study)
     if best is None:
         return [f"# study '{study.study_name}': no trial completed yet"]
-    return [f"# best trial {best.number} of study '{study.study_name}': value={best.value:.4f} "
-            f"(what the app returned; study.metric {', '.join(names)})", *(f"#   {k} = {v}" for k, v in
-                                                                            best.params.items()),
+    value = study.user_attrs.get(APP_VALUE, "value")  # the app's optimized_metric
+    return [f"# best trial {best.number} of study '{study.study_name}': {value}={best.value:.4f} "
+            f"(what the app returned; pruned on {', '.join(names)})", *(f"#   {k} = {v}" for k, v in
+                                                                       best.params.items()),
             "# re-run it alone:", rerun_command(command, best.overrides)]

@@ -28,6 +28,9 @@ from optuna.trial import FrozenTrial  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
 
 from searchlab.objectives import Objectives  # noqa: E402
+from searchlab.quiet import quiet_empty_plots  # noqa: E402
+
+quiet_empty_plots()  # a study with no complete trial: its summary says so, not Optuna's [W ...] lines
 
 _COLS = 3  # panels per row in the slice and technique grids
 _COMPLETE_COLOUR = "#1f77b4"

@@ -66,6 +66,14 @@ class _OptunaHandler(logging.Handler):
         self.once.show(record.getMessage(), f"optuna {record.levelname.lower()}")
 
 
+def quiet_empty_plots() -> None:
+    """Optuna's plot functions log a warning for a study with no complete trial ("There are no complete trials.",
+    "Your study does not have any completed trials.", one per plot: `[W date] ...` lines after the summary, outside
+    any command's warnings_once); the summary says it already and the report shows the empty plots. Their logger
+    (optuna.visualization, parent of every plot module's) goes to ERROR; Optuna's other warnings are untouched."""
+    logging.getLogger("optuna.visualization").setLevel(logging.ERROR)
+
+
 @contextlib.contextmanager
 def warnings_once(stream: TextIO | None = None) -> Iterator[None]:
     """While the block runs, each warning is printed once in the study, in one line (see the module's docstring);

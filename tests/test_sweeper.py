@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import optuna
@@ -28,8 +30,8 @@ EXAMPLE = REPO / "examples" / "lightning_hydra"
 TINY = ["+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1"]
 
 
-def run(*args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+def run(*args: str, cwd: Path, timeout: float = 900, warnings: str = "ignore") -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": warnings}
     return subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -50,6 +52,12 @@ def trials(app: Path, name: str = "digits_lht") -> list[optuna.trial.FrozenTrial
 
     storage = open_storage(str(app / "mlruns" / "optuna.journal"))
     return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+def trials_study(app: Path, name: str = "digits_lht") -> optuna.Study:
+    from searchlab.study import open_storage
+
+    return optuna.load_study(study_name=name, storage=open_storage(str(app / "mlruns" / "optuna.journal")))
 
 
 def runs(app: Path, name: str = "digits_lht") -> dict[int, object]:
@@ -100,6 +108,75 @@ def test_two_workers_take_the_exact_budget_prune_trials_log_curves_and_best_reru
     assert "hparams_search" not in command  # it runs the app once, not the search again
 
 
+def _saved_epoch(path: Path) -> int:
+    from searchlab.checkpoints import read_saved
+
+    saved = read_saved(path)
+    return 0 if saved is None else saved.epoch
+
+
+def _start_and_kill(app: Path, args: list[str], checkpoint: Path, past_epoch: int, sig: signal.Signals,
+                    ) -> subprocess.CompletedProcess:
+    """Starts the sweep, waits until its job's checkpoint is beyond `past_epoch` (the job mid-training), sends
+    `sig` to the sweeper's process and returns what it printed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "src/train.py", "-m", "hparams_search=searchlab", *TINY, *args]
+    proc = subprocess.Popen(command, cwd=app, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while _saved_epoch(checkpoint) <= past_epoch and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the job ended before it could be killed mid-training"
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def test_a_terminated_then_killed_job_is_retried_from_its_checkpoint_through_the_apps_ckpt_path(app):
+    """SIGTERM to the sweeper (a preemption): the study ends KILLED with the resume hint (exit 143) and the running
+    trial is re-queued with its checkpoint; the same command resumes it through the app's own `ckpt_path=`. SIGKILL of
+    that retry mid-training: the next run re-queues it (its process is dead) and resumes from its later checkpoint."""
+    args = ["trainer.max_epochs=30", "hydra.sweeper.study.n_trials=1", "hydra.sweeper.study.pruner=none",
+            "hydra.sweeper.checkpoint_every_n_epochs=1", "hydra.sweeper.workers=1"]
+    checkpoint = app / "mlruns" / "artifacts" / "digits_lht" / "checkpoints" / "trial-0" / "last.ckpt"
+    first = _start_and_kill(app, args, checkpoint, 0, signal.SIGTERM)
+    assert first.returncode == 143, first.stdout + first.stderr
+    assert "terminated (SIGTERM): run the same command to resume study 'digits_lht'" in first.stderr
+    assert "Epoch" not in first.stdout + first.stderr  # the job's progress bar stays in its log
+    terminated, queued = trials(app)
+    assert terminated.state == TrialState.FAIL and "terminated (SIGTERM); resumable from its checkpoint of epoch" \
+        in terminated.user_attrs["reason"]
+    assert queued.state == TrialState.WAITING and queued.system_attrs["fixed_params"] == terminated.params  # retry
+    client = MlflowClient(f"sqlite:///{app}/mlruns/mlflow.db")
+    parent = client.get_run(trials_study(app).user_attrs["mlflow_parent_run_id"])
+    assert parent.info.status == "KILLED"
+    epoch_at_term = _saved_epoch(checkpoint)
+
+    second = _start_and_kill(app, args, checkpoint, epoch_at_term, signal.SIGKILL)
+    assert second.returncode == -signal.SIGKILL
+    retry = trials(app)[1]
+    assert retry.user_attrs["resumed_from_epoch"] == epoch_at_term
+    epoch_at_kill = _saved_epoch(checkpoint)
+    assert epoch_at_kill > epoch_at_term
+
+    third = sweep(app, *args)
+    assert third.returncode == 0, third.stdout + third.stderr
+    states = [t.state for t in trials(app)]
+    assert states == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    last = trials(app)[2]
+    assert "died mid-trial" in trials(app)[1].user_attrs["reason"]
+    assert last.user_attrs["resumed_from_epoch"] == epoch_at_kill
+    assert (trial_lines(third.stdout)[-1].split()[2] == "COMPLETE"
+            and f"(resumed from epoch {epoch_at_kill})" in trial_lines(third.stdout)[-1])
+    job = Path(runs(app)[2].data.tags["searchlab.output_dir"])
+    assert f"ckpt_path='{checkpoint}'" in (job / ".hydra" / "overrides.yaml").read_text()  # the app's own key
+    run = runs(app)[2]
+    assert run.data.tags["searchlab.continues_run"] == retry.user_attrs["mlflow_run_id"]
+    curve = client.get_metric_history(run.info.run_id, "val/acc")
+    assert sorted(m.step for m in curve) == list(range(1, 31))  # the whole training, the epochs before included
+    assert sorted(last.intermediate_values) == list(range(1, 31))  # the pruner saw them all
+    assert not checkpoint.parent.exists()  # done: nothing left to resume
+
+
 @pytest.mark.parametrize(("setting", "reason"), [
     ("data.batch_size=0", "the job raised ValueError"),  # the app's DataLoader refuses it
     ("optimized_metric=null", "the job returned None, not a number"),  # the task function returns None
@@ -111,9 +188,31 @@ def test_a_failing_job_fails_its_trial_and_the_study_stops_after_failures_in_a_r
     lines = trial_lines(result.stdout)
     assert len(lines) == 2 and all(" FAIL " in line and reason in line for line in lines), result.stdout
     assert "study stopped: 2 trials failed in a row" in result.stderr
+    assert "[W " not in result.stderr  # no Optuna "no complete trials" lines from the report's plots
+    # The progress line names what the app returns: its optimized_metric, or `value` without one.
+    assert ("value=-" if setting == "optimized_metric=null" else "val/acc_best=-") in lines[0]
     by_number = runs(app)
     assert [r.info.status for r in by_number.values()] == ["FAILED", "FAILED"]
     assert all(reason in r.data.tags["optuna.trial.reason"] for r in by_number.values())
+
+
+def test_the_same_project_runs_under_searchlab_search_with_only_yaml_of_its_own(app):
+    """The other way: `searchlab search --config-dir searchlab_conf` on the project's own `import lightning` module,
+    network and DataModule, named by four YAML files (no code of the project changed); one line per trial, the
+    module's own warning once."""
+    study = ["data=digits_lht", "model=dense_net", "module=digits_lit", "search=digits_lht", "study.metric=val/acc"]
+    result = run(sys.executable, "-m", "searchlab.cli", "search", "--config-dir", "searchlab_conf", *study,
+                 "study.name=digits_lht", "study.n_trials=3", "trainer.max_epochs=2", "report.min_complete=2",
+                 cwd=app, warnings="default")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = trial_lines(result.stdout)
+    assert len(lines) == 3 and not any(" FAIL " in line for line in lines), result.stdout
+    assert result.stderr.count("Attribute 'net' is an instance of") == 1  # once per study, not per trial
+    done = [t for t in trials(app) if t.state == TrialState.COMPLETE]
+    assert done and all(0.0 <= t.value <= 1.0 for t in done)
+    client, by_number = MlflowClient(f"sqlite:///{app}/mlruns/mlflow.db"), runs(app)
+    assert all(client.get_metric_history(by_number[t.number].info.run_id, "val/acc_best") for t in done)
+    assert "searchlab train --config-dir searchlab_conf data=digits_lht model=dense_net" in result.stdout
 
 
 # --- bad settings: one line, exit code 2, nothing written ----------------------------------------------------------
@@ -168,6 +267,8 @@ def minimal_app(tmp_path: Path) -> Path:
      "space_bad_range.yaml: 'model.lr': low (0.1) is greater than high (0.001)"),
     (["hydra.sweeper.space=null", "hydra.sweeper.search=missing.yaml"], "hydra.sweeper.search: no such file"),
     (["model.width=8,16"], "'model.width=8,16': a sweep over values on the command line"),
+    (["hydra.sweeper.checkpoint_every_n_epochs=0"],
+     "hydra.sweeper.checkpoint_every_n_epochs: expected auto or a positive integer (epochs), got 0"),
 ])
 def test_each_bad_sweeper_setting_is_one_line_before_anything_is_written(minimal_app, args, message):
     result = run(sys.executable, "app.py", "-m", "hparams_search=searchlab", *args, cwd=minimal_app, timeout=300)

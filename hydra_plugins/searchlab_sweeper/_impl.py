@@ -8,11 +8,18 @@ searchlab.hydra.TrialCallback, added to the job by an override of the app's call
 the trial, logs it to the trial's MLflow run and stops a pruned job. Everything else is the session's: the study
 (resumed by name), the exact budget over workers, dead workers' trials re-queued, the MLflow parent run and a child
 run per trial, the consecutive-failure stop; and searchlab's one progress line per trial, its summary and report.
+
+A job killed mid-training (SIGKILL: its worker's trial is re-queued by DeadWorkers or the heartbeat; SIGTERM or
+Ctrl-C: re-queued here) is retried with the same values and resumes from its trial's checkpoint, which the job's
+TrialCallback writes (searchlab.checkpoints): the retry's job gets the app's `ckpt_path=<checkpoint>` override
+(hydra.sweeper.ckpt_path_key), the key lightning-hydra-template's train.py hands to `trainer.fit`. SIGTERM to the
+sweeper ends the study KILLED, as `searchlab search` does, and the same command resumes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import shlex
@@ -20,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -29,10 +37,21 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from searchlab.attrs import APP_COMMAND, EPOCHS_REPORTED, OUTPUT_DIR_TAG, OVERRIDES, PRUNED_BY_CALLBACK
+from searchlab import checkpoints
+from searchlab.attrs import (
+    APP_COMMAND,
+    APP_VALUE,
+    EPOCHS_REPORTED,
+    OUTPUT_DIR_TAG,
+    OVERRIDES,
+    PRUNED_BY_CALLBACK,
+    RESUMED_FROM_EPOCH,
+    checkpoint_of,
+)
 from searchlab.config import ConfigError, format_override, redact
 from searchlab.devices import detect_gpus, worker_count
-from searchlab.hydra import callback_overrides, rerun_command
+from searchlab.hydra import callback_overrides, override_value, rerun_command
+from searchlab.interrupts import EXIT_TERMINATED, sigterm_as_interrupt, terminated
 from searchlab.objectives import Objectives, metric_setting
 from searchlab.progress import Progress
 from searchlab.report import write_report
@@ -54,7 +73,8 @@ from searchlab.study import (
     state_counts,
     worker_slots,
 )
-from searchlab.study.trial import describe
+from searchlab.study.search_work import requeue_resumable
+from searchlab.study.trial import describe, interrupted
 
 from ._settings import PREFIX, AppComposer, SweepSettings
 
@@ -82,6 +102,15 @@ class Sweep:
         check_sampler(self.cfg, settings.space)
         self.command = self._app_command()
         self.sweep_dir = Path(str(self.master.hydra.sweep.dir)).resolve()
+        self.value_name = self._value_name()
+
+    def _value_name(self) -> str:
+        """What a trial's value is called: the app's `optimized_metric` (lightning-hydra-template's key of what its
+        task function returns), else `value`; with several objectives, study.metric names the returned list."""
+        if self.objectives.several:
+            return self.objectives.primary
+        name = OmegaConf.select(self.master, "optimized_metric", default=None)
+        return name if isinstance(name, str) and name else "value"
 
     def _app_command(self) -> list[str]:
         """`python <script> <the command line's overrides>`, without the overrides that chose this sweeper (a
@@ -115,6 +144,7 @@ class Sweep:
                                                                               pruner), objectives.stored, params)
         study = session.study
         study.set_user_attr(APP_COMMAND, self.command)  # `searchlab best` prints the app's command
+        study.set_user_attr(APP_VALUE, self.value_name)  # ... and names the value it returned
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)  # the terminal, while jobs write to logs
         done_before = budget_used(study)
@@ -128,7 +158,7 @@ class Sweep:
                   + (f"; {workers} {kind}" if workers > 1 else ""), file=out, flush=True)
             for line in space.describe_constraints():
                 print(line, file=out, flush=True)
-        progress = Progress(objectives.primary, cfg.study.n_trials, cfg.study.timeout, done_before, out,
+        progress = Progress(self.value_name, cfg.study.n_trials, cfg.study.timeout, done_before, out,
                             others=objectives.names[1:])
 
         def on_trial(outcome: TrialOutcome) -> None:
@@ -138,7 +168,8 @@ class Sweep:
         start = time.monotonic()
         status = "FINISHED"
         try:
-            status = session.run(lambda: work, on_trial, self.slots, self._worker_command())
+            with sigterm_as_interrupt():  # a preemption or `kill` ends the study KILLED, as Ctrl-C does
+                status = session.run(lambda: work, on_trial, self.slots, self._worker_command())
         finally:
             progress.close()
             best = best_trial(study)
@@ -154,9 +185,11 @@ class Sweep:
             except Exception as err:  # the study is done and stored: `searchlab report` makes it again
                 print(f"searchlab: report not written ({type(err).__name__}: {redact(str(err))[:200]})",
                       file=sys.stderr)
-        if status == "KILLED":  # Ctrl-C: the running trial failed "interrupted"; the same command resumes
-            print(f"interrupted: run the same command to resume study '{cfg.study.name}'", file=sys.stderr)
-            sys.exit(EXIT_INTERRUPTED)
+        if status == "KILLED":  # Ctrl-C or SIGTERM: the running trial failed and was re-queued when resumable
+            stopped = "terminated (SIGTERM)" if terminated() else "interrupted"
+            print(f"{stopped}: run the same command to resume study '{cfg.study.name}' (a trial with a checkpoint "
+                  "resumes from it)", file=sys.stderr)
+            sys.exit(EXIT_TERMINATED if terminated() else EXIT_INTERRUPTED)
         if status == "FAILED":
             sys.exit(1)
         return work.returns
@@ -175,7 +208,7 @@ class Sweep:
         if best is None:
             print("no trial completed yet", file=out, flush=True)
             return
-        print(f"best value {best.value:.4f} (what the app returned) at trial {best.number}", file=out)
+        print(f"best {self.value_name}={best.value:.4f} (what the app returned) at trial {best.number}", file=out)
         for key, value in best.params.items():
             print(f"  {key} = {value}", file=out)
         print(f"re-run it alone:\n  {rerun_command(self.command, best.overrides)}", file=out, flush=True)
@@ -209,25 +242,62 @@ class JobWork(TrialWork):
         return TrialRun(values, config, rerun_command(self.sweep.command, overrides))
 
     def train(self, attempts: list[Attempt]) -> Iterator[tuple[Attempt, Verdict | Exception]]:
-        jobs = [[*self.sweep.settings.arguments, *attempt.cfg, *self._callback(attempt)] for attempt in attempts]
+        jobs = [[*self.sweep.settings.arguments, *attempt.cfg, *self._callback(attempt), *self._resume(attempt)]
+                for attempt in attempts]
         first = attempts[0].trial.number
-        with self._job_output(first) as log:
-            returns = self.sweep.launcher.launch(jobs, initial_job_idx=first)
+        try:
+            with self._job_output(first) as log:
+                try:
+                    returns = self.sweep.launcher.launch(jobs, initial_job_idx=first)
+                except BaseException as err:
+                    # The interrupted job's frames hold its objects (Lightning's progress bar): freed now, what they
+                    # write on closing goes to the job's log, not between the trial lines.
+                    _release(err)
+                    raise
+        except BaseException as err:
+            if interrupted(err):  # SIGTERM or Ctrl-C mid-job: a trial with a checkpoint is re-queued to resume
+                for attempt in attempts:
+                    attempt.note = requeue_resumable(self.study, attempt.trial, self._checkpoint(attempt.trial))
+            raise
         self.returns.extend(returns)
         for attempt, ret in zip(attempts, returns, strict=True):
             yield attempt, self._verdict(attempt, ret, log if len(attempts) == 1 else None)
         log.unlink(missing_ok=True)
 
+    def _checkpoint(self, trial: optuna.Trial) -> Path | None:
+        """Where the trial's job writes its checkpoint (its retries share it, as searchlab's own trials do); None
+        when the app cannot resume one (hydra.sweeper.ckpt_path_key)."""
+        if self.sweep.settings.ckpt_path_key is None:
+            return None
+        return checkpoints.checkpoint_root(self.cfg) / f"trial-{checkpoint_of(trial)}" / checkpoints.CHECKPOINT_FILE
+
+    def _resume(self, attempt: Attempt) -> list[str]:
+        """`ckpt_path=<checkpoint>` (the app's key) when an earlier attempt at the trial, with the same values, left
+        a checkpoint; a checkpoint of other values (another study under the same name) is removed."""
+        path = self._checkpoint(attempt.trial)
+        if path is None:
+            return []
+        saved = checkpoints.read_saved(path)
+        if saved is None or saved.owner.get("params") != dict(attempt.trial.params):
+            shutil.rmtree(path.parent, ignore_errors=True)
+            return []
+        return [f"{self.sweep.settings.ckpt_path_key}={override_value(str(path))}"]
+
     def _callback(self, attempt: Attempt) -> list[str]:
         """The overrides that add searchlab.hydra.TrialCallback for this trial to its job."""
         several = self.expected.several
-        return callback_overrides(self.sweep.settings.callbacks_key, {
+        settings: dict[str, Any] = {
             "storage": _absolute(self.cfg.study.storage), "study": self.cfg.study.name,
             "trial": attempt.trial.number, "run_id": attempt.run_id,
             "metric": list(self.expected.names) if several else self.expected.primary,
             "tracking_uri": _absolute(self.cfg.tracking.uri),
             "pruner": OmegaConf.to_container(self.cfg.study.pruners[self.cfg.study.pruner], resolve=True),
-        })
+        }
+        path = self._checkpoint(attempt.trial)
+        if path is not None:
+            settings.update(checkpoint=str(path), checkpoint_every=self.cfg.trainer.checkpoint_every_n_epochs,
+                            checkpoint_auto_seconds=self.cfg.trainer.checkpoint_auto_seconds)
+        return callback_overrides(self.sweep.settings.callbacks_key, settings)
 
     @contextlib.contextmanager
     def _job_output(self, first: int) -> Iterator[Path]:
@@ -254,6 +324,10 @@ class JobWork(TrialWork):
         """PRUNED when the callback stopped the job (whatever it returned), FAIL when it raised or returned no
         number, else COMPLETE with its value."""
         frozen = self.study._storage.get_trial(attempt.trial._trial_id)  # what the job wrote to the trial
+        path = self._checkpoint(attempt.trial)
+        if path is not None:  # the job ended (whatever its outcome): nothing to resume
+            shutil.rmtree(path.parent, ignore_errors=True)
+        resumed = frozen.user_attrs.get(RESUMED_FROM_EPOCH)
         tags: dict[str, str] = {}
         if ret.hydra_cfg is not None:
             output_dir = Path(str(ret.hydra_cfg.hydra.runtime.output_dir))
@@ -262,16 +336,17 @@ class JobWork(TrialWork):
                 shutil.move(str(log), output_dir / "output.log")
         self._tell_about_callback(frozen)
         if frozen.user_attrs.get(PRUNED_BY_CALLBACK):
-            return Verdict(TrialState.PRUNED, reason=frozen.user_attrs[PRUNED_BY_CALLBACK], tags=tags)
+            return Verdict(TrialState.PRUNED, reason=frozen.user_attrs[PRUNED_BY_CALLBACK], tags=tags,
+                           resumed_from=resumed)
         if ret.status != JobStatus.COMPLETED:
             return Verdict(TrialState.FAIL, reason=f"the job raised {redact(describe(ret._return_value))[:300]}",
-                           tags=tags)
+                           tags=tags, resumed_from=resumed)
         value, problem = self._value(ret._return_value)
         if value is None:
-            return Verdict(TrialState.FAIL, reason=problem, tags=tags)
+            return Verdict(TrialState.FAIL, reason=problem, tags=tags, resumed_from=resumed)
         metrics = {f"objective.{n}": v for n, v in zip(self.expected.names, value, strict=True)} \
             if isinstance(value, list) else {}
-        return Verdict(TrialState.COMPLETE, value, metrics=metrics, tags=tags)
+        return Verdict(TrialState.COMPLETE, value, metrics=metrics, tags=tags, resumed_from=resumed)
 
     def _value(self, returned: Any) -> tuple[float | list[float] | None, str | None]:
         """The objective from the task function's return value: a number (a list of them with several metrics)."""
@@ -298,6 +373,17 @@ class JobWork(TrialWork):
               f"epoch: the sweeper adds searchlab.hydra.TrialCallback as {key}.searchlab; have the app pass the "
               f"entries of `{key}` to its Trainer (or set {PREFIX}.callbacks_key), or add "
               "searchlab.hydra.trial_callback() to its Trainer's callbacks", file=self.out, flush=True)
+
+
+def _release(err: BaseException) -> None:
+    """Frees what the frames of an error and of the errors it came from hold (Lightning turns Ctrl-C into
+    SystemExit during another exception's handling)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)
+        err = err.__cause__ or err.__context__
+    gc.collect()
 
 
 def _number(value: Any) -> float | None:

@@ -26,7 +26,8 @@ from searchlab.space import CONSTRAINTS_KEY, SearchSpace, check_keys, parse_spac
 from .searchlab_sweeper import sweeper_defaults
 
 PREFIX = "hydra.sweeper"
-_KEYS = ("study", "space", "search", "tracking", "report", "workers", "callbacks_key", "worker")
+_KEYS = ("study", "space", "search", "tracking", "report", "workers", "callbacks_key", "ckpt_path_key",
+         "checkpoint_every_n_epochs", "checkpoint_auto_seconds", "worker")
 _NESTED = ("study", "tracking", "report")  # their keys are searchlab's: checked against its defaults
 _EXTENSIBLE = ("study.samplers", "study.pruners")  # tables the user may add entries to
 
@@ -42,6 +43,7 @@ class SweepSettings:
     worker: bool  # this process is one of the sweeper's workers
     arguments: list[str]
     fixed: dict[str, str]
+    ckpt_path_key: str | None = None  # the app's key its trainer.fit(ckpt_path=...) reads; None: no checkpoints
 
 
 def read_settings(settings: Mapping[str, Any], arguments: Sequence[str], config_loader: Any,
@@ -62,6 +64,13 @@ def read_settings(settings: Mapping[str, Any], arguments: Sequence[str], config_
     worker = settings["worker"]
     if not isinstance(worker, bool):
         raise ConfigError(f"{PREFIX}.worker: set by the sweeper for its worker processes; leave it unset")
+    cfg.trainer = _checkpoint_settings(settings)  # where searchlab.checkpoints reads them
+    ckpt_key = settings["ckpt_path_key"]
+    if ckpt_key is not None and (not isinstance(ckpt_key, str) or not ckpt_key):
+        raise ConfigError(f"{PREFIX}.ckpt_path_key: expected the app's config key that its trainer.fit(ckpt_path=...) "
+                          f"reads (e.g. ckpt_path), or null for no checkpoints; got {ckpt_key!r}")
+    if ckpt_key is not None and not has_key(master, ckpt_key):
+        ckpt_key = None  # the app cannot resume a checkpoint: none is written (the README says what an app needs)
     fixed = _fixed(arguments, key)
     composer = AppComposer(config_loader, master, list(arguments))
     spec, source = _space_spec(settings, master)
@@ -75,7 +84,18 @@ def read_settings(settings: Mapping[str, Any], arguments: Sequence[str], config_
 
     with _named():
         check_settings(cfg.report)
-    return SweepSettings(cfg, space, key, worker, list(arguments), fixed)
+    return SweepSettings(cfg, space, key, worker, list(arguments), fixed, ckpt_key)
+
+
+def _checkpoint_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """checkpoint_every_n_epochs and checkpoint_auto_seconds, checked as searchlab's own trainer keys."""
+    every, seconds = settings["checkpoint_every_n_epochs"], settings["checkpoint_auto_seconds"]
+    if every != "auto" and not (isinstance(every, int) and not isinstance(every, bool) and every > 0):
+        raise ConfigError(f"{PREFIX}.checkpoint_every_n_epochs: expected auto or a positive integer (epochs), "
+                          f"got {every!r}")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+        raise ConfigError(f"{PREFIX}.checkpoint_auto_seconds: expected a positive number of seconds, got {seconds!r}")
+    return {"checkpoint_every_n_epochs": every, "checkpoint_auto_seconds": seconds}
 
 
 class _named:

@@ -7,7 +7,8 @@ is in `_impl` (settings and their checks in `_settings`).
 The entry's keys mirror searchlab's own config groups, with their defaults (searchlab's conf/study/default.yaml,
 conf/tracking/mlflow.yaml, conf/report/default.yaml): `study.*`, `tracking.*`, `report.*`, `workers`, the search
 space inline as `space:` (searchlab's space format) or `search: FILE`, and `callbacks_key`, the app's config key
-whose `_target_` entries its Trainer gets as callbacks (where the sweeper adds searchlab.hydra.TrialCallback).
+whose `_target_` entries its Trainer gets as callbacks (where the sweeper adds searchlab.hydra.TrialCallback);
+`ckpt_path_key`, `checkpoint_every_n_epochs` and `checkpoint_auto_seconds` say how a killed job's retry resumes.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ def sweeper_defaults() -> dict[str, Any]:
         "report": group_defaults("report", "default"),
         "workers": "auto",  # N processes on the study (basic launcher), or auto: one per GPU; batches elsewhere
         "callbacks_key": "callbacks",  # where the app's Trainer callbacks come from (lightning-hydra-template's)
+        # A killed or terminated job's retry resumes from its trial's checkpoint, through the app's own config key
+        # that its `trainer.fit(ckpt_path=...)` reads (lightning-hydra-template's); null: no checkpoints.
+        "ckpt_path_key": "ckpt_path",
+        "checkpoint_every_n_epochs": "auto",  # as searchlab's trainer.checkpoint_every_n_epochs
+        "checkpoint_auto_seconds": 30,  # as searchlab's trainer.checkpoint_auto_seconds
         "worker": False,  # set by the sweeper for the worker processes it starts
     }
 

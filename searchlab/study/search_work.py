@@ -135,10 +135,14 @@ class SearchWork(TrialWork):
         return dataclasses.replace(plan, resume=True)
 
     def _requeue(self, trial: optuna.Trial, plan: checkpoints.CheckpointPlan | None) -> str:
-        """An interrupted trial with a checkpoint is queued again with its params: the next run of the study resumes
-        it from there. Returns what the reason should add."""
-        saved = None if plan is None else checkpoints.read_saved(plan.path)
-        if saved is None:
-            return ""
-        self.study.enqueue_trial(dict(trial.params), user_attrs=retry_attrs(trial))
-        return f"; resumable from its checkpoint of epoch {saved.epoch} (re-queued)"
+        return requeue_resumable(self.study, trial, None if plan is None else plan.path)
+
+
+def requeue_resumable(study: optuna.Study, trial: optuna.Trial, path: Path | None) -> str:
+    """An interrupted trial with a checkpoint at `path` is queued again with its params: the next run of the study
+    resumes it from there (the search's trials, and the Hydra sweeper's jobs). Returns what the reason should add."""
+    saved = None if path is None else checkpoints.read_saved(path)
+    if saved is None:
+        return ""
+    study.enqueue_trial(dict(trial.params), user_attrs=retry_attrs(trial))
+    return f"; resumable from its checkpoint of epoch {saved.epoch} (re-queued)"
