@@ -9,8 +9,12 @@ same batches (TensorBatches with the same seed), its own optimizer state and sch
 statistics, its own L1 strength and dropout rate; it is validated, stopped (pruned, diverged) and reported on its
 own. A stopped member leaves the pack at the end of the epoch, so it stops costing compute.
 
-What members may differ in: numbers under optimizer and scheduler (lr, weight decay, momentum, betas, alpha, schedule
-values), module.l1 and model.dropout. Everything else must be equal (`pack_mismatch`). Dropout is the one thing not
+What members may differ in: everything that leaves the computation's shape alone. Their optimizer (its class and
+family: SGD, momentum, Nesterov, RMSprop, Adam, AdamW) and every setting of it, their schedule (step, exponential,
+cosine, one-cycle, plateau, warm-up..., with its interval, frequency and monitored metric) and every setting of it,
+module.l1 and model.dropout: each member builds its own optimizer and schedule from its own config, and the pack's
+step runs each family on its members' rows (searchlab.pack_optim.PackedOptimizers). Everything else (the network,
+batch size, batch norm, precision, epochs, seed...) must be equal (`pack_mismatch`). Dropout is the one thing not
 reproduced draw for draw: a member's dropout masks come from the pack's random stream (vmap randomness="different"),
 not from the stream it would draw from alone, so its metrics match alone only in distribution.
 
@@ -48,16 +52,17 @@ from searchlab.data import Splits, TensorBatches, batch_size_for
 from searchlab.lightning_fit import TrainResult, Weights, _direction, resolve_precision
 from searchlab.modules import _Module
 from searchlab.objectives import EPOCH_SECONDS, PARAMS
-from searchlab.pack_optim import PackedOptimizer, optimizer_family, read_hyper
+from searchlab.pack_optim import PackedOptimizers, family_key, optimizer_family, read_hyper
 from searchlab.targets import resolve_target
 
 # Called after each epoch with (member index, epoch from 1, metrics); returns a reason to stop that member, or None.
 MemberHook = Callable[[int, int, dict[str, float]], "str | None"]
 
-# Leaves that members may set differently: numbers under these prefixes (not _target_, flags or Lightning settings).
-_PER_MEMBER_PREFIXES = ("optimizer.", "scheduler.")
+# Config subtrees each member builds for itself (a real torch optimizer and schedule per member): members may set
+# anything under them differently, the group's choice (optimizer=adam) and _target_ included.
+_PER_MEMBER_GROUPS = ("optimizer", "scheduler")
+# Leaves each member keeps in its own row of a buffer: its L1 strength, its dropout rate.
 _PER_MEMBER_KEYS = ("module.l1", "model.dropout")
-_SHARED_LEAVES = ("optimizer.nesterov", "scheduler.interval", "scheduler.monitor", "scheduler.frequency")
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -70,12 +75,12 @@ def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def varies_per_member(key: str, value: Any) -> bool:
-    """Whether members of one pack may set this dotted config key to different values (the sampler samples it per
-    member); every other key is shared by the pack (fixed for the members after the first)."""
-    if key in _PER_MEMBER_KEYS:
-        return True
-    return (key.startswith(_PER_MEMBER_PREFIXES) and key not in _SHARED_LEAVES and not key.endswith("._target_")
-            and isinstance(value, (int, float)) and not isinstance(value, bool))
+    """Whether members of one pack may set this dotted config key (or config group choice: `optimizer`,
+    `scheduler`) to different values, so that the sampler samples it per member; every other key is shared by the
+    pack (fixed for the members after the first). A group's option that also sets keys outside its own subtree
+    (a `# @package _global_` option) is caught when the pack forms: pack_mismatch puts such members in packs of
+    their own."""
+    return key in _PER_MEMBER_KEYS or key.split(".", 1)[0] in _PER_MEMBER_GROUPS
 
 
 def pack_mismatch(cfgs: Sequence[DictConfig]) -> str | None:
@@ -199,14 +204,16 @@ class _Member:
     def __init__(self, cfg: DictConfig, epochs: int, steps_per_epoch: int) -> None:
         self.cfg = cfg
         self.optimizer = optimizer_factory(cfg)([nn.Parameter(torch.zeros(1))])
+        self.kind = optimizer_family(self.optimizer)  # (family, flags); ValueError for what the pack cannot step
         self.schedule = schedule_factory(cfg, SimpleNamespace(max_epochs=epochs,
                                                               estimated_stepping_batches=steps_per_epoch * epochs))
-        self.interval = "epoch"
+        self.interval, self.frequency = "epoch", 1
         self.scheduler = None
         if self.schedule is not None:
             self.scheduler = self.schedule(self.optimizer)
             self.optimizer.step()  # no gradient, no change: only so torch's schedule sees its optimizer in use
             self.interval = self.schedule.lightning.get("interval", "epoch")
+            self.frequency = int(self.schedule.lightning.get("frequency", 1))
         self.result = TrainResult()
         self.l1 = float(OmegaConf.select(cfg, "module.l1", default=0.0) or 0.0)
         self.final_state: dict[str, torch.Tensor] | None = None
@@ -215,11 +222,14 @@ class _Member:
     def plateau(self) -> bool:
         return isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
-    def step_schedule(self, interval: str, metrics: dict[str, float] | None = None) -> bool:
+    def step_schedule(self, interval: str, index: int, metrics: dict[str, float] | None = None) -> bool:
         """Steps the schedule when it runs at this interval, in Lightning's order: a step schedule after each
         optimizer step, an epoch schedule after the epoch's last step (before validation), a plateau schedule after
-        validation with the member's own metric (`metrics` given). True when it stepped."""
+        validation with the member's own metric (`metrics` given). `index`: the step in the epoch or the epoch,
+        from 1; as Lightning, a schedule of frequency n steps when n divides it. True when it stepped."""
         if self.scheduler is None or self.interval != interval or self.plateau != (metrics is not None):
+            return False
+        if index % self.frequency:
             return False
         if metrics is not None:
             self.scheduler.step(metrics[self.schedule.lightning.get("monitor", "val_loss")])
@@ -271,19 +281,20 @@ class PackedTraining:
         self.steps_per_epoch = min(n, int(limit)) if isinstance(limit, int) else int(n * float(limit))
         self.shape = data_shape(self.splits, self.task)
         self.members = [_Member(c, self.epochs, self.steps_per_epoch) for c in cfgs]
-        families = [optimizer_family(m.optimizer) for m in self.members]
-        if any(f != families[0] for f in families):
-            raise ValueError("members differ in their optimizer family or flags, which a pack shares")
-        self.family, flags = families[0]
         # Its loss and epoch_metrics: the metrics a lone trial of the config computes (module.metrics).
         self.loss_module = self.module_class(net=nn.Identity(), optimizer=None,
                                              metrics=OmegaConf.to_container(cfg.module, resolve=True).get("metrics"))
-        self.active = list(range(len(cfgs)))  # member indices still in the pack, in row order
+        # Member indices still in the pack, in row order: the members of one optimizer family (and flags) side by
+        # side, in config order within it, so that each family steps once over its rows (PackedOptimizers).
+        first_seen: dict[Any, int] = {}
+        for member in self.members:
+            first_seen.setdefault(family_key(member.kind), len(first_seen))
+        self.active = sorted(range(len(cfgs)), key=lambda i: first_seen[family_key(self.members[i].kind)])
         self.epoch = 0
         self._build(cfgs, path)
         self.compiled = use_compile(OmegaConf.select(cfg, "trainer.compile", default=False), self.device)
         self._compiled_loss = compile_step(self._loss, self.device) if self.compiled else None
-        self.optimizer = PackedOptimizer(self.family, flags, self.flat)
+        self.optimizer = PackedOptimizers([self.members[i].kind for i in self.active], self.flat)
         self._refresh_hyper()
 
     # --- building ---------------------------------------------------------------------------------------------
@@ -303,9 +314,11 @@ class PackedTraining:
         self.param_names = [n for n, _ in template.named_parameters()]
         self.param_shapes = shapes
         self.buffer_names = [n for n, _ in template.named_buffers() if n not in drop_names]
-        rows, member_buffers, self.rates, self.lone_names = [], [], [], []
+        rows, member_buffers, self.rates = [], [], []
+        self.lone_names: dict[int, tuple[list[str], list[str]]] = {}  # per member: its lone network's state names
         built: dict[str, nn.Module] = {}  # members with the same network config and seed start from the same weights
-        for cfg in cfgs:
+        for member in self.active:  # in row order
+            cfg = cfgs[member]
             key = OmegaConf.to_yaml(cfg.model) + f"seed={cfg.seed}"
             alone = built.get(key) or built.setdefault(key, _seeded_network(cfg, self.shape))
             if [p.shape for p in alone.parameters()] != shapes:
@@ -316,7 +329,7 @@ class PackedTraining:
             self.rates.append(rates or [0.0] * slots)
             rows.append(torch.cat([p.detach().reshape(-1) for p in alone.parameters()]))
             member_buffers.append([b.detach() for _, b in alone.named_buffers()])
-            self.lone_names.append(([n for n, _ in alone.named_parameters()], [n for n, _ in alone.named_buffers()]))
+            self.lone_names[member] = ([n for n, _ in alone.named_parameters()], [n for n, _ in alone.named_buffers()])
         self.flat = torch.stack(rows).to(self.device)
         self.buffers = {name: torch.stack([m[i] for m in member_buffers]).to(self.device)
                         for i, name in enumerate(self.buffer_names)}
@@ -378,7 +391,7 @@ class PackedTraining:
         self.penalized = [n for n, shape in zip(self.param_names, self.param_shapes, strict=True) if len(shape) > 1]
 
     def _refresh_hyper(self) -> None:
-        self.optimizer.set_hyper([read_hyper(self.members[i].optimizer, self.family)
+        self.optimizer.set_hyper([read_hyper(self.members[i].optimizer, self.members[i].kind[0])
                                   for i in self.active],
                                  self.flat)
 
@@ -406,9 +419,9 @@ class PackedTraining:
             count += len(y)
             torch._foreach_copy_(self.grad_views, grads)  # into the flat gradient rows, one pass
             self.optimizer.step(self.flat, self.grad)
-            if any([self.members[m].step_schedule("step") for m in self.active]):
+            if any([self.members[m].step_schedule("step", i + 1) for m in self.active]):
                 self._refresh_hyper()
-        if any([self.members[m].step_schedule("epoch") for m in self.active]):
+        if any([self.members[m].step_schedule("epoch", self.epoch) for m in self.active]):
             self._refresh_hyper()
         return sums / max(count, 1)
 
@@ -474,7 +487,7 @@ class PackedTraining:
             if reason:
                 self.stop(member_index, reason)
             else:
-                member.step_schedule("epoch", metrics)
+                member.step_schedule("epoch", self.epoch, metrics)
         self._refresh_hyper_if_rows()
         elapsed = time.perf_counter() - start
         for member_index in out:  # the epoch's time split evenly among the members that trained in it

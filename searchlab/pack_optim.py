@@ -1,5 +1,5 @@
 """The optimizer steps of a pack: SGD (momentum, Nesterov), RMSprop, Adam and AdamW on the members' flat parameter
-rows, each member with its own hyperparameters.
+rows, each member with its own optimizer and hyperparameters.
 
 Each member must get exactly the step torch.optim would give it alone, schedules included. So the hyperparameters
 are not copied from the config: each member keeps a real torch optimizer of the trial's own class over one dummy
@@ -10,10 +10,15 @@ form to keep in step with torch. The updates are torch's own: its fused kernels 
 the same formulas) for Adam, AdamW and SGD; RMSprop's single-tensor formula line by line. They differ from the
 default for-loop implementation a lone trial runs on a CPU only in rounding (tests/test_pack.py: 1e-5 relative over
 30 steps, gradients from 1e-8 to 1).
+
+Members of one pack may use different optimizers (issue 19: a pack explores the optimizer as lone trials do): the
+pack keeps the rows of one family (with its flags: Nesterov, decoupled weight decay) next to each other, and
+PackedOptimizers runs one PackedOptimizer per such run of rows, on views of the flat rows.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +47,12 @@ def optimizer_family(optimizer: torch.optim.Optimizer) -> tuple[str, dict[str, A
     if isinstance(optimizer, torch.optim.Adam):  # AdamW is Adam with decoupled_weight_decay in torch 2.13
         return "adam", {"decoupled": bool(group.get("decoupled_weight_decay", False))}
     raise ValueError(f"optimizer: packed trials implement SGD, RMSprop, Adam and AdamW, not {name}")
+
+
+def family_key(kind: tuple[str, dict[str, Any]]) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """A hashable key of (family, flags): members with equal keys step under one PackedOptimizer."""
+    family, flags = kind
+    return family, tuple(sorted(flags.items()))
 
 
 def read_hyper(optimizer: torch.optim.Optimizer, family: str) -> dict[str, float]:
@@ -122,3 +133,44 @@ class PackedOptimizer:
         buf = self.state["momentum_buffer"]  # momentum 0 leaves buf = d / avg: torch's plain update
         buf.mul_(h["momentum"]).add_(d / avg)
         flat.sub_(h["lr"] * buf)
+
+
+class PackedOptimizers:
+    """The pack's optimizer step when members use different optimizers: one PackedOptimizer per run of consecutive
+    rows of one family and flags (the pack orders its rows by family, so most often one run per family), each on a
+    view of those rows. `kinds`: each row's (family, flags), as optimizer_family gives them."""
+
+    def __init__(self, kinds: Sequence[tuple[str, dict[str, Any]]], flat: torch.Tensor) -> None:
+        self.groups: list[tuple[int, int, PackedOptimizer]] = []
+        start = 0
+        for _, run in itertools.groupby(kinds, key=family_key):
+            size = len(list(run))
+            family, flags = kinds[start]
+            self.groups.append((start, start + size, PackedOptimizer(family, flags, flat[start:start + size])))
+            start += size
+
+    @property
+    def families(self) -> list[str]:
+        """Each group's family, in row order."""
+        return [optimizer.family for _, _, optimizer in self.groups]
+
+    def set_hyper(self, members: Sequence[dict[str, float]], like: torch.Tensor) -> None:
+        """Each row's current hyperparameters (read_hyper of its member), in row order."""
+        for start, end, optimizer in self.groups:
+            optimizer.set_hyper(members[start:end], like)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Only the rows at `index` (ascending, as the pack shrinks): each group keeps its own, empty groups go."""
+        kept = index.tolist()
+        groups, start = [], 0
+        for begin, end, optimizer in self.groups:
+            local = [row - begin for row in kept if begin <= row < end]
+            if local:
+                optimizer.keep(torch.tensor(local, device=index.device))
+                groups.append((start, start + len(local), optimizer))
+                start += len(local)
+        self.groups = groups
+
+    def step(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
+        for start, end, optimizer in self.groups:  # row slices are views: each group updates the pack's rows
+            optimizer.step(flat[start:end], grad[start:end])

@@ -5,6 +5,8 @@ configurations a pack cannot train are refused before any store is written."""
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 import math
 import os
 import signal
@@ -19,18 +21,20 @@ from searchlab.attrs import RETRY_OF
 from searchlab.cli import main
 from searchlab.commands import _prepare
 from searchlab.modules import Classifier
-from searchlab.pack import varies_per_member
+from searchlab.pack import pack_mismatch, varies_per_member
 from searchlab.study.pack_trials import shared_params
 from searchlab.training import fit
 
 # No dropout (a member's dropout masks come from the pack's random stream, so only dropout-free members reproduce
-# exactly), one optimizer family drawn per pack from two, per-member lr, weight decay and L1.
+# exactly); per member: its optimizer family (of two) and schedule family (of three), lr, weight decay and L1; the
+# width is shared by a pack.
 SPACE = """\
 optimizer:
   choices:
     sgd: {}
     adam:
       optimizer.beta1: {low: 0.8, high: 0.95}
+scheduler: {choices: [constant, onecycle, plateau]}
 optimizer.lr: {low: 1.0e-3, high: 0.1, log: true}
 optimizer.weight_decay: {low: 1.0e-6, high: 1.0e-3, log: true}
 module.l1: {low: 1.0e-7, high: 1.0e-4, log: true}
@@ -49,19 +53,21 @@ def user_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def packed_study(tmp_path_factory: pytest.TempPathFactory, user_dir: Path):
-    """One packed study shared by the tests that read it: 6 trials in packs of 4, no pruning."""
+    """One packed study shared by the tests that read it: 6 trials in packs of 4, no pruning; and its stderr."""
     tmp = tmp_path_factory.mktemp("packed")
     stores = [f"study.storage={tmp}/optuna.journal", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
               f"tracking.artifact_root={tmp}/artifacts", f"report.dir={tmp}/reports"]
-    code = main(["search", "--config-dir", str(user_dir), "search=packtest", "study.name=packed", "study.pack=4",
-                 "study.n_trials=6", "study.pruner=none", "tracking.log_models=best", *SMALL, *stores])
-    assert code == 0
-    return tmp, load_study(tmp, "packed")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["search", "--config-dir", str(user_dir), "search=packtest", "study.name=packed", "study.pack=4",
+                     "study.n_trials=6", "study.pruner=none", "tracking.log_models=best", *SMALL, *stores])
+    assert code == 0, err.getvalue()
+    return tmp, load_study(tmp, "packed"), err.getvalue()
 
 
 @pytest.mark.slow
 def test_packed_members_are_trials_each_with_its_own_run(packed_study) -> None:
-    tmp, study = packed_study
+    tmp, study, _ = packed_study
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 6  # the budget, exactly: a pack of 4, then of 2
     runs = assert_one_run_per_trial(tmp, "packed", study)
     client, parents, _ = runs_of(tmp, "packed")
@@ -76,10 +82,10 @@ def test_packed_members_are_trials_each_with_its_own_run(packed_study) -> None:
 
 @pytest.mark.slow
 def test_members_of_a_pack_share_its_keys_and_differ_in_the_rest(packed_study) -> None:
-    _, study = packed_study
+    _, study, _ = packed_study
     for pack in (study.trials[0:4], study.trials[4:6]):
         shared = [shared_params(t.params) for t in pack]
-        assert all(s == shared[0] for s in shared) and "optimizer" in shared[0] and "model.width" in shared[0]
+        assert all(s == shared[0] for s in shared) and set(shared[0]) == {"model.width"}
         lrs = {t.params["optimizer.lr"] for t in pack}
         assert len(lrs) == len(pack)  # the sampler drew each member's own learning rate
     assert all(varies_per_member(k, v) for k, v in study.trials[1].params.items()
@@ -87,10 +93,23 @@ def test_members_of_a_pack_share_its_keys_and_differ_in_the_rest(packed_study) -
 
 
 @pytest.mark.slow
+def test_members_of_one_pack_draw_different_optimizers_and_schedules_and_train_together(packed_study) -> None:
+    """The first pack (trials 0-3) explores the optimizer and schedule families as lone trials would, and trains as
+    one pack: its members' configs can share one (no split into smaller packs) and none fell back to training
+    alone (which says so on stderr)."""
+    _, study, err = packed_study
+    pack = study.trials[0:4]
+    assert len({t.params["optimizer"] for t in pack}) == 2
+    assert len({t.params["scheduler"] for t in pack}) >= 2
+    assert pack_mismatch([_prepare(t.user_attrs["overrides"])[1] for t in pack]) is None
+    assert "train one at a time" not in err
+
+
+@pytest.mark.slow
 def test_a_members_command_retrains_it_alone(packed_study) -> None:
     """`searchlab train` of a member's overrides: the same val_loss per epoch as in the pack (no dropout), to 1e-4
     relative (float sums in another order)."""
-    tmp, study = packed_study
+    tmp, study, _ = packed_study
     client, _, _ = runs_of(tmp, "packed")
     trial = study.trials[2]
     _, cfg, _, splits = _prepare(trial.user_attrs["overrides"])  # what its `searchlab train` command composes
@@ -191,12 +210,11 @@ class OwnClassifier(Classifier):
     """A module of one's own (here a subclass that could override any step): the pack cannot know its steps."""
 
 
-def test_shared_params_keep_choices_and_shapes_and_drop_numbers_per_member() -> None:
+def test_shared_params_keep_shapes_and_drop_what_each_member_draws() -> None:
     params = {"optimizer": "adam", "optimizer.lr": 0.01, "optimizer.beta1": 0.9, "scheduler": "step",
               "scheduler.step_size": 3, "data.batch_size": 32, "model.width": 64, "model.dropout": 0.2,
               "model.batch_norm": True, "module.l1": 1e-5}
-    assert shared_params(params) == {"optimizer": "adam", "scheduler": "step", "data.batch_size": 32,
-                                     "model.width": 64, "model.batch_norm": True}
+    assert shared_params(params) == {"data.batch_size": 32, "model.width": 64, "model.batch_norm": True}
 
 
 def test_a_trial_asked_with_fixed_keys_keeps_them_and_samples_the_rest() -> None:

@@ -1,10 +1,11 @@
 """study.pack=K: K trials of the study trained at once as one packed model (searchlab.pack), each still its own
 Optuna trial, MLflow run and progress line.
 
-The first member is asked and sampled as any trial. The other K-1 are asked with the keys a pack must share (group
-choices, batch size, width, depth, batch norm: everything `varies_per_member` says no to) fixed to the first's
-values, by Optuna's PartialFixedSampler around the study's own sampler: TPE still picks their learning rates, weight
-decays, momentums, dropout and L1 strengths, with constant liar for the members still running. Each member reports
+The first member is asked and sampled as any trial. The other K-1 are asked with the keys a pack must share (the
+network's group and shape, batch size, batch norm: everything `varies_per_member` says no to) fixed to the first's
+values, by Optuna's PartialFixedSampler around the study's own sampler: TPE still picks each member's optimizer and
+schedule (the group choices and their keys), learning rate, weight decay, momentum, betas, dropout and L1 strength,
+with constant liar for the members still running, so a pack explores as K lone trials do. Each member reports
 every epoch to its own trial and is pruned on its own (it leaves the pack, which shrinks); each is told on its own.
 The lifecycle (searchlab.study.trial) reserves every member as it reserves a trial, so n_trials, several workers and the
 dead-worker retry count members exactly as trials.
@@ -53,8 +54,9 @@ def fixed_sampler(study: optuna.Study, fixed: dict[str, Any]) -> Iterator[None]:
 
 def check_pack(cfg: DictConfig, splits: Splits | None, space: SearchSpace, composer: Composer) -> None:
     """Refuses study.pack > 1, before the first trial, where a pack cannot train: DDP, a grid search, an explicit
-    checkpoint period, or a configuration the pack cannot vectorize, probed for the base config and for each value
-    of every shared choice the space draws from (optimizer, schedule, network, batch size...)."""
+    checkpoint period, or a configuration the pack cannot vectorize, probed for the base config and for each option
+    of every group and flag the space draws from (optimizer, schedule, network...), per choice: members of one
+    pack may then draw any of the optimizer and schedule options, each of which packs."""
     size = cfg.study.pack
     if size == 1:
         return
