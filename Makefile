@@ -43,7 +43,23 @@ system:
 
 test: install system
 	$(BIN)/ruff check searchlab tests bench
+	$(MAKE) docs-check
 	$(BIN)/python -m pytest -m "not e2e" $(ARGS)
+
+# The documentation site (README.md is its front page, pages in docs/, mkdocs.yml) into site/; `docs-check` builds it
+# with --strict into a scratch folder (a broken link or anchor fails), as `make test` does. Pinned like PINS.
+DOCS_PINS := mkdocs==1.6.1 mkdocs-material==9.8.2
+.PHONY: docs docs-check
+
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet $(DOCS_PINS)
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-check: $(VENV)/.docs-installed
+	@site=$$(mktemp -d) && NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $$site; rc=$$?; rm -rf $$site; exit $$rc
 
 # The browser test: a tiny study, `make ui` on a free port, headless Chromium; screenshots in tests/artifacts/.
 e2e: install system
