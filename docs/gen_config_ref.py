@@ -83,8 +83,12 @@ def _keys(text: str) -> tuple[str, list[Key]]:
     return " ".join(header), keys
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+def _cell(text: str, code: bool = False) -> str:
+    """Text for a table cell: a pipe is escaped outside code spans (Python-Markdown's tables skip those)."""
+    if code:
+        return text
+    parts = text.split("`")
+    return "`".join(part if i % 2 else part.replace("|", "\\|") for i, part in enumerate(parts))
 
 
 def _defaults() -> tuple[list[tuple[str, str]], list[Key]]:
@@ -118,7 +122,7 @@ def render() -> str:
         shown = ", ".join(f"`{k}`" for k in sorted(keys) if k != "defaults") or "the search space"
         out.append(f"| [`{group}`](#{group}) | {names} | {_cell(shown)} |")
     out += ["", "## Top-level keys (`conf/config.yaml`)", "", "| key | default | about |", "|---|---|---|"]
-    out += [f"| `{k.name}` | `{_cell(k.default)}` | {_cell(k.about)} |" for k in top]
+    out += [f"| `{k.name}` | `{_cell(k.default, code=True)}` | {_cell(k.about)} |" for k in top]
     for group in groups:
         out += ["", f"## {group}", ""]
         if group in default_of:
@@ -136,7 +140,7 @@ def render() -> str:
                 out += ["No keys.", ""]
                 continue
             out += ["| key | default | about |", "|---|---|---|"]
-            out += [f"| `{group}.{k.name}` | `{_cell(k.default)}` | {_cell(k.about)} |" for k in keys]
+            out += [f"| `{group}.{k.name}` | `{_cell(k.default, code=True)}` | {_cell(k.about)} |" for k in keys]
             out.append("")
     return "\n".join(out).rstrip() + "\n"
 
