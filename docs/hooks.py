@@ -14,8 +14,10 @@ import posixpath
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mkdocs.structure.files import File, Files
+if TYPE_CHECKING:  # MkDocs is imported by the build that calls these hooks, not by the tests of the links
+    from mkdocs.structure.files import Files
 
 REPO = Path(__file__).resolve().parents[1]
 # Repository file -> its place in the site.
@@ -43,6 +45,8 @@ def _gen_config_ref():
 
 
 def on_files(files: Files, config) -> Files:
+    from mkdocs.structure.files import File
+
     for source, uri in PUBLISHED.items():
         path = REPO / source
         content = path.read_text() if path.suffix == ".md" else path.read_bytes()
@@ -75,26 +79,30 @@ def _site_uri(repo_path: str) -> str | None:
     return None
 
 
-def on_page_markdown(markdown: str, page, config, files: Files) -> str:
-    """Links written relative to the page's file in the repository, pointed at the site's pages."""
-    uri = page.file.src_uri
-    if MODULES in markdown:
-        markdown = markdown.replace(MODULES, module_map())
+def relink(markdown: str, uri: str) -> str:
+    """The page at `uri` in the site with its links, written relative to its file in the repository, pointed at the
+    site's pages; a link to nothing the site has is left as written, for MkDocs to report."""
     repo_path = {v: k for k, v in PUBLISHED.items()}.get(uri, f"docs/{uri}")
 
-    def relink(match: re.Match) -> str:
+    def one(match: re.Match) -> str:
         target = match.group(2)
         if "://" in target or target.startswith(("#", "mailto:")):
             return match.group(0)
         path, _, anchor = target.partition("#")
         site = _site_uri(posixpath.normpath(posixpath.join(posixpath.dirname(repo_path), path)))
         if site is None:
-            return match.group(0)  # left as written: MkDocs reports it when it leads nowhere
+            return match.group(0)
         new = posixpath.relpath(site, posixpath.dirname(uri) or ".") + (f"#{anchor}" if anchor else "")
         return f"{match.group(1)}{new}{match.group(3)}"
 
     out, last = [], 0
     for fence in FENCE.finditer(markdown):  # links inside code blocks are code, not links
-        out += [LINK.sub(relink, markdown[last:fence.start()]), fence.group(0)]
+        out += [LINK.sub(one, markdown[last:fence.start()]), fence.group(0)]
         last = fence.end()
-    return "".join([*out, LINK.sub(relink, markdown[last:])])
+    return "".join([*out, LINK.sub(one, markdown[last:])])
+
+
+def on_page_markdown(markdown: str, page, config, files: Files) -> str:
+    if MODULES in markdown:
+        markdown = markdown.replace(MODULES, module_map())
+    return relink(markdown, page.file.src_uri)
