@@ -98,3 +98,14 @@ def test_module_map_has_a_row_for_every_module():
     assert [row.split("`")[1] for row in rows] == modules
     described = [row for row in rows if not row.endswith("|  |")]
     assert len(described) == len(rows), [row for row in rows if row not in described]
+
+
+def test_files_the_docs_name_exist():
+    """A page that names a module, test or bench file names one that is there (a move updates the docs with it)."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    named = {(page.name, match) for page in pages
+             for match in re.findall(r"\b(?:searchlab|hydra_plugins|bench|tests)/[\w/.-]*\w\.(?:py|md|png|jsonl)",
+                                     page.read_text())
+             if not match.startswith("bench/out/")}  # what `make gpu-check` writes
+    assert len(named) > 10
+    assert not [(page, path) for page, path in sorted(named) if not (REPO / path).is_file()]
