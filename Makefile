@@ -43,11 +43,27 @@ system:
 
 # --durations=25: the slowest tests, so CI's log shows where the suite's time goes.
 test: install system lint
+	$(MAKE) docs-check
 	$(BIN)/python -m pytest -m "not e2e" --durations=25 $(ARGS)
 
 # The fast tier: no real servers, SLURM, DDP ranks or slow multi-process studies; no system packages needed.
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not cluster and not ddp and not slurm and not e2e" --durations=25 $(ARGS)
+
+# The documentation site (README.md is its front page, pages in docs/, mkdocs.yml) into site/; `docs-check` builds it
+# with --strict into a scratch folder (a broken link or anchor fails), as `make test` does. Pinned like PINS.
+DOCS_PINS := mkdocs==1.6.1 mkdocs-material==9.8.2
+.PHONY: docs docs-check
+
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet $(DOCS_PINS)
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-check: $(VENV)/.docs-installed
+	@site=$$(mktemp -d) && NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $$site; rc=$$?; rm -rf $$site; exit $$rc
 
 # The browser test: a tiny study, `make ui` on a free port, headless Chromium; screenshots in tests/artifacts/.
 e2e: install system

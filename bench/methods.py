@@ -188,8 +188,8 @@ METHODS: dict[str, Method] = {
     "tpe-patient": Method("TPE + patient (3 epochs without gain)",
                           _method(TPE10, ("optuna.pruners.PatientPruner", {"wrapped_pruner": "null", "patience": 3}))),
     "random-sh1": Method("random + SH min 1, rf 3", _method(RANDOM, (SH, {"min_resource": 1, "reduction_factor": 3}))),
-    # The default's sampler and pruner with K trials trained at once as one model (study.pack; README "Packed
-    # trials"): members 2..K share the first's optimizer, schedule, shape and batch size; TPE draws their numbers.
+    # The default's sampler and pruner with K trials trained at once as one model (study.pack; docs/packing.md):
+    # members 2..K share the first's optimizer, schedule, shape and batch size; TPE draws their numbers.
     **{f"tpe5-sh1-pack{k}": Method(f"the default + study.pack={k}",
                                    _method(TPE5, (SH, {"min_resource": 1, "reduction_factor": 3})),
                                    (_set("pack", k),), max_trials_factor=k) for k in (4, 8)},

@@ -33,7 +33,8 @@ def merge_results(old: str, run_line: str, new: dict[str, list[str]]) -> str:
     """results.md: each part's block (its run line, then its sections) between markers; the parts run now replace
     theirs, the others keep their block from the earlier file."""
     blocks = {}
-    for part in (*PARTS, "gpu-check"):  # gpu-check: the block `make gpu-check` writes (bench/gpu_check.py)
+    # gpu-check: the block `make gpu-check` writes (bench/gpu_check.py); notes: kept by hand (history, code's figures)
+    for part in (*PARTS, "gpu-check", "notes"):
         begin, end = f"<!-- part:{part} -->", f"<!-- /part:{part} -->"
         if part in new:
             blocks[part] = f"{begin}\n{run_line}\n" + "\n".join(new[part]) + f"{end}\n"

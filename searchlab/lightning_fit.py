@@ -32,7 +32,7 @@ EpochHook = Callable[[int, dict[str, float]], "str | None"]
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*`isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 # Lightning's hint, on any machine with SLURM's `srun` installed, to launch with srun: searchlab starts its own workers
-# and DDP ranks (README, "Several machines" says how to run it under SLURM); the hint is not about them.
+# and DDP ranks (docs/several-machines.md says how to run it under SLURM); the hint is not about them.
 warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system but is not used.*")
 # Under DDP every rank evaluates the whole val set, so the logged val_loss is the same on all ranks: no sync needed.
 warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")

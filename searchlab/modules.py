@@ -1,11 +1,11 @@
 """searchlab's LightningModules, entries of the `module` group like a user's own: a classifier and a regressor.
 
-They follow the contract a user's module follows (README, "Your own model and data"): they take the network built
+They follow the contract a user's module follows (docs/own-code.md): they take the network built
 from `model` as `net`, and the trial's optimizer and schedule as callables (`optimizer(params)`,
 `scheduler(optimizer)`, Hydra `_partial_`) that they call in configure_optimizers, and they report metrics with
 `self.log`. What they add is speed: per-step values are summed in device tensors and read once per validation epoch,
-so a step has no host sync; and a metric that costs (the classifier's F1 and AUROC: ~5 ms an epoch together on
-digits with one CPU thread, ~5% of a digits MLP trial) is computed only when the run reads it (`metrics`).
+so a step has no host sync; and a metric that costs (the classifier's F1 and AUROC cost more per epoch than the loss
+and accuracy together) is computed only when the run reads it (`metrics`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ _PLAIN = (str, int, float, type(None))  # values that are never a Parameter, Mod
 
 def macro_auroc(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """One-vs-rest AUROC averaged over classes, from the Mann-Whitney rank statistic (tied scores share their mean
-    rank): the same values as torchmetrics' multiclass_auroc(average="macro"), which is ~7x slower per epoch on
-    digits (its per-class ROC curves). A class absent from the targets counts 0, as there."""
+    rank): the same values as torchmetrics' multiclass_auroc(average="macro"), without its per-class ROC curves,
+    which cost it several times as much per epoch. A class absent from the targets counts 0, as there."""
     n, classes = scores.shape
     ordered, order = scores.sort(0)
     new_group = torch.ones_like(ordered, dtype=torch.bool)
@@ -65,8 +65,8 @@ class _Module(pl.LightningModule):
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets plain attributes on the module around every hook call (~25 per step); torch's
-        # Module.__setattr__ first checks each value against Parameter, Module and Buffer (slow isinstance hooks):
-        # 5-7% of a small model's fit, measured. An existing plain attribute taking a plain value is none of them.
+        # Module.__setattr__ first checks each value against Parameter, Module and Buffer (slow isinstance hooks),
+        # a visible share of a small model's fit. An existing plain attribute taking a plain value is none of them.
         if name in self.__dict__ and isinstance(value, _PLAIN):
             object.__setattr__(self, name, value)
         else:

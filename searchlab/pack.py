@@ -354,9 +354,8 @@ class PackedTraining:
             self._loss, self._output = self._mlp_loss, self._mlp_output
 
     def _mlp_forward(self, x: torch.Tensor, training: bool) -> torch.Tensor:
-        """searchlab's MLP for all members by batched matmuls: [K, N, outputs]. Measured against vmap (bench
-        part packing): the same arithmetic without vmap's per-call cost (~2 ms a step here, which dominates small
-        packs)."""
+        """searchlab's MLP for all members by batched matmuls: [K, N, outputs]: the same arithmetic as vmap without
+        vmap's per-call cost, which dominates small packs (`make bench` part packing compares the two)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             h = x.flatten(1).expand(len(self.flat), -1, -1)
             for i, (weight, bias, rate) in enumerate(self.mlp_layers):

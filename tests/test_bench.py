@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import types
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from helpers import wait_until
@@ -191,6 +192,15 @@ def test_results_file_keeps_the_parts_not_run():
     old = merge_results("", "- Run A\n", {"overhead": ["### Overhead A\n"], "methods": ["### Methods A\n"]})
     new = merge_results(old, "- Run B\n", {"methods": ["### Methods B\n"]})
     assert "### Overhead A" in new and "- Run A" in new and "### Methods B" in new and "Methods A" not in new
+
+
+
+def test_results_file_keeps_the_notes_kept_by_hand():
+    """bench/results.md's notes block (the measurement history, the figures behind code choices) survives a run."""
+    old = (Path(__file__).resolve().parents[1] / "bench" / "results.md").read_text()
+    notes = old[old.index("<!-- part:notes -->"):old.index("<!-- /part:notes -->")]
+    new = merge_results(old, "- Run B\n", {"overhead": ["### Overhead B\n"]})
+    assert notes in new and "### Overhead B" in new and new.index(notes) > new.index("### Overhead B")
 
 
 def test_methods_summary_counts_misses_as_the_caps():

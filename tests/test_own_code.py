@@ -373,18 +373,18 @@ def test_python_api_from_a_plain_script(signals_project, tmp_path):
                for line in lines)
 
 
-# --- the README's contract example, as written -------------------------------------------------------------------
+# --- the docs' contract example (docs/own-code.md), as written -------------------------------------------------------
 
-README_IMPORT = "import pytorch_lightning as pl"
+EXAMPLE_IMPORT = "import pytorch_lightning as pl"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("package", ["pytorch_lightning", "lightning.pytorch"])
-def test_readme_contract_example_runs_as_written(tmp_path, in_process, package):
-    """The example as the README writes it, and with its import switched to `lightning` as its comment says: each
-    trains with its own package's Trainer (the other's refuses its module)."""
-    readme = (REPO / "README.md").read_text()
-    example = readme.split("<!-- contract-example -->", 1)[1].split("<!-- /contract-example -->", 1)[0]
+def test_docs_contract_example_runs_as_written(tmp_path, in_process, package):
+    """The example as docs/own-code.md writes it, and with its import switched to `lightning` as its comment says:
+    each trains with its own package's Trainer (the other's refuses its module)."""
+    page = (REPO / "docs" / "own-code.md").read_text()
+    example = page.split("<!-- contract-example -->", 1)[1].split("<!-- /contract-example -->", 1)[0]
     blocks = re.findall(r"```(\w+)\n(.*?)```", example, flags=re.S)
     project = tmp_path / "myproject"
     written = []
@@ -394,8 +394,8 @@ def test_readme_contract_example_runs_as_written(tmp_path, in_process, package):
             path = project / first[2:].strip()
             path.parent.mkdir(parents=True, exist_ok=True)
             if language == "python":
-                (line,) = [line for line in text.splitlines() if line.startswith(README_IMPORT)]
-                assert f"import {package} as pl" in line  # the README names both ways on the import's line
+                (line,) = [line for line in text.splitlines() if line.startswith(EXAMPLE_IMPORT)]
+                assert f"import {package} as pl" in line  # the page names both ways on the import's line
                 text = text.replace(line, f"import {package} as pl")
             path.write_text(text)
             written.append(path.name)

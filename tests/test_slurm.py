@@ -1,8 +1,8 @@
-"""SLURM for real: the README's `sbatch` recipe on a one-node cluster (munged, slurmctld, slurmd on 127.0.0.1, Debian's
-slurm-wlm 22.05), run as written but CPU-sized: a job array of `searchlab worker`s sharing one study, a task
-preempted with `scontrol requeue` (SIGTERM: checkpoint, re-queue, the requeued task resumes it) and a task killed
-hard (`scancel --signal=KILL` of its worker step: another task's worker retries its trial through the journal
-storage's pid check). The whole module takes minutes: each task starts a fresh worker (imports, preflight)."""
+"""SLURM for real: the `sbatch` recipe of docs/several-machines.md on a one-node cluster (munged, slurmctld, slurmd on
+127.0.0.1, Debian's slurm-wlm 22.05), run as written but CPU-sized: a job array of `searchlab worker`s sharing one
+study, a task preempted with `scontrol requeue` (SIGTERM: checkpoint, re-queue, the requeued task resumes it) and a
+task killed hard (`scancel --signal=KILL` of its worker step: another task's worker retries its trial through the
+journal storage's pid check). The whole module takes minutes: each task starts a fresh worker (imports, preflight)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from searchlab.checkpoints import CHECKPOINT_FILE, read_saved
 
 pytestmark = pytest.mark.slurm
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+RECIPE_PAGE = Path(__file__).resolve().parents[1] / "docs" / "several-machines.md"
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "squeue", "scancel", "sinfo", "srun")
 # A requeued job may start again only after the job credential's lifetime (slurm.conf's cred_expire, 120 s by
@@ -186,29 +186,29 @@ def slurm(cluster: Slurm) -> Iterator[Slurm]:
             cluster.wait_done(job, timeout=60)
 
 
-def readme_recipe() -> str:
-    """The `sbatch` script of the README's SLURM section, as a user copies it."""
-    text = README.read_text()
+def docs_recipe() -> str:
+    """The `sbatch` script of the docs' SLURM section, as a user copies it."""
+    text = RECIPE_PAGE.read_text()
     section = text[text.index("**5. SLURM**"):]
     match = re.search(r"```bash\n(.*?)```", section, re.S)
-    assert match, "README: no ```bash block after **5. SLURM**"
+    assert match, f"{RECIPE_PAGE}: no ```bash block after **5. SLURM**"
     return match.group(1)
 
 
 def _edit(script: str, pattern: str, replacement: str) -> str:
     edited, count = re.subn(pattern, lambda _: replacement, script)
-    assert count == 1, f"README's SLURM recipe has no (single) {pattern!r}: update tests/test_slurm.py to the recipe"
+    assert count == 1, f"the docs' SLURM recipe has no (single) {pattern!r}: update tests/test_slurm.py to the recipe"
     return edited
 
 
 def cpu_sized(tmp_path: Path, array: str, name: str, n_trials: int, settings: list[str],
               artifact_root: str = "null") -> str:
-    """The README recipe with only what this machine and the test need changed: the array's size, one worker of one
+    """The docs' recipe with only what this machine and the test need changed: the array's size, one worker of one
     CPU per task (no GPUs), a short time limit, the venv's searchlab, this test's study, stores and training."""
     env_file = tmp_path / "searchlab-env"
     env_file.write_text(f"export SEARCHLAB_STORAGE={tmp_path}/optuna.journal\n")
     env_file.chmod(0o600)
-    script = readme_recipe()
+    script = docs_recipe()
     script = _edit(script, r"--array=\S+", f"--array={array}")
     script = _edit(script, r"#SBATCH --gpus-per-node=.*\n", "")
     script = _edit(script, r"--ntasks-per-node=\d+", "--ntasks-per-node=1")
@@ -271,7 +271,7 @@ def assert_budget_exact(tmp_path: Path, name: str, n_trials: int) -> optuna.Stud
     return study
 
 
-def test_the_readme_recipe_runs_a_job_array_on_one_study_with_an_exact_budget(slurm, tmp_path):
+def test_the_docs_recipe_runs_a_job_array_on_one_study_with_an_exact_budget(slurm, tmp_path):
     job = slurm.submit(cpu_sized(tmp_path, "0-1", "array", 6, ["trainer.max_epochs=2", "model.width=32"]), tmp_path)
     tasks = slurm.wait_done(job)
     assert sorted(tasks) == ["0", "1"], tasks
