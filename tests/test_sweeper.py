@@ -269,6 +269,7 @@ def minimal_app(tmp_path: Path) -> Path:
     (["model.width=8,16"], "'model.width=8,16': a sweep over values on the command line"),
     (["hydra.sweeper.checkpoint_every_n_epochs=0"],
      "hydra.sweeper.checkpoint_every_n_epochs: expected auto or a positive integer (epochs), got 0"),
+    (["hydra.sweeper.study.warm_start=[earlier]"], "hydra.sweeper.study.warm_start: not supported by the sweeper"),
 ])
 def test_each_bad_sweeper_setting_is_one_line_before_anything_is_written(minimal_app, args, message):
     result = run(sys.executable, "app.py", "-m", "hparams_search=searchlab", *args, cwd=minimal_app, timeout=300)
@@ -285,6 +286,22 @@ def test_the_minimal_app_without_callback_runs_on_its_returned_values_and_says_h
     assert result.stdout.count("reported no epoch") == 1  # said once, at the first trial
     done = trials(minimal_app, "minimal")
     assert [t.value for t in done] == [t.params["model.lr"] for t in done]  # the task function's return value
+
+
+def test_stop_when_ends_the_sweep_early_finished_with_the_reason(minimal_app):
+    """model.lr fixed: every job returns 0.1, so after the first trial none improves; patience 2 stops the study at
+    its third trial of 10, FINISHED, the reason in the summary line and on the parent run."""
+    (minimal_app / "space_width.yaml").write_text("model.width: {choices: [8, 16, 32]}\n")
+    result = run(sys.executable, "app.py", "-m", "hparams_search=searchlab", "model.lr=0.1",
+                 "hydra.sweeper.study.n_trials=10", "hydra.sweeper.space=null", "hydra.sweeper.search=space_width.yaml",
+                 "+hydra.sweeper.study.stop_when={patience: 2}", cwd=minimal_app, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(trial_lines(result.stdout)) == 3
+    assert "3/10 trials" in result.stdout and "stopped early: the best value (0.1) has not improved" in result.stdout
+    client = MlflowClient(f"sqlite:///{minimal_app}/mlruns/mlflow.db")
+    experiment = client.get_experiment_by_name("minimal")
+    [parent] = client.search_runs([experiment.experiment_id], "tags.`searchlab.role` = 'study'")
+    assert parent.info.status == "FINISHED" and "has not improved" in parent.data.tags["searchlab.stopped"]
 
 
 # --- the job's side, in-process ------------------------------------------------------------------------------------

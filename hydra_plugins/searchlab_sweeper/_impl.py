@@ -74,6 +74,7 @@ from searchlab.study import (
     worker_slots,
 )
 from searchlab.study.search_work import requeue_resumable
+from searchlab.study.stopping import stop_rules
 from searchlab.study.trial import describe, interrupted
 
 from ._settings import PREFIX, AppComposer, SweepSettings
@@ -91,6 +92,9 @@ class Sweep:
         if self.cfg.study.pack != 1:
             raise ConfigError(f"{PREFIX}.study.pack: packed trials need searchlab's own training; the sweeper runs "
                               "one job of the app per trial (leave it 1)")
+        if self.cfg.study.get("warm_start"):  # its fitting of earlier trials composes searchlab's own config groups
+            raise ConfigError(f"{PREFIX}.study.warm_start: not supported by the sweeper; enqueue earlier values with "
+                              "searchlab search --config-dir, or leave it []")
         self.objectives = Objectives.of(self.cfg.study)
         self.composer = AppComposer(self.loader, self.master, settings.arguments)
         self.as_worker = settings.worker
@@ -169,15 +173,17 @@ class Sweep:
         status = "FINISHED"
         try:
             with sigterm_as_interrupt():  # a preemption or `kill` ends the study KILLED, as Ctrl-C does
-                status = session.run(lambda: work, on_trial, self.slots, self._worker_command())
+                status = session.run(lambda: work, on_trial, self.slots, self._worker_command(),
+                                     stop_rules=stop_rules(study, _container(cfg.study.get("stop_when")),
+                                                           cfg.study.seed))
         finally:
             progress.close()
             best = best_trial(study)
-            if not self.as_worker or session.budget.done():
+            if not self.as_worker or session.budget.done() or session.stopped:
                 session.end(status, None if best is None else vars(best), state_counts(study))
         if self.as_worker:
             return work.returns
-        self._summary(study, out, time.monotonic() - start)
+        self._summary(study, out, time.monotonic() - start, session.stopped)
         if status != "KILLED":
             try:
                 result = write_report(study, cfg, session.tracker)
@@ -200,10 +206,11 @@ class Sweep:
         return [sys.executable, str(Path(sys.argv[0]).resolve()), *sys.argv[1:], f"hydra.sweep.dir={self.sweep_dir}",
                 f"{PREFIX}.worker=true"]
 
-    def _summary(self, study: optuna.Study, out: TextIO, seconds: float) -> None:
+    def _summary(self, study: optuna.Study, out: TextIO, seconds: float, stopped: str | None) -> None:
         counts = state_counts(study)
         print(f"\n{budget_used(study)}/{self.cfg.study.n_trials} trials in {seconds:.1f}s this run: "
-              + ", ".join(f"{n} {state.lower()}" for state, n in counts.items()), file=out)
+              + ", ".join(f"{n} {state.lower()}" for state, n in counts.items())
+              + (f"; stopped early: {stopped}" if stopped else ""), file=out)
         best = best_trial(study)
         if best is None:
             print("no trial completed yet", file=out, flush=True)
@@ -403,3 +410,8 @@ def _absolute(location: str) -> str:
     if "://" not in location:
         return str(Path(location).resolve())
     return location
+
+
+def _container(node: Any) -> Any:
+    """study.stop_when as plain Python (a DictConfig, or null)."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
