@@ -172,6 +172,25 @@ def test_signals_task_makes_its_data_with_the_example_script_once_and_searches_i
     assert run.reached and run.trials == 1 and path.stat().st_mtime_ns == made
 
 
+def test_friedman_task_writes_its_regression_data_once_and_searches_the_regressor(tmp_path):
+    import numpy as np
+
+    import bench.methods
+
+    path = tmp_path / "data" / f"friedman-{bench.methods.FRIEDMAN_N}.npz"
+    assert TASKS["friedman"].prepare(tmp_path / "data") == (f"data.path={path}",)
+    with np.load(path) as arrays:
+        assert arrays["x_train"].shape == (1200, 20) and arrays["y_val"].shape == (400,)
+        assert arrays["y_train"].dtype == np.float32  # regression targets, not class indices
+    made = path.stat().st_mtime_ns
+    task = replace(TASKS["friedman"], target=-1e9, max_trials=3, max_seconds=60)  # the first complete trial
+    run = run_one(tmp_path, "friedman", task, "random", 0, ["trainer.max_epochs=1"])
+    assert run.reached and run.states["COMPLETE"] == 1 and path.stat().st_mtime_ns == made
+    result = MethodsResult(tasks={"friedman": task}, methods=["random"], seeds=[0], extra=[], runs=[run])
+    markdown = methods_markdown(result, "methods.png")
+    assert "target: best val_r2 >= -1000000000.0" in markdown
+
+
 def test_methods_are_override_entries_of_the_study_tables():
     from searchlab.config import Composer
 
