@@ -585,8 +585,11 @@ class PackedTraining:
         out: dict[int, dict[str, float]] = {}
         for row, member_index in enumerate(list(self.active)):
             member = self.members[member_index]
-            metrics = {**validated[row], "train_loss": train[row], "lr": member.optimizer.param_groups[0]["lr"],
-                       **always}
+            # Lightning's order: the step's validation, the plateau schedule of interval step (on the epoch's last
+            # step), the epoch's metrics with the lr as it is now, then the plateau schedule of interval epoch.
+            member.latest = {**validated[row], "train_loss": train[row]}
+            member.step_schedule("step", self.steps_per_epoch, plateau=True)
+            metrics = {**member.latest, "lr": member.optimizer.param_groups[0]["lr"], **always}
             member.result.history.append(metrics)
             out[member_index] = metrics
             self._keep_best(member_index, row, metrics)
@@ -597,11 +600,9 @@ class PackedTraining:
                     break
             if on_epoch is not None:
                 reason = on_epoch(member_index, self.epoch, metrics) or reason
-            member.latest = metrics
             if reason:
                 self.stop(member_index, reason)
-            else:  # the plateau schedules, after validation: of interval step at the epoch's last step, then epoch
-                member.step_schedule("step", self.steps_per_epoch, plateau=True)
+            else:
                 member.step_schedule("epoch", self.epoch, plateau=True)
         self._refresh_hyper_if_rows()
         elapsed = time.perf_counter() - start

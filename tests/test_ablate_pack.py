@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import run_cli
+from omegaconf import OmegaConf
 
 from searchlab.ablate import FINALIST, Plan, Variant, pack_size
 from searchlab.build import load_data
@@ -114,14 +115,21 @@ def test_a_pruned_seed_leaves_the_pack_and_the_others_stay_exact(composer: Compo
 
 # ---- plateau on interval step (it never stepped in a pack) ----
 
-PLATEAU = {"optimizer": "sgd", "optimizer.lr": 0.1, "scheduler": "plateau", "scheduler.interval": "step",
-           "scheduler.patience": 0, "scheduler.mode": "max"}  # mode max on a falling val_loss: halves every time
+PLATEAU = {"optimizer": "sgd", "optimizer.lr": 0.1, "scheduler": "plateau", "scheduler.patience": 0,
+           "scheduler.mode": "max"}  # mode max on a falling val_loss: it steps down every time it is stepped
+
+
+def _plateau_on_steps(composer: Composer, **values):
+    """conf/scheduler/plateau.yaml with `interval: step` (Lightning's setting, a key the option does not set)."""
+    cfg = composer({**PLATEAU, **values})
+    OmegaConf.update(cfg, "scheduler.interval", "step", force_add=True)
+    return cfg
 
 
 def test_plateau_on_interval_step_steps_in_a_pack_as_alone(composer: Composer) -> None:
     """One step per epoch (limit_train_batches=1): Lightning steps the plateau schedule after that step's validation;
     so must the pack, member by member (the second member with another factor and seed)."""
-    cfgs = [composer({**PLATEAU, "trainer.limit_train_batches": 1, "trainer.max_epochs": 4, **m})
+    cfgs = [_plateau_on_steps(composer, **{"trainer.limit_train_batches": 1, "trainer.max_epochs": 4, **m})
             for m in ({}, {"scheduler.factor": 0.2, "seed": 1})]
     results = PackedTraining(cfgs, [load_data(c) for c in cfgs]).fit()
     for cfg, result in zip(cfgs, results, strict=True):
@@ -135,7 +143,7 @@ def test_plateau_on_interval_step_steps_in_a_pack_as_alone(composer: Composer) -
 def test_plateau_stepping_before_the_first_validation_is_refused_as_alone(composer: Composer) -> None:
     """Every step of 6 per epoch: its first step comes before any val_loss exists; Lightning raises there, and the
     pack refuses the member when it is built (one line naming the key)."""
-    cfg = composer(PLATEAU)
+    cfg = _plateau_on_steps(composer)
     with pytest.raises(Exception, match="not available"):
         _alone(cfg)
     with pytest.raises(ValueError, match="scheduler.interval=step") as err:
@@ -161,7 +169,7 @@ def test_an_unpackable_winner_trains_alone_with_one_line(capsys, override: str, 
     assert len(err) == 1 and "ablate.pack=8" in err[0] and reason in err[0] and "runs alone" in err[0], err
     assert pack_size(plan, 8, quiet=True) == 1 and capsys.readouterr().err == ""
     assert pack_size(Plan("x", "val_loss", "minimize", "test_loss", [0], [Variant(
-        "trial-0", FINALIST, "trial 0", BASE, 0, 0.1)]), 8) == 8
+        "trial-0", FINALIST, "trial 0", tuple(BASE), 0, 0.1)]), 8) == 8
 
 
 # A study of 3 trials without dropout (so packed and lone trainings match closely), shapes fixed but batch norm.
