@@ -35,13 +35,14 @@ trial. States: COMPLETE (also when the training diverged: the best value reached
 then missing); PRUNED when the training raised (recorded with the reason, uses its budget, not retried: it would
 raise again); FAIL when interrupted or its worker was lost (retried by the next run).
 
-**Packing** (`ablate.pack`, default 8; 1 turns it off): the trainings of configurations that can share a pack
-(searchlab.pack: the same network, batch size, epochs..., any optimizer, schedule, dropout, L1 and seed) train K at a
-time as one vectorized model, each member with its own seed's initial weights, data split and batch order, so each
-equals its lone training within float noise (dropout masks: in distribution). The pairs are queued with such
-configurations side by side; a trial handed K of them trains each group that can share a pack as one, the rest
-alone. Each member is still its own trial and MLflow run. What cannot be packed (a module or DataModule of one's
-own, DDP, trainer.max_time, early stopping, 16-bit...) trains one at a time, with one line saying why.
+**Packing** (`ablate.pack`, default 20, rounded down to a multiple of the seeds; 1 turns it off): the trainings of
+configurations that can share a pack (searchlab.pack: the same network, batch size, epochs..., any optimizer,
+schedule, dropout, L1 and seed) train K at a time as one vectorized model, each member with its own seed's initial
+weights, data split and batch order, so each equals its lone training within float noise (dropout masks: in
+distribution). The pairs are queued with such configurations side by side (pack_order); a trial handed K of them
+trains each group that can share a pack as one, the rest alone. Each member is still its own trial and MLflow run.
+What cannot be packed (a module or DataModule of one's own, DDP, trainer.max_time, early stopping, 16-bit...) trains
+one at a time, with one line saying why.
 
 **MLflow**: in the study's experiment an `ablation` run (tag searchlab.role=ablation, nested under the study's parent
 run when there is one) holds one child run per training (tags searchlab.variant, searchlab.seed, searchlab.family;
@@ -781,15 +782,19 @@ def ablate(overrides: Sequence[str]) -> int:
 
 
 def pack_size(plan: Plan, setting: int, quiet: bool = False) -> int:
-    """How many trainings a trial takes at once: ablate.pack, or 1 when the winner's configuration cannot be packed
-    (said in one line unless `quiet`: a worker process, whose parent said it)."""
+    """How many trainings a trial takes at once: ablate.pack rounded down to whole configurations (a multiple of the
+    seeds, when it holds one: the pairs are queued a configuration's seeds together, so a pack cut at a multiple of
+    them leaves no configuration a lone seed), or 1 when the winner's configuration cannot be packed (said in one
+    line unless `quiet`: a worker process, whose parent said it)."""
     if setting == 1:
         return 1
+    seeds = len(plan.seeds)
+    size = setting // seeds * seeds if setting >= seeds else setting
     cfg = _composed(plan.winner.overrides).copy()
     OmegaConf.update(cfg, "seed", plan.seeds[0], merge=False)
     why = why_not_packed(cfg)
     if why is None:
-        return setting
+        return size
     if not quiet:
         print(f"searchlab ablate: ablate.pack={setting}: the winner's configuration cannot be packed ({why}); "
               "every training runs alone", file=sys.stderr, flush=True)

@@ -266,11 +266,16 @@ class MemberBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n, size = self.x.shape[1], self.batch_size
         orders = torch.stack([torch.randperm(n, device=self.x.device, generator=g) for g in self.generators])
-        orders = orders[self.seed_rows]  # [K, N]: each row's permutation
-        splits = self.split_rows.unsqueeze(1)
+        # [K, N]: each row's permutation, as indices into the splits' samples laid end to end: index_select on one
+        # flat tensor (0.6 ms a step for 20 x 128 digits samples on the 2-core CPU; 9 ms indexing [S, N] by two
+        # index tensors).
+        orders = orders[self.seed_rows] + (self.split_rows * n).unsqueeze(1)
+        x, y = self.x.flatten(0, 1), self.y.flatten(0, 1)
         for i in range(self.n_batches):
             index = orders[:, i * size:(i + 1) * size]
-            yield self.x[splits, index], self.y[splits, index]
+            rows = index.shape
+            yield (x.index_select(0, index.reshape(-1)).view(*rows, *x.shape[1:]),
+                   y.index_select(0, index.reshape(-1)).view(*rows, *y.shape[1:]))
 
 
 class _Member:
