@@ -509,8 +509,8 @@ class AblationWork(TrialWork):
         """One line per reason and process: these trainings run alone, and why."""
         if why not in self._said:
             self._said.add(why)
-            print(f"searchlab ablate: ablate.pack: {attempt.params.get('variant', '?')} trains one seed at a time "
-                  f"({str(why).splitlines()[0]})", file=sys.stderr, flush=True)
+            print(f"searchlab ablate: ablate.pack: {attempt.params.get('variant', '?')} trains one seed at a time, "
+                  f"not packed ({str(why).splitlines()[0]})", file=sys.stderr, flush=True)
 
     def _claim(self, trial: optuna.Trial) -> tuple[Variant, int] | None:
         """The trial's own (variant, seed) when the plan has it and no other trial holds it, else the first pair
@@ -714,6 +714,8 @@ def sentences(result: Mapping[str, Any]) -> list[str]:
 def ablate(overrides: Sequence[str]) -> int:
     """`searchlab ablate`: runs (or resumes) the ablation of study.name and prints, writes and logs its verdict."""
     begin = time.monotonic()
+    _CONFIGS.clear()  # per command: another command in this process may compose from another config folder
+    _PROBES.clear()
     cfg = compose_config(overrides)
     validate_config(cfg)
     check_settings(cfg.ablate)
