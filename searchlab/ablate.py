@@ -35,6 +35,15 @@ trial. States: COMPLETE (also when the training diverged: the best value reached
 then missing); PRUNED when the training raised (recorded with the reason, uses its budget, not retried: it would
 raise again); FAIL when interrupted or its worker was lost (retried by the next run).
 
+**Packing** (`ablate.pack`, default 20, rounded down to a multiple of the seeds; 1 turns it off): the trainings of
+configurations that can share a pack (searchlab.pack: the same network, batch size, epochs..., any optimizer,
+schedule, dropout, L1 and seed) train K at a time as one vectorized model, each member with its own seed's initial
+weights, data split and batch order, so each equals its lone training within float noise (dropout masks: in
+distribution). The pairs are queued with such configurations side by side (pack_order); a trial handed K of them
+trains each group that can share a pack as one, the rest alone. Each member is still its own trial and MLflow run.
+What cannot be packed (a module or DataModule of one's own, DDP, trainer.max_time, early stopping, 16-bit...) trains
+one at a time, with one line saying why.
+
 **MLflow**: in the study's experiment an `ablation` run (tag searchlab.role=ablation, nested under the study's parent
 run when there is one) holds one child run per training (tags searchlab.variant, searchlab.seed, searchlab.family;
 metric `objective`, the test metrics, per-epoch curves) and, at the end, `ablation.json`, the result dict. The same
@@ -77,6 +86,7 @@ from searchlab.data import Splits
 from searchlab.lightning_fit import resolve_device
 from searchlab.locks import BudgetLock
 from searchlab.objectives import Objectives
+from searchlab.pack import PackedTraining, can_pack, shared_key
 from searchlab.report import report_folder, write_report
 from searchlab.study import (
     Attempt,
@@ -140,13 +150,17 @@ class Plan:
     variants: list[Variant]  # finalists first, the winner first of all
     winner_settings: dict[str, str] = field(default_factory=dict)  # family -> the winner's setting in words
     skipped: list[dict[str, str]] = field(default_factory=list)  # {family, variant, reason}
+    # Variant names in the order their trainings are queued and claimed ([]: the order of `variants`); packing puts
+    # the variants that can share a pack side by side (pack_order).
+    order: list[str] = field(default_factory=list)
 
     @property
     def winner(self) -> Variant:
         return self.variants[0]
 
     def pairs(self) -> list[tuple[str, int]]:
-        return [(v.name, s) for v in self.variants for s in self.seeds]
+        names = self.order or [v.name for v in self.variants]
+        return [(name, s) for name in names for s in self.seeds]
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)
@@ -154,7 +168,7 @@ class Plan:
 
 def check_settings(settings: DictConfig) -> None:
     """The `ablate` section, checked before anything is trained or written."""
-    for key, least in (("top_k", 1), ("seeds", 1), ("seed_start", 0), ("bootstrap", 1)):
+    for key, least in (("top_k", 1), ("seeds", 1), ("seed_start", 0), ("bootstrap", 1), ("pack", 1)):
         value = settings[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ConfigError(f"ablate.{key}: expected an integer >= {least}, got {value!r}")
@@ -239,13 +253,7 @@ def build_plan(study: optuna.Study, settings: DictConfig, overrides: Sequence[st
                 seeds, finalists)
     winner = finalists[0]
     winner_trial = next(t for t in complete if t.number == winner.trial)
-    configs: dict[tuple[str, ...], DictConfig] = {}
-
-    def config(overrides: tuple[str, ...]) -> DictConfig:
-        if overrides not in configs:
-            configs[overrides] = compose_config(list(overrides))
-        return configs[overrides]
-
+    config = _composed
     winner_cfg = config(winner.overrides)
     winner_yaml = OmegaConf.to_yaml(winner_cfg)
     searched: dict[str, Any] = {}
@@ -312,36 +320,66 @@ def _family_variants(family: str, key: str, current: Any, distribution: Any, com
     return out
 
 
-# ---- one training ----
+# ---- one training, or a pack of them ----
 
+_CONFIGS: dict[tuple[str, ...], DictConfig] = {}  # composed configurations (seedless), per overrides
 _SPLITS: dict[tuple[str, int, str], Splits] = {}
+_PROBES: dict[str, str | None] = {}  # shared_key -> why such configurations cannot be packed (None: they can)
 
 
-def _train_one(cfg: DictConfig, on_epoch: Callable[[int, dict[str, float]], None] | None = None
-               ) -> tuple[float | None, dict[str, float], str | None]:
-    """Every training of an ablation goes through here: (objective, test metrics, note).
+def _composed(overrides: tuple[str, ...]) -> DictConfig:
+    """The configuration of a variant's overrides, composed once per process (the plan, the packing order and every
+    training read it; callers copy it before changing it)."""
+    if overrides not in _CONFIGS:
+        _CONFIGS[overrides] = compose_config(list(overrides))
+    return _CONFIGS[overrides]
 
-    The objective is the best epoch's value of cfg.study.metric (as the search scores a trial); the note says why
-    training stopped early (divergence), when it did. Resident data are kept on the device per (data config, seed):
-    the seeds of an ablation alternate, and each draws its own split.
-    """
+
+def _splits(cfg: DictConfig) -> Splits | None:
+    """The resident data of cfg on its device, kept per (data config, seed): the seeds of an ablation alternate, and
+    each draws its own split. None for a LightningDataModule (fit builds it per training)."""
     node = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "batch_size"}
     key = (json.dumps(node, sort_keys=True, default=str), cfg.seed, cfg.trainer.accelerator)
     if key not in _SPLITS:
         data = load_data(cfg)
-        if not isinstance(data, Splits):  # a LightningDataModule: fit builds it per training
-            key = None
-        else:
-            if len(_SPLITS) >= 16:
-                _SPLITS.pop(next(iter(_SPLITS)))
-            _SPLITS[key] = data.to(resolve_device(cfg.trainer.accelerator))
+        if not isinstance(data, Splits):
+            return None
+        if len(_SPLITS) >= 16:
+            _SPLITS.pop(next(iter(_SPLITS)))
+        _SPLITS[key] = data.to(resolve_device(cfg.trainer.accelerator))
+    return _SPLITS[key]
 
+
+def _train_one(cfg: DictConfig, on_epoch: Callable[[int, dict[str, float]], None] | None = None
+               ) -> tuple[float | None, dict[str, float], str | None]:
+    """A training of an ablation alone: (objective, test metrics, note).
+
+    The objective is the best epoch's value of cfg.study.metric (as the search scores a trial); the note says why
+    training stopped early (divergence), when it did.
+    """
     def hook(epoch: int, metrics: dict[str, float]) -> None:
         if on_epoch is not None:
             on_epoch(epoch, metrics)
 
-    result = fit(cfg, None if key is None else _SPLITS[key], hook, test=True, metric=cfg.study.metric)
+    result = fit(cfg, _splits(cfg), hook, test=True, metric=cfg.study.metric)
     return result.best(cfg.study.metric, cfg.study.direction), dict(result.test), result.stop_reason
+
+
+def why_not_packed(cfg: DictConfig) -> str | None:
+    """Why trainings of cfg's kind cannot share a pack (one line), or None: searchlab.pack.can_pack's probe (a pack of
+    two copies trained on one batch), once per process for all configurations that would share a pack."""
+    key = shared_key(cfg)
+    if key not in _PROBES:
+        _PROBES[key] = can_pack(cfg, _splits(cfg))
+    return _PROBES[key]
+
+
+def pack_order(plan: Plan) -> list[str]:
+    """The plan's variant names with those that can share a pack side by side (in plan order otherwise), so that the
+    K trainings a trial is handed are most often one pack."""
+    keys = {v.name: shared_key(_composed(v.overrides)) for v in plan.variants}
+    first = {key: i for i, key in reversed(list(enumerate(keys.values())))}
+    return sorted(keys, key=lambda name: first[keys[name]])
 
 
 # ---- the runs ----
@@ -383,14 +421,17 @@ def _attrs(variant: Variant, seed: int) -> dict[str, Any]:
 
 
 class AblationWork(TrialWork):
-    """One (variant, seed) of the plan per trial it is handed (the lifecycle's TrialWork). Pruning is off: its
-    epochs are only logged."""
+    """One (variant, seed) of the plan per trial it is handed (the lifecycle's TrialWork), up to `size` trials at
+    once: those whose configurations can share a pack train as one (PackedTraining), the others alone. Pruning is
+    off: its epochs are only logged."""
 
     pruned_run_state = "FAIL"  # in MLflow a training that raised is FAILED (in Optuna PRUNED only to use its budget)
 
-    def __init__(self, study: optuna.Study, plan: Plan, lock: BudgetLock, tracker: Tracker, run_id: str) -> None:
+    def __init__(self, study: optuna.Study, plan: Plan, lock: BudgetLock, tracker: Tracker, run_id: str,
+                 size: int = 1) -> None:
         self.study, self.plan, self.lock, self.tracker, self.parent_run_id = study, plan, lock, tracker, run_id
-        self._configs: dict[tuple[str, ...], DictConfig] = {}
+        self.size = size
+        self._said: set[str] = set()  # the reasons already given for training alone
 
     def prepare(self, attempt: Attempt) -> TrialRun:
         with self.lock():
@@ -409,20 +450,67 @@ class AblationWork(TrialWork):
                         tags={VARIANT_TAG: variant.name, FAMILY_TAG: variant.family, SEED_TAG: str(seed)})
 
     def train(self, attempts: list[Attempt]) -> Iterator[tuple[Attempt, Verdict | Exception]]:
+        groups: dict[str, list[Attempt]] = {}  # the attempts that can share a pack, in the order they came
+        for attempt in attempts:
+            groups.setdefault(shared_key(attempt.cfg) if len(attempts) > 1 else "", []).append(attempt)
+        for group in groups.values():
+            why = None if len(group) == 1 else why_not_packed(group[0].cfg)
+            if len(group) > 1 and why is None:
+                yield from self._train_pack(group)
+            else:
+                if why is not None:
+                    self._say(group[0], why)
+                yield from self._train_alone(group)
+
+    def _train_alone(self, attempts: list[Attempt]) -> Iterator[tuple[Attempt, Verdict | Exception]]:
         for attempt in attempts:
             try:
                 objective, test, note = _train_one(attempt.cfg, attempt.reporter)
             except Exception as err:
                 yield attempt, err
                 continue
-            if test:
-                attempt.trial.set_user_attr("test", test)
-            if objective is None:
-                yield attempt, Verdict(TrialState.PRUNED, None, f"no finite {self.plan.metric} in any epoch", test)
-                continue
-            if note:
-                attempt.trial.set_user_attr("note", note)
-            yield attempt, Verdict(TrialState.COMPLETE, objective, None, test)
+            yield attempt, self._verdict(attempt, objective, test, note)
+
+    def _train_pack(self, group: list[Attempt]) -> Iterator[tuple[Attempt, Verdict | Exception]]:
+        """One pack of the group's trainings, each member with its own seed's data split; each is told as its lone
+        training would be, with its share of the pack's time."""
+        start = time.perf_counter()
+        try:
+            pack = PackedTraining([a.cfg for a in group], [_splits(a.cfg) for a in group], self.plan.metric)
+        except ValueError as err:  # a member the probe did not cover (its optimizer, its schedule): all alone
+            self._say(group[0], str(err))
+            yield from self._train_alone(group)
+            return
+        try:
+            results = pack.fit(lambda member, epoch, metrics: group[member].reporter(epoch, metrics))
+        except Exception as err:  # the pack's error is each member's (an interrupt is not caught here)
+            for attempt in group:
+                yield attempt, err
+            return
+        rest = (time.perf_counter() - start - sum(r.seconds for r in results)) / len(group)
+        for i, (attempt, result) in enumerate(zip(group, results, strict=True)):
+            objective = result.best(attempt.cfg.study.metric, attempt.cfg.study.direction)
+            verdict = self._verdict(attempt, objective, pack.test_metrics(i), result.stop_reason)
+            yield attempt, dataclasses.replace(verdict, seconds=result.seconds + rest)
+
+    def _verdict(self, attempt: Attempt, objective: float | None, test: dict[str, float],
+                 note: str | None) -> Verdict:
+        """COMPLETE with the objective (a diverged training too: the best value it reached, with its note), PRUNED
+        when no epoch had a finite value."""
+        if test:
+            attempt.trial.set_user_attr("test", test)
+        if objective is None:
+            return Verdict(TrialState.PRUNED, None, f"no finite {self.plan.metric} in any epoch", test)
+        if note:
+            attempt.trial.set_user_attr("note", note)
+        return Verdict(TrialState.COMPLETE, objective, None, test)
+
+    def _say(self, attempt: Attempt, why: str) -> None:
+        """One line per reason and process: these trainings run alone, and why."""
+        if why not in self._said:
+            self._said.add(why)
+            print(f"searchlab ablate: ablate.pack: {attempt.params.get('variant', '?')} trains one seed at a time, "
+                  f"not packed ({str(why).splitlines()[0]})", file=sys.stderr, flush=True)
 
     def _claim(self, trial: optuna.Trial) -> tuple[Variant, int] | None:
         """The trial's own (variant, seed) when the plan has it and no other trial holds it, else the first pair
@@ -444,9 +532,7 @@ class AblationWork(TrialWork):
         return variant, mine[1]
 
     def _config(self, variant: Variant, seed: int) -> DictConfig:
-        if variant.overrides not in self._configs:
-            self._configs[variant.overrides] = compose_config(list(variant.overrides))
-        cfg = self._configs[variant.overrides].copy()
+        cfg = _composed(variant.overrides).copy()
         OmegaConf.update(cfg, "seed", seed, merge=False)
         OmegaConf.update(cfg, "study.metric", self.plan.metric, merge=False)
         OmegaConf.update(cfg, "study.direction", self.plan.direction, merge=False)
@@ -628,6 +714,8 @@ def sentences(result: Mapping[str, Any]) -> list[str]:
 def ablate(overrides: Sequence[str]) -> int:
     """`searchlab ablate`: runs (or resumes) the ablation of study.name and prints, writes and logs its verdict."""
     begin = time.monotonic()
+    _CONFIGS.clear()  # per command: another command in this process may compose from another config folder
+    _PROBES.clear()
     cfg = compose_config(overrides)
     validate_config(cfg)
     check_settings(cfg.ablate)
@@ -640,6 +728,10 @@ def ablate(overrides: Sequence[str]) -> int:
                           f"study.name with study.metric={names.split(', ')[0]})")
     metric = study.user_attrs.get(METRIC, cfg.study.metric)
     plan = build_plan(study, cfg.ablate, overrides, metric)
+    as_worker = bool(cfg.ablate.worker)
+    size = pack_size(plan, cfg.ablate.pack, quiet=as_worker)
+    if size > 1:
+        plan.order = pack_order(plan)
     name = f"{cfg.study.name}.ablation"
     settings = {**{f"ablate.{k}": v for k, v in OmegaConf.to_container(cfg.ablate).items() if k != "worker"},
                 "winner_trial": plan.winner.trial, "overrides": redact(" ".join(overrides))}
@@ -658,11 +750,10 @@ def ablate(overrides: Sequence[str]) -> int:
         session.dead(ablation.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))  # what a crash left behind
         queued, n_trials = queue_missing(ablation, plan)
     session.limit(n_trials)
-    as_worker = bool(cfg.ablate.worker)
     slots = [] if as_worker else worker_slots(cfg.workers, cfg.trainer.accelerator, cfg.trainer.devices)
     total = len(plan.pairs())
     if not as_worker:
-        _print_plan(plan, name, total, queued, n_trials - ablation_used(ablation), len(slots))
+        _print_plan(plan, name, total, queued, n_trials - ablation_used(ablation), len(slots), size)
     done = [total - (n_trials - ablation_used(ablation))]
 
     def on_trial(outcome: TrialOutcome) -> None:
@@ -674,7 +765,7 @@ def ablate(overrides: Sequence[str]) -> int:
               f"{outcome.state:<8} {metric}={value:<8} {outcome.seconds:6.2f}s"
               + (f"  [{outcome.reason}]" if outcome.reason else ""), flush=True)
 
-    status = session.run(lambda: AblationWork(ablation, plan, session.lock, session.tracker, run_id), on_trial,
+    status = session.run(lambda: AblationWork(ablation, plan, session.lock, session.tracker, run_id, size), on_trial,
                          slots, cli_command("ablate", *overrides, "ablate.worker=true"), label="ablation")
     if as_worker:
         return {"KILLED": EXIT_INTERRUPTED, "FAILED": EXIT_STUDY_FAILED}.get(status, 0)
@@ -692,6 +783,26 @@ def ablate(overrides: Sequence[str]) -> int:
     return {"FAILED": EXIT_STUDY_FAILED}.get(status, 0)
 
 
+def pack_size(plan: Plan, setting: int, quiet: bool = False) -> int:
+    """How many trainings a trial takes at once: ablate.pack rounded down to whole configurations (a multiple of the
+    seeds, when it holds one: the pairs are queued a configuration's seeds together, so a pack cut at a multiple of
+    them leaves no configuration a lone seed), or 1 when the winner's configuration cannot be packed (said in one
+    line unless `quiet`: a worker process, whose parent said it)."""
+    if setting == 1:
+        return 1
+    seeds = len(plan.seeds)
+    size = setting // seeds * seeds if setting >= seeds else setting
+    cfg = _composed(plan.winner.overrides).copy()
+    OmegaConf.update(cfg, "seed", plan.seeds[0], merge=False)
+    why = why_not_packed(cfg)
+    if why is None:
+        return size
+    if not quiet:
+        print(f"searchlab ablate: ablate.pack={setting}: the winner's configuration cannot be packed ({why}); "
+              "every training runs alone", file=sys.stderr, flush=True)
+    return 1
+
+
 def ablation_used(study: optuna.Study) -> int:
     return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
 
@@ -703,12 +814,13 @@ def _pair_of(study: optuna.Study, number: int) -> dict[str, Any]:
     return {} if pair is None else {"variant": pair[0], "seed": pair[1]}
 
 
-def _print_plan(plan: Plan, name: str, total: int, queued: int, todo: int, workers: int) -> None:
+def _print_plan(plan: Plan, name: str, total: int, queued: int, todo: int, workers: int, pack: int) -> None:
     value = f"{plan.winner.study_value:.4f}" if plan.winner.study_value is not None else "?"
     print(f"ablation '{name}': winner trial {plan.winner.trial} ({plan.metric}={value}); "
           f"{len(plan.variants)} configurations x {len(plan.seeds)} seeds = {total} trainings, {total - todo} done, "
           f"{todo} to run" + (f" ({queued} queued now)" if queued else "")
-          + (f"; {workers} workers" if workers > 1 else ""), flush=True)
+          + (f"; {workers} workers" if workers > 1 else "") + (f"; packs of up to {pack}" if pack > 1 else ""),
+          flush=True)
     for skipped in plan.skipped:
         print(f"  skipped {skipped['variant']}: {skipped['reason']}")
 

@@ -1,22 +1,27 @@
 """Packed trials: K configurations that share their computation's shape trained at once, as one vectorized model.
 
 A small network leaves the machine idle between its tiny matmuls and pays per-step framework cost; K members in one
-process share one stream of batches, one forward (torch.func.vmap over functional_call on the members' stacked
-parameters; searchlab's MLP by batched matmuls), one backward of their summed losses and one optimizer step
-over the members' flat parameter rows (searchlab.pack_optim: torch's fused kernels per member). Each
-member still trains exactly as alone: the same initial weights (its network built from its own config and seed), the
-same batches (TensorBatches with the same seed), its own optimizer state and schedule, its own BatchNorm running
+process share one forward (torch.func.vmap over functional_call on the members' stacked parameters; searchlab's MLP
+by batched matmuls), one backward of their summed losses and one optimizer step over the members' flat parameter
+rows (searchlab.pack_optim: torch's fused kernels per member). Each member still trains exactly as alone: the same
+initial weights (its network built from its own config and seed), the same batches (the order TensorBatches draws
+from its own seed, on its own data split), its own optimizer state and schedule, its own BatchNorm running
 statistics, its own L1 strength and dropout rate; it is validated, stopped (pruned, diverged) and reported on its
 own. A stopped member leaves the pack at the end of the epoch, so it stops costing compute.
 
 What members may differ in: everything that leaves the computation's shape alone. Their optimizer (its class and
 family: SGD, momentum, Nesterov, RMSprop, Adam, AdamW) and every setting of it, their schedule (step, exponential,
 cosine, one-cycle, plateau, warm-up..., with its interval, frequency and monitored metric) and every setting of it,
-module.l1 and model.dropout: each member builds its own optimizer and schedule from its own config, and the pack's
-step runs each family on its members' rows (searchlab.pack_optim.PackedOptimizers). Everything else (the network,
-batch size, batch norm, precision, epochs, seed...) must be equal (`pack_mismatch`). Dropout is the one thing not
-reproduced draw for draw: a member's dropout masks come from the pack's random stream (vmap randomness="different"),
-not from the stream it would draw from alone, so its metrics match alone only in distribution.
+module.l1, model.dropout and the seed: each member builds its own optimizer and schedule from its own config, and
+the pack's step runs each family on its members' rows (searchlab.pack_optim.PackedOptimizers). Everything else (the
+network, batch size, batch norm, precision, epochs...) must be equal (`pack_mismatch`).
+
+Batches: members of one seed and one data split share one stream of batches [B, ...] (the search's packs: one
+seed per study). Members that differ in seed (`searchlab ablate`'s paired seeds) or data split each draw their own
+order from their own seed's generator, gathered per step into [K, B, ...] (MemberBatches), and validate on their own
+split. Dropout is the one thing not reproduced draw for draw: a member's dropout masks come from the pack's random
+stream (vmap randomness="different"), not from the stream it would draw from alone, so its metrics match alone only
+in distribution.
 
 trainer.compile (true, or auto on a GPU) runs a step's forward and backward through torch.compile, on a GPU in mode
 reduce-overhead (CUDA graphs: a small network's step is dozens of kernel launches, replayed as one). A compile that
@@ -25,10 +30,11 @@ fails is redone eagerly, with one line on stderr, and this process's later packs
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -61,8 +67,9 @@ MemberHook = Callable[[int, int, dict[str, float]], "str | None"]
 # Config subtrees each member builds for itself (a real torch optimizer and schedule per member): members may set
 # anything under them differently, the group's choice (optimizer=adam) and _target_ included.
 _PER_MEMBER_GROUPS = ("optimizer", "scheduler")
-# Leaves each member keeps in its own row of a buffer: its L1 strength, its dropout rate.
-_PER_MEMBER_KEYS = ("module.l1", "model.dropout")
+# Leaves each member keeps for itself: its L1 strength and dropout rate (rows of a buffer), its seed (its initial
+# weights, its batch order and, where the data entry splits by seed, its data split).
+_PER_MEMBER_KEYS = ("module.l1", "model.dropout", "seed")
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -81,6 +88,13 @@ def varies_per_member(key: str, value: Any) -> bool:
     (a `# @package _global_` option) is caught when the pack forms: pack_mismatch puts such members in packs of
     their own."""
     return key in _PER_MEMBER_KEYS or key.split(".", 1)[0] in _PER_MEMBER_GROUPS
+
+
+def shared_key(cfg: DictConfig) -> str:
+    """Everything members of a pack must share, as one string: configs with equal keys can share a pack
+    (pack_mismatch says None), so callers can group many configs at once."""
+    leaves = _leaves(OmegaConf.to_container(cfg, resolve=True))
+    return json.dumps({k: v for k, v in sorted(leaves.items()) if not varies_per_member(k, v)}, default=str)
 
 
 def pack_mismatch(cfgs: Sequence[DictConfig]) -> str | None:
@@ -197,9 +211,76 @@ def _module_class(cfg: DictConfig) -> type[_Module]:
     return target
 
 
+def _check_same_sizes(member_splits: Sequence[Splits]) -> None:
+    """Members' data splits must agree in every tensor's shape: one step gathers a batch of each, one validation
+    evaluates all of them."""
+    def shapes(s: Splits) -> list[tuple[int, ...] | None]:
+        return [None if t is None else tuple(t.shape) for t in (s.x_train, s.y_train, s.x_val, s.y_val, s.x_test,
+                                                                s.y_test)]
+
+    first = shapes(member_splits[0])
+    for i, splits in enumerate(member_splits[1:], start=1):
+        if shapes(splits) != first:
+            raise ValueError(f"members 0 and {i} have data splits of different sizes ({first} vs {shapes(splits)}), "
+                             "which a pack needs equal")
+
+
+class MemberBatches:
+    """Each member's own training batches, gathered per step into [K, B, ...]: the order TensorBatches(x, y,
+    batch_size, shuffle=True, seed=its seed) gives the member's lone training, over its own training split.
+
+    Members with equal seeds draw one permutation per epoch from one generator (seeded as TensorBatches seeds its
+    own: the same orders), members with the same split index one stacked copy of it; each step is one gather.
+    """
+
+    def __init__(self, member_splits: Sequence[Splits], seeds: Sequence[int], batch_size: int, n_batches: int) -> None:
+        distinct = list({id(s): s for s in member_splits}.values())
+        self.x = torch.stack([s.x_train for s in distinct])  # [S, N, ...]
+        self.y = torch.stack([s.y_train for s in distinct])
+        device = self.x.device
+        self.seeds = list(dict.fromkeys(seeds))
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in self.seeds]
+        # Per row (member in the pack's row order): which split, which seed's permutation.
+        self.split_rows = torch.tensor([[id(d) for d in distinct].index(id(s)) for s in member_splits], device=device)
+        self.seed_rows = torch.tensor([self.seeds.index(seed) for seed in seeds], device=device)
+        self.distinct = distinct
+        self._stacked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # val, test: each distinct split's, stacked
+        self.batch_size, self.n_batches = batch_size, n_batches
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Only the rows at `index` (the pack shrinks); every seed's generator keeps drawing, as alone."""
+        self.split_rows = self.split_rows.index_select(0, index)
+        self.seed_rows = self.seed_rows.index_select(0, index)
+
+    def rows_of(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x [K, N, ...], y [K, N]) of each row's own `split` ("val" or "test")."""
+        if split not in self._stacked:
+            self._stacked[split] = (torch.stack([getattr(s, f"x_{split}") for s in self.distinct]),
+                                    torch.stack([getattr(s, f"y_{split}") for s in self.distinct]))
+        xs, ys = self._stacked[split]
+        return xs[self.split_rows], ys[self.split_rows]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, size = self.x.shape[1], self.batch_size
+        orders = torch.stack([torch.randperm(n, device=self.x.device, generator=g) for g in self.generators])
+        # [K, N]: each row's permutation, as indices into the splits' samples laid end to end: index_select on one
+        # flat tensor (0.6 ms a step for 20 x 128 digits samples on the 2-core CPU; 9 ms indexing [S, N] by two
+        # index tensors).
+        orders = orders[self.seed_rows] + (self.split_rows * n).unsqueeze(1)
+        x, y = self.x.flatten(0, 1), self.y.flatten(0, 1)
+        for i in range(self.n_batches):
+            index = orders[:, i * size:(i + 1) * size]
+            rows = index.shape
+            yield (x.index_select(0, index.reshape(-1)).view(*rows, *x.shape[1:]),
+                   y.index_select(0, index.reshape(-1)).view(*rows, *y.shape[1:]))
+
+
 class _Member:
     """What one member keeps for itself: its config, a real optimizer over one dummy parameter driven by its real
-    schedule (the source of its lr, momentum, betas each step), its result."""
+    schedule (the source of its lr, momentum, betas each step), its latest validation metrics, its result."""
 
     def __init__(self, cfg: DictConfig, epochs: int, steps_per_epoch: int) -> None:
         self.cfg = cfg
@@ -214,25 +295,40 @@ class _Member:
             self.optimizer.step()  # no gradient, no change: only so torch's schedule sees its optimizer in use
             self.interval = self.schedule.lightning.get("interval", "epoch")
             self.frequency = int(self.schedule.lightning.get("frequency", 1))
+        if self.plateau and self.interval == "step" and self.frequency < steps_per_epoch:
+            # Lightning steps it after every `frequency`-th step with the monitored metric, which exists only after
+            # the epoch's validation: a lone training raises at its first such step (MisconfigurationException).
+            raise ValueError(f"scheduler.interval=step: ReduceLROnPlateau reads {self.monitor}, which exists only "
+                             f"after the epoch's validation, and steps every {self.frequency} of the epoch's "
+                             f"{steps_per_epoch} steps (alone, Lightning raises at the first); use interval: epoch")
         self.result = TrainResult()
         self.l1 = float(OmegaConf.select(cfg, "module.l1", default=0.0) or 0.0)
+        self.latest: dict[str, float] | None = None  # the member's metrics of its last validation
         self.final_state: dict[str, torch.Tensor] | None = None
 
     @property
     def plateau(self) -> bool:
         return isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
-    def step_schedule(self, interval: str, index: int, metrics: dict[str, float] | None = None) -> bool:
-        """Steps the schedule when it runs at this interval, in Lightning's order: a step schedule after each
-        optimizer step, an epoch schedule after the epoch's last step (before validation), a plateau schedule after
-        validation with the member's own metric (`metrics` given). `index`: the step in the epoch or the epoch,
-        from 1; as Lightning, a schedule of frequency n steps when n divides it. True when it stepped."""
-        if self.scheduler is None or self.interval != interval or self.plateau != (metrics is not None):
+    @property
+    def monitor(self) -> str:
+        return "val_loss" if self.schedule is None else self.schedule.lightning.get("monitor", "val_loss")
+
+    def step_schedule(self, interval: str, index: int, plateau: bool) -> bool:
+        """Steps the schedule when it runs at this interval, in Lightning's order (its training epoch loop): after
+        each optimizer step the step schedules, after the epoch's last step the epoch schedules (both before
+        validation, `plateau` False); after each step's validation check the plateau schedules of interval step, and
+        after the epoch the plateau schedules of interval epoch (`plateau` True), on the member's latest validation
+        metrics (between validations: the last epoch's, as Lightning's callback_metrics hold them). `index`: the step
+        in the epoch or the epoch, from 1; as Lightning, a schedule of frequency n steps when n divides it. True
+        when it stepped."""
+        if self.scheduler is None or self.interval != interval or self.plateau != plateau:
             return False
         if index % self.frequency:
             return False
-        if metrics is not None:
-            self.scheduler.step(metrics[self.schedule.lightning.get("monitor", "val_loss")])
+        if plateau:
+            assert self.latest is not None, "a plateau schedule steps after a validation (checked when built)"
+            self.scheduler.step(self.latest[self.monitor])
         else:
             self.scheduler.step()
         return True
@@ -246,10 +342,14 @@ class PackedTraining:
     returns one TrainResult per member, as searchlab.lightning_fit.fit_rank returns for a lone trial.
     """
 
-    def __init__(self, cfgs: Sequence[DictConfig], splits: Splits, metric: str | None = None,
+    def __init__(self, cfgs: Sequence[DictConfig], splits: Splits | Sequence[Splits], metric: str | None = None,
                  path: str = "auto") -> None:
+        """`splits`: the resident data (on the training device) every member trains on, or one Splits per member
+        (in config order: each seed's own split, as `searchlab train` of that config loads it)."""
         if not cfgs:
             raise ValueError("a pack needs at least one member")
+        if not isinstance(splits, Splits) and len(splits) != len(cfgs):
+            raise ValueError(f"a pack of {len(cfgs)} members was given {len(splits)} data splits")
         mismatch = pack_mismatch(cfgs)
         if mismatch:
             raise ValueError(mismatch)
@@ -258,7 +358,10 @@ class PackedTraining:
             raise ValueError("trainer.devices > 1 (DDP) trains one trial at a time; packed trials run on one device")
         self.module_class = _module_class(cfg)
         self.task = module_task(cfg)
-        self.splits = splits.for_task(self.task)
+        self.member_splits = [s.for_task(self.task) for s in ([splits] * len(cfgs) if isinstance(splits, Splits)
+                                                             else splits)]
+        self.splits = self.member_splits[0]
+        _check_same_sizes(self.member_splits)
         self.device = self.splits.x_train.device
         self.metric = metric or cfg.study.metric
         self.direction = _direction(cfg, self.metric)
@@ -274,10 +377,11 @@ class PackedTraining:
         batch_size = batch_size_for(cfg.data.batch_size, len(self.splits.x_train))
         if OmegaConf.select(cfg, "model.batch_norm", default=False) and batch_size == 1:
             raise ValueError("model.batch_norm=true needs data.batch_size > 1: BatchNorm cannot train on one sample")
-        self.train_batches = TensorBatches(self.splits.x_train, self.splits.y_train, batch_size, shuffle=True,
-                                           seed=cfg.seed)
+        # The lone training's batches (of member 0's seed and split): all members' when they share both.
+        lone_batches = TensorBatches(self.splits.x_train, self.splits.y_train, batch_size, shuffle=True, seed=cfg.seed)
+        self.batch_size = batch_size
         limit = cfg.trainer.limit_train_batches
-        n = len(self.train_batches)
+        n = len(lone_batches)
         self.steps_per_epoch = min(n, int(limit)) if isinstance(limit, int) else int(n * float(limit))
         self.shape = data_shape(self.splits, self.task)
         self.members = [_Member(c, self.epochs, self.steps_per_epoch) for c in cfgs]
@@ -291,6 +395,12 @@ class PackedTraining:
             first_seen.setdefault(family_key(member.kind), len(first_seen))
         self.active = sorted(range(len(cfgs)), key=lambda i: first_seen[family_key(self.members[i].kind)])
         self.epoch = 0
+        # One batch stream for all when every member has the same seed and split (no gather per step); else each
+        # member's own order over its own split (MemberBatches), [K, B, ...] per step.
+        self.shared_batches = len({id(s) for s in self.member_splits}) == 1 and len({c.seed for c in cfgs}) == 1
+        self.train_batches: TensorBatches | MemberBatches = lone_batches if self.shared_batches else MemberBatches(
+            [self.member_splits[i] for i in self.active], [int(cfgs[i].seed) for i in self.active], batch_size,
+            len(lone_batches))
         self._build(cfgs, path)
         self.compiled = use_compile(OmegaConf.select(cfg, "trainer.compile", default=False), self.device)
         self._compiled_loss = compile_step(self._loss, self.device) if self.compiled else None
@@ -348,8 +458,9 @@ class PackedTraining:
                 return functional_call(self.template, (p, b), (x,)).float()
 
         randomness = "different" if self.dropout else "error"
-        self._loss = vmap(loss_of, in_dims=(0, 0, None, None), randomness=randomness)
-        self._output = vmap(output_of, in_dims=(0, 0, None), randomness=randomness)
+        data = None if self.shared_batches else 0  # x, y: one batch for all members, or one per member
+        self._loss = vmap(loss_of, in_dims=(0, 0, data, data), randomness=randomness)
+        self._output = vmap(output_of, in_dims=(0, 0, data), randomness=randomness)
         if self.path == "mlp":
             self._loss, self._output = self._mlp_loss, self._mlp_output
 
@@ -357,7 +468,7 @@ class PackedTraining:
         """searchlab's MLP for all members by batched matmuls: [K, N, outputs]: the same arithmetic as vmap without
         vmap's per-call cost, which dominates small packs (`make bench` part packing compares the two)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            h = x.flatten(1).expand(len(self.flat), -1, -1)
+            h = x.flatten(1).expand(len(self.flat), -1, -1) if self.shared_batches else x.flatten(2)
             for i, (weight, bias, rate) in enumerate(self.mlp_layers):
                 h = torch.baddbmm(self.params[bias].unsqueeze(1), h, self.params[weight].transpose(1, 2))
                 if i < len(self.mlp_layers) - 1:
@@ -371,8 +482,9 @@ class PackedTraining:
         out = self._mlp_forward(x, training=True)
         if self.task == "classification":
             k, n, classes = out.shape
-            return F.cross_entropy(out.reshape(k * n, classes), y.repeat(k), reduction="none").view(k, n).mean(1)
-        return vmap(self.loss_module.loss, in_dims=(0, None))(out, y)
+            targets = y.repeat(k) if self.shared_batches else y.reshape(-1)
+            return F.cross_entropy(out.reshape(k * n, classes), targets, reduction="none").view(k, n).mean(1)
+        return vmap(self.loss_module.loss, in_dims=(0, None if self.shared_batches else 0))(out, y)
 
     def _mlp_output(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
         return self._mlp_forward(x, training=False).float()
@@ -418,9 +530,9 @@ class PackedTraining:
             count += len(y)
             torch._foreach_copy_(self.grad_views, grads)  # into the flat gradient rows, one pass
             self.optimizer.step(self.flat, self.grad)
-            if any([self.members[m].step_schedule("step", i + 1) for m in self.active]):
+            if any([self.members[m].step_schedule("step", i + 1, plateau=False) for m in self.active]):
                 self._refresh_hyper()
-        if any([self.members[m].step_schedule("epoch", self.epoch) for m in self.active]):
+        if any([self.members[m].step_schedule("epoch", self.epoch, plateau=False) for m in self.active]):
             self._refresh_hyper()
         return sums / max(count, 1)
 
@@ -449,11 +561,18 @@ class PackedTraining:
 
     @torch.no_grad()
     def _validate(self) -> list[dict[str, float]]:
+        """Each row's val metrics: on the one val split ([Nv, ...]), or on each row's own ([K, Nv, ...])."""
         self.template.eval()
-        x, y = self.splits.x_val, self.splits.y_val
-        outputs = torch.cat([self._output(self.params, self.buffers, x[i:i + self.eval_batch_size])
-                             for i in range(0, len(x), self.eval_batch_size)], dim=1)
-        metrics = [self.loss_module.epoch_metrics("val", outputs[row], y) for row in range(len(self.active))]
+        size = self.eval_batch_size
+        if self.shared_batches:
+            x, y = self.splits.x_val, self.splits.y_val
+            chunks = [x[i:i + size] for i in range(0, len(x), size)]
+        else:
+            x, y = self.train_batches.rows_of("val")
+            chunks = [x[:, i:i + size] for i in range(0, x.shape[1], size)]
+        outputs = torch.cat([self._output(self.params, self.buffers, chunk) for chunk in chunks], dim=1)
+        metrics = [self.loss_module.epoch_metrics("val", outputs[row], y if self.shared_batches else y[row])
+                   for row in range(len(self.active))]
         names = list(metrics[0])
         values = torch.stack([torch.stack([m[k].float() for k in names]) for m in metrics]).tolist()
         return [dict(zip(names, row, strict=True)) for row in values]
@@ -471,8 +590,11 @@ class PackedTraining:
         out: dict[int, dict[str, float]] = {}
         for row, member_index in enumerate(list(self.active)):
             member = self.members[member_index]
-            metrics = {**validated[row], "train_loss": train[row], "lr": member.optimizer.param_groups[0]["lr"],
-                       **always}
+            # Lightning's order: the step's validation, the plateau schedule of interval step (on the epoch's last
+            # step), the epoch's metrics with the lr as it is now, then the plateau schedule of interval epoch.
+            member.latest = {**validated[row], "train_loss": train[row]}
+            member.step_schedule("step", self.steps_per_epoch, plateau=True)
+            metrics = {**member.latest, "lr": member.optimizer.param_groups[0]["lr"], **always}
             member.result.history.append(metrics)
             out[member_index] = metrics
             self._keep_best(member_index, row, metrics)
@@ -486,7 +608,7 @@ class PackedTraining:
             if reason:
                 self.stop(member_index, reason)
             else:
-                member.step_schedule("epoch", self.epoch, metrics)
+                member.step_schedule("epoch", self.epoch, plateau=True)
         self._refresh_hyper_if_rows()
         elapsed = time.perf_counter() - start
         for member_index in out:  # the epoch's time split evenly among the members that trained in it
@@ -514,6 +636,8 @@ class PackedTraining:
         index = torch.tensor(keep, device=self.device)
         self.flat = self.flat.index_select(0, index)
         self.buffers = {k: v.index_select(0, index) for k, v in self.buffers.items()}
+        if isinstance(self.train_batches, MemberBatches):
+            self.train_batches.keep(index)
         self._views()
         self.optimizer.keep(index)
 
@@ -538,6 +662,25 @@ class PackedTraining:
         param_names, buffer_names = self.lone_names[member]
         values = [v[row] for v in self.params.values()] + [self.buffers[n][row] for n in self.buffer_names]
         return {n: v.detach().to("cpu", copy=True) for n, v in zip(param_names + buffer_names, values, strict=True)}
+
+    @torch.no_grad()
+    def test_metrics(self, member: int) -> dict[str, float]:
+        """The member's test metrics as its lone training reports them (searchlab.training.fit with test=True): its
+        best epoch's weights on its own test split, through the module's epoch_metrics; {} for a member stopped
+        early (pruned, diverged) or data without a test split, as alone."""
+        m, splits = self.members[member], self.member_splits[member]
+        if m.result.stop_reason or splits.x_test is None or splits.y_test is None:
+            return {}
+        state = ({k.removeprefix("net."): v for k, v in m.result.weights.state.items()} if m.result.weights
+                 else self.member_state(member))
+        network = build_network(m.cfg, self.shape)
+        network.load_state_dict(state)
+        network.to(self.device).eval()
+        x, size = splits.x_test, self.eval_batch_size
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            outputs = torch.cat([network(x[i:i + size]).float() for i in range(0, len(x), size)])
+        metrics = self.loss_module.epoch_metrics("test", outputs, splits.y_test)
+        return {k: float(v) for k, v in metrics.items()}
 
     def _keep_best(self, member: int, row: int, metrics: dict[str, float]) -> None:
         """As lightning_fit's _BestWeights: a copy of the module's state_dict ("net." keys) on an improving epoch."""

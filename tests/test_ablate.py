@@ -172,7 +172,8 @@ def test_verdicts_and_sentences(tmp_path):
 
 # ---- one real tiny ablation: interrupted, resumed, stored ----
 
-ABLATE = ["ablate.seeds=2", "ablate.top_k=2", "ablate.variants=[batch_norm,dropout,l1]"]
+# ablate.pack=1: these tests follow each training through _train_one (tests/test_ablate_pack.py covers packs).
+ABLATE = ["ablate.seeds=2", "ablate.top_k=2", "ablate.variants=[batch_norm,dropout,l1]", "ablate.pack=1"]
 
 
 @pytest.fixture(scope="module")
