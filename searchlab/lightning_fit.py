@@ -20,7 +20,7 @@ from searchlab.checkpoints import CheckpointPlan, TrialCheckpoints
 from searchlab.config import ConfigError, metric_direction
 from searchlab.data import Splits, TensorBatches, batch_size_for
 from searchlab.lightning_package import Package, quiet_loggers
-from searchlab.objectives import EPOCH_SECONDS, PARAMS, Objectives
+from searchlab.objectives import EPOCH_SECONDS, PARAMS, Objectives, diverged, improves
 from searchlab.user_callbacks import EpochLogger, build_callbacks
 
 if TYPE_CHECKING:  # the training's own package at run time (searchlab.lightning_package): either one's classes
@@ -151,11 +151,7 @@ class _EpochCallback:
         metrics.setdefault(EPOCH_SECONDS, time.perf_counter() - self.epoch_start)
         self.result.history.append(metrics)
         epoch = len(self.result.history)
-        reason = None
-        for key in ("train_loss", self.metric):
-            if key in metrics and not math.isfinite(metrics[key]):
-                reason = f"diverged: {key} is {metrics[key]} at epoch {epoch}"
-                break
+        reason = diverged(metrics, self.metric, epoch)
         if self.hook is not None:
             reason = self.hook(epoch, metrics) or reason
         # Under DDP only rank 0 has the hook: its decision goes to every rank, so all stop at the same epoch.
@@ -179,8 +175,7 @@ class _BestWeights:
             return
         value = float(trainer.callback_metrics[self.metric])
         best = self.result.weights
-        if not math.isfinite(value) or (best is not None and (value <= best.value if self.maximize
-                                                              else value >= best.value)):
+        if not improves(value, None if best is None else best.value, self.maximize):
             return
         self.result.weights = Weights.of(module, trainer.current_epoch + 1, value)
 

@@ -33,6 +33,23 @@ OVER_TRAINING: dict[str, Callable[[list[float]], float]] = {PARAMS: lambda xs: x
 PRUNING_OFF = "pruning is off: Optuna cannot prune multi-objective studies"
 
 
+def diverged(metrics: dict[str, float], metric: str, epoch: int) -> str | None:
+    """Why a training stops as diverged after this epoch (a non-finite train_loss or objective), else None: one rule
+    for a lone training (searchlab.lightning_fit) and each member of a pack (searchlab.pack)."""
+    for key in ("train_loss", metric):
+        if key in metrics and not math.isfinite(metrics[key]):
+            return f"diverged: {key} is {metrics[key]} at epoch {epoch}"
+    return None
+
+
+def improves(value: float | None, best: float | None, maximize: bool) -> bool:
+    """Whether an epoch's value makes it the training's best epoch (finite and strictly better: the first of equal
+    bests is kept), whose weights are the trial's model: one rule for the Lightning path and the packing engine."""
+    if value is None or not math.isfinite(value):
+        return False
+    return best is None or (value > best if maximize else value < best)
+
+
 class Trained(Protocol):
     """What a trial's value is read from: a training's result (searchlab.lightning_fit.TrainResult), typed by the two
     things read of it; this module sits below training (pyproject's import contracts) and imports nothing of it."""

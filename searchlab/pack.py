@@ -31,7 +31,6 @@ fails is redone eagerly, with one line on stderr, and this process's later packs
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -57,7 +56,7 @@ from searchlab.config import ConfigError
 from searchlab.data import Splits, TensorBatches, batch_size_for
 from searchlab.lightning_fit import TrainResult, Weights, _direction, resolve_precision
 from searchlab.modules import _Module
-from searchlab.objectives import EPOCH_SECONDS, PARAMS
+from searchlab.objectives import EPOCH_SECONDS, PARAMS, diverged, improves
 from searchlab.pack_optim import PackedOptimizers, family_key, optimizer_family, read_hyper
 from searchlab.targets import resolve_target
 
@@ -598,11 +597,7 @@ class PackedTraining:
             member.result.history.append(metrics)
             out[member_index] = metrics
             self._keep_best(member_index, row, metrics)
-            reason = None
-            for key in ("train_loss", self.metric):
-                if key in metrics and not math.isfinite(metrics[key]):
-                    reason = f"diverged: {key} is {metrics[key]} at epoch {self.epoch}"
-                    break
+            reason = diverged(metrics, self.metric, self.epoch)
             if on_epoch is not None:
                 reason = on_epoch(member_index, self.epoch, metrics) or reason
             if reason:
@@ -687,8 +682,7 @@ class PackedTraining:
         value = metrics.get(self.metric)
         result = self.members[member].result
         best = result.weights
-        if value is None or not math.isfinite(value) or (best is not None and (
-                value <= best.value if self.direction == "maximize" else value >= best.value)):
+        if not improves(value, None if best is None else best.value, self.direction == "maximize"):
             return
         state = {f"net.{k}": v for k, v in self.member_state(member).items()}
         result.weights = Weights(state, self.epoch, value)
