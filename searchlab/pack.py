@@ -39,7 +39,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.func import functional_call, vmap
 
-from searchlab.build import (
+from searchlab.config import EPOCH_SECONDS, PARAMS, ConfigError
+from searchlab.config.targets import resolve_target
+from searchlab.data import Splits, TensorBatches, batch_size_for
+from searchlab.modules import _Module
+from searchlab.pack_optim import PackedOptimizers, family_key, optimizer_family, read_hyper
+from searchlab.training.build import (
     DataShape,
     build_network,
     data_shape,
@@ -47,13 +52,7 @@ from searchlab.build import (
     optimizer_factory,
     schedule_factory,
 )
-from searchlab.config import ConfigError
-from searchlab.data import Splits, TensorBatches, batch_size_for
-from searchlab.lightning_fit import TrainResult, Weights, _direction, resolve_precision
-from searchlab.modules import _Module
-from searchlab.objectives import EPOCH_SECONDS, PARAMS
-from searchlab.pack_optim import PackedOptimizers, family_key, optimizer_family, read_hyper
-from searchlab.targets import resolve_target
+from searchlab.training.lightning import TrainResult, Weights, _direction, resolve_precision
 
 # Called after each epoch with (member index, epoch from 1, metrics); returns a reason to stop that member, or None.
 MemberHook = Callable[[int, int, dict[str, float]], "str | None"]

@@ -12,10 +12,10 @@ import pytest
 import torch
 from helpers import LONG, SEARCHLAB, load_study, runs_of, wait_for_checkpoint, wait_for_running
 
-from searchlab.build import load_data
-from searchlab.checkpoints import CHECKPOINT_FILE, CheckpointPlan, read_saved
 from searchlab.config import compose_config
-from searchlab.lightning_fit import fit_rank
+from searchlab.training.build import load_data
+from searchlab.training.checkpoints import CHECKPOINT_FILE, CheckpointPlan, read_saved
+from searchlab.training.lightning import fit_rank
 
 # Dropout, batch norm and a schedule: every state a resume must restore (RNGs, running stats, the schedule's step).
 SMALL = ["trainer.max_epochs=4", "trainer.limit_train_batches=8", "data.batch_size=32", "model.width=32",

@@ -19,11 +19,11 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from servers import MlflowServer
 
-from searchlab.checkpoints import CHECKPOINT_FILE, read_saved
 from searchlab.cli import main
 from searchlab.config import ConfigError, compose_config
 from searchlab.study.faults import GrpcProxyWithHeartbeat, fail_stale_trials, heartbeat, heartbeat_settings
 from searchlab.study.storage import open_storage
+from searchlab.training.checkpoints import CHECKPOINT_FILE, read_saved
 
 TINY = ["trainer.max_epochs=2", "model.width=32"]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from searchlab.config import ConfigError
 from searchlab.data import Splits, as_splits, digits, synthetic
-from searchlab.data_checks import DivergedAtStart, check_splits, diverged_rule
+from searchlab.training.data_checks import DivergedAtStart, check_splits, diverged_rule
 
 # cli: the CLI in-process with the stores in tmp_path; isolated: cwd in tmp_path, default conf/, Hydra cleared.
 pytestmark = pytest.mark.usefixtures("isolated")

@@ -16,13 +16,13 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from searchlab.build import load_data
-from searchlab.checkpoints import CHECKPOINT_FILE, CheckpointPlan, read_saved
 from searchlab.config import Composer, ConfigError, validate_config
 from searchlab.data import TensorBatches
 from searchlab.devices import WorkerSlot, plan_workers
-from searchlab.lightning_fit import check_devices, process_group_backend
 from searchlab.training import fit
+from searchlab.training.build import load_data
+from searchlab.training.checkpoints import CHECKPOINT_FILE, CheckpointPlan, read_saved
+from searchlab.training.lightning import check_devices, process_group_backend
 
 DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "model.width=32", "optimizer.lr=0.01"]
 
@@ -149,8 +149,8 @@ def test_search_with_ddp_trials_prunes_through_optuna(tmp_path, store_overrides)
 _KILLED_MID_TRIAL = """
 import multiprocessing, time
 from searchlab.config import Composer
-from searchlab.build import load_data
-from searchlab.checkpoints import CHECKPOINT_FILE, CheckpointPlan, read_saved
+from searchlab.training.build import load_data
+from searchlab.training.checkpoints import CHECKPOINT_FILE, CheckpointPlan, read_saved
 from searchlab.training import fit
 
 def hold(epoch, metrics):

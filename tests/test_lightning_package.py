@@ -18,7 +18,7 @@ import torch
 from helpers import LIT, LONG, SEARCHLAB, load_model, load_study, metrics_line, searchlab, stores, wait_for_checkpoint
 from mlflow.tracking import MlflowClient
 
-from searchlab.lightning_package import LIGHTNING, PYTORCH_LIGHTNING, package_of
+from searchlab.config.lightning_package import LIGHTNING, PYTORCH_LIGHTNING, package_of
 from searchlab.modules import Classifier
 
 PROJECT = Path(__file__).parent / "lightning_project"

@@ -16,11 +16,11 @@ from helpers import SEARCHLAB, load_model, load_study
 from mlflow.tracking import MlflowClient
 
 from searchlab import commands
-from searchlab.build import load_data
 from searchlab.cli import main
 from searchlab.config import Composer
-from searchlab.model_out import module_with_weights
+from searchlab.report.models import module_with_weights
 from searchlab.training import fit
+from searchlab.training.build import load_data
 
 TINY = ["trainer.max_epochs=3", "model.width=32"]
 REPO = Path(__file__).resolve().parents[1]

@@ -12,9 +12,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from searchlab.cli import main
-from searchlab.config import ConfigError
-from searchlab.lightning_fit import TrainResult
-from searchlab.objectives import Objectives
+from searchlab.config import ConfigError, Objectives
+from searchlab.training import TrainResult
 
 TINY = ["trainer.max_epochs=2", "model.width=32"]
 SEVERAL = "study.metric=[val_acc,params]"

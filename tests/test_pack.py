@@ -15,12 +15,12 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from searchlab.build import load_data
 from searchlab.config import Composer
 from searchlab.optim import Adam, AdamW
 from searchlab.pack import PackedTraining, can_pack, pack_mismatch, varies_per_member
 from searchlab.pack_optim import PackedOptimizer, optimizer_family, read_hyper
 from searchlab.training import fit
+from searchlab.training.build import load_data
 
 REL, ABS = 1e-5, 1e-6
 # Metrics of orderings and argmaxes move in steps when two nearly equal scores swap: one flipped val prediction is
@@ -134,7 +134,7 @@ def test_member_state_loads_into_its_own_network(composer: Composer, digits) -> 
     cfgs = [composer({"model.dropout": d}) for d in (0.0, 0.3)]
     pack = PackedTraining(cfgs, digits)
     pack.fit()
-    from searchlab.build import build_network
+    from searchlab.training.build import build_network
     for i, cfg in enumerate(cfgs):
         build_network(cfg, pack.shape).load_state_dict(pack.member_state(i))
         assert pack.members[i].result.weights is not None

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import searchlab.pack as pack_module
-from searchlab.build import load_data
 from searchlab.config import Composer, ConfigError
 from searchlab.pack import PackedTraining, use_compile
+from searchlab.training.build import load_data
 
 BASE = ["trainer.max_epochs=2", "trainer.limit_train_batches=4", "model.width=16", "study.metric=val_loss"]
 MEMBERS = [{"optimizer.lr": 0.003}, {"optimizer.lr": 0.01, "optimizer.weight_decay": 1e-3}]

@@ -14,12 +14,12 @@ from omegaconf import open_dict
 from test_pack import BASE, _member_values, _same
 from torch import nn
 
-from searchlab.build import load_data
 from searchlab.config import Composer
 from searchlab.optim import Adam, AdamW
 from searchlab.pack import PackedTraining, pack_mismatch, varies_per_member
 from searchlab.pack_optim import PackedOptimizers, optimizer_family, read_hyper
 from searchlab.training import fit
+from searchlab.training.build import load_data
 
 
 @pytest.fixture(scope="module", autouse=True)

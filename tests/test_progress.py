@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from helpers import wait_until
 
-from searchlab.progress import Progress
+from searchlab.report.progress import Progress
 from searchlab.study import Best
 from searchlab.study.trial import TrialOutcome
 
@@ -80,10 +80,10 @@ def test_live_mode_redraws_a_status_line_below_the_trials():
 
 
 def test_remaining_time_follows_the_budget_or_the_timeout(monkeypatch):
-    import searchlab.progress
+    import searchlab.report.progress
 
     clock = [1000.0]  # an injected clock: exact on any machine load
-    monkeypatch.setattr(searchlab.progress, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(searchlab.report.progress, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     progress = Progress("val_acc", 10, None, 2, io.StringIO())
     assert progress.remaining() is None  # no trial finished in this run yet
     progress.trial_finished(OUTCOMES[0], BESTS[0])

@@ -243,7 +243,7 @@ def test_report_and_best_from_a_postgresql_study(tmp_path, postgres):
 # ---- the per-technique views: pruned trials, the importance rule, labels that do not overlap, lead sections ----
 
 def test_pruned_trials_are_in_the_views_at_their_last_reported_value():
-    from searchlab.plots import make_view
+    from searchlab.report.plots import make_view
 
     study = synthetic_study(60)
     trials = study.get_trials()
@@ -260,7 +260,7 @@ def test_pruned_trials_are_in_the_views_at_their_last_reported_value():
 
 
 def test_a_pruned_trial_without_a_finite_value_is_counted_not_plotted_and_a_pruned_only_key_gets_a_view():
-    from searchlab.plots import make_view
+    from searchlab.report.plots import make_view
 
     study = optuna.create_study(direction="maximize")
     for value, state in ((float("nan"), TrialState.PRUNED), (0.4, TrialState.PRUNED)):
@@ -342,7 +342,7 @@ def test_technique_panels_labels_do_not_overlap(tmp_path):
     no tick label runs into another, nor into another panel or its title."""
     import matplotlib.pyplot as plt
 
-    from searchlab import plots
+    from searchlab.report import plots
 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=1))
     for _ in range(60):

@@ -21,7 +21,7 @@ import optuna
 import pytest
 from helpers import SEARCHLAB, assert_one_run_per_trial, free_port, load_study, runs_of, stop, wait_until
 
-from searchlab.checkpoints import CHECKPOINT_FILE, read_saved
+from searchlab.training.checkpoints import CHECKPOINT_FILE, read_saved
 
 pytestmark = pytest.mark.slurm
 

@@ -16,7 +16,7 @@ from searchlab.config import (
     group_options,
     parse_overrides,
 )
-from searchlab.space import load_space, parse_space
+from searchlab.config.space import load_space, parse_space
 
 GROUPS = {"optimizer": ["adam", "rmsprop", "sgd"], "scheduler": ["constant", "step"]}
 
@@ -108,7 +108,7 @@ def test_space_key_missing_from_config_is_rejected():
     composer = Composer([])
     space = parse_space({"optimizer": {"choices": {"sgd": {"optimizer.beta1": {"low": 0.8, "high": 0.9}}}}},
                         composer.groups, {}, "conf/search/x.yaml")
-    from searchlab.space import check_keys
+    from searchlab.config.space import check_keys
     with pytest.raises(ConfigError, match="'optimizer.beta1' is not a key of the config when optimizer=sgd"):
         check_keys(space, composer)
 
@@ -358,7 +358,7 @@ def test_a_constraint_fixing_a_group_from_its_own_option_key_is_refused():
 
 def test_an_unknown_when_key_is_checked_against_the_whole_config():
     composer = Composer([])
-    from searchlab.space import config_values
+    from searchlab.config.space import config_values
     config = config_values(composer)
     assert config["data.batch_size"] == 64 and config["optimizer"] == "adam"
     spec = {**BN_SPEC, "_constraints_": [{"when": {"trainer.max_epoch": 3}, "fix": {"model.batch_norm": False}}]}

@@ -109,7 +109,7 @@ def test_two_workers_take_the_exact_budget_prune_trials_log_curves_and_best_reru
 
 
 def _saved_epoch(path: Path) -> int:
-    from searchlab.checkpoints import read_saved
+    from searchlab.training.checkpoints import read_saved
 
     saved = read_saved(path)
     return 0 if saved is None else saved.epoch

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from searchlab.build import load_data
 from searchlab.config import Composer, ConfigError, group_options, validate_config
 from searchlab.data import TensorBatches
-from searchlab.lightning_fit import resolve_device, resolve_precision
 from searchlab.training import fit
+from searchlab.training.build import load_data
+from searchlab.training.lightning import resolve_device, resolve_precision
 
 OPTIMIZERS = group_options()["optimizer"]
 SCHEDULERS = group_options()["scheduler"]

@@ -37,7 +37,6 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from searchlab import checkpoints
 from searchlab.attrs import (
     APP_COMMAND,
     APP_VALUE,
@@ -48,13 +47,12 @@ from searchlab.attrs import (
     RESUMED_FROM_EPOCH,
     checkpoint_of,
 )
-from searchlab.config import ConfigError, format_override, redact
+from searchlab.config import ConfigError, Objectives, format_override, metric_setting, redact
 from searchlab.devices import detect_gpus, worker_count
 from searchlab.hydra import callback_overrides, override_value, rerun_command
 from searchlab.interrupts import EXIT_TERMINATED, sigterm_as_interrupt, terminated
-from searchlab.objectives import Objectives, metric_setting
-from searchlab.progress import Progress
 from searchlab.report import write_report
+from searchlab.report.progress import Progress
 from searchlab.study import (
     WORKER_INDEX_ENV,
     Attempt,
@@ -75,6 +73,7 @@ from searchlab.study import (
 )
 from searchlab.study.search_work import requeue_resumable
 from searchlab.study.trial import describe, interrupted
+from searchlab.training import checkpoints
 
 from ._settings import PREFIX, AppComposer, SweepSettings
 

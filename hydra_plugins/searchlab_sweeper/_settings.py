@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from searchlab.config import ConfigError, has_key, validate_study
+from searchlab.config.space import CONSTRAINTS_KEY, SearchSpace, check_keys, parse_space
 from searchlab.devices import worker_count
-from searchlab.space import CONSTRAINTS_KEY, SearchSpace, check_keys, parse_space
 
 from .searchlab_sweeper import sweeper_defaults
 

@@ -4,7 +4,7 @@ and schedule, the way lightning-hydra-template's train.py does it.
 searchlab offers each callable what only it knows — `input_shape` and `num_outputs` to the network; `net`,
 `optimizer` and `scheduler` to the module; `seed` and `batch_size` to the data — and passes each one only when the
 callable's signature names it, so a user's class needs no searchlab-specific arguments. A `_target_` that does not
-import, or that rejects its arguments, is a ConfigError naming the config key (searchlab.targets).
+import, or that rejects its arguments, is a ConfigError naming the config key (searchlab.config.targets).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from searchlab.config import ConfigError
+from searchlab.config.lightning_package import Package, load, package_of
+from searchlab.config.targets import accepted, build, resolve_target, training_package_name
 from searchlab.data import Splits
-from searchlab.data_checks import check_loaded, first_batch
-from searchlab.lightning_package import Package, load, package_of
-from searchlab.targets import accepted, build, resolve_target, training_package_name
+from searchlab.training.data_checks import check_loaded, first_batch
 
-if TYPE_CHECKING:  # either Lightning package's classes at run time (searchlab.lightning_package)
+if TYPE_CHECKING:  # either Lightning package's classes at run time (searchlab.config.lightning_package)
     import pytorch_lightning as pl
 
 # Keys of a scheduler entry that are Lightning's lr_scheduler settings, read here and not passed to the schedule.

@@ -30,7 +30,7 @@ import torch
 from lightning_fabric.utilities.apply_func import apply_to_collection
 from omegaconf import DictConfig
 
-if TYPE_CHECKING:  # the training's own package at run time (searchlab.lightning_package): either one's classes
+if TYPE_CHECKING:  # the training's own package at run time (searchlab.config.lightning_package): either one's classes
     import pytorch_lightning as pl
 
 CHECKPOINT_FILE = "last.ckpt"

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from omegaconf import DictConfig, ListConfig
 
-from searchlab.config import ConfigError, metric_direction
+from searchlab.config.compose import ConfigError, metric_direction
 
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-# searchlab's own per-epoch metrics (searchlab.lightning_fit adds them to what the module logs): the trainable
+# searchlab's own per-epoch metrics (searchlab.training.lightning adds them to what the module logs): the trainable
 # parameter count and the wall seconds of the epoch (training + validation).
 PARAMS, EPOCH_SECONDS = "params", "epoch_seconds"
 # Metrics that describe the whole training rather than one epoch: with several objectives a trial's value of one is
@@ -34,7 +34,7 @@ PRUNING_OFF = "pruning is off: Optuna cannot prune multi-objective studies"
 
 
 class Trained(Protocol):
-    """What a trial's value is read from: a training's result (searchlab.lightning_fit.TrainResult), typed by the two
+    """What a trial's value is read from: a training's result (searchlab.training.TrainResult), typed by the two
     things read of it; this module sits below training (pyproject's import contracts) and imports nothing of it."""
 
     history: list[dict[str, float]]

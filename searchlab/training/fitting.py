@@ -1,7 +1,7 @@
 """One configuration trained, on one device or over DDP ranks, and the check of a config before a study.
 
-This sits above searchlab.lightning_fit (one process) and searchlab.ddp (ranks that each run lightning_fit), so neither
-imports the other's caller.
+This sits above searchlab.training.lightning (one process) and searchlab.training.ddp (ranks that each run it), so
+neither imports the other's caller.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from collections.abc import Sequence
 import torch
 from omegaconf import DictConfig
 
-from searchlab.build import load_data, module_task
-from searchlab.checkpoints import CheckpointPlan
 from searchlab.config import ConfigError
 from searchlab.data import Splits
-from searchlab.data_checks import check_first_batch, data_source
-from searchlab.ddp import fit_ddp
-from searchlab.lightning_fit import EpochHook, TrainResult, fit_rank, resolve_device
+from searchlab.training.build import load_data, module_task
+from searchlab.training.checkpoints import CheckpointPlan
+from searchlab.training.data_checks import check_first_batch, data_source
+from searchlab.training.ddp import fit_ddp
+from searchlab.training.lightning import EpochHook, TrainResult, fit_rank, resolve_device
 
 # A classifier's labels look like a regression target when there are this many classes or more and the training split
 # has fewer than _FEW samples of a class on average: a classifier cannot learn a class from a handful of examples.
@@ -29,7 +29,7 @@ def fit(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None = Non
         metric: str | None = None, checkpoint: CheckpointPlan | None = None) -> TrainResult:
     """Trains cfg on splits (on the training device; None for a LightningDataModule `data`). With trainer.devices > 1
     the training runs in DDP ranks spawned for this call; on_epoch still runs here, in the caller's process.
-    `checkpoint`: where the trial's checkpoints go and whether it resumes from one (searchlab.checkpoints)."""
+    `checkpoint`: where the trial's checkpoints go and whether it resumes from one (searchlab.training.checkpoints)."""
     if cfg.trainer.devices > 1:
         cuda = resolve_device(cfg.trainer.accelerator).type == "cuda"
         return fit_ddp(cfg, splits, on_epoch, test, metric=metric, cuda=cuda, checkpoint=checkpoint)

@@ -27,7 +27,7 @@ from optuna.distributions import CategoricalDistribution  # noqa: E402
 from optuna.trial import FrozenTrial  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
 
-from searchlab.objectives import Objectives  # noqa: E402
+from searchlab.config import Objectives  # noqa: E402
 from searchlab.quiet import quiet_empty_plots  # noqa: E402
 
 quiet_empty_plots()  # a study with no complete trial: its summary says so, not Optuna's [W ...] lines

@@ -22,11 +22,11 @@ import torch.multiprocessing as mp
 from lightning_fabric.plugins.environments.lightning import find_free_network_port
 from omegaconf import DictConfig
 
-from searchlab.checkpoints import CheckpointPlan
+from searchlab.config import Objectives
 from searchlab.data import Splits
-from searchlab.lightning_fit import EpochHook, TrainResult, fit_rank
-from searchlab.objectives import Objectives
 from searchlab.quiet import warnings_once
+from searchlab.training.checkpoints import CheckpointPlan
+from searchlab.training.lightning import EpochHook, TrainResult, fit_rank
 
 _POLL_S = 0.2  # how often the waiting parent checks that the ranks are still alive
 

@@ -49,17 +49,16 @@ from searchlab.attrs import (
     TRIAL_REASON_TAG,
     TRIAL_STATE_TAG,
 )
-from searchlab.config import ConfigError, redact
+from searchlab.config import ConfigError, environment, redact
 from searchlab.locks import FileLock
-from searchlab.project import environment
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..." and the like
 # MLflow logs a traceback for every SQLite "database is locked" before raising it; _RetryOnLock retries or re-raises.
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 _FINAL_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 _BATCH = 900  # MLflow takes at most 1000 metrics, params and tags in one log_batch
-# A trial's best-epoch weights (torch.save bytes of searchlab.lightning_fit.Weights) in its run's artifacts, kept for
-# a trial that may be among the study's best when it finishes (see searchlab.model_out).
+# A trial's best-epoch weights (torch.save bytes of searchlab.training.Weights) in its run's artifacts, kept for
+# a trial that may be among the study's best when it finishes (see searchlab.report.models).
 WEIGHTS_DIR, WEIGHTS_FILE = "weights", "best.pt"
 MODEL_NAME = "model"  # the logged MLflow model's name: runs:/<run id>/model
 
@@ -424,7 +423,7 @@ def _requirements(serialization: str, module: torch.nn.Module) -> list[str]:
 
     requirements = [f"torch=={version('torch')}"]
     if serialization == "pickle":
-        from searchlab.lightning_package import requirement_of
+        from searchlab.config.lightning_package import requirement_of
 
         requirements.append(requirement_of(module))  # pytorch-lightning or lightning: the one it is written with
     return requirements

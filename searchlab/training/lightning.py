@@ -15,15 +15,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from searchlab.build import build_module, data_shape, load_data, module_task, training_package
-from searchlab.checkpoints import CheckpointPlan, TrialCheckpoints
-from searchlab.config import ConfigError, metric_direction
+from searchlab.config import EPOCH_SECONDS, PARAMS, ConfigError, Objectives, metric_direction
+from searchlab.config.lightning_package import Package, quiet_loggers
+from searchlab.config.user_callbacks import EpochLogger, build_callbacks
 from searchlab.data import Splits, TensorBatches, batch_size_for
-from searchlab.lightning_package import Package, quiet_loggers
-from searchlab.objectives import EPOCH_SECONDS, PARAMS, Objectives
-from searchlab.user_callbacks import EpochLogger, build_callbacks
+from searchlab.training.build import build_module, data_shape, load_data, module_task, training_package
+from searchlab.training.checkpoints import CheckpointPlan, TrialCheckpoints
 
-if TYPE_CHECKING:  # the training's own package at run time (searchlab.lightning_package): either one's classes
+if TYPE_CHECKING:  # the training's own package at run time (searchlab.config.lightning_package): either one's classes
     import pytorch_lightning as pl
 
 # Called after each epoch's validation with (epoch number from 1, metrics); returns a reason to stop, or None.
@@ -141,7 +140,7 @@ class _EpochCallback:
         if trainer.sanity_checking:
             return
         metrics = epoch_metrics(trainer)
-        for logger in trainer.loggers:  # what the user's callbacks logged (searchlab.user_callbacks)
+        for logger in trainer.loggers:  # what the user's callbacks logged (searchlab.config.user_callbacks)
             if isinstance(logger, EpochLogger):
                 for name, value in logger.metrics.items():
                     metrics.setdefault(name, value)
@@ -252,12 +251,12 @@ def fit_rank(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None 
              rank: int = 0, world_size: int = 1, metric: str | None = None, probe: bool = False,
              checkpoint: CheckpointPlan | None = None) -> TrainResult:
     """One training in this process: the whole of it on one device, or one DDP rank's part of it (world_size > 1, in
-    a process that searchlab.ddp started and set up as Lightning's externally launched rank).
+    a process that searchlab.training.ddp started and set up as Lightning's externally launched rank).
 
     `splits` are the resident tensors (already on the training device), or None when `data` is a
     LightningDataModule, which is built here. `metric` (default study.metric, its first) is watched for divergence.
     `probe` trains one batch and validates one batch: the check of a config before a study. `checkpoint`: where the
-    trial's checkpoint is written and whether the training resumes from it (searchlab.checkpoints).
+    trial's checkpoint is written and whether the training resumes from it (searchlab.training.checkpoints).
     """
     start = time.perf_counter()
     package = training_package(cfg)  # pytorch_lightning or lightning.pytorch: the Lightning classes below are its

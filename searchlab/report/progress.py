@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
 
-from searchlab.objectives import format_value
+from searchlab.config import format_value
 
 if TYPE_CHECKING:
     from searchlab.study import Best

@@ -30,14 +30,13 @@ from optuna.search_space import intersection_search_space
 from optuna.trial import FrozenTrial, TrialState
 
 from searchlab.attrs import MLFLOW_PARENT_RUN_ID, OVERRIDES, STOPPED
-from searchlab.config import ConfigError, redact
-from searchlab.objectives import Objectives, format_value, metric_names
+from searchlab.config import ConfigError, Objectives, format_value, metric_names, redact
 from searchlab.study import Best, best_trial, state_counts
 from searchlab.study.search_work import train_command
 from searchlab.tracking import Tracker
 
 if TYPE_CHECKING:
-    from searchlab.plots import View
+    from searchlab.report.plots import View
 
 
 def check_settings(settings: DictConfig) -> None:
@@ -107,7 +106,7 @@ def write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker | None,
     """Writes the report to report.dir/<study> and logs it to the study's parent MLflow run when there is one.
 
     `lead`: sections that open the report, in this order (see `Section`)."""
-    from searchlab import plots  # plotly and matplotlib load only when a report is made
+    from searchlab.report import plots  # plotly and matplotlib load only when a report is made
 
     start = time.perf_counter()
     settings = cfg.report

@@ -1,6 +1,6 @@
 """The trained model out of a study or a training: weights kept, logged to MLflow as a model, exported to a folder.
 
-Every training keeps the weights of its best validation epoch in memory (searchlab.lightning_fit: a CPU copy of the
+Every training keeps the weights of its best validation epoch in memory (searchlab.training.lightning: a CPU copy of the
 LightningModule's state_dict on each improving epoch) and tests with them. What reaches MLflow:
 
 - A trial that finishes among the k best complete trials of the study so far (k = 1 for tracking.log_models=best,
@@ -34,13 +34,12 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from searchlab.attrs import MLFLOW_RUN_ID, OVERRIDES
-from searchlab.build import build_module, data_shape, load_data, module_task
-from searchlab.config import ConfigError, compose_config
+from searchlab.config import ConfigError, Objectives, compose_config
 from searchlab.data import Splits
-from searchlab.data_checks import first_batch
-from searchlab.lightning_fit import TrainResult, Weights
-from searchlab.objectives import Objectives
 from searchlab.tracking import Tracker, save_model
+from searchlab.training import TrainResult, Weights
+from searchlab.training.build import build_module, data_shape, load_data, module_task
+from searchlab.training.data_checks import first_batch
 
 EXAMPLE_SIZE = 2  # input example rows: a batch of 2 gives the exported model a dynamic batch dimension (batch 1: not)
 

@@ -23,8 +23,8 @@ from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from searchlab.config.user_callbacks import check_callbacks
 from searchlab.errors import ConfigError
-from searchlab.user_callbacks import check_callbacks
 
 # The user's config folder (`--config-dir`): the CLI sets it here, so the workers and DDP ranks it starts inherit it.
 USER_CONFIG_ENV = "SEARCHLAB_CONFIG_DIR"
@@ -32,8 +32,8 @@ USER_CONFIG_ENV = "SEARCHLAB_CONFIG_DIR"
 
 def config_dir() -> Path:
     """searchlab's own conf/ tree: the one installed in the package (a wheel), else the repo's (a checkout)."""
-    packaged = Path(__file__).parent / "conf"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
+    packaged = Path(__file__).parents[1] / "conf"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf"
 
 
 def user_config_dir() -> Path | None:

@@ -2,7 +2,7 @@
 
 `trainer.callbacks` is a list of `_target_` entries, or a mapping name -> entry (as lightning-hydra-template's
 `callbacks` group; an entry set to null is left out), each built with the training's Lightning package
-(searchlab.lightning_package). Refused with one line naming the key, before any store is written:
+(searchlab.config.lightning_package). Refused with one line naming the key, before any store is written:
 - a callback of the other package: the training's Trainer would reject it;
 - a ModelCheckpoint (any Checkpoint): searchlab writes the trial's checkpoints itself and resumes from them
   (trainer.checkpoint_every_n_epochs); a second writer would checkpoint states searchlab never resumes;
@@ -20,9 +20,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from searchlab.config.lightning_package import package_of
+from searchlab.config.targets import build, resolve_target, training_package_name
 from searchlab.errors import ConfigError
-from searchlab.lightning_package import package_of
-from searchlab.targets import build, resolve_target, training_package_name
 
 KEY = "trainer.callbacks"
 

@@ -29,7 +29,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from searchlab.attrs import CONSTRAINED
-from searchlab.config import Composer, ConfigError, validate_config
+from searchlab.config.compose import Composer, ConfigError, validate_config
 
 _RANGE_KEYS = {"low", "high", "log", "step", "grid"}
 _CHOICE_KEYS = {"choices"}

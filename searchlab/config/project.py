@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Iterator
 
-from searchlab.config import USER_CONFIG_ENV
+from searchlab.config.compose import USER_CONFIG_ENV
 
 
 @contextlib.contextmanager

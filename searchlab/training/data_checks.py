@@ -42,8 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from searchlab.config import ConfigError
-from searchlab.objectives import metric_names
+from searchlab.config import ConfigError, metric_names
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -114,14 +113,14 @@ def check_splits(splits: Splits, source: str, task: str, metrics: Sequence[str] 
 
 
 def check_loaded(splits: Splits, cfg: DictConfig, task: str) -> None:
-    """check_splits for the config's data entry, as searchlab.build.load_data loads it (once per process)."""
+    """check_splits for the config's data entry, as searchlab.training.build.load_data loads it (once per process)."""
     study = cfg.get("study")
     metrics = metric_names(study.metric) if study is not None and "metric" in study else []
     check_splits(splits, data_source(cfg.data), task, metrics)
 
 
 def first_batch(data: pl.LightningDataModule) -> tuple[torch.Tensor, torch.Tensor]:
-    """The DataModule's first training batch, as (x, y): what the checks below read, and what searchlab.build
+    """The DataModule's first training batch, as (x, y): what the checks below read, and what searchlab.training.build
     sizes the network by."""
     data.prepare_data()
     data.setup("fit")
@@ -193,7 +192,7 @@ def _check_labels(pairs: list[tuple[str, torch.Tensor, torch.Tensor]], refuse: R
         if all(bool((y == y.round()).all()) for _, _, y in pairs):
             raise refuse("y_train holds class labels stored as floats; store them as integers "
                          "(numpy: y.astype('int64'))")
-        return  # fractional targets: searchlab.training.check_targets names module=regressor
+        return  # fractional targets: searchlab.training.fitting.check_targets names module=regressor
     for split, _, y in pairs:
         if bool((y < 0).any()):
             raise refuse(f"y_{split} holds negative class indices ({int((y < 0).sum())}, first at "
@@ -241,7 +240,7 @@ class DivergedAtStart:
     def reason(self) -> str | None:
         return self.stop
 
-    # The stop reason of a diverged training: searchlab.lightning_fit._EpochCallback and searchlab.pack write it.
+    # The stop reason of a diverged training: searchlab.training.lightning._EpochCallback and searchlab.pack write it.
     _DIVERGED = re.compile(r"^diverged: (?P<how>.+) at epoch (?P<epoch>\d+)$")
 
     def see(self, state: str, reason: str | None, params: dict[str, Any] | None = None) -> str | None:

@@ -1,8 +1,8 @@
 """A config entry's `_target_` made into what it names: the callable imported, its settings and the arguments it
 accepts passed, any failure a ConfigError naming the config key; and which Lightning package a config trains with.
 
-Below searchlab.build (which builds a training's parts with it) so that validation can check a `_target_` before
-anything is trained: searchlab.user_callbacks checks `trainer.callbacks` at searchlab.config's validation.
+Below searchlab.training.build (which builds a training's parts with it) so that validation can check a `_target_`
+before anything is trained: searchlab.config.user_callbacks checks `trainer.callbacks` at searchlab.config's validation.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from searchlab.config.lightning_package import PYTORCH_LIGHTNING, package_of
 from searchlab.errors import ConfigError
-from searchlab.lightning_package import PYTORCH_LIGHTNING, package_of
 
 
 def resolve_target(node: DictConfig, key: str) -> Callable[..., Any]:
