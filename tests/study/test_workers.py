@@ -191,7 +191,7 @@ def test_without_a_lock_racing_workers_still_finish_the_exact_budget(tmp_path):
 def test_mlflow_writes_refused_by_a_locked_sqlite_are_retried():
     from mlflow.exceptions import MlflowException
 
-    from searchlab.tracking import _retry_on_lock
+    from searchlab.tracking.mlflow import _retry_on_lock
 
     calls = []
 

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from searchlab.config.lightning_package import LIGHTNING, PYTORCH_LIGHTNING, package_of
 from searchlab.modules import Classifier
 
-PROJECT = Path(__file__).parent / "lightning_project"
+PROJECT = Path(__file__).parents[1] / "lightning_project"
 
 
 def project_module(folder: Path):

@@ -295,7 +295,7 @@ def _study_with_a_rare_conditional_key() -> optuna.Study:
 
 
 def test_importances_rank_only_keys_enough_complete_trials_cover(tmp_path):
-    from searchlab.report import rankable
+    from searchlab.report.report import rankable
 
     study = _study_with_a_rare_conditional_key()
     complete = study.get_trials()

@@ -25,7 +25,7 @@ from searchlab.training.checkpoints import CHECKPOINT_FILE, read_saved
 
 pytestmark = pytest.mark.slurm
 
-RECIPE_PAGE = Path(__file__).resolve().parents[1] / "docs" / "several-machines.md"
+RECIPE_PAGE = Path(__file__).resolve().parents[2] / "docs" / "several-machines.md"
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "squeue", "scancel", "sinfo", "srun")
 # A requeued job may start again only after the job credential's lifetime (slurm.conf's cred_expire, 120 s by
@@ -197,7 +197,7 @@ def docs_recipe() -> str:
 
 def _edit(script: str, pattern: str, replacement: str) -> str:
     edited, count = re.subn(pattern, lambda _: replacement, script)
-    assert count == 1, f"the docs' SLURM recipe has no (single) {pattern!r}: update tests/test_slurm.py to the recipe"
+    assert count == 1, f"the docs' SLURM recipe has no (single) {pattern!r}: update this test to the recipe"
     return edited
 
 

@@ -4,7 +4,7 @@ falls back to the eager step with one line, and a step traced by torch.compile t
 Tolerances: the fallback redoes the failed step eagerly from the same state, so its metrics equal eager's exactly.
 The traced step (torch.compile with the aot_eager backend: Dynamo and AOTAutograd trace forward and backward, no code
 generation, so no C++ compiler or minutes of compiling on this machine) runs the same float32 ops, possibly in another
-order after decomposition: losses within 1e-5 relative, as tests/test_pack.py holds a pack to a lone trial.
+order after decomposition: losses within 1e-5 relative, as tests/packing/test_pack.py holds a pack to a lone trial.
 """
 
 from __future__ import annotations

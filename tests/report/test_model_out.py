@@ -23,7 +23,7 @@ from searchlab.training import fit
 from searchlab.training.build import load_data
 
 TINY = ["trainer.max_epochs=3", "model.width=32"]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def logged_models(client: MlflowClient, experiment: str) -> dict[str, object]:

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from searchlab.config import (
+from searchlab.config.compose import (
     Composer,
     ConfigError,
     compose_config,

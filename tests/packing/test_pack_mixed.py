@@ -1,7 +1,7 @@
 """Packs whose members differ in their optimizer family and schedule family (issue 19): each member still trains as
 it would alone.
 
-Tolerance as tests/test_pack.py (its helpers): float32 on the CPU, the same batches from the same initial weights;
+Tolerance as test_pack.py (its helpers): float32 on the CPU, the same batches from the same initial weights;
 per-epoch losses within 1e-5 relative (1e-6 absolute), learning rates as exactly, accuracy, F1 and AUROC within one
 flipped prediction (test_pack.DISCRETE).
 """
@@ -24,7 +24,7 @@ from searchlab.training.build import load_data
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """One torch thread, as tests/test_pack.py: tiny matmuls on a loaded shared machine."""
+    """One torch thread, as tests/packing/test_pack.py: tiny matmuls on a loaded shared machine."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

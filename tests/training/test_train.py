@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from searchlab.config import Composer, ConfigError, group_options, validate_config
+from searchlab.config.compose import Composer, ConfigError, group_options, validate_config
 from searchlab.data import TensorBatches
 from searchlab.training import fit
 from searchlab.training.build import load_data

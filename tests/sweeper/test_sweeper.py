@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from searchlab.hydra import TrialCallback, callback_overrides, settings_from_overrides
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "lightning_hydra"
 # Tiny trainings: 2 training batches per epoch, one validation batch.
 TINY = ["+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1"]

@@ -234,7 +234,7 @@ def test_refusals_name_the_reason(composer: Composer, digits) -> None:
     assert varies_per_member("optimizer.lr", 0.1) and varies_per_member("model.dropout", 0.2)
     assert not varies_per_member("model.width", 64) and not varies_per_member("data.batch_size", 32)
     assert "model.width" in pack_mismatch([composer({}), composer({"model.width": 16})])
-    assert pack_mismatch([composer({}), composer({"optimizer": "sgd"})]) is None  # tests/test_pack_mixed.py
+    assert pack_mismatch([composer({}), composer({"optimizer": "sgd"})]) is None  # tests/packing/test_pack_mixed.py
 
 
 def test_bench_packing_part_smoke() -> None:

@@ -21,7 +21,7 @@ import pytest
 from helpers import REPO, load_study, metrics_line, searchlab, stores
 from mlflow.tracking import MlflowClient
 
-from searchlab.config import MAXIMIZED_WORDS, MINIMIZED_WORDS, metric_direction
+from searchlab.config.compose import MAXIMIZED_WORDS, MINIMIZED_WORDS, metric_direction
 
 EXAMPLES = REPO / "examples"
 TINY = ["trainer.max_epochs=2", "study.n_trials=4", "report.min_complete=2"]
@@ -147,7 +147,7 @@ def test_config_dir_option_replaces_a_builtin_option_and_keeps_the_others(tmp_pa
     shown = subprocess.run([sys.executable, "-c", textwrap.dedent("""
         import os
         os.environ["SEARCHLAB_CONFIG_DIR"] = "conf"
-        from searchlab.config import compose_config, group_options
+        from searchlab.config.compose import compose_config, group_options
         print(compose_config(["model=mlp"]).model.width, compose_config(["model=cnn"]).model.width,
               "cnn" in group_options()["model"])
     """)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
