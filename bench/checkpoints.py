@@ -19,10 +19,10 @@ from unittest import mock
 
 import torch
 
-from searchlab import lightning_fit
-from searchlab.build import load_data
-from searchlab.checkpoints import CHECKPOINT_FILE, CheckpointPlan, TrialCheckpoints
 from searchlab.config import compose_config
+from searchlab.training import lightning as lightning_fit
+from searchlab.training.build import load_data
+from searchlab.training.checkpoints import CHECKPOINT_FILE, CheckpointPlan, TrialCheckpoints
 
 NETWORKS = {
     "digits MLP 2x256": ["model.width=256", "model.depth=2"],

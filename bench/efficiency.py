@@ -17,18 +17,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from searchlab.build import load_data
-from searchlab.config import Composer, parse_overrides, validate_config
-from searchlab.lightning_fit import resolve_device
+from searchlab.config import Composer, Objectives, parse_overrides, validate_config
+from searchlab.config.space import load_space
 from searchlab.locks import budget_lock
-from searchlab.objectives import Objectives
-from searchlab.space import load_space
 from searchlab.study import make_pruner, make_sampler, open_study, run_trials
 from searchlab.study.budget import Budget
 from searchlab.study.search_work import SearchWork
 from searchlab.study.storage import open_storage
 from searchlab.study.trial import TrialOutcome
 from searchlab.tracking import Tracker
+from searchlab.training import resolve_device
+from searchlab.training.build import load_data
 
 METHODS: dict[str, list[str]] = {
     "searchlab default (conf as shipped)": [],  # conf/study/default.yaml's sampler and pruner, whatever they are

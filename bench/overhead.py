@@ -36,17 +36,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import searchlab.study.search_work
 import searchlab.study.trial
-import searchlab.tracking
+import searchlab.tracking.mlflow
 from bench.devices import UtilizationSampler, device_overrides, gpu_utilization_reader
 from bench.timing import PartTimer
-from searchlab.build import DataShape, build_network, load_data, optimizer_factory, schedule_factory
 from searchlab.config import Composer
+from searchlab.config.space import SearchSpace, parse_space
 from searchlab.data import Splits
-from searchlab.space import SearchSpace, parse_space
 from searchlab.study import make_pruner, make_sampler
 from searchlab.study.search_work import SearchWork
 from searchlab.study.storage import open_storage
 from searchlab.tracking import Tracker
+from searchlab.training.build import DataShape, build_network, load_data, optimizer_factory, schedule_factory
 
 # The issue's fixed setting: digits MLP 2x256, batch 64, 10 epochs, no pruning.
 BASE = ["trainer.max_epochs=10", "data.batch_size=64", "model.width=256", "model.depth=2", "model.batch_norm=false",
@@ -239,7 +239,7 @@ def instrument(timer: PartTimer, runner: SearchWork) -> None:
         timer.patch(runner.tracker.client, name)
     timer.patch(optuna.trial.Trial, "report")
     timer.patch(optuna.trial.Trial, "should_prune")
-    timer.patch(searchlab.study.search_work, "fit", "fit set-up")  # its name for searchlab.training.fit
+    timer.patch(searchlab.study.search_work, "fit", "fit set-up")  # its name for searchlab.training.fitting.fit
     timer.patch(_FitLoop, "run", LOOP)
 
 
@@ -335,12 +335,12 @@ def run_overhead(out: Path, configs: int = 4, repeats: int = 5, device: str = "c
 
     def searchlab_way(name: str, instrumented: bool, before: bool = False) -> Callable[[dict[str, Any]], float]:
         if before:  # as before this issue: a write per epoch, SQLite's defaults (an fsync per commit), own file
-            real = searchlab.tracking._sqlite_without_fsync_per_commit
-            searchlab.tracking._sqlite_without_fsync_per_commit = lambda client: None
+            real = searchlab.tracking.mlflow._sqlite_without_fsync_per_commit
+            searchlab.tracking.mlflow._sqlite_without_fsync_per_commit = lambda client: None
             try:
                 tracker = Tracker(f"sqlite:///{out}/mlflow-before.db", cfg.tracking.artifact_root, 0.0)
             finally:
-                searchlab.tracking._sqlite_without_fsync_per_commit = real
+                searchlab.tracking.mlflow._sqlite_without_fsync_per_commit = real
         else:
             tracker = Tracker(cfg.tracking.uri, cfg.tracking.artifact_root, cfg.tracking.flush_seconds)
         study = optuna.create_study(study_name=name, storage=open_storage(cfg.study.storage),

@@ -3,7 +3,7 @@
 Three ways train the same configurations, interleaved in one process (the order rotates per repeat, so a shared
 machine's noise hits all alike; figures are medians; process start-up is excluded):
 (a) plain: the hand-written PyTorch loop of the overhead part, one trial at a time — the limit of that way;
-(b) lightning: searchlab's current one-trial path, `searchlab.training.fit` (Lightning; no MLflow or Optuna, so
+(b) lightning: searchlab's current one-trial path, `searchlab.training.fitting.fit` (Lightning; no MLflow or Optuna, so
     without the trial's fixed cost that the overhead part measures);
 (c) pack K: `PackedTraining` of K members that differ in learning rate and weight decay, its time divided by K.
 
@@ -35,11 +35,11 @@ from omegaconf import OmegaConf
 
 from bench.devices import UtilizationSampler, device_overrides, gpu_utilization_reader
 from bench.overhead import plain_loop
-from searchlab.build import load_data
 from searchlab.config import Composer
 from searchlab.data import Splits, as_splits
 from searchlab.pack import PackedTraining
 from searchlab.training import fit
+from searchlab.training.build import load_data
 
 DIGITS = ["trainer.max_epochs=10", "data.batch_size=64", "model.width=256", "model.depth=2", "model.batch_norm=false",
           "model.dropout=0.0", "module.l1=0.0", "optimizer=adam", "scheduler=constant", "study.metric=val_acc"]

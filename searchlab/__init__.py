@@ -18,13 +18,12 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from searchlab.config import ConfigError
-from searchlab.project import project
+from searchlab.config import ConfigError, project
 
 if TYPE_CHECKING:
     import optuna
 
-    from searchlab.lightning_fit import TrainResult
+    from searchlab.training import TrainResult
 
 __all__ = ["ConfigError", "search", "train"]
 

@@ -80,12 +80,9 @@ from searchlab.attrs import (
     VARIANT_TAG,
 )
 from searchlab.attrs import MLFLOW_PARENT_RUN_ID as PARENT_RUN_ATTR
-from searchlab.build import load_data
-from searchlab.config import ConfigError, compose_config, format_override, redact, validate_config
+from searchlab.config import ConfigError, Objectives, compose_config, format_override, redact, validate_config
 from searchlab.data import Splits
-from searchlab.lightning_fit import resolve_device
 from searchlab.locks import BudgetLock
-from searchlab.objectives import Objectives
 from searchlab.pack import PackedTraining, can_pack, shared_key
 from searchlab.report import report_folder, write_report
 from searchlab.study import (
@@ -103,7 +100,8 @@ from searchlab.study import (
 )
 from searchlab.study.search_work import train_command, training_overrides
 from searchlab.tracking import Tracker
-from searchlab.training import fit
+from searchlab.training import fit, resolve_device
+from searchlab.training.build import load_data
 
 # Where each technique lives in the config: the one table to re-point when config keys move.
 # schedule and optimizer are config groups (their own keys are `<group>.*`); the rest are plain keys.

@@ -44,9 +44,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from searchlab.config import ConfigError, redact
+    from searchlab.config import ConfigError, project, redact
     from searchlab.interrupts import EXIT_TERMINATED, sigterm_as_interrupt, terminated
-    from searchlab.project import project
 
     try:
         with sigterm_as_interrupt(), project(args.config_dir):

@@ -18,20 +18,30 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from searchlab.attrs import APP_COMMAND, OVERRIDES
-from searchlab.build import load_data, module_task
 from searchlab.config import (
+    PRUNING_OFF,
     Composer,
     ConfigError,
+    Objectives,
     compose_config,
+    metric_names,
+    metric_setting,
     parse_overrides,
     redact,
     validate_config,
 )
+from searchlab.config.space import load_space
 from searchlab.data import Splits
-from searchlab.data_checks import diverged_rule
 from searchlab.interrupts import terminated
-from searchlab.lightning_fit import TrainResult, check_devices, resolve_device
-from searchlab.model_out import (
+from searchlab.report import (
+    Report,
+    best_overrides,
+    check_settings,
+    render_text,
+    with_trial,
+    write_report,
+)
+from searchlab.report.models import (
     KeepWeights,
     check_export_dir,
     example_input,
@@ -41,17 +51,7 @@ from searchlab.model_out import (
     models_to_log,
     module_with_weights,
 )
-from searchlab.objectives import PRUNING_OFF, Objectives, metric_names, metric_setting
-from searchlab.progress import Progress
-from searchlab.report import (
-    Report,
-    best_overrides,
-    check_settings,
-    render_text,
-    with_trial,
-    write_report,
-)
-from searchlab.space import load_space
+from searchlab.report.progress import Progress
 from searchlab.study import (
     WORKER_INDEX_ENV,
     Session,
@@ -74,7 +74,9 @@ from searchlab.study.search_work import SearchWork, train_command, training_over
 from searchlab.study.stopping import stop_rules
 from searchlab.study.warm_start import plan as plan_warm_start
 from searchlab.tracking import Tracker
-from searchlab.training import check_targets, fit, preflight
+from searchlab.training import TrainResult, check_devices, check_targets, fit, preflight, resolve_device
+from searchlab.training.build import load_data, module_task
+from searchlab.training.data_checks import diverged_rule
 
 
 @dataclass
@@ -91,7 +93,7 @@ def _prepare(overrides: Sequence[str], check: bool = False) -> tuple[Composer, D
                                                                        Splits | None]:
     """Compose and validate the config and load the data: every check that needs no store. Resident data comes
     back on the CPU; a LightningDataModule is built per training (None here). `check` also trains one batch
-    (searchlab.training.preflight), as a search does before it writes anything."""
+    (searchlab.training.fitting.preflight), as a search does before it writes anything."""
     fixed = parse_overrides(overrides)
     composer = Composer(overrides)
     cfg = composer.base
@@ -281,7 +283,7 @@ def train(overrides: Sequence[str], quiet: bool = False, export_dir: str | None 
     summary = {"best_" + objectives.primary: best, "best_epoch": result.best_epoch,
                **(result.history[-1] if result.history else {}), **result.test, "epochs": len(result.history),
                "seconds": round(result.seconds, 3)}
-    if objectives.several:  # the values a study would give this training (searchlab.objectives)
+    if objectives.several:  # the values a study would give this training (searchlab.config.objectives)
         values = objectives.values_of(result)
         summary["objectives"] = None if values is None else dict(zip(objectives.names, values, strict=True))
     if result.stop_reason:

@@ -131,7 +131,8 @@ def as_splits(*arrays: np.ndarray | None) -> Splits:
         a = np.asarray(a)
         return torch.as_tensor(a.astype(np.int64 if np.issubdtype(a.dtype, np.integer) else np.float32))
 
-    # A value beyond float32's range becomes inf without numpy's warning: searchlab.data_checks names it in one line.
+    # A value beyond float32's range becomes inf without numpy's warning: searchlab.training.data_checks names it in one
+    # line.
     with np.errstate(over="ignore"):
         xs = [None if a is None else torch.as_tensor(np.asarray(a, dtype=np.float32)) for a in arrays[0::2]]
         ys = [None if a is None else target(a) for a in arrays[1::2]]
@@ -187,8 +188,8 @@ def npz(path: str, standardize: bool = False, add_channel: bool | str = "auto") 
     if add_channel is True or (add_channel == "auto" and arrays["x_train"].ndim == 3):
         arrays = {k: (v[:, None] if k.startswith("x_") else v) for k, v in arrays.items()}
     if standardize:
-        # Statistics of the finite values: a NaN or inf stays where it is, for searchlab.data_checks to name, instead
-        # of turning its whole feature into NaN.
+        # Statistics of the finite values: a NaN or inf stays where it is, for searchlab.training.data_checks to name,
+        # instead of turning its whole feature into NaN.
         finite = np.isfinite(arrays["x_train"])
         with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
             warnings.simplefilter("ignore", RuntimeWarning)  # a feature with no finite value: NaN, named there
@@ -201,7 +202,7 @@ def npz(path: str, standardize: bool = False, add_channel: bool | str = "auto") 
 
 def _check_npz_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Shapes and types the arrays must have before npz transforms them (numeric x of one sample shape, numeric y,
-    rows that agree); their values are searchlab.data_checks' concern, on the Splits."""
+    rows that agree); their values are searchlab.training.data_checks' concern, on the Splits."""
     def bad(message: str) -> ConfigError:
         return ConfigError(f"data.path: '{path}' {message}")
 

@@ -13,8 +13,8 @@ tells the trial PRUNED, whatever the job returns (the reason is in the trial's u
 `searchlab best` on a sweeper's study prints the app's own command with the best trial's values.
 
 Checkpoints: given `checkpoint` (a path the sweeper chose per trial), the callback writes searchlab's trial checkpoint
-(searchlab.checkpoints: atomic writes at epoch ends, the last finished epoch on SIGTERM or Ctrl-C, the metric history
-and which trial it belongs to). A retry of the trial (its job killed or terminated) gets the app's own override
+(searchlab.training.checkpoints: atomic writes at epoch ends, the last finished epoch on SIGTERM or Ctrl-C, the metric
+history and which trial it belongs to). A retry of the trial (its job killed or terminated) gets the app's own override
 `ckpt_path=<that path>`, which an app in lightning-hydra-template's layout passes to `trainer.fit`; the callback then
 tells the retry's trial and MLflow run which epoch it resumed from and hands them the epochs trained before.
 """
@@ -31,7 +31,7 @@ import numpy as np
 import optuna
 
 from searchlab.attrs import APP_COMMAND, APP_VALUE, EPOCHS_REPORTED, OVERRIDES, PRUNED_BY_CALLBACK, RESUMED_FROM_EPOCH
-from searchlab.checkpoints import CheckpointPlan, TrialCheckpoints
+from searchlab.training.checkpoints import CheckpointPlan, TrialCheckpoints
 
 TARGET = "searchlab.hydra.TrialCallback"
 ENTRY = "searchlab"  # the callback's entry in the app's callbacks group: callbacks.searchlab
@@ -171,7 +171,7 @@ class TrialCallback(*_callback_bases()):  # type: ignore[misc]
             self.checkpoints.on_exception(trainer, pl_module, exception)
 
     def _epoch(self, trainer: Any, epoch: int) -> str | None:
-        from searchlab.lightning_fit import epoch_metrics
+        from searchlab.training.lightning import epoch_metrics
 
         metrics = epoch_metrics(trainer)
         self.history.append(metrics)
@@ -292,7 +292,7 @@ def rerun_command(command: Sequence[str], overrides: Sequence[str]) -> str:
 def app_best_lines(study: optuna.Study) -> list[str]:
     """`searchlab best` on a study of the Hydra sweeper: the best trial (with several metrics, the Pareto front) and
     the command that re-runs the app with its values."""
-    from searchlab.objectives import Objectives, metric_names
+    from searchlab.config import Objectives, metric_names
     from searchlab.study import best_trial
 
     command = list(study.user_attrs[APP_COMMAND])

@@ -138,7 +138,7 @@ class _Module(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         schedule = self.scheduler_factory(optimizer)
-        settings = getattr(self.scheduler_factory, "lightning", {})  # interval, monitor: see searchlab.build
+        settings = getattr(self.scheduler_factory, "lightning", {})  # interval, monitor: see searchlab.training.build
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "monitor": "val_loss", **settings}}
 
 

@@ -2,7 +2,7 @@
 
 Every other entry there names a torch class by `_target_` directly. These exist because a searched key must be one
 number (Adam's betas are two), or because a schedule is made from the run's length (epochs, steps), which searchlab
-passes when the function's signature names `max_epochs` or `total_steps` (see searchlab.build.Schedule).
+passes when the function's signature names `max_epochs` or `total_steps` (see searchlab.training.build.Schedule).
 """
 
 from __future__ import annotations

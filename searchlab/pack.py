@@ -44,7 +44,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.func import functional_call, vmap
 
-from searchlab.build import (
+from searchlab.config import EPOCH_SECONDS, PARAMS, ConfigError
+from searchlab.config.objectives import diverged, improves
+from searchlab.config.targets import resolve_target
+from searchlab.data import Splits, TensorBatches, batch_size_for
+from searchlab.modules import _Module
+from searchlab.pack_optim import PackedOptimizers, family_key, optimizer_family, read_hyper
+from searchlab.training.build import (
     DataShape,
     build_network,
     data_shape,
@@ -52,13 +58,7 @@ from searchlab.build import (
     optimizer_factory,
     schedule_factory,
 )
-from searchlab.config import ConfigError
-from searchlab.data import Splits, TensorBatches, batch_size_for
-from searchlab.lightning_fit import TrainResult, Weights, _direction, resolve_precision
-from searchlab.modules import _Module
-from searchlab.objectives import EPOCH_SECONDS, PARAMS, diverged, improves
-from searchlab.pack_optim import PackedOptimizers, family_key, optimizer_family, read_hyper
-from searchlab.targets import resolve_target
+from searchlab.training.lightning import TrainResult, Weights, _direction, resolve_precision
 
 # Called after each epoch with (member index, epoch from 1, metrics); returns a reason to stop that member, or None.
 MemberHook = Callable[[int, int, dict[str, float]], "str | None"]
@@ -338,7 +338,7 @@ class PackedTraining:
 
     `run_epoch()` trains the members still in the pack one epoch, validates each and returns their metrics;
     `stop(member, reason)` takes a member out (its weights stay as they are); `fit(on_epoch)` runs all epochs and
-    returns one TrainResult per member, as searchlab.lightning_fit.fit_rank returns for a lone trial.
+    returns one TrainResult per member, as searchlab.training.lightning.fit_rank returns for a lone trial.
     """
 
     def __init__(self, cfgs: Sequence[DictConfig], splits: Splits | Sequence[Splits], metric: str | None = None,
@@ -584,7 +584,7 @@ class PackedTraining:
         self.epoch += 1
         train = self._train_epoch().tolist()
         validated = self._validate()
-        # The two metrics every epoch has (searchlab.objectives): a member's share of the pack's epoch time.
+        # The two metrics every epoch has (searchlab.config.objectives): a member's share of the pack's epoch time.
         always = {PARAMS: float(self.flat.shape[1]), EPOCH_SECONDS: (time.perf_counter() - start) / len(self.active)}
         out: dict[int, dict[str, float]] = {}
         for row, member_index in enumerate(list(self.active)):
@@ -678,7 +678,8 @@ class PackedTraining:
         return {k: float(v) for k, v in metrics.items()}
 
     def _keep_best(self, member: int, row: int, metrics: dict[str, float]) -> None:
-        """As lightning_fit's _BestWeights: a copy of the module's state_dict ("net." keys) on an improving epoch."""
+        """As training.lightning's _BestWeights: a copy of the module's state_dict ("net." keys) on an improving
+        epoch."""
         value = metrics.get(self.metric)
         result = self.members[member].result
         best = result.weights

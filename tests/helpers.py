@@ -140,7 +140,7 @@ def wait_for_running(folder: Path, name: str, count: int, proc: subprocess.Popen
 
 def checkpoint_epoch(folder: Path) -> int:
     """The latest epoch of any trial's checkpoint under folder (a tracking.artifact_root)."""
-    from searchlab.checkpoints import CHECKPOINT_FILE, read_saved
+    from searchlab.training.checkpoints import CHECKPOINT_FILE, read_saved
 
     epochs = [read_saved(p) for p in Path(folder).glob(f"*/checkpoints/*/{CHECKPOINT_FILE}")]
     return max((s.epoch for s in epochs if s is not None), default=0)
@@ -202,7 +202,7 @@ def from_folder(cwd: Path) -> Iterator[None]:
     project's nets.py: the next project has its own), Hydra's state and the data cache are as before."""
     from hydra.core.global_hydra import GlobalHydra
 
-    from searchlab import build
+    from searchlab.training import build
 
     here, path, modules, cache = os.getcwd(), list(sys.path), set(sys.modules), build._splits_cache
     os.chdir(cwd)

@@ -15,13 +15,13 @@ from helpers import load_model, load_study
 
 import searchlab.pack as pack_module
 from searchlab.attrs import MLFLOW_RUN_ID, WORKER_PID
-from searchlab.build import load_data
 from searchlab.cli import main
 from searchlab.config import Composer
 from searchlab.devices import cpu_count, detect_gpus, plan_workers, worker_env
-from searchlab.lightning_fit import resolve_device, resolve_precision
 from searchlab.pack import PackedTraining
 from searchlab.training import fit
+from searchlab.training.build import load_data
+from searchlab.training.lightning import resolve_device, resolve_precision
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -11,7 +11,7 @@ run per trial, the consecutive-failure stop; and searchlab's one progress line p
 
 A job killed mid-training (SIGKILL: its worker's trial is re-queued by DeadWorkers or the heartbeat; SIGTERM or
 Ctrl-C: re-queued here) is retried with the same values and resumes from its trial's checkpoint, which the job's
-TrialCallback writes (searchlab.checkpoints): the retry's job gets the app's `ckpt_path=<checkpoint>` override
+TrialCallback writes (searchlab.training.checkpoints): the retry's job gets the app's `ckpt_path=<checkpoint>` override
 (hydra.sweeper.ckpt_path_key), the key lightning-hydra-template's train.py hands to `trainer.fit`. SIGTERM to the
 sweeper ends the study KILLED, as `searchlab search` does, and the same command resumes it.
 """
@@ -37,7 +37,6 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from searchlab import checkpoints
 from searchlab.attrs import (
     APP_COMMAND,
     APP_VALUE,
@@ -48,13 +47,12 @@ from searchlab.attrs import (
     RESUMED_FROM_EPOCH,
     checkpoint_of,
 )
-from searchlab.config import ConfigError, format_override, redact
+from searchlab.config import ConfigError, Objectives, format_override, metric_setting, redact
 from searchlab.devices import detect_gpus, worker_count
 from searchlab.hydra import callback_overrides, override_value, rerun_command
 from searchlab.interrupts import EXIT_TERMINATED, sigterm_as_interrupt, terminated
-from searchlab.objectives import Objectives, metric_setting
-from searchlab.progress import Progress
 from searchlab.report import write_report
+from searchlab.report.progress import Progress
 from searchlab.study import (
     WORKER_INDEX_ENV,
     Attempt,
@@ -76,6 +74,7 @@ from searchlab.study import (
 from searchlab.study.search_work import requeue_resumable
 from searchlab.study.stopping import stop_rules
 from searchlab.study.trial import describe, interrupted
+from searchlab.training import checkpoints
 
 from ._settings import PREFIX, AppComposer, SweepSettings
 

@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from searchlab.config import ConfigError, has_key, validate_study
+from searchlab.config.space import CONSTRAINTS_KEY, SearchSpace, check_keys, parse_space
 from searchlab.devices import worker_count
-from searchlab.space import CONSTRAINTS_KEY, SearchSpace, check_keys, parse_space
 
 from .searchlab_sweeper import sweeper_defaults
 
@@ -64,7 +64,7 @@ def read_settings(settings: Mapping[str, Any], arguments: Sequence[str], config_
     worker = settings["worker"]
     if not isinstance(worker, bool):
         raise ConfigError(f"{PREFIX}.worker: set by the sweeper for its worker processes; leave it unset")
-    cfg.trainer = _checkpoint_settings(settings)  # where searchlab.checkpoints reads them
+    cfg.trainer = _checkpoint_settings(settings)  # where searchlab.training.checkpoints reads them
     ckpt_key = settings["ckpt_path_key"]
     if ckpt_key is not None and (not isinstance(ckpt_key, str) or not ckpt_key):
         raise ConfigError(f"{PREFIX}.ckpt_path_key: expected the app's config key that its trainer.fit(ckpt_path=...) "
@@ -202,7 +202,7 @@ def _composes(cfg: DictConfig) -> None:
 
 class AppComposer:
     """The app's config for a trial's values, as Hydra's launcher composes a job (load_sweep_config): once per
-    distinct set of group choices, scalars set on a copy. searchlab.space.check_keys composes each searched key's
+    distinct set of group choices, scalars set on a copy. searchlab.config.space.check_keys composes each searched key's
     extremes with it, so a key the app does not have is refused before any trial."""
 
     def __init__(self, config_loader: Any, master: DictConfig, arguments: list[str]) -> None:

@@ -68,7 +68,7 @@ class RetryAndEndRun:
         # The retry copies the user attrs: not those naming the dead worker and its run, or they would look dead too.
         retry = copy.deepcopy(trial)
         retry.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in _ATTEMPT_ATTRS}
-        # ... and it resumes from the lost trial's checkpoint when it has one (searchlab.checkpoints).
+        # ... and it resumes from the lost trial's checkpoint when it has one (searchlab.training.checkpoints).
         retry.user_attrs[CHECKPOINT_OF] = checkpoint_of(trial)
         self.retry(study, retry)  # first: the budget matters more than the run's status
         retries = len(RetryHeartbeatStaleTrialCallback.retry_history(trial)) + 1

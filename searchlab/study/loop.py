@@ -22,9 +22,8 @@ from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from searchlab.attrs import METRIC, OVERRIDES
-from searchlab.config import ConfigError
-from searchlab.objectives import Objectives, metric_names, metric_setting
-from searchlab.space import SearchSpace
+from searchlab.config import ConfigError, Objectives, metric_names, metric_setting
+from searchlab.config.space import SearchSpace
 from searchlab.study.budget import Budget
 from searchlab.study.storage import one_sync
 from searchlab.study.trial import TrialOutcome, TrialWork, run_next

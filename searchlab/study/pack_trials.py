@@ -27,12 +27,12 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from searchlab.config import Composer, ConfigError
+from searchlab.config.space import SearchSpace
 from searchlab.data import Splits
-from searchlab.lightning_fit import resolve_device
 from searchlab.pack import PackedTraining, can_pack, pack_mismatch, varies_per_member
-from searchlab.space import SearchSpace
 from searchlab.study.search_work import SearchWork
 from searchlab.study.trial import Attempt, Verdict
+from searchlab.training import resolve_device
 
 
 def shared_params(params: dict[str, Any]) -> dict[str, Any]:

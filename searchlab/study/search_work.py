@@ -15,19 +15,16 @@ import optuna
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from searchlab import checkpoints
 from searchlab.attrs import EPOCHS_TRAINED, OVERRIDES, RESUMED_FROM_EPOCH, checkpoint_of, retry_attrs
-from searchlab.config import Composer, format_override, user_config_dir
+from searchlab.config import Composer, Objectives, format_override, user_config_dir
+from searchlab.config.space import SearchSpace
 from searchlab.data import Splits
-from searchlab.lightning_fit import TrainResult
-from searchlab.objectives import Objectives
-from searchlab.space import SearchSpace
 from searchlab.study.trial import Attempt, TrialRun, TrialWork, Verdict, interrupted
 from searchlab.tracking import Tracker, config_yaml
-from searchlab.training import fit
+from searchlab.training import TrainResult, checkpoints, fit
 
 # Called for a trial that finished COMPLETE, before it is told: (number, run id, result, value or values) -> whether
-# it kept the trial's weights (searchlab.model_out.KeepWeights).
+# it kept the trial's weights (searchlab.report.models.KeepWeights).
 KeepModel = Callable[[int, str, TrainResult, "float | list[float]"], bool]
 
 # Overrides of these keys shape the study, not the training: the re-run command leaves them out.

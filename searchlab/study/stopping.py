@@ -97,7 +97,7 @@ class RegretBound:
 
 
 def stop_rules(study: optuna.Study, stop_when: Mapping[str, Any] | None, seed: int = 0) -> list[Any]:
-    """The rules study.stop_when asks for (its keys are checked by searchlab.config.validate_study); none for
+    """The rules study.stop_when asks for (its keys are checked by searchlab.config.compose.validate_study); none for
     null."""
     if not stop_when:
         return []

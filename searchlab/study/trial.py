@@ -24,8 +24,8 @@ import optuna
 from optuna.trial import TrialState
 
 from searchlab.attrs import MLFLOW_RUN_ID, REASON
+from searchlab.config import Objectives, first_value
 from searchlab.interrupts import terminated
-from searchlab.objectives import Objectives, first_value
 from searchlab.study.faults import heartbeat
 from searchlab.study.storage import one_sync
 from searchlab.tracking import ROLE_TRIAL, Tracker

@@ -32,9 +32,8 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from searchlab.attrs import CONSTRAINED, OVERRIDES, WARM_START_OF
-from searchlab.config import Composer, ConfigError, redact
-from searchlab.objectives import Objectives
-from searchlab.space import Param, SearchSpace, same
+from searchlab.config import Composer, ConfigError, Objectives, redact
+from searchlab.config.space import Param, SearchSpace, same
 from searchlab.study.storage import open_storage
 
 _SKIP = object()  # the configuration cannot be fitted to this space

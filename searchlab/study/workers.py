@@ -76,7 +76,7 @@ class DeadWorkers:
         handle = optuna.Trial(self.study, trial._trial_id)
         handle.set_user_attr(REASON, reason)
         self.study.tell(handle, state=TrialState.FAIL, skip_if_finished=True)
-        # The retry resumes from the trial's checkpoint when it has one (searchlab.checkpoints).
+        # The retry resumes from the trial's checkpoint when it has one (searchlab.training.checkpoints).
         self.study.enqueue_trial(dict(trial.params), user_attrs=retry_attrs(trial))
         self.tracker.fail_lost_trial(self.parent_run_id, trial.number, trial.params, reason)
 
