@@ -20,12 +20,12 @@ from helpers import run_cli
 from omegaconf import OmegaConf
 
 from searchlab.ablate import FINALIST, Plan, Variant, pack_size
-from searchlab.training.build import load_data
 from searchlab.config import Composer
 from searchlab.data import TensorBatches
 from searchlab.pack import MemberBatches, PackedTraining, pack_mismatch, varies_per_member
 from searchlab.study import load_study
 from searchlab.training import fit
+from searchlab.training.build import load_data
 
 REL = 1e-4
 DISCRETE = 3e-3  # one flipped prediction of 360
