@@ -165,7 +165,7 @@ def overhead_rows(repeats: int, scratch: Path, device: str = "cuda", extra: list
 
 def packing_rows(ks: list[int], repeats: int, compiled: bool, device: str = "cuda",
                  extra: list[str] | None = None) -> list[Row]:
-    import searchlab.pack
+    import searchlab.packing.engine
     from bench.packing import run_packing
 
     part = "packing compiled" if compiled else "packing"
@@ -179,8 +179,8 @@ def packing_rows(ks: list[int], repeats: int, compiled: bool, device: str = "cud
         k = int(way.split()[1]) if way.startswith("pack ") else None
         rows.append(Row(part, names.get(way, f"pack K={k}"), f"{seconds:.4f} s/trial", 3600 / seconds,
                         result.gpu_util.get(way), k))
-    if compiled and searchlab.pack._compile_failure:
-        rows.append(Row(part, "torch.compile", f"fell back to eager: {searchlab.pack._compile_failure}"))
+    if compiled and searchlab.packing.engine._compile_failure:
+        rows.append(Row(part, "torch.compile", f"fell back to eager: {searchlab.packing.engine._compile_failure}"))
     return rows
 
 

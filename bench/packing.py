@@ -1,4 +1,4 @@
-"""Part 5 — packing: seconds per trial when K trials train at once as one vectorized model (searchlab.pack).
+"""Part 5 — packing: seconds per trial when K trials train at once as one vectorized model (searchlab.packing).
 
 Three ways train the same configurations, interleaved in one process (the order rotates per repeat, so a shared
 machine's noise hits all alike; figures are medians; process start-up is excluded):
@@ -37,7 +37,7 @@ from bench.devices import UtilizationSampler, device_overrides, gpu_utilization_
 from bench.overhead import plain_loop
 from searchlab.config import Composer
 from searchlab.data import Splits, as_splits
-from searchlab.pack import PackedTraining
+from searchlab.packing.engine import PackedTraining
 from searchlab.training import fit
 from searchlab.training.build import load_data
 

@@ -344,7 +344,7 @@ def report(overrides: Sequence[str]) -> int:
 
 def _write_report(study: optuna.Study, cfg: DictConfig, tracker: Tracker) -> Report:
     """The study's report, led by the verdict of `searchlab ablate` when the study has one."""
-    from searchlab.ablation_view import ablation_lead  # matplotlib loads only when a report is made
+    from searchlab.ablate.view import ablation_lead  # matplotlib loads only when a report is made
 
     return write_report(study, cfg, tracker, lead=ablation_lead(study, cfg))
 

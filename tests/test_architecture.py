@@ -63,12 +63,12 @@ def test_a_network_that_imports_the_study_breaks_the_layers_naming_the_import(ch
 
 
 def test_an_import_inside_a_function_counts_and_a_circle_is_named(checkout):
-    """The circle this checkout removed (report <-> ablation_view), put back as a lazy import."""
-    lazy = "\n\ndef _lead():\n    from searchlab.ablation_view import ablation_lead\n\n    return ablation_lead"
+    """The circle this checkout removed (report <-> the ablation view), put back as a lazy import."""
+    lazy = "\n\ndef _lead():\n    from searchlab.ablate.view import ablation_lead\n\n    return ablation_lead"
     line = append(checkout / "searchlab" / "report" / "report.py", lazy) + 3  # the import's line
     result = lint_imports(checkout)
     assert result.returncode != 0
-    assert f"searchlab.report.report -> searchlab.ablation_view (l.{line})" in result.stdout
+    assert f"searchlab.report.report -> searchlab.ablate.view (l.{line})" in result.stdout
     assert "No cycles are allowed in searchlab." in result.stdout
 
 

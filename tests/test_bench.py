@@ -418,7 +418,7 @@ def test_gpu_check_rows_of_the_bench_parts_and_a_compile_that_fell_back(tmp_path
     """The parts' rows: the overhead part's from a made-up result (tests/test_bench.py runs it for real above), the
     packing part's from a real tiny run on the CPU (the command runs both on the GPU), with a compile that fails."""
     import bench.overhead
-    import searchlab.pack
+    import searchlab.packing.engine
     from bench.gpu_check import overhead_rows, packing_rows
 
     seconds = {way: [[0.5, 0.7], [0.6, 0.6]] for way in WAYS}  # per config, per repeat: 0.6 s a trial
@@ -434,8 +434,8 @@ def test_gpu_check_rows_of_the_bench_parts_and_a_compile_that_fell_back(tmp_path
             raise RuntimeError("no compiler here")
         return step
 
-    monkeypatch.setattr(searchlab.pack, "compile_step", broken)
-    monkeypatch.setattr(searchlab.pack, "_compile_failure", None)
+    monkeypatch.setattr(searchlab.packing.engine, "compile_step", broken)
+    monkeypatch.setattr(searchlab.packing.engine, "_compile_failure", None)
     tiny = ["model.width=16", "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
     rows = packing_rows([1, 2], 1, compiled=True, device="cpu", extra=tiny)
     assert [(r.item, r.k) for r in rows] == [("pack K=1", 1), ("pack K=2", 2), ("torch.compile", None)]

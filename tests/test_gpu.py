@@ -13,12 +13,12 @@ import pytest
 import torch
 from helpers import load_model, load_study
 
-import searchlab.pack as pack_module
+import searchlab.packing.engine as pack_module
 from searchlab.attrs import MLFLOW_RUN_ID, WORKER_PID
 from searchlab.cli import main
 from searchlab.config import Composer
 from searchlab.devices import cpu_count, detect_gpus, plan_workers, worker_env
-from searchlab.pack import PackedTraining
+from searchlab.packing.engine import PackedTraining
 from searchlab.training import fit
 from searchlab.training.build import load_data
 from searchlab.training.lightning import resolve_device, resolve_precision

@@ -35,7 +35,7 @@ PRUNING_OFF = "pruning is off: Optuna cannot prune multi-objective studies"
 
 def diverged(metrics: dict[str, float], metric: str, epoch: int) -> str | None:
     """Why a training stops as diverged after this epoch (a non-finite train_loss or objective), else None: one rule
-    for a lone training (searchlab.training.lightning) and each member of a pack (searchlab.pack)."""
+    for a lone training (searchlab.training.lightning) and each member of a pack (searchlab.packing)."""
     for key in ("train_loss", metric):
         if key in metrics and not math.isfinite(metrics[key]):
             return f"diverged: {key} is {metrics[key]} at epoch {epoch}"

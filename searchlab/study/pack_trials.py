@@ -1,4 +1,4 @@
-"""study.pack=K: K trials of the study trained at once as one packed model (searchlab.pack), each still its own
+"""study.pack=K: K trials of the study trained at once as one packed model (searchlab.packing), each still its own
 Optuna trial, MLflow run and progress line.
 
 The first member is asked and sampled as any trial. The other K-1 are asked with the keys a pack must share (the
@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from searchlab.config import Composer, ConfigError
 from searchlab.config.space import SearchSpace
 from searchlab.data import Splits
-from searchlab.pack import PackedTraining, can_pack, pack_mismatch, varies_per_member
+from searchlab.packing.engine import PackedTraining, can_pack, pack_mismatch, varies_per_member
 from searchlab.study.search_work import SearchWork
 from searchlab.study.trial import Attempt, Verdict
 from searchlab.training import resolve_device

@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from scipy import stats
 
-import searchlab.ablate as ablate_module
-from searchlab.ablate import build_plan, interval, p_best, summarize
+import searchlab.ablate.command as ablate_module
+from searchlab.ablate.command import build_plan, interval, p_best, summarize
 from searchlab.config import compose_config, format_override
 from searchlab.study import load_study
 

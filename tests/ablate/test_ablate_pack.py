@@ -19,10 +19,10 @@ import torch
 from helpers import run_cli
 from omegaconf import OmegaConf
 
-from searchlab.ablate import FINALIST, Plan, Variant, pack_size
+from searchlab.ablate.command import FINALIST, Plan, Variant, pack_size
 from searchlab.config import Composer
 from searchlab.data import TensorBatches
-from searchlab.pack import MemberBatches, PackedTraining, pack_mismatch, varies_per_member
+from searchlab.packing.engine import MemberBatches, PackedTraining, pack_mismatch, varies_per_member
 from searchlab.study import load_study
 from searchlab.training import fit
 from searchlab.training.build import load_data

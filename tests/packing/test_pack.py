@@ -1,4 +1,4 @@
-"""Packed trials (searchlab.pack): every member trains as it would alone.
+"""Packed trials (searchlab.packing): every member trains as it would alone.
 
 Tolerance: float32 on the CPU; packed and lone runs take the same batches from the same initial weights, and differ
 only in the order of floating-point operations (batched matmuls, fused multiply-adds in torch's optimizers). Per-epoch
@@ -17,8 +17,8 @@ from torch import nn
 
 from searchlab.config import Composer
 from searchlab.optim import Adam, AdamW
-from searchlab.pack import PackedTraining, can_pack, pack_mismatch, varies_per_member
-from searchlab.pack_optim import PackedOptimizer, optimizer_family, read_hyper
+from searchlab.packing.engine import PackedTraining, can_pack, pack_mismatch, varies_per_member
+from searchlab.packing.optim import PackedOptimizer, optimizer_family, read_hyper
 from searchlab.training import fit
 from searchlab.training.build import load_data
 

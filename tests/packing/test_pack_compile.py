@@ -1,4 +1,4 @@
-"""trainer.compile for packed trials (searchlab.pack), on the CPU: `auto` stays eager here, a compile that fails
+"""trainer.compile for packed trials (searchlab.packing), on the CPU: `auto` stays eager here, a compile that fails
 falls back to the eager step with one line, and a step traced by torch.compile trains as the eager one.
 
 Tolerances: the fallback redoes the failed step eagerly from the same state, so its metrics equal eager's exactly.
@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import searchlab.pack as pack_module
+import searchlab.packing.engine as pack_module
 from searchlab.config import Composer, ConfigError
-from searchlab.pack import PackedTraining, use_compile
+from searchlab.packing.engine import PackedTraining, use_compile
 from searchlab.training.build import load_data
 
 BASE = ["trainer.max_epochs=2", "trainer.limit_train_batches=4", "model.width=16", "study.metric=val_loss"]

@@ -16,8 +16,8 @@ from torch import nn
 
 from searchlab.config import Composer
 from searchlab.optim import Adam, AdamW
-from searchlab.pack import PackedTraining, pack_mismatch, varies_per_member
-from searchlab.pack_optim import PackedOptimizers, optimizer_family, read_hyper
+from searchlab.packing.engine import PackedTraining, pack_mismatch, varies_per_member
+from searchlab.packing.optim import PackedOptimizers, optimizer_family, read_hyper
 from searchlab.training import fit
 from searchlab.training.build import load_data
 

@@ -21,7 +21,7 @@ from searchlab.attrs import RETRY_OF
 from searchlab.cli import main
 from searchlab.commands import _prepare
 from searchlab.modules import Classifier
-from searchlab.pack import pack_mismatch, varies_per_member
+from searchlab.packing.engine import pack_mismatch, varies_per_member
 from searchlab.study.pack_trials import shared_params
 from searchlab.training import fit
 

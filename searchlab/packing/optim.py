@@ -3,7 +3,7 @@ rows, each member with its own optimizer and hyperparameters.
 
 Each member must get exactly the step torch.optim would give it alone, schedules included. So the hyperparameters
 are not copied from the config: each member keeps a real torch optimizer of the trial's own class over one dummy
-parameter (searchlab.pack's `_Member`), its real schedule steps that optimizer, and the pack reads lr, momentum,
+parameter (packing.engine's `_Member`), its real schedule steps that optimizer, and the pack reads lr, momentum,
 betas... back from its param_groups. A OneCycleLR that cycles momentum or beta1, a ReduceLROnPlateau fed the
 member's own val_loss, a searchlab.optim.Adam with beta1/beta2 as two keys: all come out as alone, with no closed
 form to keep in step with torch. The updates are torch's own: its fused kernels (the `fused=True` implementation of

@@ -36,7 +36,7 @@ then missing); PRUNED when the training raised (recorded with the reason, uses i
 raise again); FAIL when interrupted or its worker was lost (retried by the next run).
 
 **Packing** (`ablate.pack`, default 20, rounded down to a multiple of the seeds; 1 turns it off): the trainings of
-configurations that can share a pack (searchlab.pack: the same network, batch size, epochs..., any optimizer,
+configurations that can share a pack (searchlab.packing: the same network, batch size, epochs..., any optimizer,
 schedule, dropout, L1 and seed) train K at a time as one vectorized model, each member with its own seed's initial
 weights, data split and batch order, so each equals its lone training within float noise (dropout masks: in
 distribution). The pairs are queued with such configurations side by side (pack_order); a trial handed K of them
@@ -47,7 +47,7 @@ one at a time, with one line saying why.
 **MLflow**: in the study's experiment an `ablation` run (tag searchlab.role=ablation, nested under the study's parent
 run when there is one) holds one child run per training (tags searchlab.variant, searchlab.seed, searchlab.family;
 metric `objective`, the test metrics, per-epoch curves) and, at the end, `ablation.json`, the result dict. The same
-file goes to the study's report folder, where `searchlab report` leads with it (searchlab.ablation_view).
+file goes to the study's report folder, where `searchlab report` leads with it (searchlab.ablate.view).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ from searchlab.attrs import MLFLOW_PARENT_RUN_ID as PARENT_RUN_ATTR
 from searchlab.config import ConfigError, Objectives, compose_config, format_override, redact, validate_config
 from searchlab.data import Splits
 from searchlab.locks import BudgetLock
-from searchlab.pack import PackedTraining, can_pack, shared_key
+from searchlab.packing.engine import PackedTraining, can_pack, shared_key
 from searchlab.report import report_folder, write_report
 from searchlab.study import (
     Attempt,
@@ -364,7 +364,7 @@ def _train_one(cfg: DictConfig, on_epoch: Callable[[int, dict[str, float]], None
 
 
 def why_not_packed(cfg: DictConfig) -> str | None:
-    """Why trainings of cfg's kind cannot share a pack (one line), or None: searchlab.pack.can_pack's probe (a pack of
+    """Why trainings of cfg's kind cannot share a pack (one line), or None: packing.engine.can_pack's probe (a pack of
     two copies trained on one batch), once per process for all configurations that would share a pack."""
     key = shared_key(cfg)
     if key not in _PROBES:
@@ -826,7 +826,7 @@ def _print_plan(plan: Plan, name: str, total: int, queued: int, todo: int, worke
 def _write(result: dict[str, Any], cfg: DictConfig, study: optuna.Study, tracker: Tracker, run_id: str) -> None:
     """Prints the verdict, writes ablation.json next to the study report, re-writes the report (which leads with
     it) and logs both to the ablation run."""
-    from searchlab.ablation_view import ablation_lead, render_text
+    from searchlab.ablate.view import ablation_lead, render_text
 
     folder = report_folder(cfg, study.study_name)
     folder.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 A small network leaves the machine idle between its tiny matmuls and pays per-step framework cost; K members in one
 process share one forward (torch.func.vmap over functional_call on the members' stacked parameters; searchlab's MLP
 by batched matmuls), one backward of their summed losses and one optimizer step over the members' flat parameter
-rows (searchlab.pack_optim: torch's fused kernels per member). Each member still trains exactly as alone: the same
+rows (searchlab.packing.optim: torch's fused kernels per member). Each member still trains exactly as alone: the same
 initial weights (its network built from its own config and seed), the same batches (the order TensorBatches draws
 from its own seed, on its own data split), its own optimizer state and schedule, its own BatchNorm running
 statistics, its own L1 strength and dropout rate; it is validated, stopped (pruned, diverged) and reported on its
@@ -13,7 +13,7 @@ What members may differ in: everything that leaves the computation's shape alone
 family: SGD, momentum, Nesterov, RMSprop, Adam, AdamW) and every setting of it, their schedule (step, exponential,
 cosine, one-cycle, plateau, warm-up..., with its interval, frequency and monitored metric) and every setting of it,
 module.l1, model.dropout and the seed: each member builds its own optimizer and schedule from its own config, and
-the pack's step runs each family on its members' rows (searchlab.pack_optim.PackedOptimizers). Everything else (the
+the pack's step runs each family on its members' rows (searchlab.packing.optim.PackedOptimizers). Everything else (the
 network, batch size, batch norm, precision, epochs...) must be equal (`pack_mismatch`).
 
 Batches: members of one seed and one data split share one stream of batches [B, ...] (the search's packs: one
@@ -49,7 +49,7 @@ from searchlab.config.objectives import diverged, improves
 from searchlab.config.targets import resolve_target
 from searchlab.data import Splits, TensorBatches, batch_size_for
 from searchlab.modules import _Module
-from searchlab.pack_optim import PackedOptimizers, family_key, optimizer_family, read_hyper
+from searchlab.packing.optim import PackedOptimizers, family_key, optimizer_family, read_hyper
 from searchlab.training.build import (
     DataShape,
     build_network,
