@@ -138,3 +138,33 @@ def lit_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(REPO / "tests" / "lightning_project", folder,
                     ignore=shutil.ignore_patterns("mlruns", "__pycache__"))
     return folder
+
+
+# --- tiny trainings: a module's BASE overrides composed once, its data loaded once, one torch thread ---------------
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny trainings: they gain nothing from two, and lose much on a loaded shared
+    machine. Used with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def composer(request: pytest.FixtureRequest):
+    """The test module's BASE overrides (a module-level list) composed once for the module."""
+    from searchlab.config import Composer
+
+    return Composer(request.module.BASE)
+
+
+@pytest.fixture(scope="module")
+def digits(composer):
+    """The data the module's BASE config loads, once per module."""
+    from searchlab.training.build import load_data
+
+    return load_data(composer.base)

@@ -30,20 +30,7 @@ from searchlab.training.build import load_data
 REL = 1e-4
 DISCRETE = 3e-3  # one flipped prediction of 360
 BASE = ["trainer.max_epochs=3", "trainer.limit_train_batches=6", "model.width=32", "study.metric=val_loss"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these tiny matmuls gain nothing from two, and lose much on a loaded shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def composer() -> Composer:
-    return Composer(BASE)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _alone(cfg):

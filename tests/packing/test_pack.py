@@ -20,7 +20,6 @@ from searchlab.optim import Adam, AdamW
 from searchlab.packing.engine import PackedTraining, can_pack, pack_mismatch, varies_per_member
 from searchlab.packing.optim import PackedOptimizer, optimizer_family, read_hyper
 from searchlab.training import fit
-from searchlab.training.build import load_data
 
 REL, ABS = 1e-5, 1e-6
 # Metrics of orderings and argmaxes move in steps when two nearly equal scores swap: one flipped val prediction is
@@ -29,25 +28,7 @@ DISCRETE = {"val_acc": 3e-3, "val_f1": 3e-3, "val_auroc": 1e-4}
 # Small and quick: digits, a 2x32 MLP, 3 epochs of at most 6 steps.
 BASE = ["trainer.max_epochs=3", "trainer.limit_train_batches=6", "model.width=32", "study.metric=val_loss",
         "tracking.metrics=[val_f1,val_auroc]"]  # every metric of the classifier, packed and alone
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these tiny matmuls gain nothing from two, and lose much on a loaded shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def composer() -> Composer:
-    return Composer(BASE)
-
-
-@pytest.fixture(scope="module")
-def digits(composer: Composer):
-    return load_data(composer.base)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _same(packed: list[dict[str, float]], alone: list[dict[str, float]]) -> None:

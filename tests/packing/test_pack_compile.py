@@ -15,21 +15,10 @@ import torch
 import searchlab.packing.engine as pack_module
 from searchlab.config import Composer, ConfigError
 from searchlab.packing.engine import PackedTraining, use_compile
-from searchlab.training.build import load_data
 
 BASE = ["trainer.max_epochs=2", "trainer.limit_train_batches=4", "model.width=16", "study.metric=val_loss"]
 MEMBERS = [{"optimizer.lr": 0.003}, {"optimizer.lr": 0.01, "optimizer.weight_decay": 1e-3}]
 REL, ABS = 1e-5, 1e-6
-
-
-@pytest.fixture(scope="module")
-def composer() -> Composer:
-    return Composer(BASE)
-
-
-@pytest.fixture(scope="module")
-def digits(composer: Composer):
-    return load_data(composer.base)
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import open_dict
-from test_pack import BASE, _member_values, _same
+from test_pack import BASE, _member_values, _same  # noqa: F401 (BASE: read by conftest's composer fixture)
 from torch import nn
 
 from searchlab.config import Composer
@@ -19,27 +19,8 @@ from searchlab.optim import Adam, AdamW
 from searchlab.packing.engine import PackedTraining, pack_mismatch, varies_per_member
 from searchlab.packing.optim import PackedOptimizers, optimizer_family, read_hyper
 from searchlab.training import fit
-from searchlab.training.build import load_data
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as tests/packing/test_pack.py: tiny matmuls on a loaded shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def composer() -> Composer:
-    return Composer(BASE)
-
-
-@pytest.fixture(scope="module")
-def digits(composer: Composer):
-    return load_data(composer.base)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (optimizer, scheduler, schedule settings): the families interleaved, so that the pack reorders its rows by family;
 # one-cycle at step interval (cycling Adam's beta1 and RMSprop's momentum), plateau in mode max on val_loss (which

@@ -17,15 +17,7 @@ from searchlab.training.lightning import resolve_device, resolve_precision
 OPTIMIZERS = group_options()["optimizer"]
 SCHEDULERS = group_options()["scheduler"]
 
-
-@pytest.fixture(scope="module")
-def composer() -> Composer:
-    return Composer(["trainer.max_epochs=3"])
-
-
-@pytest.fixture(scope="module")
-def digits(composer):
-    return load_data(composer.base)
+BASE = ["trainer.max_epochs=3"]
 
 
 def test_the_seed_optimizers_and_schedules_are_all_there():
