@@ -240,7 +240,7 @@ class DivergedAtStart:
     def reason(self) -> str | None:
         return self.stop
 
-    # The stop reason of a diverged training: searchlab.training.lightning._EpochCallback and searchlab.packing.engine write it.
+    # The stop reason of a diverged training, as searchlab.config.objectives.diverged words it.
     _DIVERGED = re.compile(r"^diverged: (?P<how>.+) at epoch (?P<epoch>\d+)$")
 
     def see(self, state: str, reason: str | None, params: dict[str, Any] | None = None) -> str | None:
