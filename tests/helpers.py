@@ -150,6 +150,20 @@ def wait_for_checkpoint(folder: Path, epoch: int, proc: subprocess.Popen, timeou
     wait_until(lambda: checkpoint_epoch(folder) >= epoch, f"a checkpoint of epoch {epoch}", timeout, proc)
 
 
+def terminate_after_checkpoint(command: list[str], artifacts: Path, epoch: int, cwd: Path | None = None
+                               ) -> tuple[int, str]:
+    """Starts `command`, sends SIGTERM once its trial has a checkpoint of `epoch` under `artifacts` (as a preemption
+    would), and returns its exit code and stderr."""
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_checkpoint(artifacts, epoch, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, err
+
+
 def load_model(tracking_uri: str, model_uri: str):
     """mlflow.pytorch.load_model of a runs:/ or models:/ URI from this store (those URIs read the tracking URI: set
     for this call as searchlab.tracking does, over any global an earlier test left, e.g. Lightning's MLFlowLogger)."""

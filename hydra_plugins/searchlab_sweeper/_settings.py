@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from searchlab.config import ConfigError, has_key, validate_study
-from searchlab.config.space import CONSTRAINTS_KEY, SearchSpace, check_keys, parse_space
+from searchlab.config.space import CONSTRAINTS_KEY, SearchSpace, check_keys, flat_values, parse_space
 from searchlab.devices import worker_count
 
 from .searchlab_sweeper import sweeper_defaults
@@ -246,18 +246,6 @@ def app_groups(config_loader: Any, parent: str = "") -> dict[str, list[str]]:
 def _flat_config(master: DictConfig, groups: Mapping[str, list[str]]) -> dict[str, Any]:
     """Every key of the app's config (dotted) and each group's chosen option, for `_constraints_` over keys the space
     does not draw. Interpolations are left unresolved (${hydra:...} resolves only inside a job)."""
-    values: dict[str, Any] = {}
-
-    def flatten(node: Any, prefix: str) -> None:
-        if isinstance(node, Mapping):
-            for key, value in node.items():
-                flatten(value, f"{prefix}{key}.")
-        else:
-            values[prefix[:-1]] = node
-
     app = {k: v for k, v in OmegaConf.to_container(master, resolve=False).items() if k != "hydra"}
-    flatten(app, "")
-    choices = master.hydra.runtime.choices
-    values.update({group: choices[group] for group in groups if group in choices})
-    return values
+    return flat_values(app, groups, master.hydra.runtime.choices)
 

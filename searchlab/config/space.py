@@ -472,9 +472,9 @@ def check_keys(space: SearchSpace, composer: Composer,
             raise ConfigError(f"{space.source}: {CONSTRAINTS_KEY} fixes {_pairs(space.fixed)}: {err}") from None
 
 
-def config_values(composer: Composer) -> dict[str, Any]:
-    """Every key of the composed base config (dotted) -> its value, and each config group -> its chosen option
-    (Hydra's `hydra.runtime.choices`, kept by the Composer from its base composition)."""
+def flat_values(config: Mapping[str, Any], groups: Iterable[str], choices: Mapping[str, Any]) -> dict[str, Any]:
+    """Every key of a config as plain containers (dotted) -> its value, and each config group -> its chosen option:
+    what `_constraints_` read for keys the space does not draw (searchlab's config and a Hydra app's alike)."""
     values: dict[str, Any] = {}
 
     def flatten(node: Any, prefix: str) -> None:
@@ -484,9 +484,15 @@ def config_values(composer: Composer) -> dict[str, Any]:
         else:
             values[prefix[:-1]] = node
 
-    flatten(OmegaConf.to_container(composer.base, resolve=True), "")
-    values.update({group: composer.choices[group] for group in composer.groups if group in composer.choices})
+    flatten(config, "")
+    values.update({group: choices[group] for group in groups if group in choices})
     return values
+
+
+def config_values(composer: Composer) -> dict[str, Any]:
+    """flat_values of the composed base config, with the group choices the Composer kept from its base composition
+    (Hydra's `hydra.runtime.choices`)."""
+    return flat_values(OmegaConf.to_container(composer.base, resolve=True), composer.groups, composer.choices)
 
 
 def load_space(composer: Composer, fixed: Mapping[str, str]) -> SearchSpace:

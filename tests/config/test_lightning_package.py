@@ -7,15 +7,23 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import signal
-import subprocess
 from pathlib import Path
 
 import lightning
 import pytest
 import pytorch_lightning
 import torch
-from helpers import LIT, LONG, SEARCHLAB, load_model, load_study, metrics_line, searchlab, stores, wait_for_checkpoint
+from helpers import (
+    LIT,
+    LONG,
+    SEARCHLAB,
+    load_model,
+    load_study,
+    metrics_line,
+    searchlab,
+    stores,
+    terminate_after_checkpoint,
+)
 from mlflow.tracking import MlflowClient
 
 from searchlab.config.lightning_package import LIGHTNING, PYTORCH_LIGHTNING, package_of
@@ -90,15 +98,8 @@ def test_a_lightning_modules_model_is_logged_registered_and_exported(lit_project
 @pytest.mark.slow
 def test_sigterm_and_the_same_command_resume_a_lightning_module_mid_way(lit_project, tmp_path, in_process):
     args = ["search", *LIT, "study.n_trials=1", *LONG, *stores(tmp_path, "litterm")]
-    proc = subprocess.Popen([SEARCHLAB, *args], cwd=lit_project, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        wait_for_checkpoint(tmp_path / "artifacts", 2, proc)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 143, err
+    code, err = terminate_after_checkpoint([SEARCHLAB, *args], tmp_path / "artifacts", 2, cwd=lit_project)
+    assert code == 143, err
     stopped, queued = load_study(tmp_path, "litterm").trials
     assert stopped.state.name == "FAIL" and "resumable from its checkpoint of epoch" in stopped.user_attrs["reason"]
 

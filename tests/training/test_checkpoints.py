@@ -10,7 +10,15 @@ import sys
 
 import pytest
 import torch
-from helpers import LONG, SEARCHLAB, load_study, runs_of, wait_for_checkpoint, wait_for_running
+from helpers import (
+    LONG,
+    SEARCHLAB,
+    load_study,
+    runs_of,
+    terminate_after_checkpoint,
+    wait_for_checkpoint,
+    wait_for_running,
+)
 
 from searchlab.config import compose_config
 from searchlab.training.build import load_data
@@ -87,14 +95,8 @@ def test_a_checkpoint_cut_short_is_never_read(tmp_path):
 @pytest.mark.slow
 def test_sigterm_exits_143_and_the_same_command_resumes_the_trial_mid_way(tmp_path, store_overrides, capsys):
     command = [SEARCHLAB, "search", "study.name=term", "study.n_trials=1", *LONG, *store_overrides]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_checkpoint(tmp_path / "artifacts", 2, proc)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 143, err
+    code, err = terminate_after_checkpoint(command, tmp_path / "artifacts", 2)
+    assert code == 143, err
     assert "terminated (SIGTERM): run the same command to resume" in err and "Traceback" not in err
     stopped, queued = load_study(tmp_path, "term").trials
     assert stopped.state.name == "FAIL" and "resumable from its checkpoint of epoch" in stopped.user_attrs["reason"]
