@@ -173,7 +173,7 @@ class Sweep:
         try:
             with sigterm_as_interrupt():  # a preemption or `kill` ends the study KILLED, as Ctrl-C does
                 status = session.run(lambda: work, on_trial, self.slots, self._worker_command(),
-                                     stop_rules=stop_rules(study, _container(cfg.study.get("stop_when")),
+                                     stop_rules=stop_rules(study, cfg.study.get("stop_when"),
                                                            cfg.study.seed))
         finally:
             progress.close()
@@ -409,8 +409,3 @@ def _absolute(location: str) -> str:
     if "://" not in location:
         return str(Path(location).resolve())
     return location
-
-
-def _container(node: Any) -> Any:
-    """study.stop_when as plain Python (a DictConfig, or null)."""
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
