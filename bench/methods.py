@@ -146,7 +146,8 @@ def _method(sampler: tuple[str, dict[str, object]] | str, pruner: tuple[str, dic
         else:
             cls, settings = choice
             short = cls.rsplit(".", 1)[1].lower().removesuffix("sampler").removesuffix("pruner")
-            name = "bench_" + "_".join([short, *(str(v) for v in settings.values())])
+            values = ("inner" if str(v).startswith("{") else str(v) for v in settings.values())  # a nested entry
+            name = "bench_" + "_".join([short, *values])
             name = "".join(c if c.isalnum() or c == "_" else "" for c in name)
             out += [_entry(table, name, cls, **settings), _set(kind, name)]
     return tuple(out)
@@ -162,6 +163,13 @@ TPE10 = (TPE, {"n_startup_trials": 10, "multivariate": True, "group": True, "con
 TPE5 = (TPE, {"n_startup_trials": 5, "multivariate": True, "group": True, "constant_liar": True})
 TPE10_UNI = (TPE, {"n_startup_trials": 10, "multivariate": False, "group": False, "constant_liar": True})
 EPOCHS = "'${trainer.max_epochs}'"
+
+
+def _random_share(sampler: tuple[str, dict[str, object]], share: float) -> tuple[str, dict[str, object]]:
+    """searchlab.study.samplers.RandomShare around `sampler` (its entry as a nested override value)."""
+    cls, settings = sampler
+    inner = ",".join([f"_target_:{cls}", *(f"{k}:{v}" for k, v in settings.items())])
+    return ("searchlab.study.samplers.RandomShare", {"sampler": f"{{{inner}}}", "share": share})
 
 @dataclass(frozen=True)
 class Method:
@@ -215,6 +223,13 @@ METHODS: dict[str, Method] = {
     "tpe-patient": Method("TPE + patient (3 epochs without gain)",
                           _method(TPE10, ("optuna.pruners.PatientPruner", {"wrapped_pruner": "null", "patience": 3}))),
     "random-sh1": Method("random + SH min 1, rf 3", _method(RANDOM, (SH, {"min_resource": 1, "reduction_factor": 3}))),
+    # TPE start-up 5 inside searchlab's RandomShare: a share of the trials drawn at random (issue 20 part 4).
+    **{f"tpe5-rs{int(share * 100)}-sh1": Method(f"TPE start-up 5, {share:.0%} random + SH min 1, rf 3",
+                                                 _method(_random_share(TPE5, share),
+                                                         (SH, {"min_resource": 1, "reduction_factor": 3})))
+       for share in (0.2, 0.33)},
+    "tpe5-sh3": Method("TPE start-up 5 + SH min 3, rf 3",
+                       _method(TPE5, (SH, {"min_resource": 3, "reduction_factor": 3}))),
     # The default's sampler and pruner with K trials trained at once as one model (study.pack; docs/packing.md):
     # members 2..K share the first's optimizer, schedule, shape and batch size; TPE draws their numbers.
     **{f"tpe5-sh1-pack{k}": Method(f"the default + study.pack={k}",
