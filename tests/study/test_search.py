@@ -68,7 +68,7 @@ def test_pruning_stops_unpromising_trials(tmp_path, store_overrides, capsys):
 @pytest.mark.slow
 def test_hyperband_prunes_in_a_real_search(tmp_path, store_overrides):
     # study.pruner=hyperband (min_resource 2, max_resource trainer.max_epochs=6, reduction_factor 3): two brackets,
-    # with rungs at epochs 2 and 6, and at 6. The default successive halving (min_resource 1) prunes at epochs 1 and 3.
+    # with rungs at epochs 2 and 6, and at 6. The default successive halving (min_resource 3) prunes at epoch 3.
     assert main(["search", "study.name=hb", "study.pruner=hyperband", "study.n_trials=14", "trainer.max_epochs=6",
                  "model.width=32", *store_overrides]) == 0
     trials = load_study(tmp_path, "hb").trials
@@ -117,7 +117,7 @@ def test_study_timeout_stops_starting_trials(tmp_path, store_overrides):
 
 
 @pytest.mark.parametrize("sampler, extra", [
-    ("random", []), ("qmc", []), ("cmaes", []), ("gp", []),
+    ("random", []), ("qmc", []), ("cmaes", []), ("gp", []), ("tpe_random_share", []),
     ("grid", ["search=regularization", "study.n_trials=3"]),
 ])
 def test_every_sampler_runs_the_space(tmp_path, store_overrides, sampler, extra):
