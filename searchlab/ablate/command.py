@@ -474,7 +474,8 @@ class AblationWork(TrialWork):
         training would be, with its share of the pack's time."""
         start = time.perf_counter()
         try:
-            pack = PackedTraining([a.cfg for a in group], [_splits(a.cfg) for a in group], self.plan.metric)
+            pack = PackedTraining([a.cfg for a in group], [_splits(a.cfg) for a in group], self.plan.metric,
+                                   grouped=True)
         except ValueError as err:  # a member the probe did not cover (its optimizer, its schedule): all alone
             self._say(group[0], str(err))
             yield from self._train_alone(group)

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from searchlab.config import Composer, ConfigError
 from searchlab.config.space import SearchSpace
 from searchlab.data import Splits
-from searchlab.packing.engine import PackedTraining, can_pack, pack_mismatch, varies_per_member
+from searchlab.packing.engine import PackedTraining, can_pack, shared_key, varies_per_member
 from searchlab.study.search_work import SearchWork
 from searchlab.study.trial import Attempt, Verdict
 from searchlab.training import resolve_device
@@ -123,7 +123,7 @@ class PackWork(SearchWork):
             yield group[0], self.train_one(group[0])
             return
         try:
-            pack = PackedTraining([m.cfg for m in group], self.splits, self.metric)
+            pack = PackedTraining([m.cfg for m in group], self.splits, self.metric, grouped=True)
         except ValueError as err:  # a combination check_pack's probes did not cover: these members go one by one
             self._warn(group, err)
             for member in group:
@@ -152,12 +152,11 @@ class PackWork(SearchWork):
 
 def _groups(members: list[Attempt]) -> list[list[Attempt]]:
     """Members in packs of configs that can share one (a re-queued trial's params may differ in a shared key from
-    the first member's), in order; most often one group of all."""
-    groups: list[list[Attempt]] = []
+    the first member's), in order; most often one group of all. One shared_key per member: each resolves its
+    config once."""
+    if len(members) == 1:
+        return [members]
+    groups: dict[str, list[Attempt]] = {}
     for member in members:
-        group = next((g for g in groups if pack_mismatch([g[0].cfg, member.cfg]) is None), None)
-        if group is None:
-            groups.append([member])
-        else:
-            group.append(member)
-    return groups
+        groups.setdefault(shared_key(member.cfg), []).append(member)
+    return list(groups.values())

@@ -27,6 +27,7 @@ import torch
 import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from omegaconf import DictConfig, OmegaConf
@@ -57,6 +58,7 @@ logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflo
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 _FINAL_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 _BATCH = 900  # MLflow takes at most 1000 metrics, params and tags in one log_batch
+_PARAMS_TAGS = 100  # ... of which at most 100 params, and 100 tags
 # A trial's best-epoch weights (torch.save bytes of searchlab.training.Weights) in its run's artifacts, kept for
 # a trial that may be among the study's best when it finishes (see searchlab.report.models).
 WEIGHTS_DIR, WEIGHTS_FILE = "weights", "best.pt"
@@ -155,6 +157,7 @@ class Tracker:
         self._pending: dict[str, list[Metric]] = {}  # run id -> epoch metrics not yet written
         self._flushed_at: dict[str, float] = {}
         self._experiment_of: dict[str, str] = {}  # parent run id -> experiment id, saves a read per trial
+        self._params_at_end: dict[str, list[Param]] = {}  # run id -> params end_trial logs (start_trial's)
         try:
             if uri.startswith("sqlite:///"):
                 self.client = _RetryOnLock(_open_sqlite(uri))
@@ -216,9 +219,15 @@ class Tracker:
 
     def start_trial(self, parent_run_id: str, number: int, params: Mapping[str, Any], config_yaml: str = "",
                     command: str = "", name: str | None = None, role: str = ROLE_TRIAL,
-                    tags: Mapping[str, str] | None = None) -> str:
+                    tags: Mapping[str, str] | None = None, params_at_end: bool = False) -> str:
         """The trial's child run, created when the trial starts, with its params, config and re-run command (the
-        one place a trial becomes a run: searchlab.study.trial's lifecycle, and the runs of lost trials)."""
+        one place a trial becomes a run: searchlab.study.trial's lifecycle, and the runs of lost trials).
+
+        Its writes: one create_run (with the tags), one log_batch of the params, the config written straight to the
+        run's artifact location (MlflowClient.log_text would read the run back first to find it). `params_at_end`
+        (a pack's members, which train for seconds): the params go in end_trial's one log_batch with the metrics and
+        tags instead, one write fewer per run; a run whose worker dies before its end gets them from
+        fail_lost_trial."""
         if parent_run_id not in self._experiment_of:
             self._experiment_of[parent_run_id] = self.client.get_run(parent_run_id).info.experiment_id
         name = name or f"trial-{number}"
@@ -226,18 +235,48 @@ class Tracker:
             MLFLOW_PARENT_RUN_ID: parent_run_id, MLFLOW_RUN_NAME: name, ROLE_TAG: role,
             TRIAL_NUMBER_TAG: str(number), TRIAL_STATE_TAG: "RUNNING", COMMAND_TAG: command, **(tags or {}),
         })
-        self.client.log_batch(run.info.run_id, params=[Param(k, _text(v)) for k, v in params.items()])
+        run_id = run.info.run_id
+        logged = [Param(k, _text(v)) for k, v in params.items()]
+        if params_at_end:
+            self._params_at_end[run_id] = logged
+        elif logged:
+            self._log_batch(run_id, params=logged)
         if config_yaml:
-            self.client.log_text(run.info.run_id, config_yaml, "config.yaml")
-        return run.info.run_id
+            self._write_text(run.info.artifact_uri, config_yaml, "config.yaml")
+        return run_id
+
+    def _write_text(self, artifact_uri: str, text: str, artifact_file: str) -> None:
+        """MlflowClient.log_text to the run whose artifact location is `artifact_uri` (from its RunInfo), without
+        log_text's read of the run."""
+        repo = get_artifact_repository(artifact_uri, tracking_uri=self.uri)
+        with tempfile.TemporaryDirectory(prefix="searchlab-text-") as folder:
+            path = Path(folder) / artifact_file
+            path.write_text(text, encoding="utf-8")
+            repo.log_artifact(str(path))
+
+    def _log_batch(self, run_id: str, metrics: Sequence[Metric] = (), params: Sequence[Param] = (),
+                   tags: Sequence[RunTag] = ()) -> None:
+        """One log_batch, or as few as MLflow's limits allow (100 params, 100 tags, 1000 entities in one call)."""
+        metrics, params, tags = list(metrics), list(params), list(tags)
+        while True:
+            p, t = params[:_PARAMS_TAGS], tags[:_PARAMS_TAGS]
+            m = metrics[:_BATCH - len(p) - len(t)]
+            self.client.log_batch(run_id, metrics=m, params=p, tags=t)
+            metrics, params, tags = metrics[len(m):], params[len(p):], tags[len(t):]
+            if not (metrics or params or tags):
+                return
 
     def fail_lost_trial(self, parent_run_id: str, number: int, params: Mapping[str, Any], reason: str) -> None:
-        """The child run of a trial whose worker died, FAILED with the reason; created if the worker died first."""
+        """The child run of a trial whose worker died, FAILED with the reason; created if the worker died first.
+        A run without its params (a pack's member logs them at its end) gets `params` then."""
         experiment_id = self._experiment_of.get(parent_run_id) or self.client.get_run(parent_run_id).info.experiment_id
         found = self.client.search_runs([experiment_id], max_results=1, filter_string=(
             f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}' and tags.`{TRIAL_NUMBER_TAG}` = '{number}'"))
-        run_id = found[0].info.run_id if found else self.start_trial(parent_run_id, number, params)
-        self.end_trial(run_id, "FAIL", None, reason)
+        if not found:
+            self.end_trial(self.start_trial(parent_run_id, number, params), "FAIL", None, reason)
+            return
+        missing = {} if found[0].data.params else params
+        self.end_trial(found[0].info.run_id, "FAIL", None, reason, params=missing)
 
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
         """Buffered: the run's live curves in the UI lag by up to tracking.flush_seconds."""
@@ -263,17 +302,24 @@ class Tracker:
             self.client.log_batch(run_id, metrics=metrics[start:start + _BATCH], tags=tags if start == 0 else [])
 
     def end_trial(self, run_id: str, state: str, value: float | None, reason: str | None,
-                  tags: Mapping[str, str] | None = None) -> None:
+                  tags: Mapping[str, str] | None = None, metrics: Mapping[str, float] | None = None,
+                  params: Mapping[str, Any] | None = None) -> None:
         """Final state tag (COMPLETE, PRUNED, FAIL), the objective value and, for pruned or failed, the reason;
-        `tags` adds what is known only at the end."""
+        `tags` adds what is known only at the end, `metrics` final metrics (step 0), `params` params not logged yet.
+        One log_batch with the epochs not yet flushed and the params kept for the end (start_trial), then the
+        run's status."""
         tags = [RunTag(TRIAL_STATE_TAG, state), *(RunTag(k, str(v)) for k, v in (tags or {}).items())]
         if reason:
             tags.append(RunTag(TRIAL_REASON_TAG, reason[:5000]))
-        metrics = self._pending.pop(run_id, [])
+        logged = self._pending.pop(run_id, [])
         self._flushed_at.pop(run_id, None)
+        now = int(time.time() * 1000)
+        logged += [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
         if value is not None:
-            metrics.append(Metric("objective", value, int(time.time() * 1000), 0))
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+            logged.append(Metric("objective", value, now, 0))
+        kept = self._params_at_end.pop(run_id, [])
+        kept += [Param(k, _text(v)) for k, v in (params or {}).items() if k not in {p.key for p in kept}]
+        self._log_batch(run_id, metrics=logged, params=kept, tags=tags)
         self.client.set_terminated(run_id, status=_FINAL_STATUS[state])
 
     def end_study(self, run_id: str, best: Mapping[str, Any] | None, counts: Mapping[str, int],

@@ -16,6 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 from helpers import FINISHED, SEARCHLAB, assert_one_run_per_trial, load_study, runs_of, wait_for_running
+from omegaconf import OmegaConf
 
 from searchlab.attrs import RETRY_OF
 from searchlab.cli import main
@@ -78,6 +79,47 @@ def test_packed_members_are_trials_each_with_its_own_run(packed_study) -> None:
         curve = [m.value for m in client.get_metric_history(run.info.run_id, "val_acc")]
         assert len(curve) == 3 and max(curve) == pytest.approx(trial.value)
         assert run.data.tags["searchlab.command"].startswith("searchlab train")
+
+
+@pytest.mark.slow
+def test_a_members_run_records_all_that_a_lone_trials_run_does(packed_study, tmp_path_factory, user_dir) -> None:
+    """A member's run (created, configured and ended with the pack's other members) has exactly the params, the
+    metrics with every epoch, the tags and the config artifact that a trial's run of a study.pack=1 study has."""
+    tmp, study, _ = packed_study
+    lone_tmp = tmp_path_factory.mktemp("lone")
+    stores = [f"study.storage={lone_tmp}/optuna.journal", f"tracking.uri=sqlite:///{lone_tmp}/mlflow.db",
+              f"tracking.artifact_root={lone_tmp}/artifacts", f"report.dir={lone_tmp}/reports"]
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        code = main(["search", "--config-dir", str(user_dir), "search=packtest", "study.name=lone", "study.pack=1",
+                     "study.n_trials=2", "study.pruner=none", "tracking.log_models=best", *SMALL, *stores])
+    assert code == 0, err.getvalue()
+
+    def recorded(folder: Path, name: str) -> list[tuple[dict, set, dict, str]]:
+        """Per trial (its params checked against its trial's, and config.yaml's): its run's {metric: steps logged},
+        tag names, tags, status."""
+        client, _, _ = runs_of(folder, name)
+        runs = assert_one_run_per_trial(folder, name, load_study(folder, name))
+        out = []
+        for trial in load_study(folder, name).trials:
+            run = runs[trial.number]
+            run_id = run.info.run_id
+            assert run.data.params == {k: str(v) for k, v in trial.params.items()}  # each one, none more
+            steps = {k: [m.step for m in client.get_metric_history(run_id, k)] for k in run.data.metrics}
+            assert "config.yaml" in [a.path for a in client.list_artifacts(run_id)]
+            config = OmegaConf.create(Path(client.download_artifacts(run_id, "config.yaml", str(folder))).read_text())
+            for key, value in trial.params.items():  # a group's choice (optimizer=adam) is its node
+                assert key in ("optimizer", "scheduler") or OmegaConf.select(config, key) == value
+            out.append((steps, set(run.data.tags), run.data.tags, run.info.status))
+        return out
+
+    packed, lone = recorded(tmp, "packed"), recorded(lone_tmp, "lone")
+    assert {k for steps, *_ in lone for k in steps} == {"train_loss", "val_loss", "val_acc", "lr", "params",
+                                                          "epoch_seconds", "objective"}
+    for steps, tag_names, tags, status in packed:
+        assert steps == lone[0][0]  # every metric, every epoch (and the objective once)
+        assert tag_names == lone[0][1]
+        assert tags["searchlab.role"] == "trial" and tags["optuna.trial.state"] == "COMPLETE"
+        assert tags["searchlab.command"].startswith("searchlab train") and status == "FINISHED"
 
 
 @pytest.mark.slow
@@ -180,7 +222,10 @@ def test_a_sigkilled_packing_worker_has_all_its_members_retried(tmp_path, store_
         retries = [t for t in study.trials if t.user_attrs.get(RETRY_OF) == trial.number]
         assert len(retries) == 1 and retries[0].params == trial.params and retries[0].state.name in FINISHED
     assert len([t for t in study.trials if t.state.name in FINISHED]) == 6
-    assert_one_run_per_trial(tmp_path, "killed", study)
+    runs = assert_one_run_per_trial(tmp_path, "killed", study)
+    for trial in lost:  # a member logs its params at its end: the run of a member that never ended gets them too
+        assert runs[trial.number].data.params == {k: str(v) for k, v in trial.params.items()}
+        assert runs[trial.number].info.status == "FAILED"
 
 
 @pytest.mark.parametrize(("extra", "says"), [

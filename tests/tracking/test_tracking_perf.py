@@ -67,3 +67,63 @@ def test_config_yaml_is_omegaconfs_text(values):
     OmegaConf.update(cfg, "study.name", "true", merge=False)  # strings that read as bools or numbers stay quoted
     OmegaConf.update(cfg, "tracking.uri", "1e3", merge=False)
     assert config_yaml(cfg) == OmegaConf.to_yaml(cfg)
+
+
+def _recorded(tracker: Tracker, run_id: str) -> tuple:
+    """Everything a trial's run holds: params, {metric: [(step, value)]}, tags (its name aside), status, config."""
+    run = tracker.client.get_run(run_id)
+    history = {k: [(m.step, m.value) for m in tracker.client.get_metric_history(run_id, k)] for k in run.data.metrics}
+    tags = {k: v for k, v in run.data.tags.items() if k not in ("mlflow.runName", "optuna.trial.number")}
+    config = tracker.client.download_artifacts(run_id, "config.yaml")
+    return run.data.params, history, tags, run.info.status, open(config).read()
+
+
+@pytest.mark.parametrize("state", ["COMPLETE", "PRUNED"])
+def test_a_pack_members_run_with_its_params_at_its_end_records_what_a_lone_trials_run_does(tmp_path, state):
+    """start_trial(params_at_end=True), a pack member's: one write fewer, the same run in the end."""
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "artifacts"), flush_seconds=3600)
+    parent = tracker.study_run("perf", {})
+    params = {"optimizer": "adam", "optimizer.lr": 0.01, "module.l1": 1e-6}
+    runs = []
+    for number, at_end in enumerate((False, True)):
+        run_id = tracker.start_trial(parent, number, params, "seed: 0\noptimizer:\n  lr: 0.01\n", "searchlab train x",
+                                     params_at_end=at_end)
+        assert tracker.client.get_run(run_id).data.params == ({} if at_end else {k: str(v) for k, v in params.items()})
+        for epoch in (1, 2):
+            tracker.log_epoch(run_id, epoch, {"val_acc": 0.5 + epoch / 10, "train_loss": 1.0 / epoch})
+        done = state == "COMPLETE"
+        tracker.end_trial(run_id, state, 0.7 if done else None, None if done else "pruned", {"output": "here"},
+                          {"objective.val_acc": 0.7})
+        runs.append(_recorded(tracker, run_id))
+    lone, member = runs
+    assert lone[0] == {k: str(v) for k, v in params.items()}
+    steps = {"objective.val_acc": [0], "train_loss": [1, 2], "val_acc": [1, 2]}
+    assert {m: [s for s, _ in h] for m, h in lone[1].items()} == (
+        {**steps, "objective": [0]} if state == "COMPLETE" else steps)
+    assert lone[2]["output"] == "here" and lone[2]["optuna.trial.state"] == state
+    assert member == lone
+
+
+def test_a_batch_beyond_mlflows_limits_is_split_and_written_whole(tmp_path):
+    """150 params (MLflow takes 100 in one log_batch) and 950 metrics at the end: all written."""
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", None, flush_seconds=3600)
+    parent = tracker.study_run("perf", {})
+    params = {f"p{i}": i for i in range(150)}
+    run_id = tracker.start_trial(parent, 0, params, params_at_end=True)
+    for epoch in range(1, 96):  # 950 metrics: the buffer flushes at 900, the end writes the rest with the params
+        tracker.log_epoch(run_id, epoch, {f"m{j}": float(j) for j in range(10)})
+    tracker.end_trial(run_id, "COMPLETE", 1.0, None)
+    run = tracker.client.get_run(run_id)
+    assert run.data.params == {k: str(v) for k, v in params.items()}
+    assert [len(tracker.client.get_metric_history(run_id, f"m{j}")) for j in range(10)] == [95] * 10
+
+
+def test_a_lost_members_run_gets_its_params_when_it_is_failed(tmp_path):
+    """A member whose worker died before its end never logged its params: fail_lost_trial logs them."""
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", None)
+    parent = tracker.study_run("perf", {})
+    run_id = tracker.start_trial(parent, 3, {"optimizer.lr": 0.01}, params_at_end=True)
+    Tracker(f"sqlite:///{tmp_path}/mlflow.db", None).fail_lost_trial(parent, 3, {"optimizer.lr": 0.01}, "worker lost")
+    run = tracker.client.get_run(run_id)
+    assert run.data.params == {"optimizer.lr": "0.01"} and run.info.status == "FAILED"
+    assert run.data.tags["optuna.trial.reason"] == "worker lost"
