@@ -14,7 +14,7 @@ DASHBOARD_PORT ?= 8080
 # torch==2.13.0 is pinned so pip takes the CPU build on disk instead of pulling GBs of CUDA packages.
 # psycopg (3): SQLAlchemy 2.1 opens plain postgresql:// URLs with it, not psycopg2 (Optuna's storage, mlflow server).
 PINS := torch==2.13.0 optuna==5.0.0 mlflow==3.17.2 pytorch-lightning==2.6.6 lightning==2.6.6 hydra-core==1.3.8 \
-        scikit-learn==1.9.1 numpy==2.4.6 pytest==9.2.0 pytest-timeout==2.4.0 ruff==0.17.6 import-linter==2.17 \
+        scikit-learn==1.9.1 numpy==2.4.6 pytest==9.2.0 pytest-timeout==2.4.0 pytest-xdist==3.8.0 execnet==2.1.2 ruff==0.17.6 import-linter==2.17 \
         plotly==7.1.0 optuna-dashboard==0.21.0 selenium==4.50.0 psycopg2-binary==2.9.13 grpcio==1.85.1 \
         psycopg==3.3.9 psycopg-binary==3.3.9
 
@@ -41,14 +41,22 @@ train: install
 system:
 	bash .ci/debian-packages
 
+# Two pytest-xdist workers, each test file on one of them (a module's shared study trains once), the heaviest files
+# first (tests/conftest.py orders them). Tests in the test process train with one torch thread each; the processes
+# a test starts (searchlab workers, servers, SLURM) share the cores with the other worker's test.
+# Serial as before: make test TEST_WORKERS=0.
+TEST_WORKERS ?= 2
+PARALLEL := $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder,)
+
 # --durations=25: the slowest tests, so CI's log shows where the suite's time goes.
 test: install system lint
 	$(MAKE) docs-check
-	$(BIN)/python -m pytest -m "not e2e" --durations=25 $(ARGS)
+	$(BIN)/python -m pytest -m "not e2e" $(PARALLEL) --durations=25 $(ARGS)
 
 # The fast tier: no real servers, SLURM, DDP ranks or slow multi-process studies; no system packages needed.
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow and not cluster and not ddp and not slurm and not e2e" --durations=25 $(ARGS)
+	$(BIN)/python -m pytest -m "not slow and not cluster and not ddp and not slurm and not e2e" $(PARALLEL) \
+		--durations=25 $(ARGS)
 
 # The documentation site (README.md is its front page, pages in docs/, mkdocs.yml) into site/; `docs-check` builds it
 # with --strict into a scratch folder (a broken link or anchor fails), as `make test` does. Pinned like PINS.

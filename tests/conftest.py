@@ -6,8 +6,10 @@ servers.py, made available here to every module.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,13 +28,36 @@ from helpers import (
 from servers import mlflow_server, postgres, storage_proxy  # noqa: F401 (fixtures, registered by being here)
 
 SERVERS = {"postgres", "mlflow_server", "storage_proxy"}
+# Marks of the tests that take most of the suite's time (real worker processes, servers, DDP ranks, SLURM).
+HEAVY = ("slow", "cluster", "ddp", "slurm")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist two workers share the machine's cores: one torch thread each for the trainings run in the
+    test process (a process a test starts keeps its own setting)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test that uses a real server is marked `cluster` wherever it is written: the fast tier leaves it out."""
+    """A test that uses a real server is marked `cluster` wherever it is written: the fast tier leaves it out.
+
+    Under pytest-xdist (`make test` runs `-n 2 --dist loadfile --no-loadscope-reorder`) each test file is run by one
+    worker, so a module's shared study (a module-scoped fixture) is trained once; the files are handed out in the
+    order of the items, here the heaviest first (by their count of slow/cluster/ddp/slurm tests), so a long module
+    does not start last and hold the run while the other worker idles. Without xdist nothing is reordered."""
     for item in items:
         if SERVERS & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.cluster)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    weight: Counter[str] = Counter()
+    for item in items:
+        weight[item.nodeid.split("::")[0]] += any(item.get_closest_marker(mark) for mark in HEAVY)
+    # A stable sort: the tests of one file stay together and in their order (module fixtures are set up once).
+    items.sort(key=lambda item: -weight[item.nodeid.split("::")[0]])
 
 
 @pytest.fixture

@@ -73,6 +73,7 @@ def trial_lines(stdout: str) -> list[str]:
 
 # --- the example, end to end -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_workers_take_the_exact_budget_prune_trials_log_curves_and_best_reruns_the_app(app):
     epochs = 4
     result = sweep(app, "hydra.sweeper.workers=2", "hydra.sweeper.study.n_trials=6", f"trainer.max_epochs={epochs}",
@@ -131,6 +132,7 @@ def _start_and_kill(app: Path, args: list[str], checkpoint: Path, past_epoch: in
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 def test_a_terminated_then_killed_job_is_retried_from_its_checkpoint_through_the_apps_ckpt_path(app):
     """SIGTERM to the sweeper (a preemption): the study ends KILLED with the resume hint (exit 143) and the running
     trial is re-queued with its checkpoint; the same command resumes it through the app's own `ckpt_path=`. SIGKILL of
