@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", default="1,2,4", help="scaling: comma-separated numbers of local workers")
     p.add_argument("--scaling-trials", type=int, default=24, help="scaling: trials per study")
     p.add_argument("--scaling-repeats", type=int, default=2, help="scaling: interleaved repeats of each K")
-    p.add_argument("--methods-seeds", type=int, default=5, help="methods: study.seed 0..N-1 per task and method")
+    p.add_argument("--methods-seeds", type=int, default=5, help="methods: N study.seeds per task and method")
+    p.add_argument("--methods-seed-start", type=int, default=0,
+                   help="methods: the first study.seed (S..S+N-1: a run split over processes, or resumed)")
     p.add_argument("--tasks", default="", help="methods: comma-separated names of bench.methods.TASKS (default: all)")
     p.add_argument("--methods", default="",
                    help="methods: comma-separated names of bench.methods.METHODS (default: all)")
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         if "methods" in args.parts:
             names = [n.strip() for n in args.methods.split(",") if n.strip()] or None
             tasks = [n.strip() for n in args.tasks.split(",") if n.strip()] or None
-            result = methods.run_methods(Path(scratch) / "methods", list(range(args.methods_seeds)), tasks, names,
+            seeds = list(range(args.methods_seed_start, args.methods_seed_start + args.methods_seeds))
+            result = methods.run_methods(Path(scratch) / "methods", seeds, tasks, names,
                                          args.extra, args.methods_max_trials, args.methods_max_seconds,
                                          args.methods_threads or None, log=args.out / "methods-runs.jsonl",
                                          progress=lambda run: print(

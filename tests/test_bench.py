@@ -139,7 +139,8 @@ def test_methods_smoke_two_seeds_stop_at_the_target_or_the_caps(tmp_path):
     reachable = replace(TASKS["digits"], target=0.3, max_trials=2, max_seconds=60)
     run = run_one(tmp_path / "a", "digits", reachable, "tpe-sh1", 0, tiny)
     assert run.reached and 1 <= run.trials <= 2 and run.seconds > 0 and run.trace[-1][1] >= 0.3
-    assert main(["--parts", "methods", "--out", str(tmp_path), "--methods-seeds", "2", "--tasks", "digits",
+    assert main(["--parts", "methods", "--out", str(tmp_path), "--methods-seeds", "2", "--methods-seed-start", "3",
+                 "--tasks", "digits",
                  "--methods", "default,random,tpe", "--methods-max-trials", "2", "--methods-max-seconds", "30",
                  "--extra", *tiny]) == 0
     text = (tmp_path / "results.md").read_text()
@@ -148,7 +149,7 @@ def test_methods_smoke_two_seeds_stop_at_the_target_or_the_caps(tmp_path):
         assert f"| {METHODS[method].label} | " in text
     assert "| random, no pruning | 0/2 | >=30.0 |" in text  # missed: the CPU cap counts, as a lower bound
     again = load_runs(tmp_path / "methods-runs.jsonl", max_trials=2, max_seconds=30)  # the table from the raw runs
-    assert len(again.runs) == 6 and again.seeds == [0, 1] and again.of("digits", "tpe")[0].trace
+    assert len(again.runs) == 6 and again.seeds == [3, 4] and again.of("digits", "tpe")[0].trace
     png = (tmp_path / "methods.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
 
