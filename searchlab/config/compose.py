@@ -478,6 +478,7 @@ def _check_seed(cfg: DictConfig, key: str) -> None:
 # Lightning's Trainer(max_time=...) takes "DD:HH:MM:SS" or a dict of datetime.timedelta's keywords.
 _TIMEDELTA_KEYS = ("weeks", "days", "hours", "minutes", "seconds", "milliseconds", "microseconds")
 _LOG_MODELS = ("best", "top_k", "none")
+_ENGINES = ("auto", "lightning")  # trainer.engine: searchlab.packing.lone
 
 
 def _check_limits(cfg: DictConfig) -> None:
@@ -504,6 +505,11 @@ def _check_limits(cfg: DictConfig) -> None:
     if patience is not None and not _is_positive_int(patience):
         raise ConfigError(f"trainer.early_stopping_patience: expected a positive integer (epochs) or null, "
                           f"got {patience!r}")
+    engine = OmegaConf.select(cfg, "trainer.engine", default="auto")
+    if engine not in _ENGINES:
+        near = difflib.get_close_matches(str(engine), _ENGINES, n=1)
+        hint = f"; did you mean trainer.engine={near[0]}?" if near else ""
+        raise ConfigError(f"trainer.engine: expected {' or '.join(_ENGINES)}, got {engine!r}{hint}")
 
 
 def _check_model_logging(cfg: DictConfig) -> None:

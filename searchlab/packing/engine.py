@@ -59,6 +59,7 @@ from searchlab.training.build import (
     optimizer_factory,
     schedule_factory,
 )
+from searchlab.training.checkpoints import rng_states, set_rng_states
 from searchlab.training.lightning import TrainResult, Weights, _direction, resolve_precision
 
 # Called after each epoch with (member index, epoch from 1, metrics); returns a reason to stop that member, or None.
@@ -417,7 +418,8 @@ class PackedTraining:
         self.batch_size = batch_size
         limit = cfg.trainer.limit_train_batches
         n = len(lone_batches)
-        self.steps_per_epoch = min(n, int(limit)) if isinstance(limit, int) else int(n * float(limit))
+        self.steps_per_epoch = (n if limit is None else min(n, int(limit)) if isinstance(limit, int)
+                                else int(n * float(limit)))
         self.shape = data_shape(self.splits, self.task)
         self.members = [_Member(c, self.epochs, self.steps_per_epoch) for c in cfgs]
         # Its loss and epoch_metrics: the metrics a lone trial of the config computes (module.metrics).
@@ -679,6 +681,58 @@ class PackedTraining:
         for member in list(self.active):
             self.members[member].final_state = self.member_state(member)
         return [m.result for m in self.members]
+
+    # --- checkpoints (a lone trial on the engine: searchlab.packing.lone) -----------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next epoch depends on, as CPU copies: the members' rows, buffers, optimizer state, each
+        member's torch optimizer and schedule, history and best weights, the batch order's generators and the RNG
+        states (dropout). For a pack whose members all train (a lone trial's)."""
+        if len(self.active) != len(self.members):
+            raise ValueError("a pack with stopped members has no state to resume")
+        cpu = {"device": "cpu", "copy": True}
+        batches = self.train_batches
+        generators = [batches.generator] if isinstance(batches, TensorBatches) else batches.generators
+        return {
+            "epoch": self.epoch,
+            "flat": self.flat.detach().to(**cpu),
+            "buffers": {k: v.to(**cpu) for k, v in self.buffers.items()},
+            "optimizers": [{"state": {k: v.to(**cpu) for k, v in o.state.items()},
+                            "step_count": o.step_count.to(**cpu), "steps": o.steps}
+                           for _, _, o in self.optimizer.groups],
+            "members": [{"optimizer": m.optimizer.state_dict(), "latest": m.latest, "history": list(m.result.history),
+                         "weights": m.result.weights, "seconds": m.result.seconds,
+                         "scheduler": None if m.scheduler is None else m.scheduler.state_dict()}
+                        for m in self.members],
+            "generators": [g.get_state() for g in generators],
+            "rng": rng_states(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores state_dict()'s state into a pack built from the same configs and data: training goes on from
+        the epoch after the saved one, as if it had not stopped."""
+        self.epoch = int(state["epoch"])
+        self.flat = state["flat"].to(self.device)
+        self.buffers = {k: v.to(self.device) for k, v in state["buffers"].items()}
+        self._views()
+        groups = self.optimizer.groups
+        for (_, _, optimizer), saved in zip(groups, state["optimizers"], strict=True):
+            optimizer.state = {k: v.to(self.device) for k, v in saved["state"].items()}
+            optimizer.step_count = saved["step_count"].to(self.device)
+            optimizer.steps = int(saved["steps"])
+        for member, saved in zip(self.members, state["members"], strict=True):
+            member.optimizer.load_state_dict(saved["optimizer"])
+            if member.scheduler is not None and saved["scheduler"] is not None:
+                member.scheduler.load_state_dict(saved["scheduler"])
+            member.latest = saved["latest"]
+            member.result.history[:] = saved["history"]
+            member.result.weights, member.result.seconds = saved["weights"], float(saved["seconds"])
+        batches = self.train_batches
+        generators = [batches.generator] if isinstance(batches, TensorBatches) else batches.generators
+        for generator, saved in zip(generators, state["generators"], strict=True):
+            generator.set_state(saved)
+        set_rng_states(state["rng"])
+        self._refresh_hyper()
 
     # --- members' weights -------------------------------------------------------------------------------------
 

@@ -100,19 +100,61 @@ def remove(plan: CheckpointPlan | None) -> None:
         shutil.rmtree(plan.path.parent, ignore_errors=True)
 
 
-def _rng_states() -> dict[str, Any]:
+def rng_states() -> dict[str, Any]:
     states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
-def _set_rng_states(states: dict[str, Any]) -> None:
+def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class WriteClock:
+    """When a trial's checkpoint is kept and written (the plan's `every` N epochs, or auto after `auto_seconds` of
+    training): one rule for the Lightning path (TrialCheckpoints) and the packing engine's lone trial."""
+
+    def __init__(self, plan: CheckpointPlan) -> None:
+        self.plan = plan
+        self.trained_seconds = 0.0  # training time of this attempt (a resumed trial starts again from 0)
+        self.written_at = 0.0  # training seconds at the last write
+        self.write_seconds = 0.0  # what the last write cost
+
+    def after_epoch(self, seconds: float, epoch: int, ends: bool) -> tuple[bool, bool]:
+        """After an epoch that took `seconds`: (keep the state of this epoch in memory, write it now). Nothing when
+        the trial `ends` with this epoch: there is nothing to resume."""
+        self.trained_seconds += seconds
+        if ends:
+            return False, False
+        every = self.plan.every
+        if every is not None:
+            return True, epoch % every == 0
+        keep = self.trained_seconds >= self.plan.auto_seconds
+        since = self.trained_seconds - self.written_at
+        return keep, keep and since >= max(self.plan.auto_seconds, _COST_RATIO * self.write_seconds)
+
+    def written(self, seconds: float) -> None:
+        self.write_seconds, self.written_at = seconds, self.trained_seconds
+
+
+def write_file(path: Path, checkpoint: dict[str, Any]) -> float:
+    """Writes the checkpoint beside `path`, then renames it over it (a kill mid-write leaves the previous checkpoint
+    whole); returns the seconds it took."""
+    start = time.perf_counter()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        torch.save(checkpoint, partial)
+        os.replace(partial, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+    return time.perf_counter() - start
 
 
 class TrialCheckpoints:
@@ -130,9 +172,7 @@ class TrialCheckpoints:
         self.snapshot: dict[str, Any] | None = None  # the state of the last finished epoch, on the CPU
         self.snapshot_epoch = 0
         self.written_epoch = 0
-        self.written_at = 0.0  # training seconds at the last write
-        self.write_seconds = 0.0  # what the last write cost
-        self.trained_seconds = 0.0  # training time of this attempt (a resumed trial starts again from 0)
+        self.clock = WriteClock(plan)
         self._epoch_start: float | None = None
         self.restored_rng: dict[str, Any] | None = None
         self.restored_loader: dict[str, Any] | None = None
@@ -144,7 +184,7 @@ class TrialCheckpoints:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": len(self.history), "history": list(self.history), "owner": dict(self.plan.owner),
-                "rng": _rng_states(), "loader": _loader_state(self._loader)}
+                "rng": rng_states(), "loader": _loader_state(self._loader)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history[:] = state_dict["history"]  # epoch numbers go on from the checkpoint's
@@ -154,7 +194,7 @@ class TrialCheckpoints:
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self._loader = trainer.train_dataloader
         if self.restored_rng is not None:  # after Lightning has restored everything else: the RNGs as they were
-            _set_rng_states(self.restored_rng)
+            set_rng_states(self.restored_rng)
             self.restored_rng = None
         # Lightning restores a stateful loader only when resuming mid-epoch (_FitLoop.restarting): from an epoch's
         # end the batch order would start again from the seed, so its state (TensorBatches' generator) is set here.
@@ -168,17 +208,9 @@ class TrialCheckpoints:
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self._epoch_start is None:
             return
-        self.trained_seconds += time.perf_counter() - self._epoch_start
         epoch = len(self.history)
-        if trainer.should_stop or epoch >= trainer.max_epochs:  # the trial ends now (pruned, at a limit, done)
-            return
-        every = self.plan.every
-        if every is not None:
-            keep, due = True, epoch % every == 0
-        else:
-            keep = self.trained_seconds >= self.plan.auto_seconds
-            since = self.trained_seconds - self.written_at
-            due = keep and since >= max(self.plan.auto_seconds, _COST_RATIO * self.write_seconds)
+        ends = trainer.should_stop or epoch >= trainer.max_epochs  # the trial ends now (pruned, at a limit, done)
+        keep, due = self.clock.after_epoch(time.perf_counter() - self._epoch_start, epoch, ends)
         if not keep:
             return
         self._snapshot(trainer, epoch)
@@ -201,19 +233,8 @@ class TrialCheckpoints:
         previous checkpoint whole). Under DDP rank 0 writes."""
         if self.snapshot is None or not trainer.is_global_zero:
             return
-        start = time.perf_counter()
-        path = self.plan.path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            torch.save(self.snapshot, partial)
-            os.replace(partial, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                partial.unlink()
+        self.clock.written(write_file(self.plan.path, self.snapshot))
         self.written_epoch = self.snapshot_epoch
-        self.write_seconds = time.perf_counter() - start
-        self.written_at = self.trained_seconds
 
 
 def _loader_state(loader: Any) -> dict[str, Any] | None:

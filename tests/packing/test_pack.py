@@ -19,7 +19,7 @@ from searchlab.config import Composer
 from searchlab.optim import Adam, AdamW
 from searchlab.packing.engine import PackedTraining, can_pack, pack_mismatch, varies_per_member
 from searchlab.packing.optim import PackedOptimizer, optimizer_family, read_hyper
-from searchlab.training import fit
+from searchlab.training.lightning import fit_rank as fit  # a lone trial on Lightning: the reference
 
 REL, ABS = 1e-5, 1e-6
 # Metrics of orderings and argmaxes move in steps when two nearly equal scores swap: one flipped val prediction is

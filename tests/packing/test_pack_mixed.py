@@ -18,7 +18,7 @@ from searchlab.config import Composer
 from searchlab.optim import Adam, AdamW
 from searchlab.packing.engine import PackedTraining, pack_mismatch, varies_per_member
 from searchlab.packing.optim import PackedOptimizers, optimizer_family, read_hyper
-from searchlab.training import fit
+from searchlab.training.lightning import fit_rank as fit  # a lone trial on Lightning: the reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -24,7 +24,7 @@ from searchlab.commands import _prepare
 from searchlab.modules import Classifier
 from searchlab.packing.engine import pack_mismatch, varies_per_member
 from searchlab.study.pack_trials import shared_params
-from searchlab.training import fit
+from searchlab.training.lightning import fit_rank as fit  # a lone trial on Lightning: the reference
 
 # No dropout (a member's dropout masks come from the pack's random stream, so only dropout-free members reproduce
 # exactly); per member: its optimizer family (of two) and schedule family (of three), lr, weight decay and L1; the
