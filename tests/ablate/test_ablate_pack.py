@@ -24,8 +24,8 @@ from searchlab.config import Composer
 from searchlab.data import TensorBatches
 from searchlab.packing.engine import MemberBatches, PackedTraining, pack_mismatch, varies_per_member
 from searchlab.study import load_study
-from searchlab.training.lightning import fit_rank as fit  # a lone trial on Lightning: the reference
 from searchlab.training.build import load_data
+from searchlab.training.lightning import fit_rank as fit  # a lone trial on Lightning: the reference
 
 REL = 1e-4
 DISCRETE = 3e-3  # one flipped prediction of 360
