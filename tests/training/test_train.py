@@ -10,6 +10,7 @@ import torch
 
 from searchlab.config.compose import Composer, ConfigError, group_options, validate_config
 from searchlab.data import TensorBatches
+from searchlab.packing.lone import fit_lone, lone_pack
 from searchlab.training import fit
 from searchlab.training.build import load_data
 from searchlab.training.lightning import resolve_device, resolve_precision
@@ -117,12 +118,20 @@ def test_regimes_full_batch_stochastic_and_mini_batch(composer, digits):
     assert full.best("val_acc", "maximize") < mini.best("val_acc", "maximize")
 
 
-def test_stochastic_steps_are_bounded_by_the_step_budget(composer, digits):
-    cfg = composer({"data.batch_size": 1, "trainer.limit_train_batches": 30, "trainer.max_epochs": 2})
+@pytest.mark.parametrize("engine", ["lightning", "auto"])
+def test_stochastic_steps_are_bounded_by_the_step_budget(composer, digits, engine):
+    values = {"data.batch_size": 1, "trainer.limit_train_batches": 30, "trainer.max_epochs": 2}
+    cfg = composer({**values, "trainer.engine": engine})
     seen = []
-    result = fit(cfg, digits, on_epoch=lambda epoch, m: seen.append(epoch))
     # one optimizer step per sample, 30 a epoch (the step budget), not one per training sample (~1 400 here)
-    assert seen == [1, 2] and result.module.trainer.global_step == 2 * 30
+    if engine == "lightning":
+        result = fit(cfg, digits, on_epoch=lambda epoch, m: seen.append(epoch))
+        steps = result.module.trainer.global_step
+    else:  # the packing engine (searchlab.packing.lone): its optimizer counts its steps
+        pack = lone_pack(cfg, digits, None, None)
+        fit_lone(pack, cfg, on_epoch=lambda epoch, m: seen.append(epoch))
+        steps = pack.optimizer.groups[0][2].steps
+    assert seen == [1, 2] and steps == 2 * 30
 
 
 def test_cnn_with_batch_norm_dropout_and_l1(composer, digits):
