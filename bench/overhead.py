@@ -42,6 +42,7 @@ from bench.timing import PartTimer
 from searchlab.config import Composer
 from searchlab.config.space import SearchSpace, parse_space
 from searchlab.data import Splits
+from searchlab.packing.engine import PackedTraining
 from searchlab.study import make_pruner, make_sampler
 from searchlab.study.search_work import SearchWork
 from searchlab.study.storage import open_storage
@@ -240,14 +241,15 @@ def instrument(timer: PartTimer, runner: SearchWork) -> None:
     timer.patch(optuna.trial.Trial, "report")
     timer.patch(optuna.trial.Trial, "should_prune")
     timer.patch(searchlab.study.search_work, "fit", "fit set-up")  # its name for searchlab.training.fitting.fit
-    timer.patch(_FitLoop, "run", LOOP)
+    timer.patch(_FitLoop, "run", LOOP)  # the Lightning path's epochs (trainer.engine=lightning, or a config the
+    timer.patch(PackedTraining, "run_epoch", LOOP)  # engine has not), or the packing engine's (searchlab.packing.lone)
 
 
 GROUPS = {  # the last name of a part's path -> what it belongs to
     "MLflow": ("start_trial", "create_run", "log_batch", "log_text", "log_epoch", "end_trial", "set_terminated"),
     "Optuna": ("ask", "tell", "sample (suggest)", "user_attr", "report", "should_prune"),
     "Hydra compose": ("compose",),
-    "Lightning set-up and teardown": ("fit set-up",),
+    "training set-up and teardown (Lightning or the engine)": ("fit set-up",),
     "trial glue (to_yaml, overrides)": ("trial",),
 }
 
@@ -274,6 +276,7 @@ class OverheadResult:
     first_trial: dict[str, float]
     gpu_util: dict[str, float | None] = field(default_factory=dict)
     extra: list[str] = field(default_factory=list)
+    engine: str = "auto"  # trainer.engine of the setting: what trained searchlab's trials
 
     def per_trial(self, way: str) -> float:
         """Mean over configs of each config's median over repeats."""
@@ -296,7 +299,8 @@ class OverheadResult:
         return statistics.median(fixed_cost(p) for p in self.parts)
 
     def loop_over_plain(self) -> float:
-        """Lightning's loop (train + val steps) in (c) over the whole plain loop (a), pair by pair."""
+        """The training loop's epochs (train + val steps; Lightning's or the engine's) in (c) over the whole plain
+        loop (a), pair by pair."""
         loops = [sum(v for k, v in p.items() if k.endswith("/" + LOOP)) for p in self.parts]
         plain = [s for per_config in zip(*self.seconds["plain"], strict=True) for s in per_config]
         return statistics.median(loop / p for loop, p in zip(loops, plain, strict=True))
@@ -403,7 +407,8 @@ def run_overhead(out: Path, configs: int = 4, repeats: int = 5, device: str = "c
         sampler.stop()
     # parts are in (repeat, config) order, as loop_over_plain expects
     return OverheadResult(device, configs, repeats, seconds, parts, startup_seconds(startup_runs), first,
-                          {way: sampler.mean(way) for way in WAYS} if device == "cuda" else {}, list(extra or []))
+                          {way: sampler.mean(way) for way in WAYS} if device == "cuda" else {}, list(extra or []),
+                          str(cfg.trainer.get("engine", "auto")))
 
 
 def overhead_markdown(r: OverheadResult) -> str:
@@ -433,7 +438,8 @@ def overhead_markdown(r: OverheadResult) -> str:
         f"b/c = **{r.ratio('usual', 'searchlab'):.2f}**; both medians of per-pair ratios.",
         f"- before/after this issue's tracking changes (buffered epoch metrics, SQLite WAL): c0/c = "
         f"{r.ratio(BEFORE, 'searchlab'):.2f}",
-        f"- searchlab's Lightning loop (train + val steps) / the whole plain loop: {r.loop_over_plain():.2f}",
+        f"- searchlab's training loop (train + val steps; trainer.engine={r.engine}) / the whole plain loop: "
+        f"{r.loop_over_plain():.2f}",
         f"- searchlab's fixed cost per trial (all but the steps): **{r.fixed_median() * 1000:.1f} ms** median "
         "(target <= 30 ms); by library: " + ", ".join(f"{g} {v * 1000:.1f}" for g, v in r.group_medians().items())
         + " ms. By part (median ms per trial, exclusive of nested parts):",
