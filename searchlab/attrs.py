@@ -49,6 +49,7 @@ ROLE_ABLATION, ROLE_ABLATION_RUN = "ablation", "ablation-run"  # an ablation's r
 STUDY_NAME_TAG = "optuna.study_name"
 TRIAL_NUMBER_TAG, TRIAL_STATE_TAG, TRIAL_REASON_TAG = "optuna.trial.number", "optuna.trial.state", "optuna.trial.reason"
 STOPPED_TAG = "searchlab.stopped"  # on a study's parent run: why study.stop_when ended it before its budget
+ENGINE_TAG = "searchlab.engine"  # what trained a trial: "lightning", or "packed" (the packing engine, alone or packed)
 COMMAND_TAG = "searchlab.command"  # the shell command that trains the run's configuration alone
 OUTPUT_DIR_TAG = "searchlab.output_dir"  # a Hydra sweeper's trial: its job's output folder (the job's own logs)
 RESUMED_FROM_TAG, CONTINUES_TAG = "searchlab.resumed_from_epoch", "searchlab.continues_run"  # a resumed trial

@@ -335,7 +335,7 @@ class _Member:
             raise ValueError(f"scheduler.interval=step: ReduceLROnPlateau reads {self.monitor}, which exists only "
                              f"after the epoch's validation, and steps every {self.frequency} of the epoch's "
                              f"{steps_per_epoch} steps (alone, Lightning raises at the first); use interval: epoch")
-        self.result = TrainResult()
+        self.result = TrainResult(engine="packed")
         self.l1 = float(OmegaConf.select(cfg, "module.l1", default=0.0) or 0.0)
         self.latest: dict[str, float] | None = None  # the member's metrics of its last validation
         self.final_state: dict[str, torch.Tensor] | None = None

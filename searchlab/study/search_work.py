@@ -15,7 +15,7 @@ import optuna
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from searchlab.attrs import EPOCHS_TRAINED, OVERRIDES, RESUMED_FROM_EPOCH, checkpoint_of, retry_attrs
+from searchlab.attrs import ENGINE_TAG, EPOCHS_TRAINED, OVERRIDES, RESUMED_FROM_EPOCH, checkpoint_of, retry_attrs
 from searchlab.config import Composer, Objectives, format_override, user_config_dir
 from searchlab.config.space import SearchSpace
 from searchlab.data import Splits
@@ -111,7 +111,8 @@ class SearchWork(TrialWork):
         # Several objectives: each as objective.<metric> on the run; `objective` is the first.
         metrics = dict(zip((f"objective.{n}" for n in self.objectives.names), value, strict=True)) if isinstance(
             value, list) else {}
-        return Verdict(state, value, reason, metrics, seconds, trial.user_attrs.get(RESUMED_FROM_EPOCH))
+        return Verdict(state, value, reason, metrics, seconds, trial.user_attrs.get(RESUMED_FROM_EPOCH),
+                       {ENGINE_TAG: result.engine})
 
     def _checkpoint_plan(self, attempt: Attempt) -> checkpoints.CheckpointPlan:
         """Where this trial's checkpoint lives (one folder per trial and its retries), and whether a checkpoint left

@@ -78,6 +78,7 @@ class TrainResult:
     seconds: float = 0.0
     module: pl.LightningModule | None = None
     weights: Weights | None = None
+    engine: str = "lightning"  # or "packed": searchlab's packing engine trained it (alone or in a pack)
 
     @property
     def best_epoch(self) -> int | None:

@@ -37,6 +37,9 @@ def test_study_is_tracked_as_a_parent_run_with_one_child_per_trial(tmp_path, sto
         # the run's params: the trial's, and the keys a space constraint set instead of drawing them
         drawn_or_set = {**trial.params, **trial.user_attrs.get("constrained", {})}
         assert run.data.params == {k: str(v) for k, v in drawn_or_set.items()}
+        # what trained it: the packing engine, but for batch norm (searchlab.packing.lone)
+        engine = "lightning" if drawn_or_set["model.batch_norm"] else "packed"
+        assert trial.state.name == "FAIL" or run.data.tags["searchlab.engine"] == engine
         if trial.state.name != "COMPLETE":
             assert run.data.tags["optuna.trial.reason"]
             continue
