@@ -240,7 +240,7 @@ def instrument(timer: PartTimer, runner: SearchWork) -> None:
         timer.patch(runner.tracker.client, name)
     timer.patch(optuna.trial.Trial, "report")
     timer.patch(optuna.trial.Trial, "should_prune")
-    timer.patch(searchlab.study.search_work, "fit", "fit set-up")  # its name for searchlab.training.fitting.fit
+    timer.patch(searchlab.study.search_work, "fit_alone", "fit set-up")  # its name for searchlab.packing.lone.fit_alone
     timer.patch(_FitLoop, "run", LOOP)  # the Lightning path's epochs (trainer.engine=lightning, or a config the
     timer.patch(PackedTraining, "run_epoch", LOOP)  # engine has not), or the packing engine's (searchlab.packing.lone)
 

@@ -33,6 +33,7 @@ from searchlab.config import (
 from searchlab.config.space import load_space
 from searchlab.data import Splits
 from searchlab.interrupts import terminated
+from searchlab.packing.lone import fit_alone
 from searchlab.report import (
     Report,
     best_overrides,
@@ -74,7 +75,7 @@ from searchlab.study.search_work import SearchWork, train_command, training_over
 from searchlab.study.stopping import stop_rules
 from searchlab.study.warm_start import plan as plan_warm_start
 from searchlab.tracking import Tracker
-from searchlab.training import TrainResult, check_devices, check_targets, fit, preflight, resolve_device
+from searchlab.training import TrainResult, check_devices, check_targets, preflight, resolve_device
 from searchlab.training.build import load_data, module_task
 from searchlab.training.data_checks import diverged_rule
 
@@ -274,7 +275,7 @@ def train(overrides: Sequence[str], quiet: bool = False, export_dir: str | None 
             tracker.log_epoch(run_id, epoch, metrics)
 
     try:
-        result = fit(cfg, splits, on_epoch=show, test=True)
+        result = fit_alone(cfg, splits, on_epoch=show, test=True)
     except BaseException as err:
         if tracker is not None:
             tracker.end_trial(run_id, "FAIL", None, f"{type(err).__name__}: {str(err)[:300]}")

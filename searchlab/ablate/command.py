@@ -84,6 +84,7 @@ from searchlab.config import ConfigError, Objectives, compose_config, format_ove
 from searchlab.data import Splits
 from searchlab.locks import BudgetLock
 from searchlab.packing.engine import PackedTraining, can_pack, shared_key
+from searchlab.packing.lone import fit_alone
 from searchlab.report import report_folder, write_report
 from searchlab.study import (
     Attempt,
@@ -100,7 +101,7 @@ from searchlab.study import (
 )
 from searchlab.study.search_work import train_command, training_overrides
 from searchlab.tracking import Tracker
-from searchlab.training import fit, resolve_device
+from searchlab.training import resolve_device
 from searchlab.training.build import load_data
 
 # Where each technique lives in the config: the one table to re-point when config keys move.
@@ -359,7 +360,7 @@ def _train_one(cfg: DictConfig, on_epoch: Callable[[int, dict[str, float]], None
         if on_epoch is not None:
             on_epoch(epoch, metrics)
 
-    result = fit(cfg, _splits(cfg), hook, test=True, metric=cfg.study.metric)
+    result = fit_alone(cfg, _splits(cfg), hook, test=True, metric=cfg.study.metric)
     return result.best(cfg.study.metric, cfg.study.direction), dict(result.test), result.stop_reason
 
 

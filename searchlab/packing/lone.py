@@ -12,7 +12,7 @@ against Lightning, tolerance in tests/packing/test_lone.py), so trainer.engine=a
 - no trainer.max_time, trainer.early_stopping_patience or trainer.callbacks (Lightning's, which the engine has not);
 - no checkpoint of Lightning's to resume (one the engine wrote it resumes itself).
 
-Everything else, and trainer.engine=lightning, trains with Lightning (searchlab.training.lightning).
+Everything else, and trainer.engine=lightning, trains with Lightning (searchlab.training.fit). `fit_alone` chooses.
 Checkpoints follow the plan as on the Lightning path (searchlab.training.checkpoints.WriteClock): the file holds the
 same `searchlab.checkpoint` record (epoch, history, owner: read_saved reads either kind) and the engine's state.
 """
@@ -27,11 +27,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from searchlab.data import Splits
 from searchlab.packing.engine import PackedTraining
+from searchlab.training import fit
 from searchlab.training.build import build_module, data_shape
 from searchlab.training.checkpoints import CheckpointPlan, TrialCheckpoints, WriteClock, write_file
 from searchlab.training.lightning import EpochHook, TrainResult
 
 ENGINE_KEY = "searchlab.engine"  # the engine's state in a checkpoint file
+
+
+def fit_alone(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None = None, test: bool = False,
+              metric: str | None = None, checkpoint: CheckpointPlan | None = None) -> TrainResult:
+    """One configuration trained alone, as searchlab.training.fit trains it (same arguments, same result): on the
+    packing engine where it applies (trainer.engine=auto), else on Lightning. What a search's trial, `searchlab
+    train` and an ablation's training call."""
+    pack = lone_pack(cfg, splits, metric, checkpoint)
+    if pack is None:
+        return fit(cfg, splits, on_epoch, test, metric=metric, checkpoint=checkpoint)
+    return fit_lone(pack, cfg, on_epoch, test, checkpoint)
 
 
 def lone_pack(cfg: DictConfig, splits: Splits | None, metric: str | None,

@@ -19,9 +19,10 @@ from searchlab.attrs import ENGINE_TAG, EPOCHS_TRAINED, OVERRIDES, RESUMED_FROM_
 from searchlab.config import Composer, Objectives, format_override, user_config_dir
 from searchlab.config.space import SearchSpace
 from searchlab.data import Splits
+from searchlab.packing.lone import fit_alone
 from searchlab.study.trial import Attempt, TrialRun, TrialWork, Verdict, interrupted
 from searchlab.tracking import Tracker, config_yaml
-from searchlab.training import TrainResult, checkpoints, fit
+from searchlab.training import TrainResult, checkpoints
 
 # Called for a trial that finished COMPLETE, before it is told: (number, run id, result, value or values) -> whether
 # it kept the trial's weights (searchlab.report.models.KeepWeights).
@@ -78,7 +79,7 @@ class SearchWork(TrialWork):
         plan: checkpoints.CheckpointPlan | None = None
         try:
             plan = self._checkpoint_plan(attempt)
-            result = fit(attempt.cfg, self.splits, attempt.reporter, metric=self.metric, checkpoint=plan)
+            result = fit_alone(attempt.cfg, self.splits, attempt.reporter, metric=self.metric, checkpoint=plan)
         except BaseException as err:
             if interrupted(err):  # kept: the next run of the study resumes it
                 attempt.note = self._requeue(attempt.trial, plan)

@@ -33,13 +33,6 @@ def fit(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None = Non
     if cfg.trainer.devices > 1:
         cuda = resolve_device(cfg.trainer.accelerator).type == "cuda"
         return fit_ddp(cfg, splits, on_epoch, test, metric=metric, cuda=cuda, checkpoint=checkpoint)
-    # The packing engine trains a built-in module alone where nothing needs Lightning (trainer.engine=auto), at a
-    # third of Lightning's per-step cost. Imported here: searchlab.packing builds on this package.
-    from searchlab.packing.lone import fit_lone, lone_pack
-
-    pack = lone_pack(cfg, splits, metric, checkpoint)
-    if pack is not None:
-        return fit_lone(pack, cfg, on_epoch, test, checkpoint)
     return fit_rank(cfg, splits, on_epoch, test, metric=metric, checkpoint=checkpoint)
 
 

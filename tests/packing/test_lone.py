@@ -17,7 +17,7 @@ from test_pack import _same
 from searchlab.config import Composer, ConfigError, compose_config, validate_config
 from searchlab.modules import Classifier
 from searchlab.packing.lone import ENGINE_KEY, lone_pack
-from searchlab.training import fit
+from searchlab.packing.lone import fit_alone as fit
 from searchlab.training.checkpoints import CHECKPOINT_FILE, CheckpointPlan, read_saved
 from searchlab.training.lightning import fit_rank
 
