@@ -386,7 +386,7 @@ class PackedTraining:
             raise ValueError("a pack needs at least one member")
         if not isinstance(splits, Splits) and len(splits) != len(cfgs):
             raise ValueError(f"a pack of {len(cfgs)} members was given {len(splits)} data splits")
-        mismatch = None if grouped else pack_mismatch(cfgs)
+        mismatch = None if grouped or len(cfgs) == 1 else pack_mismatch(cfgs)
         if mismatch:
             raise ValueError(mismatch)
         cfg = cfgs[0]
@@ -450,24 +450,22 @@ class PackedTraining:
         """Each member's lone network (its config, its seed: its initial weights) laid out as one row of a flat
         [K, P] tensor; its buffers (BatchNorm statistics) and dropout rates stacked per name. `path`: "vmap" (any
         network), "mlp" (searchlab's MLP without batch norm, by batched matmuls) or "auto" (mlp where it applies)."""
-        template = _seeded_network(_structure_cfg(cfgs), self.shape)
-        slots = _replace_dropout(template)
-        self.mlp_layers = _mlp_layers(template) if path in ("auto", "mlp") else None
-        if path == "mlp" and self.mlp_layers is None:
-            raise ValueError("path='mlp' needs searchlab.networks.MLP without batch norm")
-        self.path = "mlp" if self.mlp_layers is not None else "vmap"
-        drop_names = [f"{n}.p" if n else "p" for n, m in template.named_modules() if isinstance(m, PackedDropout)]
-        shapes = [p.shape for p in template.parameters()]
-        self.param_names = [n for n, _ in template.named_parameters()]
-        self.param_shapes = shapes
-        self.buffer_names = [n for n, _ in template.named_buffers() if n not in drop_names]
+        built: dict[str, nn.Module] = {}  # members with the same network config and seed start from the same weights
+
+        def alone_of(cfg: DictConfig) -> nn.Module:
+            key = f"{id(cfg)}" if len(cfgs) == 1 else OmegaConf.to_yaml(cfg.model) + f"seed={cfg.seed}"
+            return built.get(key) or built.setdefault(key, _seeded_network(cfg, self.shape))
+
+        # The structure's network (member 0's, built once for both, unless another member's dropout is larger): its
+        # weights are read with the members' below, then it becomes the pack's template (dropout swapped, on meta).
+        structure = alone_of(_structure_cfg(cfgs))
+        shapes = [p.shape for p in structure.parameters()]
+        slots = len(_dropout_rates(structure))
         rows, member_buffers, self.rates = [], [], []
         self.lone_names: dict[int, tuple[list[str], list[str]]] = {}  # per member: its lone network's state names
-        built: dict[str, nn.Module] = {}  # members with the same network config and seed start from the same weights
         for member in self.active:  # in row order
             cfg = cfgs[member]
-            key = OmegaConf.to_yaml(cfg.model) + f"seed={cfg.seed}"
-            alone = built.get(key) or built.setdefault(key, _seeded_network(cfg, self.shape))
+            alone = alone_of(cfg)
             if [p.shape for p in alone.parameters()] != shapes:
                 raise ValueError("members' networks differ in their parameters' shapes, which a pack shares")
             rates = _dropout_rates(alone)
@@ -477,6 +475,16 @@ class PackedTraining:
             rows.append(torch.cat([p.detach().reshape(-1) for p in alone.parameters()]))
             member_buffers.append([b.detach() for _, b in alone.named_buffers()])
             self.lone_names[member] = ([n for n, _ in alone.named_parameters()], [n for n, _ in alone.named_buffers()])
+        template = structure
+        _replace_dropout(template)
+        self.mlp_layers = _mlp_layers(template) if path in ("auto", "mlp") else None
+        if path == "mlp" and self.mlp_layers is None:
+            raise ValueError("path='mlp' needs searchlab.networks.MLP without batch norm")
+        self.path = "mlp" if self.mlp_layers is not None else "vmap"
+        drop_names = [f"{n}.p" if n else "p" for n, m in template.named_modules() if isinstance(m, PackedDropout)]
+        self.param_names = [n for n, _ in template.named_parameters()]
+        self.param_shapes = shapes
+        self.buffer_names = [n for n, _ in template.named_buffers() if n not in drop_names]
         self.flat = torch.stack(rows).to(self.device)
         self.buffers = {name: torch.stack([m[i] for m in member_buffers]).to(self.device)
                         for i, name in enumerate(self.buffer_names)}
