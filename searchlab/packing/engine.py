@@ -36,7 +36,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -202,19 +202,33 @@ def _dropout_rates(network: nn.Module) -> list[float]:
     return [float(m.p) for m in network.modules() if type(m) is nn.Dropout]
 
 
-def _mlp_layers(template: nn.Module) -> list[tuple[str, str, str | None]] | None:
-    """(weight, bias, dropout-rate buffer) names per Linear layer when the template is searchlab's MLP without batch
-    norm (its layers: Flatten, then Linear, ReLU, optional Dropout per hidden layer, then Linear); else None."""
+class MlpLayer(NamedTuple):
+    """One Linear layer of searchlab's MLP as the batched-matmul path runs it: its parameters' names, the name of
+    the BatchNorm1d after it (None: none) and of the dropout-rate buffer after its ReLU (None: no dropout)."""
+
+    weight: str
+    bias: str
+    norm: str | None = None
+    rate: str | None = None
+
+
+def _mlp_layers(template: nn.Module) -> list[MlpLayer] | None:
+    """The template's layers when it is searchlab's MLP (its layers: Flatten, then per hidden layer Linear, optional
+    BatchNorm1d, ReLU, optional Dropout, then Linear); else None."""
     from searchlab.networks import MLP
 
-    if type(template) is not MLP or any(isinstance(m, nn.BatchNorm1d) for m in template):
+    if type(template) is not MLP:
         return None
-    layers: list[tuple[str, str, str | None]] = []
+    layers: list[MlpLayer] = []
     for name, module in template.named_children():
         if isinstance(module, nn.Linear):
-            layers.append((f"{name}.weight", f"{name}.bias", None))
+            layers.append(MlpLayer(f"{name}.weight", f"{name}.bias"))
+        elif isinstance(module, nn.BatchNorm1d):
+            if not (module.affine and module.track_running_stats and module.momentum is not None):
+                return None
+            layers[-1] = layers[-1]._replace(norm=name)
         elif isinstance(module, PackedDropout):
-            layers[-1] = (*layers[-1][:2], f"{name}.p")
+            layers[-1] = layers[-1]._replace(rate=f"{name}.p")
     return layers
 
 
@@ -449,7 +463,7 @@ class PackedTraining:
     def _build(self, cfgs: Sequence[DictConfig], path: str) -> None:
         """Each member's lone network (its config, its seed: its initial weights) laid out as one row of a flat
         [K, P] tensor; its buffers (BatchNorm statistics) and dropout rates stacked per name. `path`: "vmap" (any
-        network), "mlp" (searchlab's MLP without batch norm, by batched matmuls) or "auto" (mlp where it applies)."""
+        network), "mlp" (searchlab's MLP, by batched matmuls) or "auto" (mlp where it applies)."""
         built: dict[str, nn.Module] = {}  # members with the same network config and seed start from the same weights
 
         def alone_of(cfg: DictConfig) -> nn.Module:
@@ -479,7 +493,9 @@ class PackedTraining:
         _replace_dropout(template)
         self.mlp_layers = _mlp_layers(template) if path in ("auto", "mlp") else None
         if path == "mlp" and self.mlp_layers is None:
-            raise ValueError("path='mlp' needs searchlab.networks.MLP without batch norm")
+            raise ValueError("path='mlp' needs searchlab.networks.MLP")
+        # Each BatchNorm1d's momentum and eps (the batched path's _batch_norm reads them), by its name.
+        self.norm_modules = {n: m for n, m in template.named_children() if isinstance(m, nn.BatchNorm1d)}
         self.path = "mlp" if self.mlp_layers is not None else "vmap"
         drop_names = [f"{n}.p" if n else "p" for n, m in template.named_modules() if isinstance(m, PackedDropout)]
         self.param_names = [n for n, _ in template.named_parameters()]
@@ -514,14 +530,31 @@ class PackedTraining:
         vmap's per-call cost, which dominates small packs (`make bench` part packing compares the two)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             h = x.flatten(1).expand(len(self.flat), -1, -1) if self.shared_batches else x.flatten(2)
-            for i, (weight, bias, rate) in enumerate(self.mlp_layers):
-                h = torch.baddbmm(self.params[bias].unsqueeze(1), h, self.params[weight].transpose(1, 2))
-                if i < len(self.mlp_layers) - 1:
-                    h = h.relu()
-                    if rate is not None and training and self.dropout:
-                        keep = (1 - self.buffers[rate]).view(-1, 1, 1)
-                        h = h * (torch.rand_like(h) < keep).to(h.dtype) / keep.clamp(min=1e-12)
+            for i, layer in enumerate(self.mlp_layers):
+                h = torch.baddbmm(self.params[layer.bias].unsqueeze(1), h, self.params[layer.weight].transpose(1, 2))
+                if i == len(self.mlp_layers) - 1:
+                    break
+                if layer.norm is not None:
+                    h = self._batch_norm(h, layer.norm, training)
+                h = h.relu()
+                if layer.rate is not None and training and self.dropout:
+                    keep = (1 - self.buffers[layer.rate]).view(-1, 1, 1)
+                    h = h * (torch.rand_like(h) < keep).to(h.dtype) / keep.clamp(min=1e-12)
             return h
+
+    def _batch_norm(self, h: torch.Tensor, name: str, training: bool) -> torch.Tensor:
+        """Each member's BatchNorm1d on its rows of h [K, N, F], as torch's own kernel: the members' features side
+        by side as K*F channels of one [N, K*F] batch, so each channel's statistics are one member's, and the running
+        statistics [K, F] are updated in place through their flat views."""
+        k, n, features = h.shape
+        module = self.norm_modules[name]
+        running_mean, running_var = self.buffers[f"{name}.running_mean"], self.buffers[f"{name}.running_var"]
+        out = F.batch_norm(h.transpose(0, 1).reshape(n, k * features), running_mean.view(-1), running_var.view(-1),
+                           self.params[f"{name}.weight"].reshape(-1), self.params[f"{name}.bias"].reshape(-1),
+                           training, module.momentum, module.eps)
+        if training:
+            self.buffers[f"{name}.num_batches_tracked"].add_(1)
+        return out.view(n, k, features).transpose(0, 1)
 
     def _mlp_loss(self, params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = self._mlp_forward(x, training=True)

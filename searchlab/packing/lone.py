@@ -6,8 +6,9 @@ Lightning's set-up and teardown cost 21-25 ms a trial. The engine trains the sam
 metrics, the config's optimizer and schedule as torch runs them, the same initial weights and batch order; tested
 against Lightning, tolerance in tests/packing/test_lone.py), so trainer.engine=auto takes it where it applies:
 
-- searchlab's own classifier or regressor module (not a subclass: its steps could differ) and MLP network without
-  batch norm (the engine's batched-matmul path; a CNN or batch norm goes through vmap, not measured at K=1);
+- searchlab's own classifier or regressor module (not a subclass: its steps could differ) and MLP network, batch norm
+  or not (the engine's batched-matmul path; a CNN or a network of a user's would go through vmap, not measured at
+  K=1);
 - resident data (not a LightningDataModule), one device, 32-true or bf16-mixed precision;
 - no trainer.max_time, trainer.early_stopping_patience or trainer.callbacks (Lightning's, which the engine has not);
 - no checkpoint of Lightning's to resume (one the engine wrote it resumes itself).

@@ -31,10 +31,13 @@ CONFIGS = [
     {"optimizer": "rmsprop", "scheduler": "plateau", "scheduler.patience": 0, "scheduler.mode": "max"},
     {"optimizer": "nesterov", "scheduler": "warmup_cosine", "scheduler.warmup_epochs": 1},
     {"optimizer": "adamw", "scheduler": "step", "scheduler.step_size": 1, "module.l1": 1e-4, "data.batch_size": 1},
+    # batch norm: torch's own kernel on the member's channels, running statistics included (the module's weights)
+    {"optimizer": "momentum", "scheduler": "cosine", "model.batch_norm": True, "model.depth": 3},
 ]
 
 
-@pytest.mark.parametrize("values", CONFIGS, ids=lambda v: f"{v['optimizer']}-{v['scheduler']}")
+@pytest.mark.parametrize("values", CONFIGS, ids=lambda v: f"{v['optimizer']}-{v['scheduler']}"
+                         + ("-bn" if v.get("model.batch_norm") else ""))
 def test_fit_trains_a_lone_builtin_trial_on_the_engine_as_lightning_does(composer: Composer, digits, values) -> None:
     cfg = composer(values)
     assert lone_pack(cfg, digits, None, None) is not None
@@ -52,7 +55,6 @@ def test_fit_trains_a_lone_builtin_trial_on_the_engine_as_lightning_does(compose
 
 @pytest.mark.parametrize("values", [
     {"trainer.engine": "lightning"},
-    {"model.batch_norm": True},
     {"model": "cnn"},
     {"trainer.max_time": "00:00:10:00"},
     {"trainer.early_stopping_patience": 2},
