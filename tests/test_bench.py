@@ -206,6 +206,8 @@ def test_methods_are_override_entries_of_the_study_tables():
         packed = METHODS[f"tpe5-sh1-pack{k}"]
         assert packed.overrides == (*METHODS["tpe5-sh1"].overrides, f"study.pack={k}") and packed.max_trials_factor == k
         assert Composer(list(packed.overrides)).base.study.pack == k and "study.pack=" in packed.describe()
+        shipped = METHODS[f"default-pack{k}"]  # conf as shipped, packed
+        assert shipped.overrides == (f"study.pack={k}",) and shipped.max_trials_factor == k
 
 
 def test_results_file_keeps_the_parts_not_run():
