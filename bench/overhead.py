@@ -3,7 +3,8 @@
 (a) plain: a hand-written PyTorch loop on device-resident tensors, no framework, no tracking — the limit.
 (b) usual: the wiring of Optuna's and Lightning's own examples — DataLoader over a TensorDataset, Lightning's
     MLFlowLogger with per-step `self.log`, a pruning callback, Optuna on SQLite, `study.optimize`.
-(c) searchlab: run_trial(SearchWork), the whole trial path (Hydra compose, Optuna journal, MLflow child run, Lightning).
+(c) searchlab: run_trial(SearchWork), the whole trial path (Hydra compose, Optuna journal, MLflow child run, and the
+    packing engine or Lightning as trainer.engine chooses: bench/results.md says which).
 
 Each configuration is enqueued (`study.enqueue_trial`) so (b) and (c) train exactly the configs (a) trains. Every
 repeat runs each config by each way back to back (the order rotates per repeat), so the shared machine's noise hits
@@ -221,7 +222,7 @@ class Usual:
 
 # --- (c) searchlab, instrumented --------------------------------------------------------------------------------
 
-LOOP = "loop"  # the part holding Lightning's training and validation steps; everything else is fixed cost
+LOOP = "loop"  # the part holding the training and validation steps (Lightning's or the engine's): not fixed cost
 
 
 def instrument(timer: PartTimer, runner: SearchWork) -> None:
