@@ -17,7 +17,7 @@ import optuna
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from searchlab.attrs import APP_COMMAND, OVERRIDES
+from searchlab.attrs import APP_COMMAND, ENGINE_TAG, OVERRIDES
 from searchlab.config import (
     PRUNING_OFF,
     Composer,
@@ -303,7 +303,7 @@ def train(overrides: Sequence[str], quiet: bool = False, export_dir: str | None 
             info = tracker.log_model(run_id, module, example, OmegaConf.select(cfg, "tracking.register_model"))
             tracker.log_epoch(run_id, len(result.history), result.test)
             tracker.end_trial(run_id, "PRUNED" if result.stop_reason else "COMPLETE", best,
-                              result.stop_reason or result.ended)
+                              result.stop_reason or result.ended, {ENGINE_TAG: result.engine})
             if not quiet:
                 registered = f", registered v{info.registered_version}" if info.registered_version else ""
                 print(f"model: {info.uri} ({info.serialization}, {info.seconds:.1f}s{registered})")

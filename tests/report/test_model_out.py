@@ -236,6 +236,7 @@ def test_train_logs_its_model_to_an_mlflow_run_when_asked(tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("searchlab-train").experiment_id])
     assert run.data.tags["searchlab.role"] == "train" and "test_acc" in run.data.metrics
     assert run.data.tags["optuna.trial.state"] == "COMPLETE"
+    assert run.data.tags["searchlab.engine"] == "packed"  # searchlab's MLP: the packing engine trained it
     model = load_model(uri, f"runs:/{run.info.run_id}/model")
     assert model(digits_test_inputs()).shape == (50, 10)
 
