@@ -32,9 +32,12 @@ T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 SEARCHLAB = str(Path(sys.executable).parent / "searchlab")  # the console script of this venv
 FINISHED = ("COMPLETE", "PRUNED")
-# Slow enough epochs to stop a search mid-trial (~0.1-0.5 s an epoch here), checkpointed every epoch.
-# No model is logged at the study's end (no test stopping a search reads one: test_model_out does).
-LONG = ["study.pruner=none", "trainer.max_epochs=8", "data.batch_size=16", "model.width=32",
+# Enough epochs to stop a search mid-trial, checkpointed every epoch: 30 (the packing engine trains one of these
+# in ~40 ms with its checkpoint, Lightning in ~0.1-0.5 s), so a signal sent after epoch 2-3's checkpoint lands
+# long before the trial's end. No model is logged at the study's end (no test stopping a search reads one:
+# test_model_out does).
+LONG_EPOCHS = 30
+LONG = ["study.pruner=none", f"trainer.max_epochs={LONG_EPOCHS}", "data.batch_size=16", "model.width=32",
         "model.batch_norm=false", "trainer.checkpoint_every_n_epochs=1", "tracking.log_models=none"]
 
 

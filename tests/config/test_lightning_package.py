@@ -16,6 +16,7 @@ import torch
 from helpers import (
     LIT,
     LONG,
+    LONG_EPOCHS,
     SEARCHLAB,
     load_model,
     load_study,
@@ -108,8 +109,8 @@ def test_sigterm_and_the_same_command_resume_a_lightning_module_mid_way(lit_proj
     (retry,) = [t for t in load_study(tmp_path, "litterm").trials if t.state.name == "COMPLETE"]
     resumed_from = retry.user_attrs["resumed_from_epoch"]
     assert retry.params == stopped.params and resumed_from >= 2
-    assert retry.user_attrs["epochs_trained"] == 8 - resumed_from  # only the remaining epochs were trained
-    assert sorted(retry.intermediate_values) == list(range(1, 9))
+    assert retry.user_attrs["epochs_trained"] == LONG_EPOCHS - resumed_from  # only the remaining epochs were trained
+    assert sorted(retry.intermediate_values) == list(range(1, LONG_EPOCHS + 1))
 
 
 @pytest.mark.ddp

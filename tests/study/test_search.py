@@ -155,11 +155,12 @@ def test_ctrl_c_fails_the_running_trial_and_the_same_command_resumes(tmp_path, s
     searchlab = Path(sys.executable).parent / "searchlab"
     base = [str(searchlab), "search", "study.name=interrupted", "study.n_trials=3", "study.pruner=none",
             "data.batch_size=16", "model.batch_norm=false", "tracking.log_models=none", *store_overrides]
-    proc = subprocess.Popen([*base, "trainer.max_epochs=200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    # A trial that cannot end, nor be checkpointed (re-queued on Ctrl-C), before the signal
+    endless = ["trainer.max_epochs=100000", "trainer.checkpoint_auto_seconds=36000"]
+    proc = subprocess.Popen([*base, *endless], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # Wait until the first trial trains (it is RUNNING with its MLflow run), then press Ctrl-C in the middle of
-        # its 200 epochs.
+        # its epochs.
         wait_for_running(tmp_path, "interrupted", 1, proc)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)

@@ -283,7 +283,7 @@ def test_the_docs_recipe_runs_a_job_array_on_one_study_with_an_exact_budget(slur
 
 
 def test_a_requeued_task_checkpoints_its_trial_and_resumes_it_when_it_starts_again(slurm, tmp_path):
-    epochs = 10
+    epochs = 30  # epochs of ~40 ms on the packing engine: scontrol requeue lands mid-trial
     script = cpu_sized(tmp_path, "0-0", "requeue", 1, [f"trainer.max_epochs={epochs}", *LONG],
                        artifact_root=f"{tmp_path}/artifacts")
     job = slurm.submit(script, tmp_path)
@@ -322,7 +322,7 @@ def _array_task_of(pid: int) -> str:
 
 
 def test_a_task_killed_hard_has_its_trial_retried_by_another_task_from_its_checkpoint(slurm, tmp_path):
-    epochs = 8
+    epochs = 30  # as above: the kill lands mid-trial
     script = cpu_sized(tmp_path, "0-1", "killed", 4, [f"trainer.max_epochs={epochs}", *LONG],
                        artifact_root=f"{tmp_path}/artifacts")
     job = slurm.submit(script, tmp_path)

@@ -82,8 +82,10 @@ def test_a_worker_killed_mid_trial_loses_no_budget(tmp_path, store_overrides):
 
 @pytest.mark.slow
 def test_ctrl_c_reaches_every_worker_through_the_parent(tmp_path, store_overrides):
-    slow = ["data.batch_size=16", "model.batch_norm=false", "study.pruner=none", "trainer.max_epochs=500",
-            "model.width=32"]
+    # Trials that cannot end (the packing engine trains 500 of these epochs in seconds) nor be checkpointed
+    # (re-queued WAITING on Ctrl-C) before the signal, however slow the machine is to start the workers.
+    slow = ["data.batch_size=16", "model.batch_norm=false", "study.pruner=none", "trainer.max_epochs=100000",
+            "trainer.checkpoint_auto_seconds=36000", "model.width=32"]
     proc = subprocess.Popen(
         [SEARCHLAB, "search", "workers=2", "study.name=ctrlc", "study.n_trials=4", *slow, *store_overrides],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

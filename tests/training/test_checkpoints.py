@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import (
     LONG,
+    LONG_EPOCHS,
     SEARCHLAB,
     load_study,
     runs_of,
@@ -115,14 +116,15 @@ def test_sigterm_exits_143_and_the_same_command_resumes_the_trial_mid_way(tmp_pa
     assert f"(resumed from epoch {retry.user_attrs['resumed_from_epoch']})" in out
     assert retry.params == stopped.params and retry.user_attrs["retry_of"] == stopped.number
     resumed_from = retry.user_attrs["resumed_from_epoch"]
-    assert resumed_from >= 2 and retry.user_attrs["epochs_trained"] == 8 - resumed_from
-    assert sorted(retry.intermediate_values) == list(range(1, 9))  # the epochs before, copied for the pruner
+    assert resumed_from >= 2 and retry.user_attrs["epochs_trained"] == LONG_EPOCHS - resumed_from
+    # the epochs before, copied for the pruner
+    assert sorted(retry.intermediate_values) == list(range(1, LONG_EPOCHS + 1))
     client, _, children = runs_of(tmp_path, "term")
     run = next(r for r in children if r.info.run_id == retry.user_attrs["mlflow_run_id"])
     assert run.data.tags["searchlab.resumed_from_epoch"] == str(resumed_from)
     assert run.data.tags["searchlab.continues_run"] == stopped.user_attrs["mlflow_run_id"]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
-    assert sorted(steps) == list(range(1, 9))  # one curve over the whole training
+    assert sorted(steps) == list(range(1, LONG_EPOCHS + 1))  # one curve over the whole training
     assert not list((tmp_path / "artifacts" / "term" / "checkpoints").glob("*/*"))  # deleted once finished
 
 
@@ -148,8 +150,8 @@ def test_a_worker_killed_at_epoch_k_is_retried_from_its_checkpoint(tmp_path, sto
     assert retry.state.name == "COMPLETE" and retry.params == victim.params
     resumed_from = retry.user_attrs["resumed_from_epoch"]
     assert resumed_from >= 3
-    assert retry.user_attrs["epochs_trained"] == 8 - resumed_from  # only the remaining epochs were trained
-    print(f"killed at epoch >= 3 of 8: the retry resumed from epoch {resumed_from} and trained "
+    assert retry.user_attrs["epochs_trained"] == LONG_EPOCHS - resumed_from  # only the remaining epochs were trained
+    print(f"killed at epoch >= 3 of {LONG_EPOCHS}: the retry resumed from epoch {resumed_from} and trained "
           f"{retry.user_attrs['epochs_trained']} epochs", file=sys.stderr)
 
 
