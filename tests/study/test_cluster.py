@@ -156,7 +156,9 @@ def test_heartbeat_through_the_grpc_proxy_fails_and_retries_a_silent_trial(stora
 def test_worker_killed_mid_trial_is_failed_and_retried_by_the_heartbeat(postgres, mlflow_server, tmp_path):
     url = postgres.create_database("heartbeat")
     n_trials = 4
-    overrides = [*study_overrides("lost", url, mlflow_server, n_trials), "trainer.max_epochs=20", "model.width=32",
+    epochs = 40  # epochs of ~40 ms on the packing engine (with a checkpoint each): the kill lands mid-trial
+    overrides = [*study_overrides("lost", url, mlflow_server, n_trials), f"trainer.max_epochs={epochs}",
+                 "model.width=32",
                  "study.pruner=none", "study.heartbeat_interval=1", "study.grace_period=3", "study.max_retry=2",
                  "trainer.checkpoint_every_n_epochs=1", f"tracking.artifact_root={tmp_path}/artifacts"]
     storage = RDBStorage(url)
@@ -192,7 +194,7 @@ def test_worker_killed_mid_trial_is_failed_and_retried_by_the_heartbeat(postgres
     assert retry.params == lost.params and retry.state == TrialState.COMPLETE
     # ... from the checkpoint the dead worker left: only the remaining epochs are trained again.
     resumed_from = retry.user_attrs["resumed_from_epoch"]
-    assert resumed_from >= 2 and retry.user_attrs["epochs_trained"] == 20 - resumed_from
+    assert resumed_from >= 2 and retry.user_attrs["epochs_trained"] == epochs - resumed_from
     run = MlflowClient(mlflow_server.uri).get_run(lost.user_attrs["mlflow_run_id"])
     assert run.info.status == "FAILED" and run.data.tags["optuna.trial.state"] == "FAIL"
     assert "no heartbeat for 3s" in run.data.tags["optuna.trial.reason"]

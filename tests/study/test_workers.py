@@ -55,7 +55,8 @@ def test_three_workers_share_one_budget_without_lock_errors(tmp_path, store_over
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_trial_loses_no_budget(tmp_path, store_overrides):
-    slow = ["data.batch_size=16", "model.batch_norm=false", "study.pruner=none", "trainer.max_epochs=10",
+    # 100 epochs (~2-3 s on the packing engine): the kill lands mid-trial, the retry stays short
+    slow = ["data.batch_size=16", "model.batch_norm=false", "study.pruner=none", "trainer.max_epochs=100",
             "model.width=32", *NO_MODEL]
     proc = subprocess.Popen(
         [SEARCHLAB, "search", "workers=2", "study.name=killed", "study.n_trials=2", *slow, *store_overrides],
