@@ -14,7 +14,7 @@ against Lightning, tolerance in tests/packing/test_lone.py), so trainer.engine=a
 - no checkpoint of Lightning's to resume (one the engine wrote it resumes itself).
 
 Everything else, and trainer.engine=lightning, trains with Lightning (searchlab.training.fit). `fit_alone` chooses.
-Checkpoints follow the plan as on the Lightning path (searchlab.training.checkpoints.WriteClock): the file holds the
+Checkpoints follow the plan as on the Lightning path (searchlab.training.checkpoints.EpochSnapshots): the file holds the
 same `searchlab.checkpoint` record (epoch, history, owner: read_saved reads either kind) and the engine's state.
 """
 
@@ -30,7 +30,7 @@ from searchlab.data import Splits
 from searchlab.packing.engine import PackedTraining
 from searchlab.training import fit
 from searchlab.training.build import build_module, data_shape
-from searchlab.training.checkpoints import CheckpointPlan, TrialCheckpoints, WriteClock, write_file
+from searchlab.training.checkpoints import CheckpointPlan, EpochSnapshots, TrialCheckpoints
 from searchlab.training.lightning import EpochHook, TrainResult
 
 ENGINE_KEY = "searchlab.engine"  # the engine's state in a checkpoint file
@@ -49,20 +49,27 @@ def fit_alone(cfg: DictConfig, splits: Splits | None, on_epoch: EpochHook | None
 
 def lone_pack(cfg: DictConfig, splits: Splits | None, metric: str | None,
               checkpoint: CheckpointPlan | None) -> PackedTraining | None:
-    """The pack of one that trains cfg, or None where Lightning must (see the module's docstring). Cheap when it
-    says None for the config's keys; a config the engine refuses costs building the pack's network."""
+    """The pack of one that trains cfg (at the epoch of the engine's checkpoint it resumes), or None where Lightning
+    must (see the module's docstring). Cheap when it says None for the config's keys; a config the engine refuses
+    costs building the pack's network."""
     engine = OmegaConf.select(cfg, "trainer.engine", default="auto")  # auto or lightning (validate_config)
     if engine != "auto" or splits is None or cfg.trainer.devices > 1:
         return None
     for key in ("trainer.max_time", "trainer.early_stopping_patience", "trainer.callbacks"):
         if OmegaConf.select(cfg, key, default=None) is not None:
             return None
-    if checkpoint is not None and checkpoint.resume and _engine_state(checkpoint) is None:
-        return None  # Lightning's checkpoint: Lightning resumes it
+    state = None
+    if checkpoint is not None and checkpoint.resume:
+        state = _engine_state(checkpoint)
+        if state is None:
+            return None  # Lightning's checkpoint: Lightning resumes it
     try:
-        return PackedTraining([cfg], splits, metric, path="mlp")
+        pack = PackedTraining([cfg], splits, metric, path="mlp")
     except ValueError:  # not searchlab's module and MLP, an optimizer the engine does not step...
         return None
+    if state is not None:
+        pack.load_state_dict(state)  # the epochs after the checkpoint's are what fit_lone trains
+    return pack
 
 
 def _engine_state(plan: CheckpointPlan) -> dict[str, Any] | None:
@@ -75,25 +82,23 @@ def _engine_state(plan: CheckpointPlan) -> dict[str, Any] | None:
 
 def fit_lone(pack: PackedTraining, cfg: DictConfig, on_epoch: EpochHook | None = None, test: bool = False,
              checkpoint: CheckpointPlan | None = None) -> TrainResult:
-    """Trains the pack of one to its end, as searchlab.training.fit does on Lightning: each epoch through
-    `on_epoch`, checkpoints as `checkpoint` plans them (and the last finished epoch's on Ctrl-C or SIGTERM), test
-    metrics and the trained module (best epoch's weights) when `test`."""
+    """Trains the pack of one (lone_pack's) to its end, as searchlab.training.fit does on Lightning: each epoch
+    through `on_epoch`, checkpoints as `checkpoint` plans them (and the last finished epoch's on Ctrl-C or SIGTERM),
+    test metrics and the trained module (best epoch's weights) when `test`."""
     start = time.perf_counter()
-    if checkpoint is not None and checkpoint.resume:
-        state = _engine_state(checkpoint)
-        assert state is not None, "lone_pack resumes only an engine's checkpoint"
-        pack.load_state_dict(state)
-    saver = None if checkpoint is None else _Saver(pack, checkpoint)
+    snapshots = None if checkpoint is None else EpochSnapshots(checkpoint, pack.epoch)
     hook = None if on_epoch is None else (lambda member, epoch, metrics: on_epoch(epoch, metrics))
     try:
         while pack.epoch < pack.epochs and pack.active:
             epoch_start = time.perf_counter()
             pack.run_epoch(hook)
-            if saver is not None:
-                saver.after_epoch(time.perf_counter() - epoch_start)
+            if snapshots is not None:
+                ends = not pack.active or pack.epoch >= pack.epochs
+                snapshots.after_epoch(time.perf_counter() - epoch_start, pack.epoch, ends,
+                                      lambda: _snapshot(pack, checkpoint))
     except (KeyboardInterrupt, SystemExit):
-        if saver is not None:
-            saver.on_interrupt()
+        if snapshots is not None:
+            snapshots.interrupted()
         raise
     result = pack.fit()  # every epoch is done: the members' results
     [result] = result
@@ -107,34 +112,8 @@ def fit_lone(pack: PackedTraining, cfg: DictConfig, on_epoch: EpochHook | None =
     return result
 
 
-class _Saver:
-    """The engine's TrialCheckpoints: a snapshot of each epoch kept in memory once the plan keeps them, written when
-    due and on an interrupt (the last finished epoch's)."""
-
-    def __init__(self, pack: PackedTraining, plan: CheckpointPlan) -> None:
-        self.pack, self.plan, self.clock = pack, plan, WriteClock(plan)
-        self.snapshot: dict[str, Any] | None = None
-        self.snapshot_epoch = self.written_epoch = pack.epoch
-
-    def after_epoch(self, seconds: float) -> None:
-        pack = self.pack
-        ends = not pack.active or pack.epoch >= pack.epochs
-        keep, due = self.clock.after_epoch(seconds, pack.epoch, ends)
-        if not keep:
-            return
-        state = pack.state_dict()
-        member = state["members"][0]
-        record = {"epoch": pack.epoch, "history": member["history"], "owner": dict(self.plan.owner)}
-        self.snapshot = {"callbacks": {TrialCheckpoints.KEY: record}, ENGINE_KEY: state}
-        self.snapshot_epoch = pack.epoch
-        if due:
-            self._write()
-
-    def on_interrupt(self) -> None:
-        if self.snapshot is not None and self.snapshot_epoch > self.written_epoch:
-            self._write()
-
-    def _write(self) -> None:
-        assert self.snapshot is not None
-        self.clock.written(write_file(self.plan.path, self.snapshot))
-        self.written_epoch = self.snapshot_epoch
+def _snapshot(pack: PackedTraining, plan: CheckpointPlan) -> dict[str, Any]:
+    """The checkpoint of the pack's last epoch: the engine's state, and the record read_saved reads of either kind."""
+    state = pack.state_dict()
+    record = {"epoch": pack.epoch, "history": state["members"][0]["history"], "owner": dict(plan.owner)}
+    return {"callbacks": {TrialCheckpoints.KEY: record}, ENGINE_KEY: state}

@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,31 +116,56 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-class WriteClock:
-    """When a trial's checkpoint is kept and written (the plan's `every` N epochs, or auto after `auto_seconds` of
-    training): one rule for the Lightning path (TrialCheckpoints) and the packing engine's lone trial."""
+class EpochSnapshots:
+    """A trial's checkpoints as the plan says: the state of a finished epoch kept in memory once the plan keeps them
+    (every N epochs, or auto after `auto_seconds` of training), written when due, and written on Ctrl-C or SIGTERM
+    when it is newer than the file. One rule for the Lightning path (TrialCheckpoints) and the packing engine's lone
+    trial (searchlab.packing.lone)."""
 
-    def __init__(self, plan: CheckpointPlan) -> None:
+    def __init__(self, plan: CheckpointPlan, epoch: int = 0) -> None:
         self.plan = plan
+        self.snapshot: dict[str, Any] | None = None  # the state of the last kept epoch, on the CPU
+        self.snapshot_epoch = self.written_epoch = epoch  # a resumed trial's file already holds `epoch`
         self.trained_seconds = 0.0  # training time of this attempt (a resumed trial starts again from 0)
         self.written_at = 0.0  # training seconds at the last write
         self.write_seconds = 0.0  # what the last write cost
 
-    def after_epoch(self, seconds: float, epoch: int, ends: bool) -> tuple[bool, bool]:
-        """After an epoch that took `seconds`: (keep the state of this epoch in memory, write it now). Nothing when
-        the trial `ends` with this epoch: there is nothing to resume."""
+    def restored(self, epoch: int) -> None:
+        """The training resumed from the checkpoint of `epoch`."""
+        self.snapshot_epoch = self.written_epoch = epoch
+
+    def after_epoch(self, seconds: float, epoch: int, ends: bool, take: Callable[[], dict[str, Any]],
+                    write: bool = True) -> None:
+        """After `epoch`, which took `seconds`: keeps `take()` (the state to resume from) and writes it when due.
+        Nothing when the trial `ends` with this epoch: there is nothing to resume. `write` False: another process
+        writes (a DDP rank other than 0)."""
         self.trained_seconds += seconds
         if ends:
-            return False, False
+            return
         every = self.plan.every
         if every is not None:
-            return True, epoch % every == 0
-        keep = self.trained_seconds >= self.plan.auto_seconds
-        since = self.trained_seconds - self.written_at
-        return keep, keep and since >= max(self.plan.auto_seconds, _COST_RATIO * self.write_seconds)
+            keep, due = True, epoch % every == 0
+        else:
+            keep = self.trained_seconds >= self.plan.auto_seconds
+            since = self.trained_seconds - self.written_at
+            due = keep and since >= max(self.plan.auto_seconds, _COST_RATIO * self.write_seconds)
+        if not keep:
+            return
+        self.snapshot, self.snapshot_epoch = take(), epoch
+        if due and write:
+            self.write()
 
-    def written(self, seconds: float) -> None:
-        self.write_seconds, self.written_at = seconds, self.trained_seconds
+    def interrupted(self, write: bool = True) -> None:
+        """Ctrl-C or SIGTERM: the last kept epoch's state is written when the file holds an older one."""
+        if write and self.snapshot_epoch > self.written_epoch:
+            self.write()
+
+    def write(self) -> None:
+        """The snapshot to the plan's path (write_file: a kill mid-write leaves the previous checkpoint whole)."""
+        if self.snapshot is None:
+            return
+        self.write_seconds, self.written_at = write_file(self.plan.path, self.snapshot), self.trained_seconds
+        self.written_epoch = self.snapshot_epoch
 
 
 def write_file(path: Path, checkpoint: dict[str, Any]) -> float:
@@ -169,10 +195,7 @@ class TrialCheckpoints:
 
     def __init__(self, plan: CheckpointPlan, history: list[dict[str, float]]) -> None:
         self.plan, self.history = plan, history
-        self.snapshot: dict[str, Any] | None = None  # the state of the last finished epoch, on the CPU
-        self.snapshot_epoch = 0
-        self.written_epoch = 0
-        self.clock = WriteClock(plan)
+        self.snapshots = EpochSnapshots(plan)
         self._epoch_start: float | None = None
         self.restored_rng: dict[str, Any] | None = None
         self.restored_loader: dict[str, Any] | None = None
@@ -188,7 +211,7 @@ class TrialCheckpoints:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history[:] = state_dict["history"]  # epoch numbers go on from the checkpoint's
-        self.written_epoch = self.snapshot_epoch = int(state_dict["epoch"])
+        self.snapshots.restored(int(state_dict["epoch"]))
         self.restored_rng, self.restored_loader = state_dict.get("rng"), state_dict.get("loader")
 
     def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
@@ -210,31 +233,16 @@ class TrialCheckpoints:
             return
         epoch = len(self.history)
         ends = trainer.should_stop or epoch >= trainer.max_epochs  # the trial ends now (pruned, at a limit, done)
-        keep, due = self.clock.after_epoch(time.perf_counter() - self._epoch_start, epoch, ends)
-        if not keep:
-            return
-        self._snapshot(trainer, epoch)
-        if due:
-            self._write(trainer)
-
-    def _snapshot(self, trainer: pl.Trainer, epoch: int) -> None:
-        # Lightning's own checkpoint content (what trainer.save_checkpoint writes), kept instead of written.
-        self.snapshot = _on_cpu(trainer._checkpoint_connector.dump_checkpoint(weights_only=False))
-        self.snapshot_epoch = epoch
+        # Lightning's own checkpoint content (what trainer.save_checkpoint writes), kept instead of written; under
+        # DDP rank 0 writes.
+        self.snapshots.after_epoch(time.perf_counter() - self._epoch_start, epoch, ends, lambda: _on_cpu(
+            trainer._checkpoint_connector.dump_checkpoint(weights_only=False)), trainer.is_global_zero)
 
     def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
         """Ctrl-C, SIGTERM (Lightning's SIGTERMException is a SystemExit): the last finished epoch's state is
         written, so that the retry resumes from it. An error ends the trial: nothing is written."""
-        if isinstance(exception, (KeyboardInterrupt, SystemExit)) and self.snapshot_epoch > self.written_epoch:
-            self._write(trainer)
-
-    def _write(self, trainer: pl.Trainer) -> None:
-        """The snapshot to the plan's path: written beside it, then renamed over it (a kill mid-write leaves the
-        previous checkpoint whole). Under DDP rank 0 writes."""
-        if self.snapshot is None or not trainer.is_global_zero:
-            return
-        self.clock.written(write_file(self.plan.path, self.snapshot))
-        self.written_epoch = self.snapshot_epoch
+        if isinstance(exception, (KeyboardInterrupt, SystemExit)):
+            self.snapshots.interrupted(trainer.is_global_zero)
 
 
 def _loader_state(loader: Any) -> dict[str, Any] | None:
