@@ -250,8 +250,8 @@ class Tracker:
         """MlflowClient.log_text to the run whose artifact location is `artifact_uri` (from its RunInfo), without
         log_text's read of the run."""
         repo = get_artifact_repository(artifact_uri, tracking_uri=self.uri)
-        if isinstance(repo, LocalArtifactRepository):  # straight into the run's folder: log_artifact's temporary
-            # file and copy cost ~5 ms a trial (bench "overhead", start_trial/log_text)
+        if isinstance(repo, LocalArtifactRepository):  # straight into the run's folder, without log_artifact's
+            # temporary file and copy (bench "overhead", start_trial's own time: 1.2-1.3 -> 0.5-0.6 ms a trial)
             folder = Path(repo.artifact_dir)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / artifact_file).write_text(text, encoding="utf-8")
