@@ -205,10 +205,11 @@ class _JobCheckpoints(TrialCheckpoints):
         self.resumed_epoch = 0
         self.resumed_run: str | None = None  # the MLflow run of the attempt whose checkpoint this one resumed
 
-    def _snapshot(self, trainer: Any, epoch: int) -> None:
-        super()._snapshot(trainer, epoch)
+    def _snapshot(self, trainer: Any) -> dict[str, Any]:
+        snapshot = super()._snapshot(trainer)
         for key in self._OBJECTS:
-            self.snapshot.pop(key, None)
+            snapshot.pop(key, None)
+        return snapshot
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

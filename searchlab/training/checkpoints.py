@@ -233,10 +233,13 @@ class TrialCheckpoints:
             return
         epoch = len(self.history)
         ends = trainer.should_stop or epoch >= trainer.max_epochs  # the trial ends now (pruned, at a limit, done)
-        # Lightning's own checkpoint content (what trainer.save_checkpoint writes), kept instead of written; under
-        # DDP rank 0 writes.
-        self.snapshots.after_epoch(time.perf_counter() - self._epoch_start, epoch, ends, lambda: _on_cpu(
-            trainer._checkpoint_connector.dump_checkpoint(weights_only=False)), trainer.is_global_zero)
+        # Under DDP rank 0 writes.
+        self.snapshots.after_epoch(time.perf_counter() - self._epoch_start, epoch, ends,
+                                   lambda: self._snapshot(trainer), trainer.is_global_zero)
+
+    def _snapshot(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """Lightning's own checkpoint content (what trainer.save_checkpoint writes), kept instead of written."""
+        return _on_cpu(trainer._checkpoint_connector.dump_checkpoint(weights_only=False))
 
     def on_exception(self, trainer: pl.Trainer, module: pl.LightningModule, exception: BaseException) -> None:
         """Ctrl-C, SIGTERM (Lightning's SIGTERMException is a SystemExit): the last finished epoch's state is
