@@ -12,8 +12,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from searchlab.config import PARAMS
 from searchlab.study.session import Session, SessionSettings
-from searchlab.study.trial import Attempt, NotRun, TrialRun, TrialWork, Verdict
+from searchlab.study.trial import Attempt, EpochReporter, NotRun, TrialRun, TrialWork, Verdict
+from searchlab.tracking import Tracker
 
 
 class Quadratic(TrialWork):
@@ -137,3 +139,14 @@ def test_an_interrupt_fails_every_untold_member_and_stops_the_session(tmp_path):
     assert [t.user_attrs["reason"] for t in session.study.get_trials()[1:]] == ["interrupted", "interrupted"]
     runs = child_runs(tmp_path, session)
     assert {n: r.info.status for n, r in runs.items()} == {0: "FINISHED", 1: "FAILED", 2: "FAILED"}
+
+
+def test_the_parameter_count_is_logged_when_it_changes_and_the_other_metrics_every_epoch(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", None)
+    run_id = tracker.start_trial(tracker.study_run("count", {}), 0, {})
+    reporter = EpochReporter(optuna.create_study().ask(), run_id, tracker, None)
+    for epoch, count in enumerate([100, 100, 100, 250, 250], 1):  # layers unfrozen at epoch 4
+        reporter(epoch, {"val_acc": epoch / 10, PARAMS: float(count)})
+    tracker.end_trial(run_id, "COMPLETE", 0.5, None)
+    assert [(m.step, m.value) for m in tracker.client.get_metric_history(run_id, PARAMS)] == [(1, 100.0), (4, 250.0)]
+    assert [m.step for m in tracker.client.get_metric_history(run_id, "val_acc")] == [1, 2, 3, 4, 5]

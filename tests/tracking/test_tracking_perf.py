@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from searchlab.cli import main
 from searchlab.config import Composer, ConfigError
+from searchlab.config.compose import group_options
 from searchlab.tracking import Tracker, config_yaml
 
 
@@ -61,11 +62,37 @@ def test_the_command_refuses_a_bad_flush_interval_before_writing(tmp_path, store
     assert not (tmp_path / "optuna.journal").exists()
 
 
-@pytest.mark.parametrize("values", [{}, {"optimizer": "adamw", "optimizer.lr": 0.003}])
-def test_config_yaml_is_omegaconfs_text(values):
-    cfg = Composer([])(values)
-    OmegaConf.update(cfg, "study.name", "true", merge=False)  # strings that read as bools or numbers stay quoted
-    OmegaConf.update(cfg, "tracking.uri", "1e3", merge=False)
+def _read_back(text: str) -> str:
+    """A config's text as OmegaConf reads it, in a form where nan equals nan."""
+    return repr(OmegaConf.to_container(OmegaConf.create(text), resolve=False))
+
+
+@pytest.mark.parametrize("group", sorted(g for g, options in group_options().items() if options))
+def test_config_yaml_reads_back_as_the_config_for_every_option_of_every_group(group):
+    composer = Composer([])
+    for option in group_options()[group]:
+        cfg = composer({group: option})
+        assert _read_back(config_yaml(cfg)) == _read_back(OmegaConf.to_yaml(cfg)), f"{group}={option}"
+
+
+TRICKY = ["true", "False", "yes", "No", "on", "OFF", "y", "n", "null", "Null", "~", "", " lead", "trail ", "1e3",
+          "1e-05", "0x1f", "1_000", "12:30", ".inf", "-.inf", ".nan", "+1", "-", "a: b", "#x", "x #y", "[1]", "{a}",
+          "*ref", "&anchor", "!tag", "%p", "@at", "`q`", "'single'", '"double"', "back\\slash", "${oc.env:HOME}",
+          "multi\nline", "tab\there", "é ü 漢字 😀", "\x7f\x85\u2028\x00", "<<", "=", "?", "a/b-c.d_e", "/abs/path",
+          "CamelCase", "_target_", "-5", "3.0"]
+
+
+@pytest.mark.parametrize("value", [*TRICKY, 0, -7, 10**20, 1e-05, 1e16, -0.0, 2.5, float("inf"), float("-inf"),
+                                   float("nan"), True, False, None, [], {}, [1, [2, [3]], {"k": "v"}],
+                                   {"a": {"b": []}, "c": [{"d": None}, {}]}])
+def test_config_yaml_reads_back_values_that_look_like_other_types(value):
+    cfg = OmegaConf.create({"key": value, "list": [value, "x"], "nested": {value if isinstance(value, str) and value
+                                                                         else "k": {"deep": value}}})
+    assert _read_back(config_yaml(cfg)) == _read_back(OmegaConf.to_yaml(cfg))
+
+
+def test_config_yaml_of_a_config_with_a_value_it_has_no_yaml_for_is_pyyamls():
+    cfg = OmegaConf.create({"blob": b"\x00\x01", "name": "x"})
     assert config_yaml(cfg) == OmegaConf.to_yaml(cfg)
 
 
