@@ -456,7 +456,8 @@ class PackedTraining:
         self._build(cfgs, path)
         self.compiled = use_compile(OmegaConf.select(cfg, "trainer.compile", default=False), self.device)
         self._compiled_loss = compile_step(self._loss, self.device) if self.compiled else None
-        self.optimizer = PackedOptimizers([self.members[i].kind for i in self.active], self.flat)
+        self.optimizer = PackedOptimizers([self.members[i].kind for i in self.active], self.flat,
+                                          [shape.numel() for shape in self.param_shapes])
         self._refresh_hyper()
 
     # --- building ---------------------------------------------------------------------------------------------
@@ -528,11 +529,18 @@ class PackedTraining:
 
     def _mlp_forward(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         """searchlab's MLP for all members by batched matmuls: [K, N, outputs]: the same arithmetic as vmap without
-        vmap's per-call cost, which dominates small packs (`make bench` part packing compares the two)."""
+        vmap's per-call cost, which dominates small packs (`make bench` part packing compares the two).
+
+        Activations are kept transposed, [K, features, N] (each layer W @ h + b): autograd then gives each weight's
+        gradient as a contiguous [K, out, in], the layout of the rows the optimizer steps, where h @ W^T would give
+        a transposed one that costs a copy per step (~10% of a pack's step on a CPU: bench part packing)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            h = x.flatten(1).expand(len(self.flat), -1, -1) if self.shared_batches else x.flatten(2)
+            if self.shared_batches:
+                h = x.flatten(1).t().expand(len(self.flat), -1, -1)
+            else:
+                h = x.flatten(2).transpose(1, 2)
             for i, layer in enumerate(self.mlp_layers):
-                h = torch.baddbmm(self.params[layer.bias].unsqueeze(1), h, self.params[layer.weight].transpose(1, 2))
+                h = torch.baddbmm(self.params[layer.bias].unsqueeze(2), self.params[layer.weight], h)
                 if i == len(self.mlp_layers) - 1:
                     break
                 if layer.norm is not None:
@@ -541,21 +549,21 @@ class PackedTraining:
                 if layer.rate is not None and training and self.dropout:
                     keep = (1 - self.buffers[layer.rate]).view(-1, 1, 1)
                     h = h * (torch.rand_like(h) < keep).to(h.dtype) / keep.clamp(min=1e-12)
-            return h
+            return h.transpose(1, 2)
 
     def _batch_norm(self, h: torch.Tensor, name: str, training: bool) -> torch.Tensor:
-        """Each member's BatchNorm1d on its rows of h [K, N, F], as torch's own kernel: the members' features side
-        by side as K*F channels of one [N, K*F] batch, so each channel's statistics are one member's, and the running
-        statistics [K, F] are updated in place through their flat views."""
-        k, n, features = h.shape
+        """Each member's BatchNorm1d on its rows of h [K, F, N], as torch's own kernel: the members' features as the
+        K*F channels of one [1, K*F, N] batch (statistics over the N samples), so each channel's statistics are one
+        member's, and the running statistics [K, F] are updated in place through their flat views."""
+        k, features, n = h.shape
         module = self.norm_modules[name]
         running_mean, running_var = self.buffers[f"{name}.running_mean"], self.buffers[f"{name}.running_var"]
-        out = F.batch_norm(h.transpose(0, 1).reshape(n, k * features), running_mean.view(-1), running_var.view(-1),
+        out = F.batch_norm(h.reshape(1, k * features, n), running_mean.view(-1), running_var.view(-1),
                            self.params[f"{name}.weight"].reshape(-1), self.params[f"{name}.bias"].reshape(-1),
                            training, module.momentum, module.eps)
         if training:
             self.buffers[f"{name}.num_batches_tracked"].add_(1)
-        return out.view(n, k, features).transpose(0, 1)
+        return out.view(k, features, n)
 
     def _mlp_loss(self, params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = self._mlp_forward(x, training=True)
@@ -571,12 +579,10 @@ class PackedTraining:
     def _views(self) -> None:
         """The members' parameters as [K, *shape] views of the flat rows: the network reads them, autograd gives
         their gradients, and the optimizer updates the flat rows in place underneath."""
-        self.params, self.grad_views, offset = {}, [], 0
-        self.grad = torch.empty_like(self.flat)
+        self.params, offset = {}, 0
         for name, shape in zip(self.param_names, self.param_shapes, strict=True):
             size = shape.numel()
             self.params[name] = self.flat[:, offset:offset + size].view(len(self.flat), *shape).requires_grad_(True)
-            self.grad_views.append(self.grad[:, offset:offset + size].view(len(self.flat), *shape))
             offset += size
         self.penalized = [n for n, shape in zip(self.param_names, self.param_shapes, strict=True) if len(shape) > 1]
 
@@ -607,8 +613,7 @@ class PackedTraining:
             losses, grads = self._step_grads(x, y, views)
             sums += losses.detach().float() * len(y)
             count += len(y)
-            torch._foreach_copy_(self.grad_views, grads)  # into the flat gradient rows, one pass
-            self.optimizer.step(self.flat, self.grad)
+            self.optimizer.step(grads)
             if any([self.members[m].step_schedule("step", i + 1, plateau=False) for m in self.active]):
                 self._refresh_hyper()
         if any([self.members[m].step_schedule("epoch", self.epoch, plateau=False) for m in self.active]):
@@ -715,6 +720,7 @@ class PackedTraining:
             self.train_batches.keep(index)
         self._views()
         self.optimizer.keep(index)
+        self.optimizer.bind(self.flat)
 
     def fit(self, on_epoch: MemberHook | None = None) -> list[TrainResult]:
         """All epochs (or until every member has stopped); one TrainResult per member, in config order."""
@@ -759,9 +765,9 @@ class PackedTraining:
         self._views()
         groups = self.optimizer.groups
         for (_, _, optimizer), saved in zip(groups, state["optimizers"], strict=True):
-            optimizer.state = {k: v.to(self.device) for k, v in saved["state"].items()}
-            optimizer.step_count = saved["step_count"].to(self.device)
-            optimizer.steps = int(saved["steps"])
+            optimizer.load({k: v.to(self.device) for k, v in saved["state"].items()},
+                           saved["step_count"].to(self.device), int(saved["steps"]))
+        self.optimizer.bind(self.flat)
         for member, saved in zip(self.members, state["members"], strict=True):
             member.optimizer.load_state_dict(saved["optimizer"])
             if member.scheduler is not None and saved["scheduler"] is not None:

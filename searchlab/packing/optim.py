@@ -65,7 +65,8 @@ def read_hyper(optimizer: torch.optim.Optimizer, family: str) -> dict[str, float
 
 
 class PackedOptimizer:
-    """The family's update on the members' flat parameters (one row of a [K, P] tensor per member).
+    """The family's update on the members' flat parameters (one row of a [K, P] tensor per member), bound to them
+    (`bind`) and stepped with the gradients as autograd gives them.
 
     Adam, AdamW and SGD run torch's own fused CPU/GPU kernels (`torch._fused_adam_`, `_fused_adamw_`, `_fused_sgd_`,
     what `fused=True` runs) once per member on its row, with its scalars: one pass over memory instead of the ~15 of
@@ -73,16 +74,35 @@ class PackedOptimizer:
     RMSprop, which torch has no fused kernel for, runs its single-tensor formula on the whole [K, P] at once.
     """
 
-    def __init__(self, family: str, flags: dict[str, Any], flat: torch.Tensor) -> None:
+    def __init__(self, family: str, flags: dict[str, Any], flat: torch.Tensor,
+                 sizes: Sequence[int] | None = None) -> None:
+        """`flat`: the members' rows [K, P]; `sizes`: how many of a row's values each of the network's tensors holds,
+        in row order (the gradients `step` gets, one tensor per name), all of P when None."""
         self.family, self.flags = family, flags
+        self.sizes = list(sizes) if sizes is not None else [flat.shape[1]]
         self.steps = 0
         self._host: dict[str, list[float]] = {}
         self.hyper: dict[str, torch.Tensor] = {}
         names = {"sgd": ("momentum_buffer",), "rmsprop": ("square_avg", "momentum_buffer"),
                  "adam": ("exp_avg", "exp_avg_sq")}[family]
-        self.state = {name: torch.zeros_like(flat) for name in names}
         # Adam's step count, a float tensor as torch keeps it for its fused kernels; the members step together.
-        self.step_count = torch.zeros((), dtype=torch.float32, device=flat.device)
+        self.load({name: torch.zeros_like(flat) for name in names}, torch.zeros((), device=flat.device), 0)
+        self.bind(flat)
+
+    def bind(self, flat: torch.Tensor) -> None:
+        """The rows `step` updates (again after the pack's rows were replaced: a member stopped, a checkpoint)."""
+        self.flat, self.param_rows = flat, self._rows(flat)
+
+    def load(self, state: dict[str, torch.Tensor], step_count: torch.Tensor, steps: int) -> None:
+        """The optimizer state: each buffer as [K, P] rows, the step count (as torch's fused kernels read it)."""
+        self.state, self.step_count, self.steps = state, step_count.to(torch.float32), steps
+        self.state_rows = {k: self._rows(v) for k, v in state.items()}
+
+    def _rows(self, rows: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Each member's row as one 1-D view per tensor of the network: the fused kernels take the gradients as
+        autograd gives them (one tensor per name), so they are never copied into [K, P] rows."""
+        return [list(member) for member in zip(*(part.unbind(0) for part in rows.split(self.sizes, dim=1)),
+                                                 strict=True)]
 
     def set_hyper(self, members: Sequence[dict[str, float]], like: torch.Tensor) -> None:
         """The members' current hyperparameters: Python floats for the fused kernels; [K, 1] tensors for RMSprop."""
@@ -97,42 +117,48 @@ class PackedOptimizer:
     def keep(self, index: torch.Tensor) -> None:
         """Only the members at `index` (shrinking the pack): their rows of every buffer."""
         kept = index.tolist()
-        self.state = {k: v.index_select(0, index) for k, v in self.state.items()}
+        self.load({k: v.index_select(0, index) for k, v in self.state.items()}, self.step_count, self.steps)
         self._host = {k: [v[i] for i in kept] for k, v in self._host.items()}
         self.hyper = {k: v.index_select(0, index) for k, v in self.hyper.items()}
 
     @torch.no_grad()
-    def step(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
+    def step(self, grads: Sequence[torch.Tensor]) -> None:
+        """One step of the bound rows; `grads`: one [K, ...] tensor per `sizes` entry, in row order."""
         self.steps += 1
         self.step_count += 1  # torch increments it before its fused kernel, which reads it
         h = self._host
         if self.family == "rmsprop":
-            self._rmsprop(flat, grad)
+            self._rmsprop(grads)
             return
-        for k in range(len(flat)):
+        grad_rows = list(zip(*(g.reshape(len(g), -1).unbind(0) for g in grads), strict=True))
+        for k, params in enumerate(self.param_rows):
             if self.family == "adam":
                 fused = torch._fused_adamw_ if self.flags["decoupled"] else torch._fused_adam_
-                fused([flat[k]], [grad[k]], [self.state["exp_avg"][k]], [self.state["exp_avg_sq"][k]], [],
-                      [self.step_count], amsgrad=False, lr=h["lr"][k], beta1=h["beta1"][k], beta2=h["beta2"][k],
-                      weight_decay=h["weight_decay"][k], eps=h["eps"][k], maximize=False, grad_scale=None,
-                      found_inf=None)
+                fused(params, list(grad_rows[k]), self.state_rows["exp_avg"][k], self.state_rows["exp_avg_sq"][k],
+                      [], [self.step_count] * len(params), amsgrad=False, lr=h["lr"][k], beta1=h["beta1"][k],
+                      beta2=h["beta2"][k], weight_decay=h["weight_decay"][k], eps=h["eps"][k], maximize=False,
+                      grad_scale=None, found_inf=None)
             else:
                 momentum = h["momentum"][k]
-                torch._fused_sgd_([flat[k]], [grad[k]], [self.state["momentum_buffer"][k]] if momentum else [],
+                torch._fused_sgd_(params, list(grad_rows[k]),
+                                  self.state_rows["momentum_buffer"][k] if momentum else [],
                                   weight_decay=h["weight_decay"][k], momentum=momentum, lr=h["lr"][k],
                                   dampening=h["dampening"][k], nesterov=self.flags["nesterov"], maximize=False,
                                   is_first_step=self.steps == 1, grad_scale=None, found_inf=None)
 
-    def _rmsprop(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
-        """torch's single-tensor RMSprop (not centered) with [K, 1] hyperparameters."""
+    def _rmsprop(self, grads: Sequence[torch.Tensor]) -> None:
+        """torch's single-tensor RMSprop (not centered) with [K, 1] hyperparameters, on each tensor's [K, n] part."""
         h = self.hyper
-        d = grad + h["weight_decay"] * flat if any(self._host["weight_decay"]) else grad
-        square = self.state["square_avg"]
-        square.mul_(h["alpha"]).add_(h["1-alpha"] * d * d)
-        avg = square.sqrt().add_(h["eps"])
-        buf = self.state["momentum_buffer"]  # momentum 0 leaves buf = d / avg: torch's plain update
-        buf.mul_(h["momentum"]).add_(d / avg)
-        flat.sub_(h["lr"] * buf)
+        decay = any(self._host["weight_decay"])
+        parts = zip(self.flat.split(self.sizes, dim=1), self.state["square_avg"].split(self.sizes, dim=1),
+                    self.state["momentum_buffer"].split(self.sizes, dim=1), grads, strict=True)
+        for flat, square, buf, grad in parts:
+            grad = grad.reshape(len(grad), -1)
+            d = grad + h["weight_decay"] * flat if decay else grad
+            square.mul_(h["alpha"]).add_(h["1-alpha"] * d * d)
+            avg = square.sqrt().add_(h["eps"])
+            buf.mul_(h["momentum"]).add_(d / avg)  # momentum 0 leaves buf = d / avg: torch's plain update
+            flat.sub_(h["lr"] * buf)
 
 
 class PackedOptimizers:
@@ -140,14 +166,20 @@ class PackedOptimizers:
     rows of one family and flags (the pack orders its rows by family, so most often one run per family), each on a
     view of those rows. `kinds`: each row's (family, flags), as optimizer_family gives them."""
 
-    def __init__(self, kinds: Sequence[tuple[str, dict[str, Any]]], flat: torch.Tensor) -> None:
+    def __init__(self, kinds: Sequence[tuple[str, dict[str, Any]]], flat: torch.Tensor,
+                 sizes: Sequence[int] | None = None) -> None:
         self.groups: list[tuple[int, int, PackedOptimizer]] = []
         start = 0
         for _, run in itertools.groupby(kinds, key=family_key):
             size = len(list(run))
             family, flags = kinds[start]
-            self.groups.append((start, start + size, PackedOptimizer(family, flags, flat[start:start + size])))
+            self.groups.append((start, start + size, PackedOptimizer(family, flags, flat[start:start + size], sizes)))
             start += size
+
+    def bind(self, flat: torch.Tensor) -> None:
+        """The pack's rows, replaced (after keep, or a checkpoint's): each group's view of its own."""
+        for start, end, optimizer in self.groups:
+            optimizer.bind(flat[start:end])
 
     @property
     def families(self) -> list[str]:
@@ -171,6 +203,10 @@ class PackedOptimizers:
                 start += len(local)
         self.groups = groups
 
-    def step(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
+    def step(self, grads: Sequence[torch.Tensor]) -> None:
+        """One step of every row; `grads`: the gradients autograd gave, one [K, ...] tensor per network tensor."""
+        if len(self.groups) == 1:
+            self.groups[0][2].step(grads)
+            return
         for start, end, optimizer in self.groups:  # row slices are views: each group updates the pack's rows
-            optimizer.step(flat[start:end], grad[start:end])
+            optimizer.step([g[start:end] for g in grads])

@@ -49,8 +49,11 @@ def test_fit_trains_a_lone_builtin_trial_on_the_engine_as_lightning_does(compose
     assert engine.test["test_loss"] == pytest.approx(lightning.test["test_loss"], rel=1e-5, abs=1e-6)
     # The trained module, with its best epoch's weights, as `searchlab.train()` returns it.
     assert engine.module is not None
+    # Weights within 1e-4: the engine multiplies W @ h where nn.Linear does h @ W^T (the same products summed in
+    # another order), and batch norm divides by a batch's deviation, which carries that rounding into the weights
+    # (the depth-3 batch-norm config: up to 6e-5 after 24 steps; a wrong update is off by 1e-2 and more).
     for name, value in lightning.module.state_dict().items():
-        assert engine.module.state_dict()[name].allclose(value, rtol=1e-4, atol=1e-6), name
+        assert engine.module.state_dict()[name].allclose(value, rtol=1e-4, atol=1e-4), name
 
 
 @pytest.mark.parametrize("values", [

@@ -168,22 +168,25 @@ def test_diverged_member_ends_alone(composer: Composer, digits) -> None:
             "weight_decay": [0.0, 1e-2, 1e-4]}),
     (AdamW, {"lr": [1e-3, 1e-2, 3e-3], "beta1": [0.9, 0.5, 0.99], "weight_decay": [0.0, 1e-1, 1e-2]}),
 ])
-def test_packed_optimizer_steps_as_torch_optim(cls: type, settings: dict) -> None:
-    """Member by member against the torch optimizer, on gradients from 1e-8 to 1 (where Adam amplifies noise)."""
+@pytest.mark.parametrize("sizes", [None, [8, 12]], ids=["one tensor", "two tensors"])
+def test_packed_optimizer_steps_as_torch_optim(cls: type, settings: dict, sizes: list[int] | None) -> None:
+    """Member by member against the torch optimizer, on gradients from 1e-8 to 1 (where Adam amplifies noise), given
+    as one [K, P] tensor or as the network's tensors ([K, 2, 4] and [K, 12]: autograd's, never copied into rows)."""
     generator = torch.Generator().manual_seed(0)
     start = torch.randn(3, 4, 5, generator=generator)
     alone = [nn.Parameter(start[i].clone()) for i in range(3)]
     optimizers = [cls([p], **{k: v[i] for k, v in settings.items()}) for i, p in enumerate(alone)]
     family, flags = optimizer_family(optimizers[0])
     packed = start.clone().view(3, -1)  # the members' flat rows
-    stepper = PackedOptimizer(family, flags, packed)
+    stepper = PackedOptimizer(family, flags, packed, sizes)
     stepper.set_hyper([read_hyper(o, family) for o in optimizers], packed)
     for _ in range(30):
         grad = torch.randn(3, 4, 5, generator=generator) * 10.0 ** torch.randint(-8, 1, (3, 1, 1), generator=generator)
         for i, p in enumerate(alone):
             p.grad = grad[i].clone()
             optimizers[i].step()
-        stepper.step(packed, grad.view(3, -1))
+        rows = grad.view(3, -1)
+        stepper.step([rows] if sizes is None else [rows[:, :8].reshape(3, 2, 4).clone(), rows[:, 8:].clone()])
     for i, p in enumerate(alone):
         torch.testing.assert_close(packed[i].view_as(p), p.detach(), rtol=1e-5, atol=1e-6)
 

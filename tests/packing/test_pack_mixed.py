@@ -100,6 +100,7 @@ def test_packed_optimizers_step_mixed_members_as_torch_optim() -> None:
             keep = [r for r, m in enumerate(rows) if m not in (4, 2)]
             stepper.keep(torch.tensor(keep))
             packed = packed[keep]
+            stepper.bind(packed)
             rows = [rows[r] for r in keep]
             assert stepper.families == ["adam", "sgd", "sgd", "adam"]
         stepper.set_hyper([read_hyper(optimizers[m], kinds[m][0]) for m in rows], packed)
@@ -108,7 +109,7 @@ def test_packed_optimizers_step_mixed_members_as_torch_optim() -> None:
         for m in rows:
             alone[m].grad = grad[m].clone()
             optimizers[m].step()
-        stepper.step(packed, grad[rows].view(len(rows), -1))
+        stepper.step([grad[rows].view(len(rows), -1)])
     for r, m in enumerate(rows):
         torch.testing.assert_close(packed[r].view_as(alone[m]), alone[m].detach(), rtol=1e-5, atol=1e-6)
 
