@@ -240,6 +240,7 @@ class StudyPackingResult:
     overrides: list[str]
     seconds: dict[tuple[str, int], list[float]] = field(default_factory=dict)  # (pruner, K) -> s/trial per repeat
     epochs: dict[tuple[str, int], list[float]] = field(default_factory=dict)  # mean epochs trained per trial
+    plain: list[float] = field(default_factory=list)  # the plain PyTorch loop's s/trial on the setting, per repeat
 
     def median(self, pruner: str, k: int) -> float:
         return statistics.median(self.seconds[(pruner, k)])
@@ -272,6 +273,9 @@ def run_study_packing(ks: list[int] | None = None, pruners: list[str] | None = N
             "search=packbench", *(extra or [])]
     result = StudyPackingResult(ks, pruners, n_trials, base)
     runs = [(pruner, k) for pruner in pruners for k in ks]
+    # The plain loop on the setting (the first member's values), each repeat, for "per trial / plain loop".
+    composer = Composer(DIGITS + list(extra or []))
+    one, splits = composer(member_values(1)[0]), load_data(composer.base)
     with tempfile.TemporaryDirectory() as tmp:
         conf = Path(tmp) / "conf"
         (conf / "search").mkdir(parents=True)
@@ -292,6 +296,9 @@ def run_study_packing(ks: list[int] | None = None, pruners: list[str] | None = N
                         seconds, epochs = _study_seconds(folder, f"pack{k}")
                         result.seconds.setdefault((pruner, k), []).append(seconds)
                         result.epochs.setdefault((pruner, k), []).append(epochs)
+                plain = plain_loop(one, splits)
+                if r:
+                    result.plain.append(plain)
         finally:
             torch.set_num_threads(before)
     return result
@@ -303,14 +310,18 @@ def study_packing_markdown(r: StudyPackingResult) -> str:
              f"Setting: `{' '.join(r.overrides)}`; space: optimizer.lr, weight_decay, beta1, module.l1 (what members "
              "may differ in). Seconds per trial from the first trial's start to the last trial's end: each trial's "
              "fixed cost (MLflow run, Optuna writes) in, start-up and report out.", "",
-             "| pruner | K | s/trial | trials/hour | × K=1 trials/hour | mean epochs per trial |",
-             "|---|---|---|---|---|---|"]
+             "| pruner | K | s/trial | trials/hour | × K=1 trials/hour | s/trial / plain loop "
+             "| mean epochs per trial |",
+             "|---|---|---|---|---|---|---|"]
+    plain = statistics.median(r.plain) if r.plain else math.nan
     for pruner in r.pruners:
         one = r.median(pruner, r.ks[0])
         for k in r.ks:
             s = r.median(pruner, k)
-            lines.append(f"| {pruner} | {k} | {s:.3f} | {3600 / s:.0f} | {one / s:.2f} | "
+            lines.append(f"| {pruner} | {k} | {s:.3f} | {3600 / s:.0f} | {one / s:.2f} | {s / plain:.2f} | "
                          f"{statistics.median(r.epochs[(pruner, k)]):.1f} |")
     lines.append("")
+    lines.append(f"- the plain PyTorch loop on the setting (10 epochs, all of them; same torch threads): "
+                 f"{plain:.3f} s/trial, median of the repeats; a pruned study's trials train fewer epochs.")
     lines.append(f"- load average at the end {' / '.join(f'{x:.1f}' for x in os.getloadavg())}.")
     return "\n".join(lines) + "\n"

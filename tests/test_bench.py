@@ -444,3 +444,15 @@ def test_gpu_check_rows_of_the_bench_parts_and_a_compile_that_fell_back(tmp_path
     assert [(r.item, r.k) for r in rows] == [("pack K=1", 1), ("pack K=2", 2), ("torch.compile", None)]
     assert rows[-1].result == "fell back to eager: RuntimeError: no compiler here"
     assert all(r.part == "packing compiled" for r in rows)
+
+
+def test_study_packing_section_gives_each_pack_size_against_the_plain_loop():
+    from bench.packing import StudyPackingResult, study_packing_markdown
+
+    result = StudyPackingResult([1, 8], ["none"], 16, ["trainer.max_epochs=10"],
+                                seconds={("none", 1): [0.24, 0.22], ("none", 8): [0.12, 0.13]},
+                                epochs={("none", 1): [10.0, 10.0], ("none", 8): [10.0, 10.0]}, plain=[0.25, 0.23])
+    table = study_packing_markdown(result)
+    assert "| none | 1 | 0.230 | 15652 | 1.00 | 0.96 | 10.0 |" in table
+    assert "| none | 8 | 0.125 | 28800 | 1.84 | 0.52 | 10.0 |" in table
+    assert "0.240 s/trial" in table
