@@ -1,7 +1,7 @@
 """One trial on the packing engine (a pack of one): the built-in modules' training path where nothing needs Lightning.
 
 Why: on the bench's setting (digits, MLP 2x256, batch 64) Lightning's own per-step machinery makes a trial's steps
-1.45-1.52x the plain PyTorch loop, while the engine at K=1 runs them at 1.04x (bench/results.md, "Overhead"), and
+1.45-1.52x the plain PyTorch loop, while the engine at K=1 runs them at 0.85-0.87x (bench/results.md, "Overhead"), and
 Lightning's set-up and teardown cost 21-25 ms a trial. The engine trains the same thing (the module's loss and
 metrics, the config's optimizer and schedule as torch runs them, the same initial weights and batch order; tested
 against Lightning, tolerance in tests/packing/test_lone.py), so trainer.engine=auto takes it where it applies:
