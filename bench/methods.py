@@ -230,6 +230,15 @@ METHODS: dict[str, Method] = {
        for share in (0.2, 0.33)},
     "tpe5-sh3": Method("TPE start-up 5 + SH min 3, rf 3 (the default)",
                        _method(TPE5, (SH, {"min_resource": 3, "reduction_factor": 3}))),
+    # Variations of the default (issue 20 part 4): prune harder, exploit sooner, weigh more EI candidates.
+    "tpe5-sh3-rf4": Method("TPE start-up 5 + SH min 3, rf 4",
+                           _method(TPE5, (SH, {"min_resource": 3, "reduction_factor": 4}))),
+    "tpe3-sh3": Method("TPE start-up 3 + SH min 3, rf 3",
+                       _method((TPE, {**TPE5[1], "n_startup_trials": 3}),
+                               (SH, {"min_resource": 3, "reduction_factor": 3}))),
+    "tpe5-ei64-sh3": Method("TPE start-up 5, 64 EI candidates + SH min 3, rf 3",
+                            _method((TPE, {**TPE5[1], "n_ei_candidates": 64}),
+                                    (SH, {"min_resource": 3, "reduction_factor": 3}))),
     # The default of 2026-11-26 with K trials trained at once as one model (study.pack; docs/packing.md): members
     # 2..K shared the first's optimizer, schedule, shape and batch size then; TPE drew their numbers.
     **{f"tpe5-sh1-pack{k}": Method(f"the default + study.pack={k}",
