@@ -283,7 +283,9 @@ def test_the_docs_recipe_runs_a_job_array_on_one_study_with_an_exact_budget(slur
 
 
 def test_a_requeued_task_checkpoints_its_trial_and_resumes_it_when_it_starts_again(slurm, tmp_path):
-    epochs = 30  # epochs of ~40 ms on the packing engine: scontrol requeue lands mid-trial
+    # Epochs of ~30 ms on the packing engine: 150 make a trial of ~5 s, so scontrol requeue lands mid-trial (with 30
+    # the trial ended before the SIGTERM arrived on a loaded CI run, and the interrupt hit its bookkeeping instead).
+    epochs = 150
     script = cpu_sized(tmp_path, "0-0", "requeue", 1, [f"trainer.max_epochs={epochs}", *LONG],
                        artifact_root=f"{tmp_path}/artifacts")
     job = slurm.submit(script, tmp_path)
