@@ -71,7 +71,8 @@ class PackedOptimizer:
     Adam, AdamW and SGD run torch's own fused CPU/GPU kernels (`torch._fused_adam_`, `_fused_adamw_`, `_fused_sgd_`,
     what `fused=True` runs) once per member on its row, with its scalars: one pass over memory instead of the ~15 of
     an elementwise update with per-member hyperparameter tensors (bench/results.md has the measurement).
-    RMSprop, which torch has no fused kernel for, runs its single-tensor formula on the whole [K, P] at once.
+    RMSprop, which torch has no fused kernel for, runs its single-tensor formula on all members at once, one
+    [K, n] part of the rows per network tensor.
     """
 
     def __init__(self, family: str, flags: dict[str, Any], flat: torch.Tensor,
