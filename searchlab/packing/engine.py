@@ -719,8 +719,7 @@ class PackedTraining:
         if isinstance(self.train_batches, MemberBatches):
             self.train_batches.keep(index)
         self._views()
-        self.optimizer.keep(index)
-        self.optimizer.bind(self.flat)
+        self.optimizer.keep(index, self.flat)
 
     def fit(self, on_epoch: MemberHook | None = None) -> list[TrainResult]:
         """All epochs (or until every member has stopped); one TrainResult per member, in config order."""
@@ -745,9 +744,9 @@ class PackedTraining:
             "epoch": self.epoch,
             "flat": self.flat.detach().to(**cpu),
             "buffers": {k: v.to(**cpu) for k, v in self.buffers.items()},
-            "optimizers": [{"state": {k: v.to(**cpu) for k, v in o.state.items()},
-                            "step_count": o.step_count.to(**cpu), "steps": o.steps}
-                           for _, _, o in self.optimizer.groups],
+            "optimizers": [{"state": {k: v.to(**cpu) for k, v in group["state"].items()},
+                            "step_count": group["step_count"].to(**cpu), "steps": group["steps"]}
+                           for group in self.optimizer.state_dict()],
             "members": [{"optimizer": m.optimizer.state_dict(), "latest": m.latest, "history": list(m.result.history),
                          "weights": m.result.weights, "seconds": m.result.seconds,
                          "scheduler": None if m.scheduler is None else m.scheduler.state_dict()}
@@ -763,11 +762,7 @@ class PackedTraining:
         self.flat = state["flat"].to(self.device)
         self.buffers = {k: v.to(self.device) for k, v in state["buffers"].items()}
         self._views()
-        groups = self.optimizer.groups
-        for (_, _, optimizer), saved in zip(groups, state["optimizers"], strict=True):
-            optimizer.load({k: v.to(self.device) for k, v in saved["state"].items()},
-                           saved["step_count"].to(self.device), int(saved["steps"]))
-        self.optimizer.bind(self.flat)
+        self.optimizer.load_state_dict(state["optimizers"], self.flat)
         for member, saved in zip(self.members, state["members"], strict=True):
             member.optimizer.load_state_dict(saved["optimizer"])
             if member.scheduler is not None and saved["scheduler"] is not None:

@@ -91,7 +91,7 @@ class PackedOptimizer:
         self.bind(flat)
 
     def bind(self, flat: torch.Tensor) -> None:
-        """The rows `step` updates (again after the pack's rows were replaced: a member stopped, a checkpoint)."""
+        """The rows `step` updates (again after the pack's rows were replaced: a checkpoint's)."""
         self.flat, self.param_rows = flat, self._rows(flat)
 
     def load(self, state: dict[str, torch.Tensor], step_count: torch.Tensor, steps: int) -> None:
@@ -99,9 +99,16 @@ class PackedOptimizer:
         self.state, self.step_count, self.steps = state, step_count.to(torch.float32), steps
         self.state_rows = {k: self._rows(v) for k, v in state.items()}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The state `load` takes back (tensors as they are: the caller copies them where it keeps them)."""
+        return {"state": self.state, "step_count": self.step_count, "steps": self.steps}
+
     def _rows(self, rows: torch.Tensor) -> list[list[torch.Tensor]]:
         """Each member's row as one 1-D view per tensor of the network: the fused kernels take the gradients as
-        autograd gives them (one tensor per name), so they are never copied into [K, P] rows."""
+        autograd gives them (one tensor per name), so they are never copied into [K, P] rows. RMSprop steps
+        [K, n] parts of the rows and needs none."""
+        if self.family == "rmsprop":
+            return []
         return [list(member) for member in zip(*(part.unbind(0) for part in rows.split(self.sizes, dim=1)),
                                                  strict=True)]
 
@@ -115,12 +122,14 @@ class PackedOptimizer:
             self.hyper = {k: torch.tensor(v, dtype=like.dtype, device=like.device).view(-1, 1)
                           for k, v in self._host.items()}
 
-    def keep(self, index: torch.Tensor) -> None:
-        """Only the members at `index` (shrinking the pack): their rows of every buffer."""
+    def keep(self, index: torch.Tensor, flat: torch.Tensor) -> None:
+        """Only the members at `index` (shrinking the pack): their rows of every buffer, bound to `flat`, the
+        pack's rows of those members."""
         kept = index.tolist()
         self.load({k: v.index_select(0, index) for k, v in self.state.items()}, self.step_count, self.steps)
         self._host = {k: [v[i] for i in kept] for k, v in self._host.items()}
         self.hyper = {k: v.index_select(0, index) for k, v in self.hyper.items()}
+        self.bind(flat)
 
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor]) -> None:
@@ -177,9 +186,15 @@ class PackedOptimizers:
             self.groups.append((start, start + size, PackedOptimizer(family, flags, flat[start:start + size], sizes)))
             start += size
 
-    def bind(self, flat: torch.Tensor) -> None:
-        """The pack's rows, replaced (after keep, or a checkpoint's): each group's view of its own."""
-        for start, end, optimizer in self.groups:
+    def state_dict(self) -> list[dict[str, Any]]:
+        """Each group's state, in row order (a checkpoint's; `load_state_dict` takes it back)."""
+        return [optimizer.state_dict() for _, _, optimizer in self.groups]
+
+    def load_state_dict(self, saved: Sequence[dict[str, Any]], flat: torch.Tensor) -> None:
+        """state_dict()'s state, on `flat`'s device, each group bound to its view of `flat` (the restored rows)."""
+        for (start, end, optimizer), group in zip(self.groups, saved, strict=True):
+            optimizer.load({k: v.to(flat.device) for k, v in group["state"].items()},
+                           group["step_count"].to(flat.device), int(group["steps"]))
             optimizer.bind(flat[start:end])
 
     @property
@@ -192,14 +207,15 @@ class PackedOptimizers:
         for start, end, optimizer in self.groups:
             optimizer.set_hyper(members[start:end], like)
 
-    def keep(self, index: torch.Tensor) -> None:
-        """Only the rows at `index` (ascending, as the pack shrinks): each group keeps its own, empty groups go."""
+    def keep(self, index: torch.Tensor, flat: torch.Tensor) -> None:
+        """Only the rows at `index` (ascending, as the pack shrinks): each group keeps its own, bound to its view of
+        `flat` (the pack's kept rows); empty groups go."""
         kept = index.tolist()
         groups, start = [], 0
         for begin, end, optimizer in self.groups:
             local = [row - begin for row in kept if begin <= row < end]
             if local:
-                optimizer.keep(torch.tensor(local, device=index.device))
+                optimizer.keep(torch.tensor(local, device=index.device), flat[start:start + len(local)])
                 groups.append((start, start + len(local), optimizer))
                 start += len(local)
         self.groups = groups

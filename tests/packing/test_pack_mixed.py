@@ -98,9 +98,8 @@ def test_packed_optimizers_step_mixed_members_as_torch_optim() -> None:
     for step in range(30):
         if step == 10:  # drop the RMSprop run and the first SGD row
             keep = [r for r, m in enumerate(rows) if m not in (4, 2)]
-            stepper.keep(torch.tensor(keep))
             packed = packed[keep]
-            stepper.bind(packed)
+            stepper.keep(torch.tensor(keep), packed)
             rows = [rows[r] for r in keep]
             assert stepper.families == ["adam", "sgd", "sgd", "adam"]
         stepper.set_hyper([read_hyper(optimizers[m], kinds[m][0]) for m in rows], packed)
