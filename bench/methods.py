@@ -158,6 +158,7 @@ RANDOM = ("optuna.samplers.RandomSampler", {})
 NONE = ("optuna.pruners.NopPruner", {})
 HB, SH = "optuna.pruners.HyperbandPruner", "optuna.pruners.SuccessiveHalvingPruner"
 MEDIAN = "optuna.pruners.MedianPruner"
+GP = "optuna.samplers.GPSampler"
 # TPE as shipped before issue 12 (the reference "TPE"): 10 random start-up trials, multivariate, grouped.
 TPE10 = (TPE, {"n_startup_trials": 10, "multivariate": True, "group": True, "constant_liar": True})
 TPE5 = (TPE, {"n_startup_trials": 5, "multivariate": True, "group": True, "constant_liar": True})
@@ -239,6 +240,12 @@ METHODS: dict[str, Method] = {
     "tpe5-ei64-sh3": Method("TPE start-up 5, 64 EI candidates + SH min 3, rf 3",
                             _method((TPE, {**TPE5[1], "n_ei_candidates": 64}),
                                     (SH, {"min_resource": 3, "reduction_factor": 3}))),
+    # Gaussian-process BO (Optuna's GPSampler: COMPLETE trials only, so pruned ones teach it nothing), alone and
+    # under the default's pruner (issue 20 part 4: "GPSampler ... after TPE's start-up").
+    "gp": Method("GP (10 start-up), no pruning", _method((GP, {"n_startup_trials": 10}), NONE)),
+    "gp5": Method("GP (5 start-up), no pruning", _method((GP, {"n_startup_trials": 5}), NONE)),
+    "gp5-sh3": Method("GP (5 start-up) + SH min 3, rf 3",
+                      _method((GP, {"n_startup_trials": 5}), (SH, {"min_resource": 3, "reduction_factor": 3}))),
     # The default of 2026-11-26 with K trials trained at once as one model (study.pack; docs/packing.md): members
     # 2..K shared the first's optimizer, schedule, shape and batch size then; TPE drew their numbers.
     **{f"tpe5-sh1-pack{k}": Method(f"the default + study.pack={k}",
