@@ -17,7 +17,7 @@ from torch import nn
 
 from searchlab.config import Composer
 from searchlab.optim import Adam, AdamW
-from searchlab.packing.engine import PackedTraining, can_pack, pack_mismatch, varies_per_member
+from searchlab.packing.engine import PackedTraining, can_pack, pack_mismatch, shared_key, varies_per_member
 from searchlab.packing.optim import PackedOptimizer, optimizer_family, read_hyper
 from searchlab.training.lightning import fit_rank as fit  # a lone trial on Lightning: the reference
 
@@ -222,6 +222,19 @@ def test_refusals_name_the_reason(composer: Composer, digits) -> None:
     assert not varies_per_member("model.width", 64) and not varies_per_member("data.batch_size", 32)
     assert "model.width" in pack_mismatch([composer({}), composer({"model.width": 16})])
     assert pack_mismatch([composer({}), composer({"optimizer": "sgd"})]) is None  # tests/packing/test_pack_mixed.py
+
+
+def test_shared_key_groups_what_a_pack_may_share(composer: Composer) -> None:
+    """Configs that may share a pack have one key (what members draw alone, and the study's settings around the
+    trainings, left out); a shared key, the metric a pack reads, or a value that reaches the training through an
+    interpolation from those settings gives another."""
+    base = shared_key(composer({}))
+    assert shared_key(composer({"optimizer": "sgd", "optimizer.lr": 0.1, "model.dropout": 0.3})) == base
+    assert shared_key(composer({"study.n_trials": 7, "report.top_k": 2, "tracking.flush_seconds": 1})) == base
+    assert shared_key(composer({"model.width": 16})) != base
+    assert shared_key(composer({"data.batch_size": 32})) != base
+    assert shared_key(composer({"study.metric": "val_acc"})) != base  # BASE: val_loss
+    assert shared_key(composer({"tracking.metrics": ["val_f1"]})) != base  # module.metrics reads it (BASE: two)
 
 
 def test_bench_packing_part_smoke() -> None:
