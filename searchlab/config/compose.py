@@ -411,12 +411,18 @@ def validate_study(cfg: DictConfig) -> None:
             near = difflib.get_close_matches(str(OmegaConf.select(cfg, key)), names, n=1)
             hint = f"did you mean {near[0]}? " if near else ""
             raise ConfigError(f"{key}: unknown '{OmegaConf.select(cfg, key)}' ({hint}choose from {', '.join(names)})")
+    members = cfg.study.get("pack_members", "like_first")
+    if members not in PACK_MEMBERS:
+        near = difflib.get_close_matches(str(members), PACK_MEMBERS, n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise ConfigError(f"study.pack_members: unknown '{members}' ({hint}choose from {', '.join(PACK_MEMBERS)})")
     _check_seed(cfg, "study.seed")
     _check_model_logging(cfg)
     check_callbacks(cfg)
 
 
 _STOP_WHEN_KEYS = ("patience", "min_delta", "regret_bound", "min_trials")
+PACK_MEMBERS = ("like_first", "independent")  # study.pack_members: how members 2..K are drawn (study.pack_trials)
 
 
 def _check_warm_start(study: DictConfig) -> None:

@@ -98,14 +98,22 @@ def _code_choices(space: SearchSpace, cfg: DictConfig, composer: Composer) -> li
 class PackWork(SearchWork):
     """The search's trials K at a time (SearchWork's config cache, data, tracker, model keeper): the lifecycle
     reserves up to K (the first waits for budget as any trial; the others take only what is free now) and prepares
-    the further ones with the first's shared params fixed (members_like)."""
+    the further ones with the first's shared params fixed (members_like), or, `independent` (study.pack_members),
+    drawn as lone trials would be: then the members that happen to share their shape form the packs (_groups).
 
-    def __init__(self, *args: Any, size: int, **kwargs: Any) -> None:
+    Why both: fixing the shape explores K times fewer shapes per trial, which loses where the target depends on the
+    shape (synthetic-hard); independent members explore as lone trials, and pack only as often as the sampler draws
+    the same shape twice in one round (TPE does, more as it converges)."""
+
+    def __init__(self, *args: Any, size: int, independent: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.size = size
+        self.independent = independent
         self.warned = False
 
     def members_like(self, first: Attempt) -> contextlib.AbstractContextManager[None]:
+        if self.independent:
+            return contextlib.nullcontext()
         return fixed_sampler(self.study, shared_params(first.trial.params))
 
     def train(self, attempts: list[Attempt]) -> Iterator[tuple[Attempt, Verdict | Exception]]:

@@ -233,7 +233,8 @@ def test_a_sigkilled_packing_worker_has_all_its_members_retried(tmp_path, store_
     (["study.sampler=grid", "search=regularization"], "grid search"),
     (["trainer.checkpoint_every_n_epochs=1"], "not checkpointed"),
     (["study.pack=0"], "study.pack: expected a positive integer"),
-], ids=["ddp", "grid", "checkpoints", "zero"])
+    (["study.pack_members=indepedent"], "study.pack_members: unknown 'indepedent' (did you mean independent?"),
+], ids=["ddp", "grid", "checkpoints", "zero", "members"])
 def test_refusals_are_one_line_before_any_store(tmp_path, store_overrides, capsys, extra, says) -> None:
     code = main(["search", "study.pack=2", "study.name=refused", *extra, *store_overrides])
     err = capsys.readouterr().err.strip().splitlines()
@@ -253,6 +254,44 @@ def test_a_module_of_ones_own_is_refused_naming_the_reason(tmp_path, store_overr
 
 class OwnClassifier(Classifier):
     """A module of one's own (here a subclass that could override any step): the pack cannot know its steps."""
+
+
+@pytest.mark.slow
+def test_independent_members_draw_their_own_shapes_and_each_trains_as_a_trial(tmp_path, user_dir) -> None:
+    """study.pack_members=independent: the K trials of a round are drawn as lone trials (here widths differ within
+    one round, which like_first never gives), and each is still a trial with its run, whether it trained in a pack
+    or alone."""
+    stores = [f"study.storage={tmp_path}/optuna.journal", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+              f"tracking.artifact_root={tmp_path}/artifacts", f"report.dir={tmp_path}/reports"]
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        code = main(["search", "--config-dir", str(user_dir), "search=packtest", "study.name=free", "study.pack=4",
+                     "study.pack_members=independent", "study.sampler=random", "study.n_trials=8",
+                     "study.pruner=none", "tracking.log_models=none", *SMALL, *stores])
+    assert code == 0, err.getvalue()
+    study = load_study(tmp_path, "free")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 8
+    assert all(math.isfinite(t.value) for t in study.trials)
+    widths = [{t.params["model.width"] for t in study.trials[i:i + 4]} for i in (0, 4)]
+    assert any(len(w) == 2 for w in widths), widths  # like_first gives one width per round of 4
+    assert_one_run_per_trial(tmp_path, "free", study)
+    _, parents, _ = runs_of(tmp_path, "free")
+    assert parents[0].data.params["study.pack_members"] == "independent"
+
+
+def test_members_that_share_their_shape_form_one_pack() -> None:
+    """_groups: members in packs of equal shape, in order of first appearance; what each draws alone (lr) apart."""
+    from searchlab.config import Composer
+    from searchlab.study.pack_trials import _groups
+    from searchlab.study.trial import Attempt
+
+    composer = Composer(SMALL)
+    members = []
+    for width, lr in ((16, 0.01), (32, 0.01), (16, 0.02), (32, 0.03), (16, 0.04)):
+        member = Attempt(trial=None, start=0.0)
+        member.cfg = composer({"model.width": width, "optimizer.lr": lr})
+        members.append(member)
+    groups = _groups(members)
+    assert [[members.index(m) for m in group] for group in groups] == [[0, 2, 4], [1, 3]]
 
 
 def test_shared_params_keep_shapes_and_drop_what_each_member_draws() -> None:
