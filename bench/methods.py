@@ -41,7 +41,7 @@ KEYS = {
     "artifact_root": "tracking.artifact_root", "report_dir": "report.dir", "workers": "workers",
     "data": "data", "data_size": "data.size", "features": "data.features", "informative": "data.informative",
     "classes": "data.classes", "separation": "data.separation", "label_noise": "data.label_noise",
-    "epochs": "trainer.max_epochs", "pack": "study.pack",
+    "epochs": "trainer.max_epochs", "pack": "study.pack", "pack_members": "study.pack_members",
 }
 
 
@@ -253,6 +253,11 @@ METHODS: dict[str, Method] = {
                                    (_set("pack", k),), max_trials_factor=k) for k in (4, 8)},
     # conf as shipped with study.pack=K (issue 19 part 3): members draw their own optimizer and schedule families.
     **{f"default-pack{k}": Method(f"default + study.pack={k}", (), (_set("pack", k),), max_trials_factor=k)
+       for k in (4, 8)},
+    # ... with members drawn as lone trials, those of one shape packed together (study.pack_members=independent).
+    **{f"default-pack{k}-independent": Method(f"default + study.pack={k}, independent members", (),
+                                              (_set("pack", k), _set("pack_members", "independent")),
+                                              max_trials_factor=k)
        for k in (4, 8)},
 }
 DEFAULT, RANDOM_REF, TPE_REF = "default", "random", "tpe"
