@@ -36,8 +36,12 @@ NO_MODEL = ["tracking.log_models=none"]
 
 @pytest.mark.slow
 def test_three_workers_share_one_budget_without_lock_errors(tmp_path, store_overrides):
+    # Trials of ~0.5-1 s, none pruned: TINY's (~50 ms on the packing engine) let the first worker up take all 9 before
+    # the others had started (CI of 88fdf1c: one worker pid).
+    longer = ["trainer.max_epochs=60", "model.width=32", "study.pruner=none"]
     result = subprocess.run(
-        [SEARCHLAB, "search", "workers=3", "study.name=three", "study.n_trials=9", *TINY, *NO_MODEL, *store_overrides],
+        [SEARCHLAB, "search", "workers=3", "study.name=three", "study.n_trials=9", *longer, *NO_MODEL,
+         *store_overrides],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "database is locked" not in result.stderr and "Traceback" not in result.stderr, result.stderr
