@@ -134,7 +134,7 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
         "study.name": cfg.study.name, "study.n_trials": cfg.study.n_trials, "study.timeout": cfg.study.timeout,
         "study.direction": ", ".join(objectives.directions), "study.metric": metric_setting(objectives.names),
         "study.sampler": cfg.study.sampler, "study.pack": cfg.study.pack,
-        "study.pack_members": cfg.study.get("pack_members", "like_first"),
+        "study.pack_members": cfg.study.get("pack_members", "independent"),
         "study.pruner": cfg.study.pruner, "study.seed": cfg.study.seed, "study.storage": redact(cfg.study.storage),
         "search": space.source, "overrides": redact(" ".join(overrides)),
         "study.warm_start": redact(str(_container(cfg.study.get("warm_start")))),
@@ -171,7 +171,7 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
         on_device = None if splits is None else splits.to(resolve_device(cfg.trainer.accelerator))
         args = (study, cfg, list(overrides), composer, space, on_device, tracker, session.parent_run_id, keep)
         if cfg.study.pack > 1:
-            independent = cfg.study.get("pack_members", "like_first") == "independent"
+            independent = cfg.study.get("pack_members", "independent") == "independent"
             return PackWork(*args, size=cfg.study.pack, independent=independent)
         return SearchWork(*args)
 

@@ -411,7 +411,7 @@ def validate_study(cfg: DictConfig) -> None:
             near = difflib.get_close_matches(str(OmegaConf.select(cfg, key)), names, n=1)
             hint = f"did you mean {near[0]}? " if near else ""
             raise ConfigError(f"{key}: unknown '{OmegaConf.select(cfg, key)}' ({hint}choose from {', '.join(names)})")
-    members = cfg.study.get("pack_members", "like_first")
+    members = cfg.study.get("pack_members", "independent")
     if members not in PACK_MEMBERS:
         near = difflib.get_close_matches(str(members), PACK_MEMBERS, n=1)
         hint = f"did you mean {near[0]}? " if near else ""

@@ -61,6 +61,7 @@ def packed_study(tmp_path_factory: pytest.TempPathFactory, user_dir: Path):
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = main(["search", "--config-dir", str(user_dir), "search=packtest", "study.name=packed", "study.pack=4",
+                     "study.pack_members=like_first",
                      "study.n_trials=6", "study.pruner=none", "tracking.log_models=best", *SMALL, *stores])
     assert code == 0, err.getvalue()
     return tmp, load_study(tmp, "packed"), err.getvalue()
@@ -165,6 +166,7 @@ def test_pruned_members_leave_the_pack_and_the_rest_finish(tmp_path, store_overr
     """Median pruning from the second epoch on, packs of 4: pruned members stop early (fewer epochs logged),
     complete ones train every epoch; each is told on its own."""
     assert main(["search", "--config-dir", str(user_dir), "search=packtest", "study.name=pruned", "study.pack=4",
+                     "study.pack_members=like_first",
                  "study.n_trials=8", "study.pruner=median", "study.pruners.median.n_startup_trials=2",
                  "study.pruners.median.n_warmup_steps=1", "trainer.max_epochs=5", "data.batch_size=64",
                  "model.depth=1", *store_overrides]) == 0
@@ -186,6 +188,7 @@ def test_two_packing_workers_use_the_exact_budget(tmp_path, store_overrides, use
     starts later may find the budget gone: start-up is most of this test), exactly 10 trials finish, none twice."""
     result = subprocess.run(
         [SEARCHLAB, "search", "--config-dir", str(user_dir), "search=packtest", "workers=2", "study.pack=4",
+         "study.pack_members=like_first",
          "study.name=two", "study.n_trials=10", "study.pruner=none", "tracking.log_models=none",
          "trainer.max_epochs=6", "data.batch_size=16", "model.depth=1", *store_overrides],
         capture_output=True, text=True, timeout=600)
@@ -202,6 +205,7 @@ def test_a_sigkilled_packing_worker_has_all_its_members_retried(tmp_path, store_
     slow = ["trainer.max_epochs=40", "data.batch_size=16", "study.pruner=none", "tracking.log_models=none"]
     proc = subprocess.Popen(
         [SEARCHLAB, "search", "--config-dir", str(user_dir), "search=packtest", "workers=2", "study.pack=3",
+         "study.pack_members=like_first",
          "study.name=killed", "study.n_trials=6", "model.depth=1", *slow, *store_overrides],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
