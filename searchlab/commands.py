@@ -130,11 +130,12 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
     warm = plan_warm_start(list(cfg.study.get("warm_start") or []), cfg.study.get("warm_start_top_k", 5),
                            cfg.study.storage, cfg.study.name, space, composer, cfg.study.n_trials)
     sampler, pruner = make_sampler(cfg, space, _worker_index() if as_worker else 0), make_pruner(cfg)
+    pack_members = cfg.study.get("pack_members", "independent")  # validated: independent | like_first
     settings = {
         "study.name": cfg.study.name, "study.n_trials": cfg.study.n_trials, "study.timeout": cfg.study.timeout,
         "study.direction": ", ".join(objectives.directions), "study.metric": metric_setting(objectives.names),
         "study.sampler": cfg.study.sampler, "study.pack": cfg.study.pack,
-        "study.pack_members": cfg.study.get("pack_members", "independent"),
+        "study.pack_members": pack_members,
         "study.pruner": cfg.study.pruner, "study.seed": cfg.study.seed, "study.storage": redact(cfg.study.storage),
         "search": space.source, "overrides": redact(" ".join(overrides)),
         "study.warm_start": redact(str(_container(cfg.study.get("warm_start")))),
@@ -171,8 +172,7 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
         on_device = None if splits is None else splits.to(resolve_device(cfg.trainer.accelerator))
         args = (study, cfg, list(overrides), composer, space, on_device, tracker, session.parent_run_id, keep)
         if cfg.study.pack > 1:
-            independent = cfg.study.get("pack_members", "independent") == "independent"
-            return PackWork(*args, size=cfg.study.pack, independent=independent)
+            return PackWork(*args, size=cfg.study.pack, independent=pack_members == "independent")
         return SearchWork(*args)
 
     status = "FINISHED"

@@ -406,22 +406,22 @@ def validate_study(cfg: DictConfig) -> None:
     _check_warm_start(cfg.study)
     _check_stop_when(cfg.study.get("stop_when"), isinstance(cfg.study.metric, ListConfig) and len(cfg.study.metric) > 1)
     for key, table in (("study.sampler", "study.samplers"), ("study.pruner", "study.pruners")):
-        names = list(OmegaConf.select(cfg, table))
-        if OmegaConf.select(cfg, key) not in names:
-            near = difflib.get_close_matches(str(OmegaConf.select(cfg, key)), names, n=1)
-            hint = f"did you mean {near[0]}? " if near else ""
-            raise ConfigError(f"{key}: unknown '{OmegaConf.select(cfg, key)}' ({hint}choose from {', '.join(names)})")
-    members = cfg.study.get("pack_members", "independent")
-    if members not in PACK_MEMBERS:
-        near = difflib.get_close_matches(str(members), PACK_MEMBERS, n=1)
-        hint = f"did you mean {near[0]}? " if near else ""
-        raise ConfigError(f"study.pack_members: unknown '{members}' ({hint}choose from {', '.join(PACK_MEMBERS)})")
+        _check_choice(key, OmegaConf.select(cfg, key), list(OmegaConf.select(cfg, table)))
+    _check_choice("study.pack_members", cfg.study.get("pack_members", "independent"), list(PACK_MEMBERS))
     _check_seed(cfg, "study.seed")
     _check_model_logging(cfg)
     check_callbacks(cfg)
 
 
 _STOP_WHEN_KEYS = ("patience", "min_delta", "regret_bound", "min_trials")
+
+
+def _check_choice(key: str, value: Any, names: list[str]) -> None:
+    if value not in names:
+        near = difflib.get_close_matches(str(value), names, n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise ConfigError(f"{key}: unknown '{value}' ({hint}choose from {', '.join(names)})")
+
 PACK_MEMBERS = ("like_first", "independent")  # study.pack_members: how members 2..K are drawn (study.pack_trials)
 
 
