@@ -70,7 +70,7 @@ from searchlab.study import (
     state_counts,
     worker_slots,
 )
-from searchlab.study.pack_trials import PackWork, check_pack
+from searchlab.study.pack_trials import PackWork, choose_pack_size
 from searchlab.study.search_work import SearchWork, train_command, training_overrides
 from searchlab.study.stopping import stop_rules
 from searchlab.study.warm_start import plan as plan_warm_start
@@ -126,7 +126,7 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
     check_settings(cfg.report)
     space = load_space(composer, fixed)
     check_sampler(cfg, space)
-    check_pack(cfg, splits, space, composer)
+    pack_size, pack_line = choose_pack_size(cfg, splits, space, composer)
     warm = plan_warm_start(list(cfg.study.get("warm_start") or []), cfg.study.get("warm_start_top_k", 5),
                            cfg.study.storage, cfg.study.name, space, composer, cfg.study.n_trials)
     sampler, pruner = make_sampler(cfg, space, _worker_index() if as_worker else 0), make_pruner(cfg)
@@ -134,7 +134,8 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
     settings = {
         "study.name": cfg.study.name, "study.n_trials": cfg.study.n_trials, "study.timeout": cfg.study.timeout,
         "study.direction": ", ".join(objectives.directions), "study.metric": metric_setting(objectives.names),
-        "study.sampler": cfg.study.sampler, "study.pack": cfg.study.pack,
+        "study.sampler": cfg.study.sampler, "study.pack": pack_size,
+        **({"study.pack_auto": pack_line} if pack_line else {}),
         "study.pack_members": pack_members,
         "study.pruner": cfg.study.pruner, "study.seed": cfg.study.seed, "study.storage": redact(cfg.study.storage),
         "search": space.source, "overrides": redact(" ".join(overrides)),
@@ -153,7 +154,7 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
           f"storage "
           f"{redact(cfg.study.storage)}; tracking {redact(cfg.tracking.uri)}; space {space.source}"
           + (f"; {len(slots)} workers" if len(slots) > 1 else ""), flush=True)
-    for line in space.describe_constraints():
+    for line in space.describe_constraints() + ([pack_line] if pack_line else []):
         print(line, flush=True)
     if warm is not None:
         taken = session.once_at_start(warm.enqueue)
@@ -171,8 +172,8 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
         keep = KeepWeights(study, tracker, models_to_log(cfg.tracking, objectives.several), objectives)
         on_device = None if splits is None else splits.to(resolve_device(cfg.trainer.accelerator))
         args = (study, cfg, list(overrides), composer, space, on_device, tracker, session.parent_run_id, keep)
-        if cfg.study.pack > 1:
-            return PackWork(*args, size=cfg.study.pack, independent=pack_members == "independent")
+        if pack_size > 1:
+            return PackWork(*args, size=pack_size, independent=pack_members == "independent")
         return SearchWork(*args)
 
     status = "FINISHED"
@@ -181,7 +182,8 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
         # study.max_diverged_at_start: the first trials all diverged at epoch 1 (the data, not the sampler's luck)
         rules = [rule] if (rule := diverged_rule(cfg)) is not None else []
         rules += stop_rules(study, _container(cfg.study.get("stop_when")), cfg.study.seed)  # study.stop_when
-        status = session.run(work, on_trial, slots, cli_command("worker", *overrides), stop_rules=rules)
+        command = cli_command("worker", *with_pack_size(overrides, pack_size))
+        status = session.run(work, on_trial, slots, command, stop_rules=rules)
     finally:
         progress.close()
         best = best_trial(study)
@@ -218,6 +220,13 @@ def search(overrides: Sequence[str], as_worker: bool = False) -> SearchResult:
 def _container(node: object) -> object:
     """A config node as plain Python (a mapping or list), other values as they are."""
     return OmegaConf.to_container(node) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def with_pack_size(overrides: Sequence[str], size: int) -> list[str]:
+    """The workers' overrides: study.pack=auto as the size this process chose, so that N workers started together
+    do not each probe the machine the others are already training on."""
+    kept = [o for o in overrides if o.lstrip("+").split("=", 1)[0] != "study.pack"]
+    return [*kept, f"study.pack={size}"]
 
 
 def _worker_index() -> int:

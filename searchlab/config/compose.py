@@ -272,7 +272,7 @@ def format_override(key: str, value: Any) -> str:
 # Keys holding counts or durations: a wrong type or a non-positive value is bad input, caught before any trial.
 # Keys of a group entry (model, data, ...) are checked only where the entry has them: a user's entry has its own.
 _POSITIVE_INTS = (
-    "study.n_trials", "study.pack", "study.max_consecutive_failures", "trainer.max_epochs", "trainer.eval_batch_size",
+    "study.n_trials", "study.max_consecutive_failures", "trainer.max_epochs", "trainer.eval_batch_size",
     "trainer.devices", "trainer.process_group_timeout_s",
     "model.width", "model.depth", "data.size", "data.features", "data.informative", "data.classes",
 )
@@ -391,7 +391,7 @@ def _check_values(cfg: DictConfig) -> None:
 def validate_study(cfg: DictConfig) -> None:
     """The checks of study.* and tracking.* alone: a search's, and those of searchlab's Hydra sweeper, whose app
     has its own config."""
-    for key in ("study.n_trials", "study.pack", "study.max_consecutive_failures"):
+    for key in ("study.n_trials", "study.max_consecutive_failures"):
         if not _is_positive_int(OmegaConf.select(cfg, key)):
             raise ConfigError(f"{key}: expected a positive integer, got {OmegaConf.select(cfg, key)!r}")
     if not isinstance(cfg.study.name, str) or not cfg.study.name:
@@ -407,7 +407,7 @@ def validate_study(cfg: DictConfig) -> None:
     _check_stop_when(cfg.study.get("stop_when"), isinstance(cfg.study.metric, ListConfig) and len(cfg.study.metric) > 1)
     for key, table in (("study.sampler", "study.samplers"), ("study.pruner", "study.pruners")):
         _check_choice(key, OmegaConf.select(cfg, key), list(OmegaConf.select(cfg, table)))
-    _check_choice("study.pack_members", cfg.study.get("pack_members", "independent"), list(PACK_MEMBERS))
+    _check_pack(cfg.study)
     _check_seed(cfg, "study.seed")
     _check_model_logging(cfg)
     check_callbacks(cfg)
@@ -423,6 +423,35 @@ def _check_choice(key: str, value: Any, names: list[str]) -> None:
         raise ConfigError(f"{key}: unknown '{value}' ({hint}choose from {', '.join(names)})")
 
 PACK_MEMBERS = ("like_first", "independent")  # study.pack_members: how members 2..K are drawn (study.pack_trials)
+
+
+def _check_pack(study: DictConfig) -> None:
+    """study.pack: K or auto; study.pack_members; study.pack_auto's probe settings (searchlab.packing.probe)."""
+    pack = study.get("pack", 1)
+    if pack != "auto" and not _is_positive_int(pack):
+        near = " (did you mean auto?)" if isinstance(pack, str) and difflib.get_close_matches(pack, ["auto"]) else ""
+        raise ConfigError(f"study.pack: expected a positive integer or auto, got {pack!r}{near}")
+    _check_choice("study.pack_members", study.get("pack_members", "independent"), list(PACK_MEMBERS))
+    auto = study.get("pack_auto")
+    if auto is None:
+        return
+    if not isinstance(auto, DictConfig):
+        raise ConfigError(f"study.pack_auto: expected a mapping of {', '.join(_PACK_AUTO_KEYS)}, got {auto!r}")
+    unknown = [str(k) for k in auto if k not in _PACK_AUTO_KEYS]
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], _PACK_AUTO_KEYS, n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise ConfigError(f"study.pack_auto: unknown key '{unknown[0]}' ({hint}keys: {', '.join(_PACK_AUTO_KEYS)})")
+    if "min_gain" in auto and not (_is_number(auto.min_gain) and auto.min_gain >= 1):
+        raise ConfigError(f"study.pack_auto.min_gain: expected a number >= 1 (times the member-epochs per second of "
+                          f"one trial), got {auto.min_gain!r}")
+    if "max_size" in auto and not _is_positive_int(auto.max_size):
+        raise ConfigError(f"study.pack_auto.max_size: expected a positive integer, got {auto.max_size!r}")
+    if "seconds" in auto and not (_is_number(auto.seconds) and auto.seconds > 0):
+        raise ConfigError(f"study.pack_auto.seconds: expected a positive number, got {auto.seconds!r}")
+
+
+_PACK_AUTO_KEYS = ("min_gain", "max_size", "seconds")
 
 
 def _check_warm_start(study: DictConfig) -> None:

@@ -30,6 +30,7 @@ from searchlab.config import Composer, ConfigError
 from searchlab.config.space import SearchSpace
 from searchlab.data import Splits
 from searchlab.packing.engine import PackedTraining, can_pack, shared_key, varies_per_member
+from searchlab.packing.probe import probe_pack_size
 from searchlab.study.search_work import SearchWork
 from searchlab.study.trial import Attempt, Verdict
 from searchlab.training import resolve_device
@@ -53,23 +54,32 @@ def fixed_sampler(study: optuna.Study, fixed: dict[str, Any]) -> Iterator[None]:
 
 
 def check_pack(cfg: DictConfig, splits: Splits | None, space: SearchSpace, composer: Composer) -> None:
-    """Refuses study.pack > 1, before the first trial, where a pack cannot train: DDP, a grid search, an explicit
-    checkpoint period, or a configuration the pack cannot vectorize, probed for the base config and for each option
-    of every group and flag the space draws from (optimizer, schedule, network...), per choice: members of one
-    pack may then draw any of the optimizer and schedule options, each of which packs."""
+    """Refuses study.pack > 1, before the first trial, where a pack cannot train (why_not_packed)."""
     size = cfg.study.pack
     if size == 1:
         return
+    found = why_not_packed(cfg, splits, space, composer)
+    if found is not None:
+        reason, fix = found
+        raise ConfigError(f"study.pack={size}: {reason}; {fix}")
+
+
+def why_not_packed(cfg: DictConfig, splits: Splits | None, space: SearchSpace,
+                   composer: Composer) -> tuple[str, str] | None:
+    """(why, what to do) where the study's trials cannot train in packs: DDP, a grid search, an explicit checkpoint
+    period, or a configuration the pack cannot vectorize, probed for the base config and for each option of every
+    group and flag the space draws from (optimizer, schedule, network...), per choice: members of one pack may then
+    draw any of the optimizer and schedule options, each of which packs. None where they can."""
     if cfg.trainer.devices > 1:
-        raise ConfigError(f"study.pack={size}: a pack trains on one device; trainer.devices={cfg.trainer.devices} "
-                          "(DDP) trains one trial at a time: set study.pack=1")
+        return (f"a pack trains on one device; trainer.devices={cfg.trainer.devices} (DDP) trains one trial at a "
+                "time", "set study.pack=1")
     if cfg.study.sampler == "grid":
-        raise ConfigError(f"study.pack={size}: a grid search runs each grid point once, packing would draw "
-                          "members off the grid; set study.pack=1 with study.sampler=grid")
+        return ("a grid search runs each grid point once, packing would draw members off the grid",
+                "set study.pack=1 with study.sampler=grid")
     every = OmegaConf.select(cfg, "trainer.checkpoint_every_n_epochs", default="auto")
     if every not in ("auto", None):
-        raise ConfigError(f"study.pack={size}: packed trials are not checkpointed; set "
-                          "trainer.checkpoint_every_n_epochs=auto, or study.pack=1 for trials long enough to need it")
+        return ("packed trials are not checkpointed", "set trainer.checkpoint_every_n_epochs=auto, or study.pack=1 "
+                "for trials long enough to need it")
     if splits is not None:  # the probes train where the trials will (here, after the early returns: a copy to a GPU)
         splits = splits.to(resolve_device(cfg.trainer.accelerator))
     probes: list[tuple[str, DictConfig]] = [("the base config", cfg)]
@@ -78,7 +88,25 @@ def check_pack(cfg: DictConfig, splits: Splits | None, space: SearchSpace, compo
     for label, probe in probes:
         reason = can_pack(probe, splits)
         if reason is not None:
-            raise ConfigError(f"study.pack={size}: {label} cannot be packed ({reason}); set study.pack=1")
+            return f"{label} cannot be packed ({reason})", "set study.pack=1"
+    return None
+
+
+def choose_pack_size(cfg: DictConfig, splits: Splits | None, space: SearchSpace, composer: Composer) -> tuple[int, str]:
+    """study.pack as a number, and for study.pack=auto the line that says what was chosen and why: 1 where the
+    trials cannot be packed (why_not_packed), else the probe's choice (searchlab.packing.probe) on the device the
+    trials train on."""
+    if cfg.study.pack != "auto":
+        check_pack(cfg, splits, space, composer)
+        return int(cfg.study.pack), ""
+    found = why_not_packed(cfg, splits, space, composer)
+    if found is not None or splits is None:
+        return 1, f"study.pack=auto: packs of 1 ({found[0] if found else 'no resident data'})"
+    auto = cfg.study.get("pack_auto") or {}
+    largest = min(int(auto.get("max_size", 64)), int(cfg.study.n_trials))
+    probe = probe_pack_size(cfg, splits.to(resolve_device(cfg.trainer.accelerator)), largest,
+                            float(auto.get("min_gain", 2.5)), float(auto.get("seconds", 3)))
+    return probe.size, probe.describe()
 
 
 def _code_choices(space: SearchSpace, cfg: DictConfig, composer: Composer) -> list[tuple[str, Any]]:
