@@ -181,7 +181,27 @@ def packing_rows(ks: list[int], repeats: int, compiled: bool, device: str = "cud
                         result.gpu_util.get(way), k))
     if compiled and searchlab.packing.engine._compile_failure:
         rows.append(Row(part, "torch.compile", f"fell back to eager: {searchlab.packing.engine._compile_failure}"))
+    if not compiled:
+        rows.append(auto_row(device, extra or []))
     return rows
+
+
+def auto_row(device: str, extra: list[str]) -> Row:
+    """What study.pack=auto chooses for the packing part's digits MLP on this device, with conf/'s probe settings
+    (no size cap but 128): the first reading of the probe on a GPU, where min_gain is meant to let packs in."""
+    import torch
+
+    from bench.devices import device_overrides
+    from bench.packing import DIGITS
+    from searchlab.config import Composer
+    from searchlab.packing.probe import probe_pack_size
+    from searchlab.training.build import load_data
+
+    cfg = Composer([*DIGITS, *device_overrides(device), *extra]).base
+    auto = cfg.study.pack_auto
+    found = probe_pack_size(cfg, load_data(cfg).to(torch.device(device)), 128, float(auto.min_gain),
+                            float(auto.seconds))
+    return Row("packing", "study.pack=auto (the probe)", found.describe().removeprefix("study.pack=auto: "))
 
 
 def run_part(name: str, args: argparse.Namespace) -> list[Row]:

@@ -446,6 +446,18 @@ def test_gpu_check_rows_of_the_bench_parts_and_a_compile_that_fell_back(tmp_path
     assert all(r.part == "packing compiled" for r in rows)
 
 
+def test_gpu_check_packing_part_says_what_study_pack_auto_chooses():
+    """The eager packing part ends with the probe's choice (run here on the CPU, as the command runs it on the GPU):
+    its size and why, with each size's gain."""
+    from bench.gpu_check import packing_rows
+
+    tiny = ["model.width=16", "trainer.max_epochs=1", "trainer.limit_train_batches=2"]
+    rows = packing_rows([1], 1, compiled=False, device="cpu", extra=tiny)
+    assert [r.item for r in rows][-1] == "study.pack=auto (the probe)"
+    said = rows[-1].result
+    assert said.startswith("packs of ") and "member-epochs per second against one: 1: 1.0x" in said
+
+
 def test_study_packing_section_gives_each_pack_size_against_the_plain_loop():
     from bench.packing import StudyPackingResult, study_packing_markdown
 

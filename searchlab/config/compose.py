@@ -433,7 +433,7 @@ def _check_pack(study: DictConfig) -> None:
         raise ConfigError(f"study.pack: expected a positive integer or auto, got {pack!r}{near}")
     _check_choice("study.pack_members", study.get("pack_members", "independent"), list(PACK_MEMBERS))
     auto = study.get("pack_auto")
-    if auto is None:
+    if auto is None and pack != "auto":
         return
     if not isinstance(auto, DictConfig):
         raise ConfigError(f"study.pack_auto: expected a mapping of {', '.join(_PACK_AUTO_KEYS)}, got {auto!r}")
@@ -442,6 +442,10 @@ def _check_pack(study: DictConfig) -> None:
         near = difflib.get_close_matches(unknown[0], _PACK_AUTO_KEYS, n=1)
         hint = f"did you mean {near[0]}? " if near else ""
         raise ConfigError(f"study.pack_auto: unknown key '{unknown[0]}' ({hint}keys: {', '.join(_PACK_AUTO_KEYS)})")
+    missing = [k for k in _PACK_AUTO_KEYS if k not in auto]
+    if pack == "auto" and missing:
+        raise ConfigError(f"study.pack_auto.{missing[0]}: study.pack=auto needs it (conf/study/default.yaml has "
+                          f"{', '.join(_PACK_AUTO_KEYS)}); set it, or study.pack to a number")
     if "min_gain" in auto and not (_is_number(auto.min_gain) and auto.min_gain >= 1):
         raise ConfigError(f"study.pack_auto.min_gain: expected a number >= 1 (times the member-epochs per second of "
                           f"one trial), got {auto.min_gain!r}")

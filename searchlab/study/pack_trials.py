@@ -102,10 +102,9 @@ def choose_pack_size(cfg: DictConfig, splits: Splits | None, space: SearchSpace,
     found = why_not_packed(cfg, splits, space, composer)
     if found is not None or splits is None:
         return 1, f"study.pack=auto: packs of 1 ({found[0] if found else 'no resident data'})"
-    auto = cfg.study.get("pack_auto") or {}
-    largest = min(int(auto.get("max_size", 64)), int(cfg.study.n_trials))
-    probe = probe_pack_size(cfg, splits.to(resolve_device(cfg.trainer.accelerator)), largest,
-                            float(auto.get("min_gain", 2.5)), float(auto.get("seconds", 3)))
+    auto = cfg.study.pack_auto  # validated: min_gain, max_size, seconds
+    probe = probe_pack_size(cfg, splits.to(resolve_device(cfg.trainer.accelerator)),
+                            min(int(auto.max_size), int(cfg.study.n_trials)), float(auto.min_gain), float(auto.seconds))
     return probe.size, probe.describe()
 
 

@@ -140,7 +140,8 @@ def test_auto_where_trials_cannot_be_packed_trains_them_alone(tmp_path: Path, st
     (["study.pack=aut"], "study.pack: expected a positive integer or auto, got 'aut' (did you mean auto?)"),
     (["study.pack=auto", "study.pack_auto.min_gain=0.5"], "study.pack_auto.min_gain: expected a number >= 1"),
     (["study.pack=auto", "study.pack_auto.max_size=0"], "study.pack_auto.max_size: expected a positive integer"),
-], ids=["misspelt", "gain", "size"])
+    (["study.pack=auto", "~study.pack_auto.seconds"], "study.pack_auto.seconds: study.pack=auto needs it"),
+], ids=["misspelt", "gain", "size", "missing"])
 def test_bad_pack_auto_settings_are_one_line_before_any_store(tmp_path, store_overrides, capsys, extra, says) -> None:
     code = main(["search", "study.name=refused", *extra, *store_overrides])
     err = capsys.readouterr().err.strip().splitlines()
