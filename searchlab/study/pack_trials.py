@@ -1,12 +1,14 @@
 """study.pack=K: K trials of the study trained at once as one packed model (searchlab.packing), each still its own
-Optuna trial, MLflow run and progress line.
+Optuna trial, MLflow run and progress line; study.pack=auto: K from a probe of the machine (choose_pack_size).
 
-The first member is asked and sampled as any trial. The other K-1 are asked with the keys a pack must share (the
-network's group and shape, batch size, batch norm: everything `varies_per_member` says no to) fixed to the first's
-values, by Optuna's PartialFixedSampler around the study's own sampler: TPE still picks each member's optimizer and
-schedule (the group choices and their keys), learning rate, weight decay, momentum, betas, dropout and L1 strength,
-with constant liar for the members still running, so a pack explores as K lone trials do. Each member reports
-every epoch to its own trial and is pruned on its own (it leaves the pack, which shrinks); each is told on its own.
+The K members of a round are asked together. By default (study.pack_members=independent) each is sampled as a lone
+trial would be, with constant liar for the members still running, and the members that share their shape (what
+`varies_per_member` says no to: the network's group and shape, batch size, batch norm) train as one pack, the
+others alone. With like_first, members 2..K are asked with those keys fixed to the first's values (Optuna's
+PartialFixedSampler around the study's sampler), so every round is one pack. Either way each member draws its own
+optimizer and schedule (group choices and their keys), learning rate, weight decay, momentum, betas, dropout and L1
+strength, reports every epoch to its own trial, is pruned on its own (it leaves the pack, which shrinks) and is
+told on its own.
 The lifecycle (searchlab.study.trial) reserves every member as it reserves a trial, so n_trials, several workers and the
 dead-worker retry count members exactly as trials.
 
@@ -132,7 +134,7 @@ class PackWork(SearchWork):
     shape (synthetic-hard); independent members explore as lone trials, and pack only as often as the sampler draws
     the same shape twice in one round (TPE does, more as it converges)."""
 
-    def __init__(self, *args: Any, size: int, independent: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, size: int, independent: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.size = size
         self.independent = independent
