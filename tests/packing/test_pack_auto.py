@@ -156,3 +156,26 @@ def test_a_misspelt_key_in_a_study_file_is_named_with_the_near_one(digits) -> No
         cfg.study.pack_auto.max_szie = 8
     with pytest.raises(ConfigError, match=r"study.pack_auto: unknown key 'max_szie' \(did you mean max_size\?"):
         validate_study(cfg)
+
+
+def test_workers_of_an_auto_study_are_started_with_the_size_it_chose(tmp_path: Path, store_overrides,
+                                                                      monkeypatch) -> None:
+    """search workers=2 study.pack=auto: the probe runs once, in the process that starts the workers, and their
+    command carries its choice instead of auto (each worker probing would measure a machine the others already
+    load, and might choose another size than the one on the study's run)."""
+    from searchlab.study.session import Session
+
+    fake_timing(monkeypatch, {1: 4e-3, 2: 2e-3, 4: 1e-3, 8: 9e-4})
+    started: list[list[str]] = []
+
+    def run(self, work, on_trial, slots=(), worker_command=(), *args, **kwargs) -> str:
+        started.append(list(worker_command))
+        return "FINISHED"
+
+    monkeypatch.setattr(Session, "run", run)
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(["search", "workers=2", "study.pack=auto", "study.name=auto2", "study.n_trials=4",
+                     "tracking.log_models=none", *TINY, *store_overrides])
+    assert code == 0
+    command = started[0]
+    assert "study.pack=auto" not in command and command[-1] == "study.pack=4" and "worker" in command
