@@ -422,6 +422,15 @@ def _check_choice(key: str, value: Any, names: list[str]) -> None:
         hint = f"did you mean {near[0]}? " if near else ""
         raise ConfigError(f"{key}: unknown '{value}' ({hint}choose from {', '.join(names)})")
 
+def _check_known_keys(key: str, node: DictConfig, allowed: Sequence[str]) -> None:
+    """The first key of `node` not in `allowed` refused in one line, with the nearest allowed one."""
+    unknown = [str(k) for k in node if k not in allowed]
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], allowed, n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise ConfigError(f"{key}: unknown key '{unknown[0]}' ({hint}keys: {', '.join(allowed)})")
+
+
 PACK_MEMBERS = ("like_first", "independent")  # study.pack_members: how members 2..K are drawn (study.pack_trials)
 
 
@@ -437,11 +446,7 @@ def _check_pack(study: DictConfig) -> None:
         return
     if not isinstance(auto, DictConfig):
         raise ConfigError(f"study.pack_auto: expected a mapping of {', '.join(_PACK_AUTO_KEYS)}, got {auto!r}")
-    unknown = [str(k) for k in auto if k not in _PACK_AUTO_KEYS]
-    if unknown:
-        near = difflib.get_close_matches(unknown[0], _PACK_AUTO_KEYS, n=1)
-        hint = f"did you mean {near[0]}? " if near else ""
-        raise ConfigError(f"study.pack_auto: unknown key '{unknown[0]}' ({hint}keys: {', '.join(_PACK_AUTO_KEYS)})")
+    _check_known_keys("study.pack_auto", auto, _PACK_AUTO_KEYS)
     missing = [k for k in _PACK_AUTO_KEYS if k not in auto]
     if pack == "auto" and missing:
         raise ConfigError(f"study.pack_auto.{missing[0]}: study.pack=auto needs it (conf/study/default.yaml has "
@@ -483,11 +488,7 @@ def _check_stop_when(value: Any, several_metrics: bool) -> None:
     example = "e.g. study.stop_when={patience:20,min_delta:0.001} or {regret_bound:0.002}"
     if not isinstance(value, DictConfig) or not value:
         raise ConfigError(f"study.stop_when: expected null or a mapping, {example}; got {value!r}")
-    unknown = [str(k) for k in value if k not in _STOP_WHEN_KEYS]
-    if unknown:
-        near = difflib.get_close_matches(unknown[0], _STOP_WHEN_KEYS, n=1)
-        hint = f"did you mean {near[0]}? " if near else ""
-        raise ConfigError(f"study.stop_when: unknown key '{unknown[0]}' ({hint}keys: {', '.join(_STOP_WHEN_KEYS)})")
+    _check_known_keys("study.stop_when", value, _STOP_WHEN_KEYS)
     for key, needs in (("min_delta", "patience"), ("min_trials", "regret_bound")):
         if key in value and needs not in value:
             raise ConfigError(f"study.stop_when.{key}: goes with study.stop_when.{needs}; add {needs} or drop {key}")
