@@ -5,11 +5,12 @@ per-step framework cost it shares, which depends on the network, the batch, the 
 trains its K members in one step, so the probe times the engine's epochs (the config's steps, then its validation)
 for K = 1, 2, 4... copies of the study's base config, and compares seconds per member-epoch.
 
-Why a threshold on the gain: a pack's members are asked together, so the sampler learns from K trials later than it
-would one by one; on CPU, packs of 8 at 1.8-1.9x the trials per second of lone trials reached the methods bench's
-targets in 0.94-1.23x the CPU seconds (docs/packing.md): a pack must train several times faster per member to be
-worth the search it loses. The probe trains eagerly (no trainer.compile: compiling per size would cost more than
-the probe) and leaves out the ~35 ms of tracking per trial that packing does not change.
+Why a threshold on the gain (study.pack_auto.min_gain): a pack's members are asked together, so the sampler sees
+their results later than one by one, and with independent members only those that share a shape pack at all. On
+the 2-core CPU the probe measures 1.3-3.1x for the methods bench's tasks, where packs of 8 reached the targets in
+0.94-1.23x the CPU seconds of lone trials (docs/packing.md): a gain that only breaks even. The probe trains eagerly
+(no trainer.compile: compiling per size would cost more than the probe) and leaves out the ~35 ms of tracking per
+trial, which packing shares only in part.
 """
 
 from __future__ import annotations
