@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -57,14 +59,15 @@ class JournalFile(JournalFileBackend):
         self._unsynced = False
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
-        if not self._deferred:
-            super().append_logs(logs)
-            return
-        with get_lock_file(self._lock):  # as JournalFileBackend.append_logs, less its fsync
-            text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
-            with open(self._file_path, "ab") as f:
-                f.write(text.encode("utf-8"))
-        self._unsynced = True
+        with interrupts_held():
+            if not self._deferred:
+                super().append_logs(logs)
+                return
+            with get_lock_file(self._lock):  # as JournalFileBackend.append_logs, less its fsync
+                text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
+                with open(self._file_path, "ab") as f:
+                    f.write(text.encode("utf-8"))
+            self._unsynced = True
 
     @contextlib.contextmanager
     def one_sync(self) -> Iterator[None]:
@@ -80,6 +83,28 @@ class JournalFile(JournalFileBackend):
                 finally:
                     os.close(fd)
                 self._unsynced = False
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM taken only once the block ends. Why: Optuna's journal lock is not interrupt-safe. An
+    interrupt landing between its acquire and get_lock_file's try leaves the lock file behind, so every other worker
+    of the study waits the lock's 30 s grace period (and a worker stopped by Ctrl-C is killed meanwhile, its trial
+    re-queued); one landing while acquire waits removes the lock another process holds. Outside the main thread
+    (where Python runs signal handlers) the block runs as it is."""
+    held = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or any(signal.getsignal(s) is None for s in held):
+        yield  # None: a handler Python did not install, which it could not put back
+        return
+    caught: list[int] = []
+    before = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)  # to the handler the block held it from
 
 
 def one_sync(storage: BaseStorage) -> contextlib.AbstractContextManager[None]:

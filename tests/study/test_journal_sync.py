@@ -3,9 +3,12 @@ of the block; outside a block every write is fsynced, as Optuna's own backend do
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 
 import optuna
+import pytest
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
@@ -40,3 +43,28 @@ def test_other_storages_write_as_always(tmp_path) -> None:
     storage = open_storage(f"sqlite:///{tmp_path}/o.db")
     with one_sync(storage):
         optuna.create_study(study_name="s", storage=storage).optimize(lambda t: 1.0, n_trials=1)
+
+
+@pytest.mark.parametrize("in_block", [False, True], ids=["fsync-each", "one-sync"])
+def test_an_interrupt_during_a_write_waits_for_the_lock_to_be_released(tmp_path, monkeypatch, in_block) -> None:
+    """Ctrl-C landing just after the journal's lock is taken (before Optuna's get_lock_file enters its try) left the
+    lock file behind: the study's other workers then waited its 30 s grace period (CI: a worker killed after
+    Ctrl-C, its trial re-queued). The interrupt now comes once the write is done and the lock released."""
+    backend = JournalFile(str(tmp_path / "optuna.journal"))
+    taken = backend._lock.acquire
+
+    def taken_then_interrupted() -> bool:
+        got = taken()
+        signal.raise_signal(signal.SIGINT)  # its handler runs before this returns: between acquire and the try
+        return got
+
+    monkeypatch.setattr(backend._lock, "acquire", taken_then_interrupted)
+    with pytest.raises(KeyboardInterrupt), (one_sync_of(backend) if in_block else contextlib.nullcontext()):
+        backend.append_logs([{"op_code": 0, "worker_id": "w", "study_name": "s", "directions": [1]}])
+    assert not os.path.lexists(backend._lock._lock_file)
+    assert list(backend.read_logs(0)) == [{"op_code": 0, "worker_id": "w", "study_name": "s", "directions": [1]}]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def one_sync_of(backend: JournalFile) -> contextlib.AbstractContextManager[None]:
+    return backend.one_sync()
