@@ -422,6 +422,7 @@ def _check_choice(key: str, value: Any, names: list[str]) -> None:
         hint = f"did you mean {near[0]}? " if near else ""
         raise ConfigError(f"{key}: unknown '{value}' ({hint}choose from {', '.join(names)})")
 
+
 def _check_known_keys(key: str, node: DictConfig, allowed: Sequence[str]) -> None:
     """The first key of `node` not in `allowed` refused in one line, with the nearest allowed one."""
     unknown = [str(k) for k in node if k not in allowed]

@@ -101,12 +101,15 @@ def choose_pack_size(cfg: DictConfig, splits: Splits | None, space: SearchSpace,
     if cfg.study.pack != "auto":
         check_pack(cfg, splits, space, composer)
         return int(cfg.study.pack), ""
+    if splits is not None:  # one copy to the device for why_not_packed's probes and the size probe
+        splits = splits.to(resolve_device(cfg.trainer.accelerator))
     found = why_not_packed(cfg, splits, space, composer)
-    if found is not None or splits is None:
-        return 1, f"study.pack=auto: packs of 1 ({found[0] if found else 'no resident data'})"
+    if found is not None:
+        return 1, f"study.pack=auto: packs of 1 ({found[0]})"
+    assert splits is not None  # a DataModule's data (splits None) is one of why_not_packed's reasons
     auto = cfg.study.pack_auto  # validated: min_gain, max_size, seconds
-    probe = probe_pack_size(cfg, splits.to(resolve_device(cfg.trainer.accelerator)),
-                            min(int(auto.max_size), int(cfg.study.n_trials)), float(auto.min_gain), float(auto.seconds))
+    probe = probe_pack_size(cfg, splits, min(int(auto.max_size), int(cfg.study.n_trials)), float(auto.min_gain),
+                            float(auto.seconds))
     return probe.size, probe.describe()
 
 
